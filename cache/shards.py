@@ -17,6 +17,7 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -59,9 +60,24 @@ _FLOAT_LISTS = {"sampling_logprobs", "taken_logprobs", "tail_logprobs"}
 
 # ---------------------------------------------------------------------------------------- writing
 
+def _content_totals(table: pa.Table) -> dict[str, int]:
+    """Row count and per-column element/byte totals: Parquet's page checksums do not cover page
+    headers or the footer, so a flipped bit there could silently drop rows or list elements; these
+    totals, stored in the `opd` metadata and re-counted on read, catch that."""
+    totals = {"rows": table.num_rows}
+    for name in table.schema.names:
+        col = table.column(name)
+        if pa.types.is_list(col.type):
+            totals[name] = int(pc.sum(pc.list_value_length(col)).as_py() or 0)
+        elif pa.types.is_binary(col.type) or pa.types.is_string(col.type):
+            totals[name] = int(pc.sum(pc.binary_length(col)).as_py() or 0)
+    return totals
+
+
 def _write_parquet(fs: pafs.FileSystem, path: str, table: pa.Table, meta: Mapping[str, Any],
                    zstd_level: int) -> int:
     """Write `table` atomically with `meta` under the `opd` key; returns the file size in bytes."""
+    meta = {**meta, "content": _content_totals(table)}
     table = table.replace_schema_metadata({METADATA_KEY: json.dumps(meta, sort_keys=True).encode()})
     storage.makedirs(fs, posixpath.dirname(path))
     tmp = storage.tmp_name(path)
@@ -83,6 +99,9 @@ def write_rollout_shard(fs: pafs.FileSystem, path: str, rows: list[dict], produc
     for row in rows:
         if row["source"] not in SOURCES:
             raise ValueError(f"source must be one of {SOURCES}, got {row['source']!r}")
+    ids = [row["sample_id"] for row in rows]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"{path}: duplicate sample_id values in one shard")
     table = pa.Table.from_pylist(rows, schema=ROLLOUT_SCHEMA)
     meta = {"format": ROLLOUT_FORMAT, "version": FORMAT_VERSION, "producer": dict(producer),
             **(extra_meta or {})}
@@ -178,7 +197,9 @@ def _open(fs: pafs.FileSystem, path: str, fmt: str, schema: pa.Schema,
     try:
         meta = json.loads(raw)
     except ValueError:
-        raise FormatError(f"{path}: unreadable 'opd' metadata; delete the file and re-run its stage") from None
+        meta = None
+    if not isinstance(meta, dict):
+        raise FormatError(f"{path}: unreadable 'opd' metadata; delete the file and re-run its stage")
     if meta.get("format") != fmt:
         raise FormatError(f"{path}: holds {meta.get('format')!r}, expected {fmt!r}")
     version = meta.get("version")
@@ -189,6 +210,9 @@ def _open(fs: pafs.FileSystem, path: str, fmt: str, schema: pa.Schema,
         missing = sorted(set(schema.names) - set(table.schema.names))
         raise FormatError(f"{path}: columns do not match {fmt} v{version}"
                           + (f" (missing {', '.join(missing)})" if missing else " (wrong types)"))
+    if meta.get("content") != _content_totals(table):
+        raise FormatError(f"{path}: content does not match the counts recorded when it was written (corrupt); "
+                          f"delete it and re-run the stage that writes it")
     check_producer(path, meta.get("producer", {}), expect)
     return table, meta
 
@@ -242,8 +266,9 @@ class ScoreShard:
             self.top_k = int(self.meta["top_k"])
             self.vocab_size = int(self.meta["vocab_size"])
             self.codec = make_codec(self.meta["codec"], self.vocab_size)
-        except (KeyError, TypeError, ValueError) as e:
-            raise FormatError(f"{path}: score metadata lacks a valid {e}; re-run score") from None
+        except (KeyError, TypeError, ValueError):
+            raise FormatError(f"{path}: score metadata lacks valid top_k/vocab_size/codec entries; "
+                              f"delete it and re-run score") from None
         except FormatError as e:
             raise FormatError(f"{path}: {e}") from None
         self.sample_ids: list[str] = self.table.column("sample_id").to_pylist()

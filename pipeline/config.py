@@ -230,7 +230,10 @@ def load_config(name_or_path: str | os.PathLike, overrides: list[str] | tuple[st
 
 def loads_config(text: str, base_dir: str | os.PathLike = ".") -> OpdConfig:
     """Like load_config, from TOML text (relative paths against `base_dir`)."""
-    data = tomllib.loads(text)
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"not valid TOML ({e})") from None
     _resolve_paths(data, Path(base_dir).resolve())
     return config_from_dict(data)
 
@@ -345,7 +348,8 @@ def _toml_value(v: Any) -> str:
     if isinstance(v, (int, float)):
         return repr(v)
     if isinstance(v, str):
-        return json.dumps(v, ensure_ascii=False)
+        # JSON string escapes are valid TOML basic-string escapes, except that TOML also forbids DEL raw.
+        return json.dumps(v, ensure_ascii=False).replace("\x7f", "\\u007f")
     if isinstance(v, list):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     raise TypeError(f"cannot write {v!r} as TOML")

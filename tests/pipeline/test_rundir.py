@@ -249,3 +249,42 @@ def test_read_manifest_rejects_non_object(tmp_path):
 def test_parquet_rows(tmp_path):
     run = RunDir(tmp_path)
     assert R.parquet_rows(run, write_shard(run, 0, 0, 7)) == 7
+
+
+def test_force_with_only_clears_just_the_owned_shards(tmp_path):
+    from opd.cache import storage
+    from opd.pipeline.rundir import RunDir, should_skip, shard_name
+
+    run = RunDir(str(tmp_path / "run"))
+    stage = run.stage_dir(0, "scores")
+    for s in range(4):
+        storage.atomic_write_bytes(run.fs, storage.join(stage, shard_name(s)), b"x")
+    storage.atomic_write_bytes(run.fs, storage.join(stage, ".tmp-" + shard_name(1) + ".9-abc"), b"x")
+    storage.atomic_write_bytes(run.fs, storage.join(stage, "_DONE.json"), b"{}")
+    assert should_skip(run, stage, {"a": 1}, force=True, only=[shard_name(1), shard_name(3)]) is False
+    assert sorted(storage.listdir(run.fs, stage)) == [shard_name(0), shard_name(2)]
+
+
+def test_concurrent_metric_appends_lose_nothing(tmp_path):
+    import json
+    import multiprocessing as mp
+
+    from opd.pipeline.rundir import RunDir
+
+    run = RunDir(str(tmp_path / "run"))
+    procs = [mp.get_context("fork").Process(target=_append_many, args=(str(tmp_path / "run"), w)) for w in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    lines = open(run.metrics_path(0)).read().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert sorted((r["worker"], r["i"]) for r in records) == [(w, i) for w in range(4) for i in range(50)]
+
+
+def _append_many(url, worker):
+    from opd.pipeline.rundir import RunDir
+
+    run = RunDir(url)
+    for i in range(50):
+        run.append_metrics(0, {"worker": worker, "i": i, "pad": "x" * 200})

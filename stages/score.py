@@ -1,0 +1,634 @@
+"""Score stage: the teacher's top-k log-probs for every completion token of a round's rollouts.
+
+Reads   RUN/opd.toml ([score], run.teacher, run.student), RUN/rounds/R/rollouts/part-SSSSS.parquet and
+        RUN/rounds/R/rollouts/_DONE.json (the rollout stage must be finished), the student's tokenizer
+        (run.student in round 0, RUN/rounds/R-1/student after) to check the teacher shares its vocabulary.
+Writes  RUN/rounds/R/scores/part-SSSSS.parquet, one per rollout shard with the same number (format in
+        cache/SPEC.md); RUN/rounds/R/scores/_DONE.json once every shard exists; one JSON line in
+        RUN/rounds/R/metrics.jsonl per invocation.
+
+    opd score RUN --round 0 [--shard 0/4] [--device cuda:1] [--force] [--set score.top_k=32]
+
+Per completion position t (the teacher's distribution predicting completion_ids[t] from the prompt and
+completion_ids[:t]) at the scoring temperature τ, log p = log_softmax(logits / τ):
+    topk    the K most likely ids and their log-probs (packed by the codec, 8 bits by default)
+    taken   log p(completion_ids[t]), exact float32
+    tail    log Σ_{v∉top-k} p(v) = m + log Σ_{v∉top-k} exp(log p(v) − m), m the (K+1)-th largest log-prob
+            (a logsumexp on the device; never log(1 − Σ top-k), which cancels when the top-k holds ~all mass)
+Each shard's producer is the stage's (teacher hash, tokenizer hash, [score] hash, format version, digest
+of the rollout manifest) plus `rollout_sha256`, the sha256 of the rollout shard it scores (as listed in
+the rollout manifest), so a learner can check that a score shard belongs to the rollout shard it reads.
+
+How it runs fast: a sample is fed as prompt + completion without its last token (nothing predicts past
+the end); samples are sorted by length and packed, right-padded, into batches of at most
+`score.max_tokens_per_batch` padded tokens. Right padding needs no attention mask: under causal
+attention a real token attends only to earlier tokens, never to the padding after it, so a padded row
+computes what the unpadded sequence computes. The base model (`model.base_model`) gives the hidden
+states; `lm_head` runs only on the completion positions, in chunks written into two preallocated
+[chunk, V] float32 buffers, and everything from the log-softmax to the top-k happens there, on the
+device; only K ids and K + 4 floats per position leave it. A background thread packs (codec) and writes
+shards while the next batch runs.
+
+Resume: shards already present and valid (readable, right producer, right row count) are kept; the
+`.tmp-` leftovers of this worker's shards are removed; `--shard i/N` scores shards s with s % N == i.
+Whichever worker sees every shard present writes the manifest (its summary is computed from the shards,
+so it is the same whoever writes it).
+
+Shape legend: B rows of a batch, L padded length, H hidden size, N scored positions, V teacher
+vocabulary (lm_head rows), K top-k.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import tempfile
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import torch
+
+from opd.cache import storage
+from opd.cache.errors import FingerprintMismatch, FormatError, OpdError
+from opd.cache.shards import METADATA_KEY, ScoreShard, ScoreShardWriter, check_producer, read_rollout_shard
+from opd.pipeline import fingerprint
+from opd.pipeline.config import OpdConfig
+from opd.pipeline.models import resolve_model
+from opd.pipeline.rundir import (MANIFEST, Manifest, RunDir, ShardSpec, finalize_stage, parquet_rows,
+                                 read_manifest, shard_index, shard_name, should_skip)
+
+_CHUNK_ELEMENTS = {"cuda": 1 << 26, "cpu": 1 << 23}  # [chunk, V] float32 buffer size per device type
+_MAX_QUEUED = 3                                      # background jobs in flight before the forward waits
+
+
+def run(cfg: OpdConfig, run: RunDir, round_index: int, shard: ShardSpec = ShardSpec(),
+        device: str | None = None, force: bool = False) -> dict[str, Any]:
+    """Score round `round_index`'s rollout shards owned by `shard`; returns the summary (key `line`: one line)."""
+    t_start = time.perf_counter()
+    sc = cfg.score
+    rollouts_dir = run.stage_dir(round_index, "rollouts")
+    scores_dir = run.stage_dir(round_index, "scores")
+    rollouts = read_manifest(run, rollouts_dir)
+    if rollouts is None:
+        raise OpdError(f"{storage.join(rollouts_dir, MANIFEST)} not found (round {round_index} has no finished "
+                       f"rollouts): run `opd rollout {run.url} --round {round_index}` first")
+    entries = _rollout_entries(rollouts, rollouts_dir)
+
+    teacher_dir = resolve_model(cfg.run.teacher, cfg.run.models_dir or None)
+    teacher_tok = _load_tokenizer(teacher_dir, f"teacher {cfg.run.teacher}")
+    student_ref, student_tok = _student_tokenizer(cfg, run, round_index)
+    _check_vocab(cfg.run.teacher, teacher_tok, student_ref, student_tok)
+
+    dev = _resolve_device(device or sc.device)
+    dtype = _resolve_dtype(sc.dtype, dev)
+    stage_producer = fingerprint.producer("score", teacher_dir, cfg.section_hash("score"),
+                                          rollouts_sha256=_rollouts_digest(rollouts))
+    shard_producers = {s: {**stage_producer, "rollout_sha256": e.sha256} for s, e in entries.items()}
+    owned = [s for s in entries if shard.owns(s)]
+    only = None if shard.count == 1 else [shard_name(s) for s in owned]  # --force clears only this worker's shards
+    if should_skip(run, scores_dir, stage_producer, force, only):
+        done = read_manifest(run, scores_dir)
+        return _skipped_summary(run, scores_dir, round_index, shard, done)
+
+    storage.remove_tmp_files(run.fs, scores_dir, {shard_name(s) for s in owned})
+    pending = [s for s in owned if not _valid_shard(run, scores_dir, s, entries[s].rows, shard_producers[s])]
+    replaced = sum(1 for s in pending if storage.exists(run.fs, run.shard_path(round_index, "scores", s)))
+
+    stats = _Totals()
+    if pending:
+        model = _load_teacher(teacher_dir, dev, dtype)
+        vocab_size = model.get_output_embeddings().weight.shape[0]
+        if sc.top_k > vocab_size:
+            raise OpdError(f"score.top_k = {sc.top_k} exceeds the teacher's vocabulary ({vocab_size} tokens) "
+                           f"({cfg.run.teacher}); lower score.top_k")
+        scorer = _Scorer(model, sc.top_k, sc.temperature, dev)
+        t0 = time.perf_counter()
+        _score_shards(run, round_index, pending, entries, shard_producers, scorer, teacher_tok, cfg, dtype, stats)
+        stats.score_s = time.perf_counter() - t0
+        del scorer, model
+
+    manifest = None
+    numbers = sorted(entries)
+    stage_summary = None
+    if set(numbers) <= set(run.existing_shards(round_index, "scores")):
+        stage_summary = _stage_summary(run, scores_dir, numbers, shard_producers, sc)
+    if stage_summary is not None:
+        manifest = finalize_stage(run, scores_dir, stage="scores", round_index=round_index,
+                                  num_shards=len(numbers), producer=stage_producer,
+                                  row_count=lambda p: parquet_rows(run, p), summary=stage_summary)
+
+    summary = {
+        "stage": "score", "round": round_index, "shard": str(shard), "skipped": False,
+        "shards_total": len(entries), "shards_owned": len(owned), "shards_scored": len(pending),
+        "shards_kept": len(owned) - len(pending), "shards_replaced": replaced, "samples": stats.samples, "positions": stats.positions,
+        "tokens": stats.tokens, "padded_tokens": stats.padded_tokens, "bytes_written": stats.bytes_written,
+        "bytes_per_token": _ratio(stats.bytes_written, stats.positions, 2),
+        "mean_topk_mass": _ratio(stats.topk_mass_sum, stats.positions, 6),
+        "mean_entropy": _ratio(stats.entropy_sum, stats.positions, 6),
+        "top_k": sc.top_k, "temperature": sc.temperature, "device": str(dev), "dtype": _dtype_name(dtype),
+        "score_s": round(stats.score_s, 3), "tokens_per_s": _ratio(stats.tokens, stats.score_s, 1),
+        "wall_s": round(time.perf_counter() - t_start, 3), "manifest_written": manifest is not None,
+    }
+    run.append_metrics(round_index, {"time": time.time(), **summary})
+    summary["line"] = _summary_line(summary, run, round_index)
+    return summary
+
+
+# ------------------------------------------------------------------------------------------ inputs
+
+def _rollout_entries(manifest: Manifest, rollouts_dir: str) -> dict:
+    """{shard number: manifest entry}, checking the numbers are 0..n-1 as the run directory requires."""
+    entries = {}
+    for e in manifest.shards:
+        s = shard_index(e.name)
+        if s is None:
+            raise FormatError(f"{storage.join(rollouts_dir, MANIFEST)}: lists {e.name!r}, not a shard name; "
+                              f"re-run rollout with --force")
+        entries[s] = e
+    if sorted(entries) != list(range(len(entries))):
+        raise FormatError(f"{storage.join(rollouts_dir, MANIFEST)}: shard numbers are not 0..{len(entries) - 1}; "
+                          f"re-run rollout with --force")
+    return entries
+
+
+def _rollouts_digest(manifest: Manifest) -> str:
+    """sha256 over the rollout shards' names and checksums: which rollouts the stage scored."""
+    return hashlib.sha256("\n".join(f"{e.name} {e.sha256}" for e in manifest.shards).encode()).hexdigest()
+
+
+def _load_tokenizer(folder, what: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(folder))
+    except (OSError, ValueError, TypeError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise OpdError(f"cannot load the tokenizer of the {what} from {folder} ({first})") from None
+
+
+def _student_tokenizer(cfg: OpdConfig, run: RunDir, round_index: int):
+    """(name, tokenizer) of the student whose samples this round scores."""
+    if round_index == 0:
+        folder = resolve_model(cfg.run.student, cfg.run.models_dir or None)
+        return cfg.run.student, _load_tokenizer(folder, f"student {cfg.run.student}")
+    student_dir = run.stage_dir(round_index - 1, "student")
+    hint = f"run `opd train {run.url} --round {round_index - 1}` first"
+    if not storage.exists(run.fs, student_dir):
+        raise OpdError(f"{student_dir} not found (round {round_index} samples round {round_index - 1}'s student): {hint}")
+    if isinstance(run.fs, pafs.LocalFileSystem):
+        return student_dir, _load_tokenizer(student_dir, f"student of round {round_index - 1} ({hint})")
+    with tempfile.TemporaryDirectory(prefix="opd-student-tokenizer-") as tmp:  # remote run: fetch the small files
+        for name in fingerprint.TOKENIZER_FILES + ("config.json",):
+            src = storage.join(student_dir, name)
+            if storage.exists(run.fs, src):
+                (Path(tmp) / name).write_bytes(storage.read_bytes(run.fs, src))
+        return student_dir, _load_tokenizer(tmp, f"student of round {round_index - 1} in {student_dir} ({hint})")
+
+
+def _check_vocab(teacher_ref: str, teacher_tok, student_ref: str, student_tok) -> None:
+    """The cache stores teacher token ids that the learner reads as student ids: the maps must be equal."""
+    tv, sv = teacher_tok.get_vocab(), student_tok.get_vocab()
+    if len(teacher_tok) == len(student_tok) and tv == sv:
+        return
+    only_t = sorted((i, t) for t, i in tv.items() if t not in sv)
+    only_s = sorted((i, t) for t, i in sv.items() if t not in tv)
+    moved = sorted((tv[t], t) for t in tv if t in sv and tv[t] != sv[t])
+    if only_t:
+        detail = f"token {only_t[0][1]!r} (id {only_t[0][0]}) is only in the teacher's"
+    elif only_s:
+        detail = f"token {only_s[0][1]!r} (id {only_s[0][0]}) is only in the student's"
+    elif moved:
+        detail = f"token {moved[0][1]!r} is id {moved[0][0]} for the teacher, {sv[moved[0][1]]} for the student"
+    else:
+        detail = "the tokenizers differ"
+    raise OpdError(f"teacher {teacher_ref} ({len(teacher_tok)} tokens) and student {student_ref} "
+                   f"({len(student_tok)} tokens) do not share a vocabulary: {detail}; opd distils only "
+                   f"between models with the same tokenizer")
+
+
+@dataclass
+class _Seq:
+    """One sample as the teacher sees it: input = prompt + completion[:-1], T = len(completion)."""
+    sample_id: str
+    input_ids: np.ndarray   # int64 [P + T - 1]
+    prompt_len: int         # P
+    completion: np.ndarray  # int64 [T]
+
+
+def _sequences(table, path: str, render: str, teacher_tok, vocab_size: int) -> list[_Seq]:
+    sample_ids = table.column("sample_id").to_pylist()
+    prompts = table.column("prompt_ids").to_pylist()
+    completions = table.column("completion_ids").to_pylist()
+    messages = table.column("prompt_messages").to_pylist() if render == "teacher_template" else None
+    rendered: dict[str, list[int]] = {}
+    seqs = []
+    for i, sid in enumerate(sample_ids):
+        prompt = prompts[i] if messages is None else _render(rendered, messages[i], teacher_tok, sid, path)
+        completion = np.asarray(completions[i], dtype=np.int64)
+        if completion.size and not prompt:
+            raise FormatError(f"{path}: sample {sid!r} has an empty prompt, so its first completion token "
+                              f"has no context to score; re-run rollout")
+        ids = np.concatenate([np.asarray(prompt, dtype=np.int64), completion[:-1]])
+        every = np.concatenate([ids, completion[-1:]])
+        if every.size and (every.min() < 0 or every.max() >= vocab_size):
+            raise FormatError(f"{path}: sample {sid!r} has token ids outside the teacher's vocabulary "
+                              f"(0..{vocab_size - 1}); were the rollouts made with another tokenizer?")
+        seqs.append(_Seq(sid, ids, len(prompt), completion))
+    return seqs
+
+
+def _render(memo: dict, messages_json: str | None, tok, sample_id: str, path: str) -> list[int]:
+    """The prompt re-rendered with the teacher's chat template (generation prompt appended)."""
+    if messages_json is None:
+        raise FormatError(f"{path}: sample {sample_id!r} has no prompt_messages, so score.render="
+                          f"'teacher_template' cannot re-render its prompt; use score.render='student_ids'")
+    if messages_json not in memo:
+        from jinja2 import TemplateError
+
+        try:
+            messages = json.loads(messages_json)
+            if isinstance(messages, str):
+                messages = [{"role": "user", "content": messages}]
+            text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except (ValueError, TypeError, KeyError, TemplateError) as e:
+            raise OpdError(f"{path}: cannot render sample {sample_id!r}'s prompt_messages with the teacher's "
+                           f"chat template ({str(e).splitlines()[0][:160] if str(e) else type(e).__name__})") from None
+        memo[messages_json] = tok(text, add_special_tokens=False)["input_ids"]
+    return memo[messages_json]
+
+
+def _plan_batches(lengths: list[int], max_tokens: int) -> list[list[int]]:
+    """Indices of the sequences of length > 0, longest first, grouped so rows × longest ≤ max_tokens
+    (a sequence longer than the budget gets a batch of its own)."""
+    order = sorted((i for i, n in enumerate(lengths) if n > 0), key=lambda i: (-lengths[i], i))
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for i in order:
+        if current and (len(current) + 1) * lengths[current[0]] > max_tokens:
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def _batch_arrays(seqs: list[_Seq], rows: list[int]):
+    """(input_ids_BL right-padded with 0, gather_N: flat index into B*L of each scored position, taken_N)."""
+    L = max(seqs[r].input_ids.size for r in rows)
+    input_ids_BL = np.zeros((len(rows), L), dtype=np.int64)
+    gather, taken = [], []
+    for b, r in enumerate(rows):
+        seq = seqs[r]
+        input_ids_BL[b, :seq.input_ids.size] = seq.input_ids
+        start = b * L + seq.prompt_len - 1
+        gather.append(np.arange(start, start + seq.completion.size, dtype=np.int64))
+        taken.append(seq.completion)
+    return torch.from_numpy(input_ids_BL), torch.from_numpy(np.concatenate(gather)), torch.from_numpy(np.concatenate(taken))
+
+
+# ------------------------------------------------------------------------------------------ the teacher
+
+def _resolve_device(requested: str) -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", requested):
+        raise OpdError(f"device {requested!r} is invalid: use cpu, cuda or cuda:N")
+    dev = torch.device(requested)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise OpdError(f"device {requested!r}: CUDA is not available here; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise OpdError(f"device {requested!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return dev
+
+
+def _resolve_dtype(name: str, dev: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if dev.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _load_teacher(teacher_dir, dev: torch.device, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(teacher_dir), dtype=dtype)
+    if model.get_output_embeddings() is None:
+        raise OpdError(f"{teacher_dir}: {type(model).__name__} has no output embeddings (lm_head); "
+                       f"the teacher must be a causal language model")
+    return model.to(dev).eval()
+
+
+@dataclass
+class _BatchOut:
+    """One batch's results on the host (on CUDA still being copied until `ready` fires)."""
+    rows: list[int]                 # the batch's sequences (indices into the shard's rows)
+    topk_ids_NK: torch.Tensor       # int32
+    topk_logprobs_NK: torch.Tensor  # float32
+    taken_N: torch.Tensor
+    tail_N: torch.Tensor
+    entropy_N: torch.Tensor
+    topk_mass_N: torch.Tensor
+    ready: Any = None               # torch.cuda.Event, or None on CPU
+
+    def numpy(self) -> dict[str, np.ndarray]:
+        if self.ready is not None:
+            self.ready.synchronize()
+        return {k: getattr(self, k).numpy() for k in ("topk_ids_NK", "topk_logprobs_NK", "taken_N", "tail_N",
+                                                      "entropy_N", "topk_mass_N")}
+
+
+class _Scorer:
+    """The teacher's forward on a batch and the per-position extraction, all on the device."""
+
+    def __init__(self, model, top_k: int, temperature: float, dev: torch.device):
+        self.model = model
+        self.dev = dev
+        self.K = top_k
+        self.temperature = float(temperature)
+        self.head = model.get_output_embeddings()
+        self.V = self.head.weight.shape[0]
+        self.softcap = getattr(model.config, "final_logit_softcapping", None)
+        self.base = model.base_model if model.base_model is not model else None
+        self.chunk = max(1, _CHUNK_ELEMENTS.get(dev.type, _CHUNK_ELEMENTS["cuda"]) // self.V)
+        self.logp_CV = torch.empty(self.chunk, self.V, dtype=torch.float32, device=dev)
+        self.scratch_CV = torch.empty(self.chunk, self.V, dtype=torch.float32, device=dev)
+        self.head_only = self.base is not None and self._head_path_matches()
+
+    @torch.inference_mode()
+    def _head_path_matches(self) -> bool:
+        """Does base model + lm_head reproduce the model's logits? (Else: full forward, then select.)"""
+        ids = torch.arange(8, device=self.dev)[None] % self.V
+        full = self.model(input_ids=ids, use_cache=False).logits[0].float()
+        ours = torch.empty_like(full)
+        self._logits(self.base(input_ids=ids, use_cache=False).last_hidden_state[0], ours)
+        return bool(torch.allclose(ours, full, rtol=1e-2, atol=1e-2 * (1 + float(full.abs().max()))))
+
+    def _logits(self, hidden_NH: torch.Tensor, out_NV: torch.Tensor) -> None:
+        """lm_head into a float32 buffer (written in place where the weights are float32)."""
+        w, b = self.head.weight, getattr(self.head, "bias", None)
+        if isinstance(self.head, torch.nn.Linear) and w.dtype == torch.float32 and hidden_NH.dtype == torch.float32:
+            if b is None:
+                torch.mm(hidden_NH, w.t(), out=out_NV)
+            else:
+                torch.addmm(b, hidden_NH, w.t(), out=out_NV)
+        else:
+            out_NV.copy_(self.head(hidden_NH))
+        if self.softcap:
+            out_NV.div_(self.softcap).tanh_().mul_(self.softcap)
+
+    @torch.inference_mode()
+    def score(self, input_ids_BL: torch.Tensor, gather_N: torch.Tensor, taken_N: torch.Tensor, rows: list[int]) -> _BatchOut:
+        dev, K, N = self.dev, self.K, gather_N.numel()
+        ids = input_ids_BL.to(dev, non_blocking=True)
+        gather_N = gather_N.to(dev, non_blocking=True)
+        taken_N = taken_N.to(dev, non_blocking=True)
+        if self.head_only:
+            hidden_BLH = self.base(input_ids=ids, use_cache=False).last_hidden_state
+            source_NX = hidden_BLH.reshape(-1, hidden_BLH.shape[-1]).index_select(0, gather_N)
+        else:  # a model whose logits are more than lm_head(hidden): take them from its own forward
+            logits_BLV = self.model(input_ids=ids, use_cache=False).logits
+            source_NX = logits_BLV.reshape(-1, logits_BLV.shape[-1]).index_select(0, gather_N)
+            del logits_BLV
+        out = dict(topk_ids_NK=torch.empty(N, K, dtype=torch.int32, device=dev),
+                   topk_logprobs_NK=torch.empty(N, K, dtype=torch.float32, device=dev),
+                   **{k: torch.empty(N, dtype=torch.float32, device=dev)
+                      for k in ("taken_N", "tail_N", "entropy_N", "topk_mass_N")})
+        for s in range(0, N, self.chunk):
+            e = min(N, s + self.chunk)
+            self._extract(source_NX[s:e], taken_N[s:e], {k: v[s:e] for k, v in out.items()})
+        if dev.type == "cuda":
+            host = {k: v.to("cpu", non_blocking=True) for k, v in out.items()}
+            ready = torch.cuda.Event()
+            ready.record()
+            return _BatchOut(rows, **host, ready=ready)
+        return _BatchOut(rows, **out)
+
+    def _extract(self, source_NX: torch.Tensor, taken_N: torch.Tensor, out: dict[str, torch.Tensor]) -> None:
+        """Log-softmax at τ, top-k, taken, tail logsumexp and entropy for n ≤ chunk positions, in place."""
+        n, K = source_NX.shape[0], self.K
+        logp = self.logp_CV[:n]
+        tmp = self.scratch_CV[:n]
+        if self.head_only:
+            self._logits(source_NX, logp)
+        else:
+            logp.copy_(source_NX)
+        if self.temperature != 1.0:
+            logp.div_(self.temperature)
+        logp.clamp_(min=torch.finfo(torch.float32).min)   # -inf logits: p = 0 and p·log p = 0, never NaN
+        m = logp.amax(-1, keepdim=True)
+        torch.sub(logp, m, out=tmp).exp_()
+        z = tmp.sum(-1, keepdim=True)
+        logp.sub_(m + z.log())                                # log p = logits/τ − logsumexp
+        tmp.div_(z)                                            # p
+        out["entropy_N"].copy_(-torch.bmm(tmp.unsqueeze(1), logp.unsqueeze(2)).view(n))
+        top_lp, top_ids = logp.topk(min(K + 1, self.V), dim=-1)
+        out["topk_ids_NK"].copy_(top_ids[:, :K])
+        out["topk_logprobs_NK"].copy_(top_lp[:, :K])
+        out["topk_mass_N"].copy_(top_lp[:, :K].exp().sum(-1))
+        out["taken_N"].copy_(logp.gather(1, taken_N[:, None]).view(n))
+        if K < self.V:
+            m_tail = top_lp[:, K:K + 1]                        # the largest log-prob outside the top-k
+            torch.sub(logp, m_tail, out=tmp).exp_()
+            tmp.scatter_(1, top_ids[:, :K], 0.0)
+            out["tail_N"].copy_((m_tail + tmp.sum(-1, keepdim=True).log()).view(n))
+        else:
+            out["tail_N"].fill_(float("-inf"))
+
+
+# ------------------------------------------------------------------------------------------ scoring
+
+@dataclass
+class _Totals:
+    samples: int = 0
+    positions: int = 0
+    tokens: int = 0
+    padded_tokens: int = 0
+    bytes_written: int = 0
+    entropy_sum: float = 0.0
+    topk_mass_sum: float = 0.0
+    score_s: float = 0.0
+
+
+class _ShardJob:
+    """One shard being scored: its writer and the encoded rows, filled by the background thread."""
+
+    def __init__(self, number: int, path: str, seqs: list[_Seq], writer: ScoreShardWriter, producer: dict):
+        self.number, self.path, self.seqs, self.writer, self.producer = number, path, seqs, writer, producer
+        self.encoded: list = [None] * len(seqs)
+        self.entropy_sums = np.zeros(len(seqs))
+        self.mass_sums = np.zeros(len(seqs))
+        for i, seq in enumerate(seqs):
+            if seq.completion.size == 0:
+                K = writer.top_k
+                self.encoded[i] = writer.encode(seq.sample_id, np.zeros((0, K), np.int64),
+                                                np.zeros((0, K), np.float32), [], [])
+
+    def pack(self, out: _BatchOut) -> None:
+        """(background) Split a batch's arrays per sample and encode them."""
+        a = out.numpy()
+        o = 0
+        for r in out.rows:
+            seq = self.seqs[r]
+            T = seq.completion.size
+            sl = slice(o, o + T)
+            self.encoded[r] = self.writer.encode(seq.sample_id, a["topk_ids_NK"][sl], a["topk_logprobs_NK"][sl],
+                                                 a["taken_N"][sl], a["tail_N"][sl])
+            self.entropy_sums[r] = a["entropy_N"][sl].sum(dtype=np.float64)
+            self.mass_sums[r] = a["topk_mass_N"][sl].sum(dtype=np.float64)
+            o += T
+
+    def write(self, run: RunDir, zstd_level: int, dtype: torch.dtype) -> tuple[int, float, float]:
+        """(background) Write the shard in rollout row order; returns (bytes, entropy sum, top-k mass sum)."""
+        for enc in self.encoded:
+            self.writer.append(enc)
+        entropy, mass = math.fsum(self.entropy_sums), math.fsum(self.mass_sums)
+        stats = {"positions": int(sum(s.completion.size for s in self.seqs)), "entropy_sum": entropy,
+                 "topk_mass_sum": mass, "teacher_dtype": _dtype_name(dtype)}
+        size = self.writer.write(run.fs, self.path, self.producer, extra_meta={"stats": stats}, zstd_level=zstd_level)
+        return size, entropy, mass
+
+
+def _score_shards(run: RunDir, round_index: int, pending: list[int], entries: dict, producers: dict,
+                  scorer: _Scorer, teacher_tok, cfg: OpdConfig, dtype: torch.dtype, totals: _Totals) -> None:
+    from tqdm import tqdm
+
+    sc = cfg.score
+    rollouts_dir = run.stage_dir(round_index, "rollouts")
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="opd-score-writer")
+    queued: deque[Future] = deque()
+    writes: list[Future] = []
+    bar = tqdm(total=sum(entries[s].rows for s in pending), unit="sample", desc=f"score round {round_index}",
+               dynamic_ncols=True, mininterval=0.5)
+    t0 = time.perf_counter()
+
+    def submit(fn, *args) -> Future:
+        while len(queued) >= _MAX_QUEUED:
+            queued.popleft().result()   # back-pressure; re-raises a background failure here
+        f = pool.submit(fn, *args)
+        queued.append(f)
+        return f
+
+    try:
+        for s in pending:
+            path = storage.join(rollouts_dir, shard_name(s))
+            digest, _ = storage.sha256_file(run.fs, path)
+            if digest != entries[s].sha256:
+                raise FormatError(f"{path}: differs from the checksum in rollouts/{MANIFEST} (changed after the "
+                                  f"rollout stage finished); re-run `opd rollout {run.url} --round {round_index} --force`")
+            table, _ = read_rollout_shard(run.fs, path)
+            seqs = _sequences(table, path, sc.render, teacher_tok, scorer.V)
+            writer = ScoreShardWriter(scorer.V, sc.top_k, logprob_bits=sc.logprob_bits, temperature=sc.temperature)
+            job = _ShardJob(s, run.shard_path(round_index, "scores", s), seqs, writer, producers[s])
+            bar.update(sum(1 for q in seqs if q.completion.size == 0))
+            lengths = [q.input_ids.size if q.completion.size else 0 for q in seqs]  # nothing to score: no batch
+            for rows in _plan_batches(lengths, sc.max_tokens_per_batch):
+                input_ids_BL, gather_N, taken_N = _batch_arrays(seqs, rows)
+                submit(job.pack, scorer.score(input_ids_BL, gather_N, taken_N, rows))
+                totals.tokens += sum(seqs[r].input_ids.size for r in rows)
+                totals.padded_tokens += input_ids_BL.numel()
+                bar.update(len(rows))
+                bar.set_postfix_str(f"{totals.tokens / max(time.perf_counter() - t0, 1e-9):,.0f} tok/s", refresh=False)
+            writes.append(submit(job.write, run, sc.zstd_level, dtype))
+            totals.samples += len(seqs)
+            totals.positions += sum(q.completion.size for q in seqs)
+        while queued:
+            queued.popleft().result()   # in submission order: the first background failure is the one raised
+        for f in writes:
+            size, entropy, mass = f.result()
+            totals.bytes_written += size
+            totals.entropy_sum += entropy
+            totals.topk_mass_sum += mass
+    finally:
+        bar.close()
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+# ------------------------------------------------------------------------------------------ shards on disk
+
+def _valid_shard(run: RunDir, scores_dir: str, s: int, rows: int, producer: dict) -> bool:
+    """Is score shard `s` present, readable, from this producer and complete? (A resumed run keeps it.)"""
+    path = storage.join(scores_dir, shard_name(s))
+    if not storage.exists(run.fs, path):
+        return False
+    try:
+        return len(ScoreShard(run.fs, path, expect=producer)) == rows
+    except (FormatError, FingerprintMismatch):
+        return False
+
+
+def _read_meta(run: RunDir, path: str) -> dict:
+    with run.fs.open_input_file(path) as f:
+        raw = (pq.read_schema(f).metadata or {}).get(METADATA_KEY)
+    if raw is None:
+        raise FormatError(f"{path}: not an opd shard (no 'opd' metadata); delete it and re-run score")
+    return json.loads(raw)
+
+
+def _stage_summary(run: RunDir, scores_dir: str, numbers: list[int], producers: dict, sc) -> dict | None:
+    """The manifest's summary, from the shards themselves (the same whichever worker writes it); None
+    while some shard is another producer's (a worker that has not run yet will replace it)."""
+    samples = positions = size = 0
+    entropy = mass = 0.0
+    for s in numbers:
+        path = storage.join(scores_dir, shard_name(s))
+        try:
+            meta = _read_meta(run, path)
+            check_producer(path, meta.get("producer", {}), producers[s])
+        except (FormatError, FingerprintMismatch, ValueError):
+            return None
+        stats = meta.get("stats", {})
+        samples += parquet_rows(run, path)
+        positions += int(stats.get("positions", 0))
+        entropy += float(stats.get("entropy_sum", 0.0))
+        mass += float(stats.get("topk_mass_sum", 0.0))
+        size += run.fs.get_file_info(path).size
+    return {"samples": samples, "positions": positions, "bytes": size,
+            "bytes_per_token": _ratio(size, positions, 2), "mean_topk_mass": _ratio(mass, positions, 6),
+            "mean_entropy": _ratio(entropy, positions, 6), "top_k": sc.top_k, "temperature": sc.temperature,
+            "logprob_bits": sc.logprob_bits}
+
+
+# ------------------------------------------------------------------------------------------ reporting
+
+def _ratio(a: float, b: float, digits: int) -> float:
+    return round(a / b, digits) if b else 0.0
+
+
+def _skipped_summary(run: RunDir, scores_dir: str, round_index: int, shard: ShardSpec, done: Manifest) -> dict:
+    summary = {"stage": "score", "round": round_index, "shard": str(shard), "skipped": True,
+               "shards_total": len(done.shards), **done.summary}
+    summary["line"] = (f"score round {round_index}: already done ({storage.join(scores_dir, MANIFEST)}, "
+                       f"{len(done.shards)} shards, {done.summary.get('positions', 0):,} positions); "
+                       f"pass --force to redo it")
+    return summary
+
+
+def _summary_line(s: dict, run: RunDir, round_index: int) -> str:
+    kept = f", {s['shards_kept']} already present" if s["shards_kept"] else ""
+    kept += f", {s['shards_replaced']} stale or damaged ones replaced" if s["shards_replaced"] else ""
+    scope = f" (worker {s['shard']})" if s["shard"] != "0/1" else ""
+    if s["manifest_written"]:
+        done = f"; stage done ({storage.join(run.stage_dir(round_index, 'scores'), MANIFEST)})"
+    else:
+        present = len(run.existing_shards(round_index, "scores"))
+        done = (f"; waiting for other workers ({present} of {s['shards_total']} shards present)"
+                if present < s["shards_total"] else
+                "; no manifest: some shards were made with another config (re-run their workers, or --force)")
+    return (f"score round {round_index}{scope}: {s['shards_scored']} shards scored{kept}, "
+            f"{s['positions']:,} positions, {s['bytes_written'] / 1e6:.2f} MB written "
+            f"({s['bytes_per_token']} bytes/token), mean top-{s['top_k']} mass {s['mean_topk_mass']:.4f}, "
+            f"mean entropy {s['mean_entropy']:.4f} nats, {s['score_s']:.1f} s ({s['tokens_per_s']:,.0f} tok/s){done}")

@@ -1,0 +1,627 @@
+"""Rollout stage: the student of round R samples completions of the prompt set into Parquet shards.
+
+Reads   RUN/opd.toml ([run], [rollout]); the prompt set (`rollout.prompts`: a .jsonl file, a .parquet
+        file, or a local HF `datasets` folder); the student: the base model (`run.student`) in round 0,
+        else RUN/rounds/R-1/student/ (must hold `_DONE.json`; a PEFT LoRA adapter is served merged
+        or as base + adapter, `rollout.merge_lora`); the teacher only for offpolicy_source="teacher".
+Writes  RUN/rounds/RRRR/rollouts/part-SSSSS.parquet (one row per sample, cache/SPEC.md), then
+        `_DONE.json` (shard list, row counts, checksums, producer, summary), and one `"stage":
+        "rollout"` line in RUN/rounds/RRRR/metrics.jsonl per invocation.
+
+    opd rollout RUN --round 0 [--shard 0/4] [--engine vllm|transformers] [--force] [--set rollout.n=4]
+
+Prompts. A row holds chat `messages` ([{role, content}], `messages_field`, used when present) or a
+plain prompt string (`prompt_field`, taken as one user message), an optional reference response
+(`reference_field`) and an optional stable id (`id_field`, else the row number counted from 0 over
+non-blank lines). With `chat_template` on, prompts are rendered with the student tokenizer's chat
+template (generation prompt added); off, the plain text (message contents joined by blank lines) is
+tokenized as is. `max_prompts` keeps the first N rows of the file; prompts longer than
+`max_prompt_tokens` are then skipped and counted, never an error. A bad file (missing, empty, a
+malformed line, a missing field) is a one-line OpdError naming the file and the line (JSONL) or row.
+
+Shards. The kept prompts, in file order, are cut into shards of `prompts_per_shard`: shard j holds
+kept prompts [j*S, (j+1)*S). Skipping depends only on the tokenizer and `max_prompt_tokens`, so every
+worker computes the same assignment. `--shard i/N` workers own shards j % N == i; each shard is
+written atomically, shards already present are skipped (after checking their producer), so a killed
+rollout resumes with no lost or duplicated sample. Whichever worker sees every shard present writes
+`_DONE.json` (its summary is computed from the shards, identical whoever writes it). `--force` clears
+the stage first: all of it in a single-worker run, only the worker's own shards (and the manifest)
+under `--shard i/N`, so late workers never delete their peers' finished shards.
+
+λ. `rollout.lmbda_for_round(R)` is the fraction of *prompts* whose samples are the student's own.
+Prompt p is on-policy iff u(seed, R, p) < λ, u a sha256 of (run.seed, round, prompt id) mapped to
+[0, 1): a pure function, so resume and sharding make the same choice, and the on-policy set grows
+monotonically with λ. Off-policy prompts give
+  - offpolicy_source="dataset": ONE row (sample_index 0, source "dataset", finish_reason "reference",
+    sampling_logprobs null): the reference tokenized with the student tokenizer, plus EOS, whole
+    (`max_new_tokens` limits sampling, not data). n copies of one fixed response would only repeat
+    the same tokens n times in the loss;
+  - offpolicy_source="teacher": n rows sampled by the teacher (same engine kind, same settings, the
+    student's prompt ids: the vocabularies must match), source "teacher", sampling_logprobs the
+    teacher's processed log-probs. Both models are loaded together (vLLM: each gets half of
+    `gpu_memory_utilization`).
+
+Sampling log-probs are of the processed distribution (temperature, top-k, top-p applied), see the
+engines. Randomness: engines are seeded from (run.seed, round, role); the transformers engine also
+re-seeds per shard, so its shards are reproducible one by one; vLLM's are when requests repeat in order.
+
+Producer fingerprint (shards and manifest): student model hash (the adapter folder for a LoRA student,
+plus `base_model_hash`), tokenizer hash, a hash of the [rollout] section without the keys that only
+choose *how* to sample (engine, gpu_memory_utilization, enforce_eager), the round, run.seed, λ, the
+prompt set's content hash, and the teacher's hash when it samples. The engine is not part of it: the
+workers of one stage may run different engines; each shard names its engine in its metadata.
+
+Engines (stages/engine.py: interface; engine_vllm.py; engine_hf.py): "auto" = vLLM where importable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from opd.cache import storage
+from opd.cache.errors import OpdError
+from opd.cache.shards import FORMAT_VERSION, METADATA_KEY, SOURCES, check_producer, write_rollout_shard
+from opd.pipeline import fingerprint
+from opd.pipeline.config import OpdConfig, RolloutConfig
+from opd.pipeline.models import MARKER, resolve_model
+from opd.pipeline.rundir import (MANIFEST, RunDir, ShardSpec, finalize_stage, read_manifest, shard_index,
+                                 shard_name, should_skip)
+from opd.stages.engine import Engine, Sampling, load_engine, resolve_engine_name
+
+STAGE = "rollouts"            # the run-directory folder (and manifest stage name)
+PRODUCER_STAGE = "rollout"    # the producer record's stage
+_HOW_KEYS = ("engine", "gpu_memory_utilization", "enforce_eager")   # outside the config hash
+
+
+def run(cfg: OpdConfig, run: RunDir, round_index: int, shard: ShardSpec = ShardSpec(),
+        engine: str | Engine | None = None, force: bool = False) -> dict:
+    """Sample round `round_index`'s rollouts (this worker's shards); returns a summary dict.
+
+    `engine`: None = `rollout.engine`; "auto" / "vllm" / "transformers"; or an engine object already
+    serving the student (the caller keeps ownership, e.g. one vLLM engine shared by several runs).
+    The summary's "line" is the one-line human summary the CLI prints.
+    """
+    rc = cfg.rollout
+    t0 = time.perf_counter()
+    lmbda = rc.lmbda_for_round(round_index)
+    stage_dir = run.stage_dir(round_index, STAGE)
+    student = _student(cfg, run, round_index)
+    teacher_dir = (resolve_model(cfg.run.teacher, cfg.run.models_dir or None)
+                   if lmbda < 1 and rc.offpolicy_source == "teacher" else None)
+    producer = _producer(cfg, round_index, lmbda, student, teacher_dir)
+
+    mine = None   # --force under --shard i/N clears this worker's shards only (and the manifest)
+    if shard.count > 1:
+        mine = [n for n in storage.listdir(run.fs, stage_dir)
+                if shard_index(n) is not None and shard.owns(shard_index(n))]
+    if should_skip(run, stage_dir, producer, force, only=mine):
+        manifest = read_manifest(run, stage_dir)
+        summary = {"round": round_index, "shard": str(shard), "skipped": True, **manifest.summary}
+        summary["line"] = (f"rollout round {round_index}: already done ({manifest.total_rows} samples in "
+                           f"{len(manifest.shards)} shards, {stage_dir}/{MANIFEST}); --force redoes it")
+        return summary
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(student.tokenizer_dir))
+    prompts = _load_prompts(rc, lmbda)
+    kept, skipped = _render(prompts, tokenizer, rc, student.tokenizer_dir)
+    if not kept:
+        raise OpdError(f"{rc.prompts}: no prompts left: all {skipped} are longer than "
+                       f"rollout.max_prompt_tokens={rc.max_prompt_tokens}")
+    for p in kept:
+        p.on_policy = _on_policy(cfg.run.seed, round_index, p.id, lmbda)
+    if teacher_dir is not None:
+        _check_same_vocab(tokenizer, teacher_dir)
+
+    S = rc.prompts_per_shard
+    num_shards = math.ceil(len(kept) / S)
+    owned = shard.owned(num_shards)
+    storage.remove_tmp_files(run.fs, stage_dir, {shard_name(s) for s in owned})
+    present = set(run.existing_shards(round_index, STAGE))
+    for s in sorted(present):
+        _check_shard_producer(run, run.shard_path(round_index, STAGE, s), producer)
+    todo = [s for s in owned if s not in present]
+
+    sampling = Sampling(n=rc.n, temperature=rc.temperature, top_p=rc.top_p, top_k=rc.top_k,
+                        max_new_tokens=rc.max_new_tokens, stop=tuple(rc.stop))
+    sampling_hash = _sampling_hash(rc, cfg.run.seed)
+    engines = _Engines(cfg, round_index, student, teacher_dir, engine)
+    stats = {"samples": 0, "student": 0, "offpolicy": 0, "tokens": 0, "gen_seconds": 0.0}
+    todo_items = [p for s in todo for p in kept[s * S:(s + 1) * S]]
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(todo_items), unit="prompt", desc=f"rollout r{round_index} [{shard}]",
+               disable=not todo, dynamic_ncols=True)
+    gen_start = time.perf_counter()
+
+    def progress(prompts_done: int, tokens: int) -> None:
+        stats["tokens"] += tokens
+        bar.update(prompts_done)
+        bar.set_postfix_str(f"{stats['tokens'] / max(time.perf_counter() - gen_start, 1e-9):.0f} tok/s")
+
+    try:
+        engines.prepare(student=any(p.on_policy for p in todo_items),
+                        teacher=teacher_dir is not None and not all(p.on_policy for p in todo_items))
+        gen_start = time.perf_counter()   # model loading stays out of tokens/s
+        for s in todo:
+            items = kept[s * S:(s + 1) * S]
+            rows = _shard_rows(items, engines, sampling, sampling_hash, tokenizer, rc, cfg.run.seed,
+                               round_index, s, progress, stats)
+            write_rollout_shard(run.fs, run.shard_path(round_index, STAGE, s), rows, producer,
+                                extra_meta={"round": round_index, "shard": s,
+                                            "engine": engines.name, "sampling_hash": sampling_hash})
+            stats["samples"] += len(rows)
+    finally:
+        stats["gen_seconds"] = time.perf_counter() - gen_start
+        bar.close()
+        engines.close()
+
+    on = sum(p.on_policy for p in kept)
+    done_summary = _stage_summary(run, round_index, num_shards, len(prompts), len(kept), skipped, on, lmbda)
+    manifest = finalize_stage(run, stage_dir, stage=STAGE, round_index=round_index, num_shards=num_shards,
+                              producer=producer, row_count=lambda path: done_summary["_rows"][path],
+                              summary=_public(done_summary)) if done_summary else None
+    summary = {
+        "round": round_index, "shard": str(shard), "engine": engines.name, "lmbda": lmbda,
+        "prompts": len(kept), "skipped_long_prompts": skipped, "on_policy_prompts": on,
+        "off_policy_prompts": len(kept) - on, "offpolicy_source": rc.offpolicy_source,
+        "shards_total": num_shards, "shards_owned": len(owned), "shards_written": len(todo),
+        "shards_present_before": len(present & set(owned)),
+        "shards_missing": num_shards - len(set(run.existing_shards(round_index, STAGE))),
+        "samples_written": stats["samples"], "student_samples_written": stats["student"],
+        "offpolicy_samples_written": stats["offpolicy"], "completion_tokens_generated": stats["tokens"],
+        "tokens_per_s": round(stats["tokens"] / stats["gen_seconds"], 2) if stats["tokens"] else 0.0,
+        "seconds": round(time.perf_counter() - t0, 3), "done": manifest is not None,
+    }
+    if manifest is not None:
+        summary["total_samples"] = manifest.total_rows
+    run.append_metrics(round_index, {"stage": "rollout", **summary})
+    summary["line"] = _summary_line(summary, rc)
+    return summary
+
+
+# ------------------------------------------------------------------------------------------ prompts
+
+@dataclass
+class _Prompt:
+    id: str
+    messages: list[dict]          # the chat messages (a plain prompt becomes one user message)
+    text: str | None              # the plain prompt string, when the row had one
+    reference: str | None         # reference response, when read
+    where: str                    # "FILE line N" / "FILE row N", for errors
+    prompt_ids: list[int] = dataclasses.field(default_factory=list)
+    on_policy: bool = True
+
+
+def _load_prompts(rc: RolloutConfig, lmbda: float) -> list[_Prompt]:
+    """The first `max_prompts` rows of the prompt set, checked (one-line errors naming file + line)."""
+    path = rc.prompts
+    need_reference = lmbda < 1 and rc.offpolicy_source == "dataset"
+    if need_reference and not rc.reference_field:
+        raise OpdError(f"rollout.reference_field is empty, but λ={lmbda} < 1 with offpolicy_source='dataset' "
+                       f"needs reference responses: set rollout.reference_field (or lmbda = 1, or "
+                       f"offpolicy_source = 'teacher')")
+    prompts: list[_Prompt] = []
+    seen: dict[str, str] = {}
+    for index, (where, row) in enumerate(_iter_rows(path)):
+        if rc.max_prompts and index >= rc.max_prompts:
+            break
+        p = _parse_row(row, where, index, rc, need_reference)
+        if p.id in seen:
+            raise OpdError(f"{where}: duplicate prompt id {p.id!r} (first at {seen[p.id]}); "
+                           f"ids in '{rc.id_field}' must be unique")
+        seen[p.id] = where
+        prompts.append(p)
+    if not prompts:
+        raise OpdError(f"{path}: no prompts (the prompt set is empty)")
+    return prompts
+
+
+def _iter_rows(path: str):
+    """(where, row) pairs of a .jsonl file, a .parquet file or a local `datasets` folder."""
+    p = Path(path)
+    if not p.exists():
+        raise OpdError(f"{path}: prompt file not found (rollout.prompts)")
+    if p.is_dir():
+        yield from _iter_dataset(p)
+    elif p.suffix == ".parquet":
+        try:
+            rows = pq.read_table(p).to_pylist()
+        except Exception as e:  # pyarrow raises several kinds for unreadable files
+            raise OpdError(f"{path}: not a readable Parquet file ({_first_line(e)})") from None
+        for i, row in enumerate(rows):
+            yield f"{path} row {i}", row
+    elif p.suffix in (".jsonl", ".json", ".ndjson"):
+        with open(p, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except ValueError as e:
+                    raise OpdError(f"{path} line {lineno}: not valid JSON ({_first_line(e)})") from None
+                yield f"{path} line {lineno}", row
+    else:
+        raise OpdError(f"{path}: unknown prompt file type: use a .jsonl or .parquet file, or a folder "
+                       f"saved with datasets' save_to_disk")
+
+
+def _iter_dataset(folder: Path):
+    try:
+        import datasets
+    except ImportError:
+        raise OpdError(f"{folder}: a prompt folder is read with the `datasets` package, which is not "
+                       f"installed (`pip install datasets`), or use a .jsonl / .parquet file") from None
+    try:
+        ds = datasets.load_from_disk(str(folder))
+    except Exception as e:
+        raise OpdError(f"{folder}: not a dataset saved with save_to_disk ({_first_line(e)})") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if "train" not in ds:
+            raise OpdError(f"{folder}: a DatasetDict without a 'train' split ({', '.join(ds)}); "
+                           f"point rollout.prompts at one split's folder")
+        ds = ds["train"]
+    for i, row in enumerate(ds):
+        yield f"{folder} row {i}", row
+
+
+def _parse_row(row: Any, where: str, index: int, rc: RolloutConfig, need_reference: bool) -> _Prompt:
+    if not isinstance(row, dict):
+        raise OpdError(f"{where}: a prompt row must be a JSON object, got {type(row).__name__}")
+    messages, text = row.get(rc.messages_field), None
+    if messages is not None:
+        if (not isinstance(messages, list) or not messages
+                or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                           and isinstance(m.get("content"), str) for m in messages)):
+            raise OpdError(f"{where}: '{rc.messages_field}' must be a non-empty list of "
+                           f"{{\"role\": str, \"content\": str}} objects")
+        messages = [{"role": m["role"], "content": m["content"]} for m in messages]
+    else:
+        text = row.get(rc.prompt_field)
+        if text is None:
+            raise OpdError(f"{where}: has neither '{rc.prompt_field}' nor '{rc.messages_field}' "
+                           f"(set rollout.prompt_field / rollout.messages_field)")
+        if not isinstance(text, str) or not text.strip():
+            raise OpdError(f"{where}: '{rc.prompt_field}' must be a non-empty string, got {text!r:.60}")
+        messages = [{"role": "user", "content": text}]
+    if rc.id_field:
+        pid = row.get(rc.id_field)
+        if pid is None or (isinstance(pid, str) and not pid):
+            raise OpdError(f"{where}: no id in '{rc.id_field}' (rollout.id_field)")
+        pid = str(pid)
+    else:
+        pid = str(index)
+    reference = None
+    if rc.reference_field:
+        reference = row.get(rc.reference_field)
+        if reference is not None and not isinstance(reference, str):
+            raise OpdError(f"{where}: '{rc.reference_field}' must be a string, got {type(reference).__name__}")
+        if reference is None and need_reference:
+            raise OpdError(f"{where}: no reference response in '{rc.reference_field}' (off-policy rows with "
+                           f"offpolicy_source='dataset' need one for every prompt)")
+    return _Prompt(id=pid, messages=messages, text=text, reference=reference, where=where)
+
+
+def _render(prompts: list[_Prompt], tokenizer, rc: RolloutConfig, tokenizer_dir) -> tuple[list[_Prompt], int]:
+    """Prompt token ids as the student sees them; returns (kept prompts, number skipped as too long)."""
+    if rc.chat_template:
+        if not getattr(tokenizer, "chat_template", None):
+            raise OpdError(f"{tokenizer_dir}: the student tokenizer has no chat template; "
+                           f"set rollout.chat_template = false to tokenize prompts as plain text")
+        texts = []
+        for p in prompts:
+            try:
+                texts.append(tokenizer.apply_chat_template(p.messages, add_generation_prompt=True, tokenize=False))
+            except Exception as e:  # jinja template errors (e.g. roles the template refuses)
+                raise OpdError(f"{p.where}: the chat template refused these messages ({_first_line(e)})") from None
+        ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    else:
+        texts = [p.text if p.text is not None else "\n\n".join(m["content"] for m in p.messages) for p in prompts]
+        ids = tokenizer(texts)["input_ids"]
+    kept, skipped = [], 0
+    for p, p_ids in zip(prompts, ids):
+        if len(p_ids) > rc.max_prompt_tokens:
+            skipped += 1
+            continue
+        p.prompt_ids = [int(t) for t in p_ids]
+        kept.append(p)
+    return kept, skipped
+
+
+def _on_policy(seed: int, round_index: int, prompt_id: str, lmbda: float) -> bool:
+    """Prompt-level λ choice: u(seed, round, prompt id) ∈ [0, 1) from sha256, on-policy iff u < λ."""
+    if lmbda >= 1:
+        return True
+    if lmbda <= 0:
+        return False
+    digest = hashlib.sha256(f"opd-lambda/{seed}/{round_index}/{prompt_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0 ** 64 < lmbda
+
+
+# ------------------------------------------------------------------------------------------ models
+
+@dataclass(frozen=True)
+class _Student:
+    source: Path                  # the round's student folder (checkpoint, or LoRA adapter folder)
+    base: Path                    # checkpoint to load (== source unless `adapter`)
+    adapter: Path | None          # PEFT LoRA adapter folder on top of `base`
+    tokenizer_dir: Path
+
+
+def _student(cfg: OpdConfig, run: RunDir, round_index: int) -> _Student:
+    if round_index == 0:
+        folder = Path(resolve_model(cfg.run.student, cfg.run.models_dir or None))
+    else:
+        if not isinstance(run.fs, pafs.LocalFileSystem):
+            raise OpdError(f"{run.url}: rollout of round {round_index} loads the student from the run "
+                           f"folder, which must be local for the engines (copy the run or mount it)")
+        folder = Path(run.stage_dir(round_index - 1, "student"))
+        if not (folder / MARKER).is_file():
+            raise OpdError(f"{folder}: the round {round_index - 1} student is not finished (no {MARKER}); "
+                           f"run `opd train {run.url} --round {round_index - 1}` first")
+    if not (folder / "adapter_config.json").is_file():
+        return _Student(folder, folder, None, folder)
+    base = _adapter_base(folder, cfg)
+    has_tokenizer = any((folder / n).is_file() for n in fingerprint.TOKENIZER_FILES)
+    return _Student(folder, base, folder, folder if has_tokenizer else base)
+
+
+def _adapter_base(adapter: Path, cfg: OpdConfig) -> Path:
+    """The adapter's base checkpoint: its recorded base_model_name_or_path where that is a folder
+    (or an opd:/tiny: name), else the run's base student (`run.student`)."""
+    try:
+        recorded = json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path") or ""
+    except ValueError:
+        raise OpdError(f"{adapter}/adapter_config.json: not valid JSON; re-run the train stage") from None
+    if recorded.startswith(("opd:", "tiny:")):
+        return Path(resolve_model(recorded, cfg.run.models_dir or None))
+    for cand in (Path(recorded).expanduser(), adapter / recorded):
+        if recorded and (cand / "config.json").is_file():
+            return cand
+    return Path(resolve_model(cfg.run.student, cfg.run.models_dir or None))
+
+
+def _merge_lora(student: _Student) -> Path:
+    """Merge the LoRA adapter into its base (peft merge_and_unload) in a temporary folder."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tmp = Path(tempfile.mkdtemp(prefix="opd-merged-student-"))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(student.base), dtype=torch.float32)
+        model = PeftModel.from_pretrained(model, str(student.adapter)).merge_and_unload()
+        model.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(str(student.tokenizer_dir)).save_pretrained(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return tmp
+
+
+def _check_same_vocab(tokenizer, teacher_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    if AutoTokenizer.from_pretrained(str(teacher_dir)).get_vocab() != tokenizer.get_vocab():
+        raise OpdError(f"{teacher_dir}: the teacher's vocabulary differs from the student's; teacher "
+                       f"off-policy samples reuse the student's prompt ids, so both must share one tokenizer")
+
+
+class _Engines:
+    """Student and teacher engines, built on first use, closed at the end (unless passed in)."""
+
+    def __init__(self, cfg: OpdConfig, round_index: int, student: _Student, teacher_dir: Path | None,
+                 engine: str | Engine | None):
+        self.cfg, self.round, self.student, self.teacher_dir = cfg, round_index, student, teacher_dir
+        self._given = None if engine is None or isinstance(engine, str) else engine
+        if self._given is not None:
+            served = Path(self._given.served).resolve()
+            if served not in (student.source.resolve(), student.base.resolve()):
+                raise OpdError(f"the engine passed in serves {served}, but round {round_index}'s student is "
+                               f"{student.source}")
+            self.name = self._given.name
+        else:
+            self.name = resolve_engine_name(engine or cfg.rollout.engine)
+        self._student: Engine | None = self._given
+        self._teacher: Engine | None = None
+        self._tmp: list[Path] = []
+
+    def _load(self, model_dir: Path, role: str, tokenizer_dir: Path, adapter: Path | None) -> Engine:
+        rc = self.cfg.rollout
+        share = 2 if self.teacher_dir is not None else 1   # both models live together
+        return load_engine(self.name, str(model_dir), seed=_seed(self.cfg.run.seed, self.round, role),
+                           tokenizer_dir=str(tokenizer_dir), adapter_dir=str(adapter) if adapter else None,
+                           max_model_len=_max_model_len(model_dir, rc),
+                           gpu_memory_utilization=rc.gpu_memory_utilization / share,
+                           enforce_eager=rc.enforce_eager)
+
+    def prepare(self, student: bool, teacher: bool) -> None:
+        """Load the engines the work needs now (so model loading stays out of the tokens/s figure)."""
+        if student:
+            self.student_engine()
+        if teacher:
+            self.teacher_engine()
+
+    def student_engine(self) -> Engine:
+        if self._student is None:
+            s = self.student
+            if s.adapter is not None and self.cfg.rollout.merge_lora:
+                merged = _merge_lora(s)
+                self._tmp.append(merged)
+                self._student = self._load(merged, "student", merged, None)
+            else:   # base + adapter; vLLM reads a config.json beside the tokenizer, so prefer the base's when equal
+                same = s.adapter is None or (fingerprint.tokenizer_hash(s.tokenizer_dir)
+                                             == fingerprint.tokenizer_hash(s.base))
+                self._student = self._load(s.base, "student", s.base if same else s.tokenizer_dir, s.adapter)
+        return self._student
+
+    def teacher_engine(self) -> Engine:
+        if self._teacher is None:
+            self._teacher = self._load(self.teacher_dir, "teacher", self.teacher_dir, None)
+        return self._teacher
+
+    def close(self) -> None:
+        for e in (self._student, self._teacher):
+            if e is not None and e is not self._given:
+                e.close()
+        self._student = self._given
+        self._teacher = None
+        for d in self._tmp:
+            shutil.rmtree(d, ignore_errors=True)
+        self._tmp.clear()
+
+
+def _max_model_len(model_dir: Path, rc: RolloutConfig) -> int:
+    need = rc.max_prompt_tokens + rc.max_new_tokens
+    try:
+        limit = json.loads((Path(model_dir) / "config.json").read_text()).get("max_position_embeddings")
+    except (OSError, ValueError):
+        limit = None
+    return min(need, int(limit)) if limit else need
+
+
+# ------------------------------------------------------------------------------------------ shards
+
+def _shard_rows(items: list[_Prompt], engines: _Engines, sampling: Sampling, sampling_hash: str, tokenizer,
+                rc: RolloutConfig, seed: int, round_index: int, shard: int, progress, stats) -> list[dict]:
+    """Rows of one shard, in prompt order, samples 0..n-1 (one row for a dataset reference)."""
+    on = [p for p in items if p.on_policy]
+    off = [p for p in items if not p.on_policy]
+    generated: dict[str, tuple[str, list]] = {}
+    if on:
+        outs = engines.student_engine().generate([p.prompt_ids for p in on], sampling,
+                                                 seed=_seed(seed, round_index, "student", shard), progress=progress)
+        generated.update({p.id: ("student", o) for p, o in zip(on, outs)})
+    if off and rc.offpolicy_source == "teacher":
+        outs = engines.teacher_engine().generate([p.prompt_ids for p in off], sampling,
+                                                 seed=_seed(seed, round_index, "teacher", shard), progress=progress)
+        generated.update({p.id: ("teacher", o) for p, o in zip(off, outs)})
+    elif off:
+        progress(len(off), 0)
+    rows = []
+    for p in items:
+        messages = json.dumps(p.messages, ensure_ascii=False)
+        base = {"prompt_id": p.id, "prompt_ids": p.prompt_ids, "sampling_hash": sampling_hash,
+                "prompt_messages": messages}
+        if p.id in generated:
+            source, completions = generated[p.id]
+            for i, c in enumerate(completions):
+                rows.append({**base, "sample_id": f"{p.id}/{i}", "sample_index": i, "source": source,
+                             "completion_ids": c.token_ids, "sampling_logprobs": c.logprobs,
+                             "finish_reason": c.finish_reason})
+            stats["student" if source == "student" else "offpolicy"] += len(completions)
+        else:
+            rows.append({**base, "sample_id": f"{p.id}/0", "sample_index": 0, "source": "dataset",
+                         "completion_ids": _reference_ids(tokenizer, p.reference or ""),
+                         "sampling_logprobs": None, "finish_reason": "reference"})
+            stats["offpolicy"] += 1
+    return rows
+
+
+def _reference_ids(tokenizer, text: str) -> list[int]:
+    """The reference response as completion ids: tokenized (no specials), then EOS."""
+    ids = [int(t) for t in tokenizer(text, add_special_tokens=False)["input_ids"]]
+    if tokenizer.eos_token_id is not None:
+        ids.append(int(tokenizer.eos_token_id))
+    return ids
+
+
+def _check_shard_producer(run: RunDir, path: str, producer: dict) -> None:
+    """A shard left by an earlier (killed) run must come from the same producer, else --force."""
+    try:
+        meta = json.loads(pq.read_schema(path, filesystem=run.fs).metadata[METADATA_KEY])
+    except Exception as e:
+        raise OpdError(f"{path}: unreadable rollout shard ({_first_line(e)}); delete it and re-run") from None
+    check_producer(path, meta.get("producer", {}), producer)
+
+
+def _stage_summary(run: RunDir, round_index: int, num_shards: int, read: int, kept: int, skipped: int,
+                   on: int, lmbda: float) -> dict | None:
+    """Figures for `_DONE.json`, computed from the shards (equal whichever worker computes them);
+    None while some shard is missing."""
+    present = set(run.existing_shards(round_index, STAGE))
+    if any(s not in present for s in range(num_shards)):
+        return None
+    sources = {s: 0 for s in SOURCES}
+    tokens, rows_by_path = 0, {}
+    for s in range(num_shards):
+        path = run.shard_path(round_index, STAGE, s)
+        table = pq.read_table(path, filesystem=run.fs, columns=["source", "completion_ids"])
+        rows_by_path[path] = table.num_rows
+        for src in table.column("source").to_pylist():
+            sources[src] += 1
+        tokens += sum(len(c) for c in table.column("completion_ids").to_pylist())
+    return {"prompts_read": read, "prompts": kept, "skipped_long_prompts": skipped, "lmbda": lmbda,
+            "on_policy_prompts": on, "off_policy_prompts": kept - on, "samples": sum(rows_by_path.values()),
+            "completion_tokens": tokens, "sources": sources, "shards": num_shards, "_rows": rows_by_path}
+
+
+def _public(summary: dict) -> dict:
+    return {k: v for k, v in summary.items() if not k.startswith("_")}
+
+
+# ------------------------------------------------------------------------------------------ hashes
+
+def _producer(cfg: OpdConfig, round_index: int, lmbda: float, student: _Student, teacher_dir: Path | None) -> dict:
+    rollout = {k: v for k, v in dataclasses.asdict(cfg.rollout).items() if k not in _HOW_KEYS}
+    p = {"stage": PRODUCER_STAGE, "model_hash": fingerprint.model_hash(student.source),
+         "tokenizer_hash": fingerprint.tokenizer_hash(student.tokenizer_dir),
+         "config_hash": hashlib.sha256(json.dumps(rollout, sort_keys=True).encode()).hexdigest(),
+         "format_version": FORMAT_VERSION, "round": round_index, "seed": cfg.run.seed, "lmbda": lmbda,
+         "prompts_hash": _prompts_hash(cfg.rollout.prompts)}
+    if student.adapter is not None:
+        p["base_model_hash"] = fingerprint.model_hash(student.base)
+    if teacher_dir is not None:
+        p["teacher_hash"] = fingerprint.model_hash(teacher_dir)
+    return p
+
+
+def _prompts_hash(path: str) -> str:
+    p = Path(path)
+    if not p.exists():
+        raise OpdError(f"{path}: prompt file not found (rollout.prompts)")
+    files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+    h = hashlib.sha256()
+    for f in files:
+        h.update(str(f.relative_to(p) if p.is_dir() else f.name).encode() + b"\0")
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 22), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def _sampling_hash(rc: RolloutConfig, seed: int) -> str:
+    settings = {"temperature": rc.temperature, "top_p": rc.top_p, "top_k": rc.top_k,
+                "max_new_tokens": rc.max_new_tokens, "stop": list(rc.stop), "seed": seed}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+
+def _seed(*parts: Any) -> int:
+    return int.from_bytes(hashlib.sha256("/".join(map(str, parts)).encode()).digest()[:4], "big") & 0x7FFFFFFF
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+
+
+def _summary_line(s: dict, rc: RolloutConfig) -> str:
+    state = "done" if s["done"] else f"{s['shards_missing']} shard(s) left to other workers"
+    return (f"rollout round {s['round']} [{s['shard']}] {s['engine']}: {s['shards_written']} shard(s) written, "
+            f"{s['shards_present_before']} already present; {s['samples_written']} samples "
+            f"({s['student_samples_written']} student, {s['offpolicy_samples_written']} {rc.offpolicy_source}), "
+            f"{s['completion_tokens_generated']} tokens at {s['tokens_per_s']:.0f} tok/s; "
+            f"{s['skipped_long_prompts']} prompts skipped (> {rc.max_prompt_tokens} tokens); "
+            f"λ={s['lmbda']:g}: {s['on_policy_prompts']}/{s['prompts']} prompts on-policy; {state}")

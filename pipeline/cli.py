@@ -79,9 +79,17 @@ def config_cmd(config_file, overrides):
               help="Sampling engine (default: rollout.engine from the config).")
 @click.option("--force", is_flag=True, help="Redo the stage even if its _DONE.json exists.")
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help=SET_HELP)
+@_user_errors
 def rollout(run_dir, round_index, shard, engine, force, overrides):
     """Sample student completions for round R into RUN_DIR/rounds/R/rollouts/ (Parquet shards)."""
-    _not_yet("rollout", "see the rollout stage issue")
+    from opd.pipeline.init import load_run_config
+    from opd.pipeline.rundir import RunDir, ShardSpec
+    from opd.stages import rollout as stage
+
+    run = RunDir(run_dir)
+    cfg = load_run_config(run, overrides)
+    summary = stage.run(cfg, run, round_index, shard=ShardSpec.parse(shard), engine=engine, force=force)
+    click.echo(summary["line"])
 
 
 @main.command()
@@ -91,9 +99,17 @@ def rollout(run_dir, round_index, shard, engine, force, overrides):
 @click.option("--device", default=None, help="Teacher device: cpu, cuda, cuda:N (default: score.device).")
 @click.option("--force", is_flag=True, help="Redo the stage even if its _DONE.json exists.")
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help=SET_HELP)
+@_user_errors
 def score(run_dir, round_index, shard, device, force, overrides):
     """Score round R's rollouts with the teacher into top-k caches in RUN_DIR/rounds/R/scores/."""
-    _not_yet("score", "see the score stage issue")
+    from opd.pipeline.init import load_run_config
+    from opd.pipeline.rundir import RunDir, ShardSpec
+    from opd.stages.score import run as score_run
+
+    run = RunDir(run_dir)
+    cfg = load_run_config(run, overrides)
+    summary = score_run(cfg, run, round_index, shard=ShardSpec.parse(shard), device=device, force=force)
+    click.echo(summary["line"])
 
 
 @main.command()
@@ -104,6 +120,7 @@ def score(run_dir, round_index, shard, device, force, overrides):
 @click.option("--out", default=None, help="With --from: the new run folder.")
 @click.option("--force", is_flag=True, help="Redo the stage even if its _DONE.json exists.")
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help=SET_HELP)
+@_user_errors
 def train(run_dir, round_index, devices, from_round, out, force, overrides):
     """Train round R's student from its rollouts and cached teacher scores into RUN_DIR/rounds/R/student/."""
     _not_yet("train", "see the learner issue")

@@ -123,7 +123,11 @@ def score(run_dir, round_index, shard, device, force, overrides):
 @_user_errors
 def train(run_dir, round_index, devices, from_round, out, force, overrides):
     """Train round R's student from its rollouts and cached teacher scores into RUN_DIR/rounds/R/student/."""
-    _not_yet("train", "see the learner issue")
+    from opd.stages.train import launch
+
+    summary = launch(run_dir, round_index, devices=devices, from_round=from_round, out=out, force=force,
+                     overrides=overrides)
+    click.echo(summary["line"])
 
 
 @main.command("run")

@@ -151,6 +151,9 @@ class TrainConfig:
     checkpoint_every_steps: int = 0   # save a resumable checkpoint inside the round every N steps; 0 = only at the end
     num_workers: int = 0          # DataLoader workers that decode caches
     log_every_steps: int = 1      # metrics.jsonl cadence
+    device: str = "auto"          # "auto" (cuda if available), "cpu", "cuda", "cuda:N"; under torchrun "cuda" is cuda:LOCAL_RANK
+    logits_chunk_tokens: int = 0  # completion positions per lm_head + loss chunk (recomputed in backward); 0 = auto (chunks of ~512 MiB float32 logits)
+    tensorboard: bool = False     # also write TensorBoard events to rounds/R/tensorboard/ (needs the `tensorboard` package)
 
     def __post_init__(self):
         _choice("train.loss", self.loss, ("jsd", "sampled_rkl"))
@@ -174,6 +177,10 @@ class TrainConfig:
         _require(self.checkpoint_every_steps >= 0, "train.checkpoint_every_steps", self.checkpoint_every_steps, "must be >= 0")
         _require(self.num_workers >= 0, "train.num_workers", self.num_workers, "must be >= 0")
         _require(self.log_every_steps >= 1, "train.log_every_steps", self.log_every_steps, "must be >= 1")
+        _require(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
+                 "train.device", self.device, "must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
+        _require(self.logits_chunk_tokens >= 0, "train.logits_chunk_tokens", self.logits_chunk_tokens,
+                 "must be >= 0 (0 = auto)")
 
 
 @dataclass(frozen=True, kw_only=True)

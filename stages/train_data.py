@@ -1,0 +1,313 @@
+"""The learner's data: a round's rollout and score shards joined by sample id, token-budget micro-batches,
+and a DataLoader dataset that decodes the cache in its workers (used by stages/train.py).
+
+Shape legend: S samples of the round, B rows of a micro-batch, L its padded length, N its completion
+positions (flattened over rows), K the teacher's top-k.
+
+A sample is fed as prompt + completion without its last token (nothing predicts past the end), right
+padded: under causal attention a real token attends only to earlier tokens, never to the padding after
+it, so no attention mask is needed. Completion token t is predicted at position P - 1 + t (P = prompt
+length); `gather_N` holds those positions as flat indices into the [B, L] batch.
+
+Micro-batches are planned once per epoch from the samples' lengths alone (never from the world size):
+the samples are shuffled with a seed of (run.seed, round, epoch), cut into windows, sorted by length
+inside each window, packed greedily so that rows × longest row ≤ `max_tokens_per_batch` (a sample
+longer than the budget gets a micro-batch of its own), and the micro-batches are shuffled again. The
+learner then takes `world_size × grad_accum` consecutive micro-batches per optimizer step, so a step
+holds the same samples whatever the number of processes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+
+from opd.cache import storage
+from opd.cache.errors import FormatError, OpdError
+from opd.cache.shards import METADATA_KEY, ScoreShard, check_producer, read_rollout_shard
+from opd.pipeline.rundir import MANIFEST, Manifest, RunDir, read_manifest, shard_index
+
+PLAN_WINDOW = 256   # samples sorted by length together before packing (less padding, still shuffled)
+
+
+def manifest_digest(manifest: Manifest) -> str:
+    """sha256 over a stage's shard names and checksums (as stages/score.py computes it for rollouts)."""
+    return hashlib.sha256("\n".join(f"{e.name} {e.sha256}" for e in manifest.shards).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class ShardPaths:
+    rollout: str
+    score: str
+
+
+class RoundData:
+    """The checked join of RUN/rounds/R/rollouts and RUN/rounds/R/scores, read in every process.
+
+    Checks, each a one-line OpdError naming the file: both `_DONE.json` exist; the score stage lists the
+    same shards; every shard's sha256 equals its manifest's; every score shard names, in its producer's
+    `rollout_sha256`, the rollout shard it is read with (so a cache scored from other rollouts is
+    refused); every rollout sample has scores with one position per completion token; token ids lie in
+    the student's vocabulary. Arrays over the S samples kept (samples with an empty completion carry no
+    loss and are left out) are `shard_S`, `rollout_row_S`, `score_row_S`, `length_S` (fed tokens,
+    P + T - 1), `tokens_S` (T), `on_policy_S` (source == "student") and `has_sampling_S`.
+    """
+
+    def __init__(self, run: RunDir, round_index: int, vocab_limit: int | None = None):
+        self.fs = run.fs
+        rollouts_dir = run.stage_dir(round_index, "rollouts")
+        scores_dir = run.stage_dir(round_index, "scores")
+        self.rollouts = read_manifest(run, rollouts_dir)
+        if self.rollouts is None:
+            raise OpdError(f"{storage.join(rollouts_dir, MANIFEST)} not found (round {round_index} has no finished "
+                           f"rollouts): run `opd rollout {run.url} --round {round_index}` first")
+        self.scores = read_manifest(run, scores_dir)
+        if self.scores is None:
+            raise OpdError(f"{storage.join(scores_dir, MANIFEST)} not found (round {round_index} has no finished "
+                           f"scores): run `opd score {run.url} --round {round_index}` first")
+        r_names = [e.name for e in self.rollouts.shards]
+        s_names = [e.name for e in self.scores.shards]
+        if r_names != s_names or [shard_index(n) for n in r_names] != list(range(len(r_names))):
+            raise FormatError(f"{storage.join(scores_dir, MANIFEST)}: lists shards {s_names[:4]}..., but "
+                              f"rollouts/{MANIFEST} lists {r_names[:4]}...; re-run `opd score {run.url} "
+                              f"--round {round_index} --force`")
+        self.rollouts_digest = manifest_digest(self.rollouts)
+        self.scores_digest = manifest_digest(self.scores)
+        self.paths: list[ShardPaths] = []
+        cols: dict[str, list] = {k: [] for k in ("shard", "rrow", "srow", "length", "tokens", "on", "samp")}
+        self.top_k = self.vocab_size = None
+        self.temperature = None
+        self.empty_completions = 0
+        for s, (r_entry, s_entry) in enumerate(zip(self.rollouts.shards, self.scores.shards)):
+            r_path = storage.join(rollouts_dir, r_entry.name)
+            c_path = storage.join(scores_dir, s_entry.name)
+            _check_sha(run, r_path, r_entry.sha256, f"opd rollout {run.url} --round {round_index} --force")
+            _check_sha(run, c_path, s_entry.sha256, f"opd score {run.url} --round {round_index} --force")
+            meta = _score_meta(run, c_path)
+            check_producer(c_path, meta.get("producer", {}), {"rollout_sha256": r_entry.sha256})
+            self.paths.append(ShardPaths(r_path, c_path))
+            self._join(s, r_path, c_path, vocab_limit, cols)
+        self.shard_S = np.asarray(cols["shard"], dtype=np.int32)
+        self.rollout_row_S = np.asarray(cols["rrow"], dtype=np.int64)
+        self.score_row_S = np.asarray(cols["srow"], dtype=np.int64)
+        self.length_S = np.asarray(cols["length"], dtype=np.int64)
+        self.tokens_S = np.asarray(cols["tokens"], dtype=np.int64)
+        self.on_policy_S = np.asarray(cols["on"], dtype=bool)
+        self.has_sampling_S = np.asarray(cols["samp"], dtype=bool)
+        if not len(self.tokens_S):
+            raise OpdError(f"{rollouts_dir}: no sample has a completion token to train on")
+
+    def _join(self, s: int, r_path: str, c_path: str, vocab_limit: int | None, cols: dict) -> None:
+        table, _ = read_rollout_shard(self.fs, r_path)
+        scores = ScoreShard(self.fs, c_path)          # full checks: page checksums, content totals
+        for key, value in (("top_k", scores.top_k), ("vocab_size", scores.vocab_size),
+                           ("temperature", scores.temperature)):
+            if getattr(self, key) is None:
+                setattr(self, key, value)
+            elif getattr(self, key) != value:
+                raise FormatError(f"{c_path}: {key}={value}, but earlier score shards of the round have "
+                                  f"{key}={getattr(self, key)}; re-score the round with one config (--force)")
+        if vocab_limit is not None and scores.vocab_size > vocab_limit:
+            raise OpdError(f"{c_path}: scored with a {scores.vocab_size}-token teacher vocabulary, but the student "
+                           f"has {vocab_limit} output rows; teacher and student must share a vocabulary")
+        ids = table.column("sample_id").to_pylist()
+        prompt_len = pc.list_value_length(table.column("prompt_ids")).to_numpy(zero_copy_only=False)
+        comp_len = pc.list_value_length(table.column("completion_ids")).to_numpy(zero_copy_only=False)
+        sources = table.column("source").to_pylist()
+        has_samp = table.column("sampling_logprobs").is_valid().to_numpy(zero_copy_only=False)
+        if vocab_limit is not None:
+            for name in ("prompt_ids", "completion_ids"):
+                flat = pc.list_flatten(table.column(name))
+                if len(flat) and (pc.min(flat).as_py() < 0 or pc.max(flat).as_py() >= vocab_limit):
+                    raise FormatError(f"{r_path}: {name} has token ids outside the student's vocabulary "
+                                      f"(0..{vocab_limit - 1}); were the rollouts made with another tokenizer?")
+        positions = scores.table.column("num_positions").to_numpy()
+        index = {sid: j for j, sid in enumerate(scores.sample_ids)}
+        for i, sid in enumerate(ids):
+            j = index.get(sid)
+            if j is None:
+                raise FormatError(f"{c_path}: no scores for sample {sid!r} of {r_path}; re-run score with --force")
+            T, P = int(comp_len[i]), int(prompt_len[i])
+            if int(positions[j]) != T:
+                raise FormatError(f"{c_path}: sample {sid!r} has {int(positions[j])} scored positions but "
+                                  f"{T} completion tokens in {r_path}; re-run score with --force")
+            if T == 0:
+                self.empty_completions += 1
+                continue
+            if P == 0:
+                raise FormatError(f"{r_path}: sample {sid!r} has an empty prompt, so its first completion "
+                                  f"token has no context; re-run rollout")
+            cols["shard"].append(s)
+            cols["rrow"].append(i)
+            cols["srow"].append(j)
+            cols["length"].append(P + T - 1)
+            cols["tokens"].append(T)
+            cols["on"].append(sources[i] == "student")
+            cols["samp"].append(bool(has_samp[i]))
+
+    def __len__(self) -> int:
+        return len(self.tokens_S)
+
+
+def _check_sha(run: RunDir, path: str, want: str, fix: str) -> None:
+    if not storage.exists(run.fs, path):
+        raise FormatError(f"{path}: listed in {MANIFEST} but missing; run `{fix}`")
+    got, _ = storage.sha256_file(run.fs, path)
+    if got != want:
+        raise FormatError(f"{path}: differs from the sha256 in its {MANIFEST} (changed after the stage "
+                          f"finished); run `{fix}`")
+
+
+def _score_meta(run: RunDir, path: str) -> dict:
+    try:
+        with run.fs.open_input_file(path) as f:
+            raw = (pq.read_schema(f).metadata or {}).get(METADATA_KEY)
+        meta = json.loads(raw) if raw is not None else None
+    except (pa.ArrowException, OSError, ValueError):
+        meta = None
+    if not isinstance(meta, dict):
+        raise FormatError(f"{path}: not an opd score shard (no readable 'opd' metadata); re-run score with --force")
+    return meta
+
+
+# ------------------------------------------------------------------------------------------ planning
+
+def plan_epoch(length_S: np.ndarray, max_tokens: int, seed: int, round_index: int, epoch: int,
+               window: int = PLAN_WINDOW) -> list[np.ndarray]:
+    """Micro-batches (arrays of sample indices, longest first) covering every sample once.
+
+    Depends only on the lengths, the budget and (seed, round, epoch): every process computes the same
+    plan, whatever the world size. A micro-batch's padded size rows × max length is ≤ `max_tokens`
+    unless it is a single sample longer than the budget."""
+    rng = np.random.default_rng([int(seed) & 0x7FFFFFFF, int(round_index), int(epoch), 0x6F7064])
+    order = rng.permutation(len(length_S))
+    batches: list[np.ndarray] = []
+    for w in range(0, len(order), window):
+        chunk = order[w:w + window]
+        chunk = chunk[np.argsort(-length_S[chunk], kind="stable")]
+        rows: list[int] = []
+        longest = 0
+        for i in chunk.tolist():
+            L = int(length_S[i])
+            if rows and (len(rows) + 1) * max(longest, L) > max_tokens:
+                batches.append(np.asarray(rows, dtype=np.int64))
+                rows, longest = [], 0
+            rows.append(i)
+            longest = max(longest, L)
+        if rows:
+            batches.append(np.asarray(rows, dtype=np.int64))
+    perm = rng.permutation(len(batches))
+    return [batches[i] for i in perm]
+
+
+# ------------------------------------------------------------------------------------------ decoding
+
+@dataclass(frozen=True)
+class Item:
+    """One micro-batch a process runs: sample indices, and weight 0 for a filler that keeps the
+    processes of a step in lock-step when the last step of an epoch has fewer micro-batches."""
+    samples: np.ndarray
+    weight: float = 1.0
+
+
+class MicroBatches(torch.utils.data.Dataset):
+    """Map-style dataset over this process's micro-batches, in order; item i decodes micro-batch i.
+
+    Shards are opened lazily in whichever process decodes (a DataLoader worker, or the main process
+    when num_workers = 0) and kept open. Each item is a dict of tensors:
+        input_ids_BL      int64  prompt + completion[:-1], right padded with `pad_id`
+        gather_N          int64  flat index b·L + P_b - 1 + t of the position predicting completion token t
+        target_N          int64  the completion token (the one taken)
+        topk_ids_NK       int64  teacher top-k ids;  topk_logprobs_NK float32 their log-probs
+        tail_N, taken_N   float32 teacher log tail mass; teacher log-prob of the taken token (exact)
+        sampling_N        float32 sampling log-prob of the taken token (NaN where the row has none)
+        on_policy_N       bool   the position's row is the student's own sample
+    plus `tokens` (N), `padded_tokens` (B·L), `real_tokens` (Σ lengths), `weight`.
+    """
+
+    def __init__(self, data: RoundData, items: list[Item], pad_id: int = 0):
+        self.fs = data.fs
+        self.paths = data.paths
+        self.shard_S, self.rrow_S, self.srow_S = data.shard_S, data.rollout_row_S, data.score_row_S
+        self.on_S, self.length_S = data.on_policy_S, data.length_S
+        self.items = items
+        self.pad_id = pad_id
+        self._rollouts: dict[int, dict[str, Any]] = {}
+        self._scores: dict[int, ScoreShard] = {}
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def _rollout(self, s: int) -> dict[str, Any]:
+        if s not in self._rollouts:
+            table, _ = read_rollout_shard(self.fs, self.paths[s].rollout)
+            out = {}
+            for name in ("prompt_ids", "completion_ids", "sampling_logprobs"):
+                col = table.column(name).combine_chunks()
+                out[name] = (col.offsets.to_numpy(), col.values.to_numpy(zero_copy_only=False),
+                             col.is_valid().to_numpy(zero_copy_only=False))
+            self._rollouts[s] = out
+        return self._rollouts[s]
+
+    def _score(self, s: int) -> ScoreShard:
+        if s not in self._scores:
+            self._scores[s] = ScoreShard(self.fs, self.paths[s].score)
+        return self._scores[s]
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item = self.items[index]
+        rows = item.samples
+        B, L = len(rows), int(self.length_S[rows].max())
+        input_ids_BL = np.full((B, L), self.pad_id, dtype=np.int64)
+        parts: dict[str, list] = {k: [] for k in ("gather", "target", "ids", "lps", "tail", "taken", "samp", "on")}
+        for b, i in enumerate(rows.tolist()):
+            s = int(self.shard_S[i])
+            r = self._rollout(s)
+            rr = int(self.rrow_S[i])
+            po, pv, _ = r["prompt_ids"]
+            co, cv, _ = r["completion_ids"]
+            prompt = pv[po[rr]:po[rr + 1]]
+            comp = cv[co[rr]:co[rr + 1]]
+            P, T = len(prompt), len(comp)
+            input_ids_BL[b, :P] = prompt
+            input_ids_BL[b, P:P + T - 1] = comp[:-1]
+            teacher = self._score(s)[int(self.srow_S[i])]
+            parts["gather"].append(b * L + P - 1 + np.arange(T))
+            parts["target"].append(comp)
+            parts["ids"].append(teacher.topk_ids_TK)
+            parts["lps"].append(teacher.topk_logprobs_TK)
+            parts["tail"].append(teacher.tail_logprobs_T)
+            parts["taken"].append(teacher.taken_logprobs_T)
+            so, sv, svalid = r["sampling_logprobs"]
+            if svalid[rr]:
+                if so[rr + 1] - so[rr] != T:
+                    raise FormatError(f"{self.paths[s].rollout}: row {rr} has {so[rr + 1] - so[rr]} sampling "
+                                      f"log-probs for {T} completion tokens; re-run rollout")
+                parts["samp"].append(sv[so[rr]:so[rr + 1]].astype(np.float32))
+            else:
+                parts["samp"].append(np.full(T, np.nan, dtype=np.float32))
+            parts["on"].append(np.full(T, bool(self.on_S[i])))
+        cat = {k: np.concatenate(v) for k, v in parts.items()}
+        return {
+            "input_ids_BL": torch.from_numpy(input_ids_BL),
+            "gather_N": torch.from_numpy(cat["gather"].astype(np.int64)),
+            "target_N": torch.from_numpy(cat["target"].astype(np.int64)),
+            "topk_ids_NK": torch.from_numpy(cat["ids"].astype(np.int64)),
+            "topk_logprobs_NK": torch.from_numpy(cat["lps"].astype(np.float32)),
+            "tail_N": torch.from_numpy(cat["tail"].astype(np.float32)),
+            "taken_N": torch.from_numpy(cat["taken"].astype(np.float32)),
+            "sampling_N": torch.from_numpy(cat["samp"]),
+            "on_policy_N": torch.from_numpy(cat["on"]),
+            "tokens": int(cat["target"].shape[0]),
+            "padded_tokens": B * L,
+            "real_tokens": int(self.length_S[rows].sum()),
+            "weight": float(item.weight),
+        }

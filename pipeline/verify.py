@@ -34,7 +34,10 @@ def verify_run(run_url: str) -> list[str]:
                 if n != entry.rows:
                     raise shards.FormatError(f"{path}: holds {n} rows, {stage}/_DONE.json says {entry.rows}; "
                                              f"re-run the stage with --force")
-            lines.append(f"{label}: ok ({len(manifest.shards)} shards, {manifest.total_rows} rows)")
+            if stage == "student":
+                lines.append(f"{label}: ok ({len(manifest.shards)} files checked)")
+            else:
+                lines.append(f"{label}: ok ({len(manifest.shards)} shards, {manifest.total_rows} rows)")
     if not lines:
         lines.append(f"{run.url}: initialised, no stage finished yet")
     return lines

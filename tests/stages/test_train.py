@@ -294,7 +294,7 @@ def test_training_lowers_the_loss_and_writes_a_loadable_student(tmp_path, source
     listed = {e.name for e in manifest.shards}
     assert listed == {p.relative_to(student).as_posix() for p in student.rglob("*") if p.is_file() and p.name != "_DONE.json"}
     result = CliRunner().invoke(cli_main, ["verify", run.url])
-    assert result.exit_code == 0 and "rounds/0000/student: ok" in result.output
+    assert result.exit_code == 0 and f"rounds/0000/student: ok ({len(listed)} files checked)" in result.output
     assert not Path(run.round_dir(0), train.CKPT_DIR).exists()
 
     # done: skipped; another config: refused; --force trains again

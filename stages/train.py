@@ -201,7 +201,7 @@ def _train(cfg: OpdConfig, run: RunDir, round_index: int, force: bool, ctx: _Dis
         if force:
             if ctx.rank == 0:
                 clear_stage(run, student_dir)
-                _remove_tree(run.fs, ckpt_dir)
+                storage.remove(run.fs, ckpt_dir)
             ctx.barrier()
         else:
             done = read_manifest(run, student_dir)
@@ -574,7 +574,7 @@ def _fit(cfg: OpdConfig, run: RunDir, round_index: int, ctx: _Dist, data: RoundD
     manifest = _export(cfg, run, round_index, ctx, learner, use_fsdp, start_dir, student_dir, producer,
                        totals, steps, state, first_step_s, t_start, len(data))
     if ctx.rank == 0:
-        _remove_tree(run.fs, ckpt_dir)
+        storage.remove(run.fs, ckpt_dir)
     ctx.barrier()
     summary = {"stage": "train", "round": round_index, "skipped": False, "final": True, **manifest.summary}
     if ctx.rank == 0:
@@ -724,7 +724,7 @@ class _Checkpoints:
         if self.ctx.rank == 0:
             name = f"step-{state['step']:08d}"
             d = storage.join(self.folder, name)
-            _remove_tree(fs, d)
+            storage.remove(fs, d)
             weights, aliases = _dedupe(msd)
             optim_tensors, optim_json = _flatten_optim(osd)
             storage.atomic_write_bytes(fs, storage.join(d, "model.safetensors"), save(weights))
@@ -737,7 +737,7 @@ class _Checkpoints:
                                        json.dumps({"dir": name, "step": state["step"]}).encode())
             for old in storage.listdir(fs, self.folder):
                 if old.startswith("step-") and old != name or old.startswith(storage.TMP_PREFIX):
-                    _remove_tree(fs, storage.join(self.folder, old))
+                    storage.remove(fs, storage.join(self.folder, old))
         self.ctx.barrier()
 
     def load(self, producer: dict) -> dict | None:
@@ -831,14 +831,6 @@ def _unflatten_optim(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
         state.setdefault(fqn, {})[name] = v
     groups = [{k: tuple(v) if k == "betas" else v for k, v in g.items()} for g in meta["param_groups"]]
     return {"state": state, "param_groups": groups}
-
-
-def _remove_tree(fs: pafs.FileSystem, path: str) -> None:
-    info = fs.get_file_info(path)
-    if info.type == pafs.FileType.Directory:
-        fs.delete_dir(path)
-    elif info.type == pafs.FileType.File:
-        fs.delete_file(path)
 
 
 # ------------------------------------------------------------------------------------------ the student

@@ -129,7 +129,24 @@ class Setup:
 
 # ------------------------------------------------------------------------------------------ steppers
 
-class OpdStep:
+class _Step:
+    """One optimizer step = `loss_step()` (forward + backward, subclass) then a clipped AdamW update."""
+
+    params: list
+    opt: torch.optim.Optimizer
+
+    def update(self) -> None:
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+    def __call__(self) -> float:
+        loss = self.loss_step()
+        self.update()
+        return loss
+
+
+class OpdStep(_Step):
     """The learner's step (stages/train.py's loop body for one micro-batch, grad_accum 1)."""
 
     def __init__(self, setup: Setup, order: list):
@@ -151,18 +168,8 @@ class OpdStep:
         loss.backward()
         return loss.item()
 
-    def update(self) -> None:
-        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
 
-    def __call__(self) -> float:
-        loss = self.loss_step()
-        self.update()
-        return loss
-
-
-class SftStep:
+class SftStep(_Step):
     """Plain cross-entropy fine-tuning of the same student on the same sequences."""
 
     def __init__(self, setup: Setup, order: list):
@@ -171,23 +178,14 @@ class SftStep:
         self.model = AutoModelForCausalLM.from_pretrained(str(setup.student), dtype=torch.float32)
         self.model.config.use_cache = False
         self.model.train()
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=setup.cfg.train.lr)
+        self.params = list(self.model.parameters())
+        self.opt = torch.optim.AdamW(self.params, lr=setup.cfg.train.lr)
         self.batches = iter([setup.sft_batch(mb) for mb in order])
 
     def loss_step(self) -> float:
         loss = self.model(**next(self.batches), use_cache=False).loss
         loss.backward()
         return loss.item()
-
-    def update(self) -> None:
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-
-    def __call__(self) -> float:
-        loss = self.loss_step()
-        self.update()
-        return loss
 
 
 def time_opd_and_sft(setup: Setup, order: list) -> dict:

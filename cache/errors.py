@@ -4,6 +4,20 @@ Every message names the file involved and the fix, so nobody has to read a trace
 """
 
 
+from typing import Any
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (at most 200 characters), for one-line errors."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+
+
+def short_value(v: Any) -> str:
+    """A value for an error message: sha256 hex digests cut to 16 characters, anything else as is."""
+    s = str(v)
+    return s[:16] if len(s) == 64 and all(c in "0123456789abcdef" for c in s) else s
+
+
 class OpdError(Exception):
     """A user-facing error: bad input, a mismatched or corrupt file, a bad config value."""
 

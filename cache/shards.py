@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 
 from opd.cache import storage
 from opd.cache.codec import DeltaQuantCodec, make_codec
-from opd.cache.errors import FingerprintMismatch, FormatError
+from opd.cache.errors import FingerprintMismatch, FormatError, first_line, short_value
 
 FORMAT_VERSION = 1
 ROLLOUT_FORMAT = "opd.rollouts"
@@ -190,7 +190,7 @@ def _open(fs: pafs.FileSystem, path: str, fmt: str, schema: pa.Schema,
         raw = (pf.schema_arrow.metadata or {}).get(METADATA_KEY)
         table = pf.read() if raw is not None else None
     except (pa.ArrowException, OSError, ValueError) as e:
-        raise FormatError(f"{path}: corrupt or not a Parquet file ({_first_line(e)}); "
+        raise FormatError(f"{path}: corrupt or not a Parquet file ({first_line(e)}); "
                           f"delete it and re-run the stage that writes it") from None
     if raw is None:
         raise FormatError(f"{path}: not an opd shard (no 'opd' metadata); it was not written by opd")
@@ -223,17 +223,8 @@ def check_producer(path: str, producer: Mapping[str, Any], expect: Mapping[str, 
         got = producer.get(key)
         if got != want:
             raise FingerprintMismatch(
-                f"{path}: produced with {key}={_short(got)}, expected {key}={_short(want)}; "
+                f"{path}: produced with {key}={short_value(got)}, expected {key}={short_value(want)}; "
                 f"re-run the stage that writes it with --force, or point at the matching run")
-
-
-def _short(v: Any) -> str:
-    s = str(v)
-    return s[:16] if len(s) == 64 and all(c in "0123456789abcdef" for c in s) else s
-
-
-def _first_line(e: Exception) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 
 
 def read_rollout_shard(fs: pafs.FileSystem, path: str, expect: Mapping[str, Any] | None = None

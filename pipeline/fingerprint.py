@@ -68,6 +68,11 @@ def tokenizer_hash(model_dir: str | os.PathLike) -> str:
     return _hash_files(files)
 
 
+def derive_seed(*parts) -> int:
+    """A 31-bit seed derived from `parts` (run seed, round, role, shard...): the same everywhere, any process."""
+    return int.from_bytes(hashlib.sha256("/".join(map(str, parts)).encode()).digest()[:4], "big") & 0x7FFFFFFF
+
+
 def producer(stage: str, model_dir: str | os.PathLike, config_hash: str, **extra) -> dict:
     """The producer record a stage stamps on its shards and manifest."""
     return {"stage": stage, "model_hash": model_hash(model_dir), "tokenizer_hash": tokenizer_hash(model_dir),

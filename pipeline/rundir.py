@@ -24,7 +24,7 @@ from typing import Any, Iterable, Mapping
 import pyarrow.fs as pafs
 
 from opd.cache import storage
-from opd.cache.errors import FingerprintMismatch, FormatError, OpdError
+from opd.cache.errors import FingerprintMismatch, FormatError, OpdError, short_value
 
 MANIFEST = "_DONE.json"
 MANIFEST_FORMAT = "opd.manifest"
@@ -192,16 +192,31 @@ def should_skip(run: RunDir, stage_dir: str, producer: Mapping[str, Any], force:
     if force:
         clear_stage(run, stage_dir, only)
         return False
+    return check_done(run, stage_dir, producer) is not None
+
+
+def check_done(run: RunDir, stage_dir: str, producer: Mapping[str, Any]) -> Manifest | None:
+    """The stage's manifest if it is finished with this producer; None if unfinished; an error naming
+    both values if it was finished by another producer."""
     manifest = read_manifest(run, stage_dir)
     if manifest is None:
-        return False
+        return None
     for key, want in producer.items():
         got = manifest.producer.get(key)
         if got != want:
             raise FingerprintMismatch(
-                f"{stage_dir}/{MANIFEST}: finished with {key}={got!r}, but this run would use {want!r}; "
-                f"re-run with --force to redo the stage")
-    return True
+                f"{stage_dir}/{MANIFEST}: finished with {key}={short_value(got)!r}, but this run would use "
+                f"{key}={short_value(want)!r}; re-run with --force to redo the stage")
+    return manifest
+
+
+def previous_student(run: RunDir, round_index: int) -> str:
+    """RUN/rounds/R-1/student, the student round R starts from (R >= 1), once its manifest says it is finished."""
+    folder = run.stage_dir(round_index - 1, "student")
+    if read_manifest(run, folder) is None:
+        raise OpdError(f"{folder}: the round {round_index - 1} student is not finished (no {MANIFEST}); "
+                       f"run `opd train {run.url} --round {round_index - 1}` first")
+    return folder
 
 
 def clear_stage(run: RunDir, stage_dir: str, only: Iterable[str] | None = None) -> None:

@@ -71,13 +71,13 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from opd.cache import storage
-from opd.cache.errors import OpdError
+from opd.cache.errors import OpdError, first_line
 from opd.cache.shards import FORMAT_VERSION, METADATA_KEY, SOURCES, check_producer, write_rollout_shard
 from opd.pipeline import fingerprint
 from opd.pipeline.config import OpdConfig, RolloutConfig
-from opd.pipeline.models import MARKER, resolve_model
+from opd.pipeline.models import resolve_model
 from opd.pipeline.rundir import (MANIFEST, RunDir, ShardSpec, finalize_stage, read_manifest, shard_index,
-                                 shard_name, should_skip)
+                                 previous_student, shard_name, should_skip)
 from opd.stages.engine import Engine, Sampling, load_engine, resolve_engine_name
 
 STAGE = "rollouts"            # the run-directory folder (and manifest stage name)
@@ -241,7 +241,7 @@ def _iter_rows(path: str):
         try:
             rows = pq.read_table(p).to_pylist()
         except Exception as e:  # pyarrow raises several kinds for unreadable files
-            raise OpdError(f"{path}: not a readable Parquet file ({_first_line(e)})") from None
+            raise OpdError(f"{path}: not a readable Parquet file ({first_line(e)})") from None
         for i, row in enumerate(rows):
             yield f"{path} row {i}", row
     elif p.suffix in (".jsonl", ".json", ".ndjson"):
@@ -252,7 +252,7 @@ def _iter_rows(path: str):
                 try:
                     row = json.loads(line)
                 except ValueError as e:
-                    raise OpdError(f"{path} line {lineno}: not valid JSON ({_first_line(e)})") from None
+                    raise OpdError(f"{path} line {lineno}: not valid JSON ({first_line(e)})") from None
                 yield f"{path} line {lineno}", row
     else:
         raise OpdError(f"{path}: unknown prompt file type: use a .jsonl or .parquet file, or a folder "
@@ -268,7 +268,7 @@ def _iter_dataset(folder: Path):
     try:
         ds = datasets.load_from_disk(str(folder))
     except Exception as e:
-        raise OpdError(f"{folder}: not a dataset saved with save_to_disk ({_first_line(e)})") from None
+        raise OpdError(f"{folder}: not a dataset saved with save_to_disk ({first_line(e)})") from None
     if isinstance(ds, datasets.DatasetDict):
         if "train" not in ds:
             raise OpdError(f"{folder}: a DatasetDict without a 'train' split ({', '.join(ds)}); "
@@ -326,7 +326,7 @@ def _render(prompts: list[_Prompt], tokenizer, rc: RolloutConfig, tokenizer_dir)
             try:
                 texts.append(tokenizer.apply_chat_template(p.messages, add_generation_prompt=True, tokenize=False))
             except Exception as e:  # jinja template errors (e.g. roles the template refuses)
-                raise OpdError(f"{p.where}: the chat template refused these messages ({_first_line(e)})") from None
+                raise OpdError(f"{p.where}: the chat template refused these messages ({first_line(e)})") from None
         ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
     else:
         texts = [p.text if p.text is not None else "\n\n".join(m["content"] for m in p.messages) for p in prompts]
@@ -368,10 +368,7 @@ def _student(cfg: OpdConfig, run: RunDir, round_index: int) -> _Student:
         if not isinstance(run.fs, pafs.LocalFileSystem):
             raise OpdError(f"{run.url}: rollout of round {round_index} loads the student from the run "
                            f"folder, which must be local for the engines (copy the run or mount it)")
-        folder = Path(run.stage_dir(round_index - 1, "student"))
-        if not (folder / MARKER).is_file():
-            raise OpdError(f"{folder}: the round {round_index - 1} student is not finished (no {MARKER}); "
-                           f"run `opd train {run.url} --round {round_index - 1}` first")
+        folder = Path(previous_student(run, round_index))
     if not (folder / "adapter_config.json").is_file():
         return _Student(folder, folder, None, folder)
     base = _adapter_base(folder, cfg)
@@ -442,7 +439,7 @@ class _Engines:
     def _load(self, model_dir: Path, role: str, tokenizer_dir: Path, adapter: Path | None) -> Engine:
         rc = self.cfg.rollout
         share = 2 if self.teacher_dir is not None else 1   # both models live together
-        return load_engine(self.name, str(model_dir), seed=_seed(self.cfg.run.seed, self.round, role),
+        return load_engine(self.name, str(model_dir), seed=fingerprint.derive_seed(self.cfg.run.seed, self.round, role),
                            tokenizer_dir=str(tokenizer_dir), adapter_dir=str(adapter) if adapter else None,
                            max_model_len=_max_model_len(model_dir, rc),
                            gpu_memory_utilization=rc.gpu_memory_utilization / share,
@@ -503,11 +500,11 @@ def _shard_rows(items: list[_Prompt], engines: _Engines, sampling: Sampling, sam
     generated: dict[str, tuple[str, list]] = {}
     if on:
         outs = engines.student_engine().generate([p.prompt_ids for p in on], sampling,
-                                                 seed=_seed(seed, round_index, "student", shard), progress=progress)
+                                                 seed=fingerprint.derive_seed(seed, round_index, "student", shard), progress=progress)
         generated.update({p.id: ("student", o) for p, o in zip(on, outs)})
     if off and rc.offpolicy_source == "teacher":
         outs = engines.teacher_engine().generate([p.prompt_ids for p in off], sampling,
-                                                 seed=_seed(seed, round_index, "teacher", shard), progress=progress)
+                                                 seed=fingerprint.derive_seed(seed, round_index, "teacher", shard), progress=progress)
         generated.update({p.id: ("teacher", o) for p, o in zip(off, outs)})
     elif off:
         progress(len(off), 0)
@@ -544,7 +541,7 @@ def _check_shard_producer(run: RunDir, path: str, producer: dict) -> None:
     try:
         meta = json.loads(pq.read_schema(path, filesystem=run.fs).metadata[METADATA_KEY])
     except Exception as e:
-        raise OpdError(f"{path}: unreadable rollout shard ({_first_line(e)}); delete it and re-run") from None
+        raise OpdError(f"{path}: unreadable rollout shard ({first_line(e)}); delete it and re-run") from None
     check_producer(path, meta.get("producer", {}), producer)
 
 
@@ -607,14 +604,6 @@ def _sampling_hash(rc: RolloutConfig, seed: int) -> str:
     settings = {"temperature": rc.temperature, "top_p": rc.top_p, "top_k": rc.top_k,
                 "max_new_tokens": rc.max_new_tokens, "stop": list(rc.stop), "seed": seed}
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
-
-
-def _seed(*parts: Any) -> int:
-    return int.from_bytes(hashlib.sha256("/".join(map(str, parts)).encode()).digest()[:4], "big") & 0x7FFFFFFF
-
-
-def _first_line(e: Exception) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 
 
 def _summary_line(s: dict, rc: RolloutConfig) -> str:

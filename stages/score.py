@@ -64,7 +64,7 @@ from opd.pipeline import fingerprint
 from opd.pipeline.config import OpdConfig
 from opd.pipeline.models import resolve_model
 from opd.pipeline.rundir import (MANIFEST, Manifest, RunDir, ShardSpec, finalize_stage, parquet_rows,
-                                 read_manifest, shard_index, shard_name, should_skip)
+                                 previous_student, read_manifest, shard_index, shard_name, should_skip)
 
 _CHUNK_ELEMENTS = {"cuda": 1 << 26, "cpu": 1 << 23}  # [chunk, V] float32 buffer size per device type
 _MAX_QUEUED = 3                                      # background jobs in flight before the forward waits
@@ -180,10 +180,8 @@ def _student_tokenizer(cfg: OpdConfig, run: RunDir, round_index: int):
     if round_index == 0:
         folder = resolve_model(cfg.run.student, cfg.run.models_dir or None)
         return cfg.run.student, _load_tokenizer(folder, f"student {cfg.run.student}")
-    student_dir = run.stage_dir(round_index - 1, "student")
+    student_dir = previous_student(run, round_index)
     hint = f"run `opd train {run.url} --round {round_index - 1}` first"
-    if not storage.exists(run.fs, student_dir):
-        raise OpdError(f"{student_dir} not found (round {round_index} samples round {round_index - 1}'s student): {hint}")
     if isinstance(run.fs, pafs.LocalFileSystem):
         return student_dir, _load_tokenizer(student_dir, f"student of round {round_index - 1} ({hint})")
     with tempfile.TemporaryDirectory(prefix="opd-student-tokenizer-") as tmp:  # remote run: fetch the small files

@@ -97,12 +97,12 @@ import torch
 import torch.distributed as dist
 
 from opd.cache import storage
-from opd.cache.errors import FingerprintMismatch, FormatError, OpdError
+from opd.cache.errors import FingerprintMismatch, FormatError, OpdError, first_line, short_value
 from opd.pipeline import fingerprint
 from opd.pipeline.config import OpdConfig, TrainConfig
 from opd.pipeline.models import resolve_model
-from opd.pipeline.rundir import (MANIFEST, Manifest, RunDir, ShardEntry, clear_stage, read_manifest,
-                                 write_manifest)
+from opd.pipeline.rundir import (MANIFEST, Manifest, RunDir, ShardEntry, check_done, clear_stage, previous_student,
+                                 read_manifest, write_manifest)
 from opd.stages.losses import bucket_logprobs, generalized_jsd, jsd_loss, sampled_rkl_loss
 from opd.stages.train_data import Item, MicroBatches, RoundData, plan_epoch
 
@@ -204,9 +204,8 @@ def _train(cfg: OpdConfig, run: RunDir, round_index: int, force: bool, ctx: _Dis
                 storage.remove(run.fs, ckpt_dir)
             ctx.barrier()
         else:
-            done = read_manifest(run, student_dir)
+            done = check_done(run, student_dir, producer)
             if done is not None:
-                _check_done(student_dir, done, producer)
                 return _skipped_summary(run, round_index, student_dir, done)
         _check_rollouts_source(run, round_index, data, start_dir, producer)
         if tc.loss == "sampled_rkl":
@@ -226,27 +225,11 @@ def config_hash(tc: TrainConfig) -> str:
     return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()
 
 
-def _check_done(student_dir: str, done: Manifest, producer: dict) -> None:
-    for key, want in producer.items():
-        got = done.producer.get(key)
-        if got != want:
-            raise FingerprintMismatch(f"{student_dir}/{MANIFEST}: finished with {key}={_short(got)}, but this run "
-                                      f"would use {key}={_short(want)}; re-run with --force to train it again")
-
-
-def _short(v: Any) -> str:
-    s = str(v)
-    return s[:16] if len(s) == 64 and all(c in "0123456789abcdef" for c in s) else s
-
-
 def _start_student(cfg: OpdConfig, run: RunDir, round_index: int) -> tuple[Path, Callable[[], None]]:
     """(local folder of the student this round starts from, cleanup)."""
     if round_index == 0:
         return Path(resolve_model(cfg.run.student, cfg.run.models_dir or None)), lambda: None
-    prev = run.stage_dir(round_index - 1, STAGE)
-    if read_manifest(run, prev) is None:
-        raise OpdError(f"{prev}: the round {round_index - 1} student is not finished (no {MANIFEST}); "
-                       f"run `opd train {run.url} --round {round_index - 1}` first")
+    prev = previous_student(run, round_index)
     if isinstance(run.fs, pafs.LocalFileSystem):
         return Path(prev), lambda: None
     tmp = tempfile.mkdtemp(prefix="opd-start-student-")
@@ -272,8 +255,8 @@ def _check_rollouts_source(run: RunDir, round_index: int, data: RoundData, start
         if key in rp and rp[key] != producer[key]:
             raise FingerprintMismatch(
                 f"{run.stage_dir(round_index, 'rollouts')}/{MANIFEST}: sampled by a student with "
-                f"{key}={_short(rp[key])}, but round {round_index} trains from {start_dir} "
-                f"({key}={_short(producer[key])}); re-run rollout for this student with --force")
+                f"{key}={short_value(rp[key])}, but round {round_index} trains from {start_dir} "
+                f"({key}={short_value(producer[key])}); re-run rollout for this student with --force")
 
 
 def _plan_steps(data: RoundData, tc: TrainConfig, seed: int, round_index: int, G: int) -> list[tuple[int, list[np.ndarray]]]:
@@ -322,7 +305,7 @@ def load_student(start_dir: str | os.PathLike, tc: TrainConfig, device: torch.de
     try:
         model = AutoModelForCausalLM.from_pretrained(str(start_dir), dtype=torch.float32)
     except (OSError, ValueError) as e:
-        raise OpdError(f"cannot load the student from {start_dir} ({_first_line(e)})") from None
+        raise OpdError(f"cannot load the student from {start_dir} ({first_line(e)})") from None
     model.to(device)
     head_only = _head_path_matches(model, device)
     model.config.use_cache = False
@@ -337,7 +320,7 @@ def load_student(start_dir: str | os.PathLike, tc: TrainConfig, device: torch.de
                                                      task_type="CAUSAL_LM"))
         except ValueError as e:
             raise OpdError(f"train.lora_target_modules = {list(tc.lora_target_modules)} does not fit "
-                           f"{start_dir} ({_first_line(e)})") from None
+                           f"{start_dir} ({first_line(e)})") from None
     model.train()
     return model, head_only
 
@@ -474,7 +457,7 @@ def _fit(cfg: OpdConfig, run: RunDir, round_index: int, ctx: _Dist, data: RoundD
     from tqdm import tqdm
 
     tc = cfg.train
-    seed = _seed(cfg.run.seed, round_index, "train")
+    seed = fingerprint.derive_seed(cfg.run.seed, round_index, "train")
     torch.manual_seed(seed)
     model, head_only = load_student(start_dir, tc, ctx.device, seed)
     learner = Learner(model, tc, head_only, data.top_k)
@@ -693,14 +676,6 @@ def _pad_id(start_dir: Path) -> int:
     return pad if isinstance(pad, int) and pad >= 0 else 0
 
 
-def _seed(*parts: Any) -> int:
-    return int.from_bytes(hashlib.sha256("/".join(map(str, parts)).encode()).digest()[:4], "big") & 0x7FFFFFFF
-
-
-def _first_line(e: Exception) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-
-
 # ------------------------------------------------------------------------------------------ checkpoints
 
 class _Checkpoints:
@@ -755,13 +730,13 @@ class _Checkpoints:
             optim_tensors = load(storage.read_bytes(fs, storage.join(d, "optim.safetensors")))
             rng = load(storage.read_bytes(fs, storage.join(d, "rng.safetensors")))
         except (OSError, ValueError, KeyError) as e:
-            raise FormatError(f"{self.folder}: unreadable checkpoint ({_first_line(e)}); delete the folder or "
+            raise FormatError(f"{self.folder}: unreadable checkpoint ({first_line(e)}); delete the folder or "
                               f"re-run with --force") from None
         for key, want in producer.items():
             got = state.get("producer", {}).get(key)
             if got != want:
                 raise FingerprintMismatch(
-                    f"{self.folder}: checkpoint made with {key}={_short(got)}, but this run uses {key}={_short(want)}; "
+                    f"{self.folder}: checkpoint made with {key}={short_value(got)}, but this run uses {key}={short_value(want)}; "
                     f"re-run with --force to start the round over")
         for alias, target in state.get("aliases", {}).items():
             weights[alias] = weights[target]

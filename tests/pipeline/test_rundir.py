@@ -288,3 +288,16 @@ def _append_many(url, worker):
     run = RunDir(url)
     for i in range(50):
         run.append_metrics(0, {"worker": worker, "i": i, "pad": "x" * 200})
+
+
+def test_previous_student_needs_a_finished_manifest(tmp_path):
+    from opd.cache.errors import OpdError
+    from opd.pipeline.rundir import Manifest, RunDir, previous_student, write_manifest
+
+    run = RunDir(str(tmp_path / "run"))
+    folder = run.stage_dir(0, "student")
+    os.makedirs(folder)
+    with pytest.raises(OpdError, match=r"round 0 student is not finished .*opd train .* --round 0` first"):
+        previous_student(run, 1)
+    write_manifest(run, folder, Manifest(stage="student", round=0, shards=[], producer={}))
+    assert previous_student(run, 1) == folder

@@ -58,7 +58,7 @@ def test_tail_bucket_exact_on_hand_made_distributions(beta):
     s_logits = torch.log(torch.tensor([p_s]))
     ids = torch.tensor([[4, 1]])
     lps = torch.log(torch.tensor([[0.3, 0.5]]))
-    tail = torch.log(torch.tensor([0.2]))
+    tail = torch.log(torch.tensor([sum(p for v, p in enumerate(p_t) if v not in (1, 4))]))  # = 0.2
     s, t = bucket_logprobs(s_logits, ids, lps, tail)
     torch.testing.assert_close(s.exp(), torch.tensor([[0.2, 0.2, 0.6]]))
     torch.testing.assert_close(t.exp(), torch.tensor([[0.3, 0.5, 0.2]]))

@@ -23,7 +23,7 @@ from opd.cache.errors import FingerprintMismatch, OpdError
 from opd.cache.shards import read_rollout_shard
 from opd.pipeline.cli import main as cli_main
 from opd.pipeline.init import init_run, load_run_config
-from opd.pipeline.rundir import RunDir, ShardSpec
+from opd.pipeline.rundir import Manifest, RunDir, ShardSpec, write_manifest
 from opd.stages import rollout
 from opd.stages.engine import vllm_available
 
@@ -425,7 +425,7 @@ def test_lora_student_of_previous_round(tmp_path, tiny_student, tiny_teacher):
     peft_model = _lora_student(run, tiny_student)
     with pytest.raises(OpdError, match="round 0 student is not finished"):
         rollout.run(cfg, run, 1)
-    (Path(run.stage_dir(0, "student")) / "_DONE.json").write_text("{}")
+    write_manifest(run, run.stage_dir(0, "student"), Manifest(stage="student", round=0, shards=[], producer={}))
     for merge in (True, False):
         c = cfg.replace("rollout", merge_lora=merge)
         summary = rollout.run(c, run, 1, force=True)

@@ -22,7 +22,8 @@ from opd.cache.shards import ScoreShard, write_rollout_shard
 from opd.pipeline.cli import main
 from opd.pipeline.config import OpdConfig, RolloutConfig, RunConfig, ScoreConfig, dumps_config
 from opd.pipeline.init import load_run_config
-from opd.pipeline.rundir import RunDir, ShardSpec, finalize_stage, parquet_rows, read_manifest
+from opd.pipeline.rundir import (Manifest, RunDir, ShardSpec, finalize_stage, parquet_rows, read_manifest,
+                                 write_manifest)
 from opd.stages import score
 
 VOCAB = 260  # the tiny models' byte-level tokenizer
@@ -375,7 +376,11 @@ def test_later_rounds_check_the_previous_rounds_student(tmp_path, tiny_teacher, 
                    producer={"stage": "rollout"}, row_count=lambda p: parquet_rows(run, p))
     with pytest.raises(OpdError, match=f"run `opd train {run.url} --round 0` first"):
         score.run(cfg, run, 1)
-    shutil.copytree(tiny_student, run.stage_dir(0, "student"))  # what the learner leaves: an HF checkpoint
+    # what the learner leaves: an HF checkpoint (without `opd models`' own marker file)
+    shutil.copytree(tiny_student, run.stage_dir(0, "student"), ignore=shutil.ignore_patterns("_DONE.json"))
+    with pytest.raises(OpdError, match="round 0 student is not finished"):   # ...but not before its manifest
+        score.run(cfg, run, 1)
+    write_manifest(run, run.stage_dir(0, "student"), Manifest(stage="student", round=0, shards=[], producer={}))
     summary = score.run(cfg, run, 1)
     assert summary["positions"] == sum(len(r["completion_ids"]) for r in rows)
     assert ScoreShard(run.fs, run.shard_path(1, "scores", 0)).sample_ids == [r["sample_id"] for r in rows]

@@ -47,11 +47,20 @@ class RunConfig:
     seed: int = 0                 # seeds sampling, the λ on/off-policy choice and training
     rounds: int = 1               # rounds `opd run` performs (rollout → score → train per round)
     models_dir: str = ""          # where `opd:` and `tiny:` models are materialised; "" = $OPD_HOME/models (~/.cache/opd/models)
+    rollout_devices: str = ""     # `opd run`: devices of the rollout pool, e.g. "0,1" (CUDA_VISIBLE_DEVICES); "" = all visible (CPU: "cpu")
+    score_devices: str = ""       # `opd run`: devices of the scoring pool; several run one `--shard i/N` worker each
+    train_devices: str = ""       # `opd run`: devices of the learner; several launch torchrun (CPU: "cpu,cpu" = 2 gloo processes)
+    overlap: str = "auto"         # `opd run`: score finished rollout shards while rollout runs: "auto" (when the pools are disjoint GPUs), "on", "off"
 
     def __post_init__(self):
         _require(bool(self.student), "run.student", self.student, "a model path or `opd:`/`tiny:` name is required")
         _require(bool(self.teacher), "run.teacher", self.teacher, "a model path or `opd:`/`tiny:` name is required")
         _require(self.rounds >= 1, "run.rounds", self.rounds, "must be >= 1")
+        for key in ("rollout_devices", "score_devices", "train_devices"):
+            value = getattr(self, key)
+            _require(all(d.strip() == "cpu" or d.strip().isdigit() for d in value.split(",")) if value else True,
+                     f"run.{key}", value, 'must be "" or a comma-separated list of GPU indices or "cpu", e.g. "0,1"')
+        _choice("run.overlap", self.overlap, ("auto", "on", "off"))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -184,11 +193,50 @@ class TrainConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class EvalConfig:
+    """Validation: a held-out prompt set sampled by each round's starting student and scored by the
+    teacher (never trained on), in RUN/rounds/R/heldout/. Its samples are drawn at `temperature` with
+    no top-k/top-p, so the mean of log p_S(x_t) − log p_T(x_t) over them estimates the per-token reverse
+    KL(student‖teacher) of the model itself."""
+    prompts: str = ""             # held-out prompt set (formats as rollout.prompts); "" = no validation
+    prompt_field: str = "prompt"  # column holding a plain prompt string
+    messages_field: str = "messages"  # column holding chat messages (used when present)
+    reference_field: str = ""     # column holding the reference answer the checker compares with
+    id_field: str = ""            # column holding a stable prompt id; "" = the row number
+    max_prompts: int = 0          # use only the first N held-out prompts; 0 = all
+    n: int = 1                    # samples per held-out prompt
+    max_new_tokens: int = 0       # completion length limit; 0 = rollout.max_new_tokens
+    temperature: float = 1.0      # sampling temperature (1.0: the reverse KL is of the student itself)
+    checker: str = ""             # "" (no accuracy) or "gsm8k" (the last number of the completion vs the reference's `#### N`)
+    stop_rkl_below: float = 0.0   # `opd run` stops once the held-out reverse KL (nats/token) is below this; 0 = off
+    stop_patience: int = 0        # `opd run` stops after this many rounds without a drop of at least stop_min_delta; 0 = off
+    stop_min_delta: float = 0.0   # the smallest drop in held-out reverse KL that counts as an improvement
+    final: bool = True            # `opd run` also evaluates the last round's student (RUN/rounds/N/heldout/, no training data)
+
+    def __post_init__(self):
+        _require(self.max_prompts >= 0, "eval.max_prompts", self.max_prompts, "must be >= 0")
+        _require(self.n >= 1, "eval.n", self.n, "must be >= 1")
+        _require(self.max_new_tokens >= 0, "eval.max_new_tokens", self.max_new_tokens, "must be >= 0 (0 = rollout's)")
+        _require(self.temperature > 0, "eval.temperature", self.temperature, "must be > 0")
+        _choice("eval.checker", self.checker, ("", "gsm8k"))
+        _require(self.stop_rkl_below >= 0, "eval.stop_rkl_below", self.stop_rkl_below, "must be >= 0 (0 = off)")
+        _require(self.stop_patience >= 0, "eval.stop_patience", self.stop_patience, "must be >= 0 (0 = off)")
+        _require(self.stop_min_delta >= 0, "eval.stop_min_delta", self.stop_min_delta, "must be >= 0")
+        _require(not self.checker or bool(self.reference_field), "eval.checker", self.checker,
+                 "needs eval.reference_field (the column with the answers)")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.prompts)
+
+
+@dataclass(frozen=True, kw_only=True)
 class OpdConfig:
     run: RunConfig
     rollout: RolloutConfig
     score: ScoreConfig = field(default_factory=ScoreConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def section_hash(self, section: str) -> str:
         """sha256 of one section's values: a stage's config fingerprint."""
@@ -202,8 +250,10 @@ class OpdConfig:
 
 
 SECTIONS: dict[str, type] = {f.name: f.type for f in dataclasses.fields(OpdConfig)}
-_SECTION_TYPES = {"run": RunConfig, "rollout": RolloutConfig, "score": ScoreConfig, "train": TrainConfig}
-PATH_KEYS = {("run", "student"), ("run", "teacher"), ("run", "models_dir"), ("rollout", "prompts")}
+_SECTION_TYPES = {"run": RunConfig, "rollout": RolloutConfig, "score": ScoreConfig, "train": TrainConfig,
+                  "eval": EvalConfig}
+PATH_KEYS = {("run", "student"), ("run", "teacher"), ("run", "models_dir"), ("rollout", "prompts"),
+             ("eval", "prompts")}
 
 
 # ------------------------------------------------------------------------------------------ loading

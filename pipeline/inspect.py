@@ -125,7 +125,8 @@ def _status(run: RunDir, r: int, rollouts, scores, student, by_stage: dict, ev: 
     evaluation after the last training round) is "eval only" ("eval" while its figures are missing)."""
     names = set(storage.listdir(run.fs, run.round_dir(r)))
     trained = (bool(names & {"rollouts", "scores", "student"})
-               or any(by_stage.get(s) for s in ("rollout", "score", "train")))
+               or any(rec.get("split", "train") == "train"
+                      for s in ("rollout", "score", "train") for rec in by_stage.get(s, [])))
     if not trained and (HELDOUT in names or by_stage.get("eval")):
         return "eval only" if ev else "eval"
     if rollouts is None:

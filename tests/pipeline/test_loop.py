@@ -1,0 +1,242 @@
+"""`opd run`: the round loop, for real (stage subprocesses, vLLM, torchrun on gloo, SIGKILL and resume)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from opd.cache.errors import OpdError
+from opd.cache.shards import ScoreShard, read_rollout_shard
+from opd.pipeline import fingerprint
+from opd.pipeline.config import load_config
+from opd.pipeline.evaluate import gsm8k_answer, gsm8k_correct, read_eval
+from opd.pipeline.loop import Pool, _stop_reason
+from opd.pipeline.rundir import RunDir, read_manifest
+
+CLI = [sys.executable, "-m", "opd.pipeline.cli"]
+STAGE_FOLDERS = ("rollouts", "scores", "heldout/rollouts", "heldout/scores")
+
+
+def tiny_settings(teacher, student, **extra) -> list[str]:
+    """--set arguments: the tiny preset on the session's tiny models (no model building per process)."""
+    settings = {"run.teacher": f'"{teacher}"', "run.student": f'"{student}"', **extra}
+    return [x for k, v in settings.items() for x in ("--set", f"{k}={v}")]
+
+
+def opd_run(run_dir, *args, env=None, timeout=600) -> subprocess.CompletedProcess:
+    return subprocess.run(CLI + ["run", str(run_dir), *args], capture_output=True, text=True, timeout=timeout,
+                          env=env)
+
+
+def layout(run: RunDir, rounds: list[int]) -> dict:
+    """{(round, folder): {shard name: rows}} from the manifests, which must all exist."""
+    out = {}
+    for r in rounds:
+        for folder in STAGE_FOLDERS:
+            m = read_manifest(run, run.stage_dir(r, folder))
+            if m is not None:
+                out[(r, folder)] = {s.name: s.rows for s in m.shards}
+    return out
+
+
+# ------------------------------------------------------------------------------------------ units
+
+def test_stop_reason_threshold_patience_and_min_delta():
+    cfg = load_config("tiny", ["eval.stop_rkl_below=0.5"])
+    assert _stop_reason(cfg, []) == ""
+    assert _stop_reason(cfg, [0.9, 0.6]) == ""
+    assert "stop_rkl_below" in _stop_reason(cfg, [0.9, 0.4])
+    cfg = load_config("tiny", ["eval.stop_patience=2", "eval.stop_min_delta=0.05"])
+    assert _stop_reason(cfg, [1.0, 0.9]) == ""                 # not enough rounds to judge
+    assert _stop_reason(cfg, [1.0, 0.9, 0.8]) == ""            # still improving
+    assert "stop_patience" in _stop_reason(cfg, [1.0, 0.97, 0.99])   # best 1.0, no drop of 0.05 since
+    assert _stop_reason(cfg, [1.0, 0.97, 0.94]) == ""          # dropped 0.06 within the window
+    assert _stop_reason(load_config("tiny"), [5.0, 6.0, 7.0]) == ""   # off by default
+
+
+def test_device_pools():
+    assert Pool.parse("", "x").kind == "auto" and Pool.parse(None, "x").workers == 1
+    p = Pool.parse("0, 2", "x")
+    assert p.kind == "cuda" and p.workers == 2 and p.env(1)["CUDA_VISIBLE_DEVICES"] == "2"
+    assert p.env()["CUDA_VISIBLE_DEVICES"] == "0,2"
+    assert Pool.parse("cpu,cpu", "x").env(0)["CUDA_VISIBLE_DEVICES"] == ""
+    assert p.disjoint(Pool.parse("1", "x")) and not p.disjoint(Pool.parse("2,3", "x"))
+    assert not Pool.parse("cpu", "x").disjoint(Pool.parse("cpu", "x"))
+    with pytest.raises(OpdError, match="--score-devices 'cpu,1' is invalid"):
+        Pool.parse("cpu,1", "--score-devices")
+
+
+def test_gsm8k_checker():
+    assert gsm8k_answer("so 3 + 4 = 7.\n#### 7") == 7
+    assert gsm8k_answer("The total is $1,234.") == 1234
+    assert gsm8k_answer("12 apples, then 5 left") == 5
+    assert gsm8k_answer("no number here") is None and gsm8k_answer(None) is None
+    assert gsm8k_correct("It is 25", "Raj has 25.\n#### 25")
+    assert not gsm8k_correct("It is 24", "#### 25") and not gsm8k_correct("", "#### 25")
+
+
+def test_bad_arguments_are_one_line_errors(tmp_path):
+    res = opd_run(tmp_path / "nothing")
+    assert res.returncode == 1 and res.stderr.strip().count("\n") == 0 and "opd init" in res.stderr
+    res = opd_run(tmp_path / "r", "--config", "tiny", "--score-devices", "cpu,0")
+    assert res.returncode == 1 and "--score-devices" in res.stderr and res.stderr.strip().count("\n") == 0
+
+
+# ------------------------------------------------------------------------------------------ real loops
+
+def test_two_real_rounds_with_vllm(tmp_path, tiny_teacher, tiny_student):
+    """Two rounds through `opd run` with the vLLM engine; every shard, manifest and checkpoint checked."""
+    run_dir = tmp_path / "run"
+    res = opd_run(run_dir, "--config", "tiny", "--rounds", "2", "--engine", "vllm", "--plot", str(tmp_path / "c.png"),
+                  *tiny_settings(tiny_teacher, tiny_student, **{"eval.final": "false"}))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    run = RunDir(str(run_dir))
+    cfg = load_config(run.config_path)
+    assert run.rounds() == [0, 1]
+    found = layout(run, [0, 1])
+    for r in (0, 1):
+        assert found[(r, "rollouts")] == {"part-00000.parquet": 16, "part-00001.parquet": 16}   # 16 prompts × n=2
+        assert found[(r, "scores")] == found[(r, "rollouts")]
+        assert found[(r, "heldout/rollouts")] == {"part-00000.parquet": 8} == found[(r, "heldout/scores")]
+        for name in found[(r, "rollouts")]:
+            table, meta = read_rollout_shard(run.fs, run.shard_path(r, "rollouts", name and int(name[5:10])))
+            assert meta["engine"] == "vllm" and set(table.column("source").to_pylist()) == {"student"}
+            assert len(ScoreShard(run.fs, run.shard_path(r, "scores", int(name[5:10])))) == table.num_rows
+        student = Path(run.stage_dir(r, "student"))
+        assert (student / "model.safetensors").is_file() and read_manifest(run, str(student)) is not None
+    # round 1 sampled with round 0's student, not the base
+    r1 = read_manifest(run, run.stage_dir(1, "rollouts")).producer["model_hash"]
+    assert r1 == fingerprint.model_hash(run.stage_dir(0, "student")) != fingerprint.model_hash(tiny_student)
+    # the trained students are loadable and differ from the base
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_student))
+    trained = AutoModelForCausalLM.from_pretrained(run.stage_dir(1, "student"))
+    assert any(not torch.equal(a, b) for a, b in zip(base.parameters(), trained.parameters()))
+    # held-out figures: recomputed here from the shards, straight from the definition
+    for r in (0, 1):
+        ev = read_eval(run, r)
+        table, _ = read_rollout_shard(run.fs, run.shard_path(r, "heldout/rollouts", 0))
+        cache = ScoreShard(run.fs, run.shard_path(r, "heldout/scores", 0))
+        diffs = [s - t for sid, lps in zip(table.column("sample_id").to_pylist(),
+                                           table.column("sampling_logprobs").to_pylist())
+                 for s, t in zip(lps, cache.by_id(sid).taken_logprobs_T)]
+        assert ev["samples"] == 8 and ev["tokens"] == len(diffs)
+        assert ev["heldout_rkl"] == pytest.approx(sum(diffs) / len(diffs), abs=1e-5)
+        assert 0 <= ev["accuracy"] <= 1 and ev["checker"] == "gsm8k"
+    assert "held-out reverse KL by round" in res.stdout and (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+    verify = subprocess.run(CLI + ["verify", str(run_dir)], capture_output=True, text=True)
+    assert verify.returncode == 0, verify.stderr
+    # a finished run resumes to a no-op: nothing is launched again
+    again = opd_run(run_dir, "--rounds", "2", "--engine", "vllm")
+    assert again.returncode == 0 and "opd rollout" not in again.stdout and "already done" in again.stdout
+    assert layout(run, [0, 1]) == found
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, tiny_teacher, tiny_student):
+    """One uninterrupted round + final evaluation, with every pool split in two on CPU: 2 rollout
+    workers, 2 score workers following them (overlap on), 2 gloo learners under torchrun."""
+    run_dir = tmp_path_factory.mktemp("loop") / "reference"
+    res = opd_run(run_dir, "--config", "tiny", "--rounds", "1", "--engine", "transformers",
+                  "--rollout-devices", "cpu,cpu", "--score-devices", "cpu,cpu", "--train-devices", "cpu,cpu",
+                  "--overlap", "on", *tiny_settings(tiny_teacher, tiny_student, **KILL_SETTINGS))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return RunDir(str(run_dir)), res
+
+
+KILL_SETTINGS = {"rollout.max_prompts": 24, "rollout.prompts_per_shard": 2, "rollout.max_new_tokens": 32,
+                 "train.max_tokens_per_batch": 128, "eval.max_prompts": 4}
+
+
+def test_pools_overlap_and_workers(reference_run):
+    run, res = reference_run
+    records = [json.loads(x) for x in Path(run.metrics_path(0)).read_text().splitlines()]
+    score = [x for x in records if x["stage"] == "score" and x.get("split") == "train"]
+    assert sorted(x["shard"] for x in score) == ["0/2", "1/2"] and all(x["followed"] for x in score)
+    rollout = [x for x in records if x["stage"] == "rollout" and x.get("split") == "train"]
+    assert sorted(x["shard"] for x in rollout) == ["0/2", "1/2"]
+    # scoring began before rollout had finished: some score shard is older than the rollout manifest
+    first_score = min(os.path.getmtime(p) for p in Path(run.stage_dir(0, "scores")).glob("part-*.parquet"))
+    assert first_score < os.path.getmtime(Path(run.stage_dir(0, "rollouts")) / "_DONE.json")
+    assert read_manifest(run, run.stage_dir(0, "student")).summary["world_size"] == 2
+    loop = {x["step"]: x for x in records if x["stage"] == "loop"}
+    assert loop["rollout"]["workers"] == 2 and loop["score"]["workers"] == 2 and loop["train"]["workers"] == 1
+    assert read_eval(run, 0)["samples"] == 4 and read_eval(run, 1)["samples"] == 4   # before and after training
+
+
+def _wait_for(predicate, proc, what, timeout=240):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if predicate():
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"opd run ended (status {proc.returncode}) before {what}")
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _stage_processes(run_dir) -> list[int]:
+    """Live processes working on this run (stage children left behind would show up here)."""
+    pids = []
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit() and int(p.name) != os.getpid():
+            try:
+                cmd = (p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if str(run_dir) in cmd and "opd.pipeline.cli" in cmd:
+                pids.append(int(p.name))
+    return pids
+
+
+def test_sigkill_during_each_stage_resumes_to_the_same_run(tmp_path, reference_run, tiny_teacher, tiny_student):
+    ref, _ = reference_run
+    run_dir = tmp_path / "killed"
+    run = RunDir(str(run_dir))
+    args = ["--config", "tiny", "--rounds", "1", "--engine", "transformers",
+            *tiny_settings(tiny_teacher, tiny_student, **KILL_SETTINGS)]
+
+    def shards(folder):
+        return list(Path(run.stage_dir(0, folder)).glob("part-*.parquet"))
+
+    def trained_steps():
+        path = Path(run.metrics_path(0))
+        return path.exists() and '"step": 1,' in path.read_text()
+
+    kill_points = [
+        ("rollout", lambda: len(shards("rollouts")) >= 2, "rollouts"),
+        ("score", lambda: len(shards("scores")) >= 2, "scores"),
+        ("train", trained_steps, "student"),
+    ]
+    for stage, ready, folder in kill_points:
+        proc = subprocess.Popen(CLI + ["run", str(run_dir), *args], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        _wait_for(ready, proc, f"the {stage} stage to be under way")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert read_manifest(run, run.stage_dir(0, folder)) is None, f"{stage} had finished before the kill"
+        deadline = time.time() + 20
+        while _stage_processes(run_dir) and time.time() < deadline:
+            time.sleep(0.1)
+        assert not _stage_processes(run_dir), f"stage processes outlived the killed loop ({stage})"
+    res = opd_run(run_dir, *args[2:])   # resume (the config is in RUN/opd.toml now)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert layout(run, [0, 1]) == layout(ref, [0, 1])
+    assert set(layout(run, [0, 1])) == {(0, f) for f in STAGE_FOLDERS} | {(1, "heldout/rollouts"), (1, "heldout/scores")}
+    for r, folder in layout(run, [0, 1]):   # no stray temporary or extra files anywhere
+        names = {p.name for p in Path(run.stage_dir(r, folder)).iterdir()}
+        assert names == set(layout(run, [0, 1])[(r, folder)]) | {"_DONE.json"}
+    ids = lambda rd: sorted(x for p in Path(rd.stage_dir(0, "rollouts")).glob("part-*.parquet")
+                            for x in pq.read_table(p, columns=["sample_id"]).column(0).to_pylist())
+    assert ids(run) == ids(ref) and len(ids(run)) == len(set(ids(run))) == 48
+    assert read_manifest(run, run.stage_dir(0, "student")) is not None and read_eval(run, 1) is not None

@@ -8,7 +8,12 @@ Writes  RUN/rounds/RRRR/rollouts/part-SSSSS.parquet (one row per sample, cache/S
         `_DONE.json` (shard list, row counts, checksums, producer, summary), and one `"stage":
         "rollout"` line in RUN/rounds/RRRR/metrics.jsonl per invocation.
 
-    opd rollout RUN --round 0 [--shard 0/4] [--engine vllm|transformers] [--force] [--set rollout.n=4]
+    opd rollout RUN --round 0 [--shard 0/4] [--engine vllm|transformers] [--split all|train|heldout] [--force]
+
+Splits. "train" samples the prompt set into rounds/R/rollouts/; "heldout" samples the validation set
+([eval]: its prompts, n, length; temperature eval.temperature, no top-k/top-p, λ = 1) into
+rounds/R/heldout/rollouts/, never trained on; "all" (default) does both that are configured with one
+engine load. Everything below holds for each split in its own folder.
 
 Prompts. A row holds chat `messages` ([{role, content}], `messages_field`, used when present) or a
 plain prompt string (`prompt_field`, taken as one user message), an optional reference response

@@ -7,7 +7,7 @@ Writes  RUN/rounds/R/scores/part-SSSSS.parquet, one per rollout shard with the s
         cache/SPEC.md); RUN/rounds/R/scores/_DONE.json once every shard exists; one JSON line in
         RUN/rounds/R/metrics.jsonl per invocation.
 
-    opd score RUN --round 0 [--shard 0/4] [--device cuda:1] [--force] [--set score.top_k=32]
+    opd score RUN --round 0 [--shard 0/4] [--device cuda:1] [--split all|train|heldout] [--follow] [--force]
 
 Per completion position t (the teacher's distribution predicting completion_ids[t] from the prompt and
 completion_ids[:t]) at the scoring temperature τ, log p = log_softmax(logits / τ):
@@ -15,9 +15,15 @@ completion_ids[:t]) at the scoring temperature τ, log p = log_softmax(logits / 
     taken   log p(completion_ids[t]), exact float32
     tail    log Σ_{v∉top-k} p(v) = m + log Σ_{v∉top-k} exp(log p(v) − m), m the (K+1)-th largest log-prob
             (a logsumexp on the device; never log(1 − Σ top-k), which cancels when the top-k holds ~all mass)
-Each shard's producer is the stage's (teacher hash, tokenizer hash, [score] hash, format version, digest
-of the rollout manifest) plus `rollout_sha256`, the sha256 of the rollout shard it scores (as listed in
-the rollout manifest), so a learner can check that a score shard belongs to the rollout shard it reads.
+Each shard's producer is the stage's (teacher hash, tokenizer hash, [score] hash, format version) plus
+`rollout_sha256`, the sha256 of the rollout shard it scores, so a learner can check that a score shard
+belongs to the rollout shard it reads; the manifest's adds `rollouts_sha256`, a digest of the whole
+rollout manifest. Shards need nothing from the rollout manifest, so `--follow` can score rollout shards
+as they appear (each is renamed into place whole) while the rollout stage still runs.
+
+Splits: `--split train` scores RUN/rounds/R/rollouts/ into scores/, `--split heldout` the validation
+samples RUN/rounds/R/heldout/rollouts/ into heldout/scores/ and then writes heldout/eval.json
+(opd.pipeline.evaluate); `--split all` (default) does both that exist in the config, teacher loaded once.
 
 How it runs fast: a sample is fed as prompt + completion without its last token (nothing predicts past
 the end); samples are sorted by length and packed, right-padded, into batches of at most

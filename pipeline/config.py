@@ -264,7 +264,7 @@ def find_config(name_or_path: str | os.PathLike) -> Path:
     if p.is_file():
         return p
     packaged = PACKAGED_CONFIGS / f"{p.name.removesuffix('.toml')}.toml"
-    if not p.suffix and packaged.is_file():
+    if len(p.parts) == 1 and packaged.is_file():   # a preset name (which may contain dots)
         return packaged
     presets = ", ".join(sorted(q.stem for q in PACKAGED_CONFIGS.glob("*.toml")))
     raise ConfigError(f"config file {str(name_or_path)!r} not found (packaged presets: {presets})")

@@ -1,6 +1,7 @@
 """Run configuration: presets, path resolution, --set overrides, validation errors, round trips."""
 
 import dataclasses
+import json
 import math
 import tomllib
 from pathlib import Path
@@ -11,6 +12,7 @@ from hypothesis import strategies as st
 
 from opd.cache.errors import OpdError
 from opd.pipeline import config as C
+from opd.pipeline.config import PACKAGED_CONFIGS
 from opd.pipeline.config import (ConfigError, OpdConfig, RolloutConfig, ScoreConfig, TrainConfig, dumps_config,
                                  load_config, loads_config, parse_override)
 
@@ -321,3 +323,15 @@ def test_dataclass_defaults_are_valid():
     assert TrainConfig().loss == "jsd"
     assert not math.isnan(TrainConfig().lr)
     assert RolloutConfig(prompts="x").n == 2
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in PACKAGED_CONFIGS.glob("*.toml")))
+def test_every_packaged_preset_loads(name):
+    cfg = load_config(name)
+    assert cfg.run.name == name or name == "smollm2"
+    if cfg.rollout.prompts.startswith(str(PACKAGED_CONFIGS)):   # shipped prompt sets exist and are disjoint
+        train = {json.loads(x)["prompt"] for x in Path(cfg.rollout.prompts).read_text().splitlines() if x.strip()}
+        assert len(train) >= 16
+        if cfg.eval.enabled:
+            held = {json.loads(x)["prompt"] for x in Path(cfg.eval.prompts).read_text().splitlines() if x.strip()}
+            assert held and not held & train

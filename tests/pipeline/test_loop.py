@@ -240,3 +240,21 @@ def test_sigkill_during_each_stage_resumes_to_the_same_run(tmp_path, reference_r
                             for x in pq.read_table(p, columns=["sample_id"]).column(0).to_pylist())
     assert ids(run) == ids(ref) and len(ids(run)) == len(set(ids(run))) == 48
     assert read_manifest(run, run.stage_dir(0, "student")) is not None and read_eval(run, 1) is not None
+
+
+def test_demo_command_on_tiny_models(tmp_path, tiny_teacher, tiny_student):
+    """`opd demo`'s own path (init from its preset, loop, table, plot, verdict) with tiny models swapped in."""
+    out = tmp_path / "demo"
+    settings = tiny_settings(tiny_teacher, tiny_student, **{
+        "rollout.engine": '"transformers"', "rollout.max_prompts": 8, "rollout.max_new_tokens": 16,
+        "eval.max_prompts": 4, "eval.n": 1, "score.top_k": 8, "train.epochs": 1})
+    res = subprocess.run(CLI + ["demo", "--out", str(out), "--rounds", "1", *settings], capture_output=True,
+                         text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    run = RunDir(str(out))
+    rkls = [read_eval(run, r)["heldout_rkl"] for r in (0, 1)]
+    assert (out / "demo.png").read_bytes()[:4] == b"\x89PNG"
+    verdict = [x for x in res.stdout.splitlines() if x.startswith("demo: ")]
+    assert len(verdict) == 1 and f"{rkls[0]:.3f} → {rkls[1]:.3f}" in verdict[0]
+    assert ("fell every round" in verdict[0]) == (rkls[1] < rkls[0])
+    assert load_config(run.config_path).run.name == "smollm2-demo"

@@ -15,7 +15,8 @@ Cases (each prints one JSON object with the environment):
          process (a string model/teacher path, its own loading, on-policy generation with transformers, teacher
          online, full-vocabulary generalized JSD, `save_model` at the end). Wall clock of everything, process
          start and model loading included. TRL's vLLM colocate mode is tried once first (`trl_vllm_error` when
-         it fails; its time is not in `trl_s`).
+         it fails; its time is not in `trl_s`). `--repeats R` runs both R times, alternating which goes
+         first, and reports the medians (all walls in `opd_s_all` / `trl_s_all`).
   sweep  4 training settings (β ∈ {0, 0.5, 1} at the base lr, β = 1 at 4× the base lr). opd: rollouts and teacher
          scores once (the round case's, when run in the same invocation), then `opd train --from RUN/rounds/0
          --out SWEEP_i --set ...` four times (no teacher). TRL: DistillationTrainer four times (each samples and
@@ -191,18 +192,18 @@ class Opd:
             out += ["--set", s]
         return out
 
-    def round(self, with_train: bool = True) -> dict:
+    def round(self, with_train: bool = True, tag: str = "") -> dict:
         """One round: init + rollout + score (+ train); wall seconds per command."""
-        run = self.root / "opd-round"
+        run = self.root / f"opd-round{tag}"
         logs = self.root / "logs"
         logs.mkdir(exist_ok=True)
         walls = {}
         walls["init"], _, _ = _sh(_opd("init", str(run), "--config", "smollm2", *self.overrides()), logs / "opd-init.log")
         if with_train and self.use_run:
-            walls["run"], _, _ = _sh(_opd("run", str(run), "--rounds", "1"), logs / "opd-run.log")
+            walls["run"], _, _ = _sh(_opd("run", str(run), "--rounds", "1"), logs / f"opd-run{tag}.log")
         else:
             for stage in STAGES if with_train else STAGES[:2]:
-                walls[stage], _, _ = _sh(_opd(stage, str(run), "--round", "0"), logs / f"opd-{stage}.log")
+                walls[stage], _, _ = _sh(_opd(stage, str(run), "--round", "0"), logs / f"opd-{stage}{tag}.log")
         self.base, self.base_stage_s = run, walls
         return walls
 
@@ -331,25 +332,37 @@ def _batch_for_steps(samples: int, steps: int) -> int:
 # ------------------------------------------------------------------------------------------ cases
 
 def case_round(args, opd: Opd, trl: Trl, state: dict) -> dict:
-    walls = opd.round(with_train=True)
-    opd_s = sum(walls.values())
-    records = _metrics(opd.base)
-    inproc = _stage_seconds(records)
-    summary = _train_summary(records)
-    steps, samples = int(summary.get("steps", 1)), int(summary.get("samples", args.prompts * args.n))
-    tokens = int(summary.get("completion_tokens", 0))
-    batch = _batch_for_steps(samples, steps)
-    state.update(steps=steps, batch=batch)
-
+    """`args.repeats` × (opd round, TRL round), alternating which goes first; medians reported."""
+    opd_runs, trl_runs = [], []               # (wall, details)
     vllm_error, vllm_s, vllm_probe_s = None, None, None
-    if not args.skip_trl_vllm:
-        probe = trl.run(batch, args.beta, args.lr, use_vllm=True, timeout=args.trl_vllm_timeout)
-        vllm_error = probe.get("error")
-        vllm_probe_s = probe["wall_s"]
-        vllm_s = probe["wall_s"] if probe["rc"] == 0 else None
-        state["trl_vllm_ok"] = probe["rc"] == 0
-    res = trl.run(batch, args.beta, args.lr)
-    trl_s = res["wall_s"]
+    batch = None
+    for i in range(args.repeats):
+        for side in (("opd", "trl") if i % 2 == 0 else ("trl", "opd")):
+            if side == "opd":
+                walls = opd.round(with_train=True, tag=f"-{i}")
+                opd_runs.append((sum(walls.values()), {"walls": walls, "run": opd.base, "records": _metrics(opd.base)}))
+                if batch is None:             # TRL's step count follows opd's micro-batch plan
+                    summary = _train_summary(opd_runs[0][1]["records"])
+                    steps = int(summary.get("steps", 1))
+                    samples = int(summary.get("samples", args.prompts * args.n))
+                    batch = _batch_for_steps(samples, steps)
+                    state.update(steps=steps, batch=batch)
+                    if not args.skip_trl_vllm:
+                        probe = trl.run(batch, args.beta, args.lr, use_vllm=True, timeout=args.trl_vllm_timeout)
+                        vllm_error, vllm_probe_s = probe.get("error"), probe["wall_s"]
+                        vllm_s = probe["wall_s"] if probe["rc"] == 0 else None
+            else:
+                res = trl.run(batch, args.beta, args.lr)
+                trl_runs.append((res["wall_s"], res))
+
+    def median(runs):
+        ranked = sorted(runs, key=lambda x: x[0])
+        return ranked[(len(ranked) - 1) // 2]  # the lower median: an actual run, whose details are reported
+
+    opd_s, o = median(opd_runs)
+    trl_s, res = median(trl_runs)
+    walls, records = o["walls"], o["records"]
+    summary = _train_summary(records)
     best_trl = min(trl_s, vllm_s) if vllm_s else trl_s
     if "run" in walls:                         # `opd run`: its own per-stage walls (process start included)
         stage_s = {s: _r(w) for s, w in _loop_walls(records).items()}
@@ -358,10 +371,12 @@ def case_round(args, opd: Opd, trl: Trl, state: dict) -> dict:
         stage_s = {s: _r(walls[s]) for s in STAGES}
     return {
         "bench": "e2e", "case": "round", "opd_s": _r(opd_s), "trl_s": _r(trl_s), "ratio_round": _r(best_trl / opd_s, 3),
-        "opd_stage_s": stage_s, "opd_init_s": _r(walls["init"]), "opd_stage_inprocess_s": inproc,
+        "opd_s_all": [_r(w) for w, _ in opd_runs], "trl_s_all": [_r(w) for w, _ in trl_runs],
+        "opd_stage_s": stage_s, "opd_init_s": _r(walls["init"]), "opd_stage_inprocess_s": _stage_seconds(records),
         "opd_cmd": "opd run --rounds 1" if opd.use_run else "opd init + opd rollout/score/train (fresh processes)",
         "opd_engine": next((r.get("engine") for r in records if r.get("stage") == "rollout"), None),
-        "samples": samples, "completion_tokens": tokens, "opd_steps": steps,
+        "samples": int(summary.get("samples", 0)), "completion_tokens": int(summary.get("completion_tokens", 0)),
+        "opd_steps": state["steps"],
         "opd_first_loss": _r(summary.get("first_loss"), 4), "opd_last_loss": _r(summary.get("last_loss"), 4),
         "trl_generation": "transformers", "trl_vllm_error": vllm_error, "trl_vllm_s": _r(vllm_s),
         "trl_vllm_probe_s": _r(vllm_probe_s), "trl_vllm_hidden": True,
@@ -369,8 +384,9 @@ def case_round(args, opd: Opd, trl: Trl, state: dict) -> dict:
         "trl_completion_tokens": res.get("completion_tokens"), "trl_breakdown_s": {
             k: res.get(k) for k in ("import_s", "init_s", "train_s", "gen_s", "save_s")},
         "trl_first_loss": _r(res.get("first_loss"), 4), "trl_last_loss": _r(res.get("last_loss"), 4),
-        "prompts": args.prompts, "n": args.n, "max_new_tokens": args.max_new_tokens, "lmbda": 1.0,
-        "beta": args.beta, "lr": args.lr, "top_k_cache": 32, **_env(),
+        "repeats": args.repeats, "prompts": args.prompts, "n": args.n, "max_new_tokens": args.max_new_tokens,
+        "lmbda": 1.0, "beta": args.beta, "lr": args.lr,
+        "top_k_cache": next((r.get("top_k") for r in records if r.get("stage") == "score"), None), **_env(),
     }
 
 
@@ -447,6 +463,8 @@ def main() -> None:
     ap.add_argument("--sweep-lr-factor", type=float, default=4.0, help="the sweep's 4th setting: β=1 at this × lr")
     ap.add_argument("--opd-engine", choices=["auto", "vllm", "transformers"], default="auto",
                     help="opd's rollout engine (auto = vLLM where it imports, the preset's default)")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="round case: opd and TRL rounds each this many times, alternating order; medians")
     ap.add_argument("--skip-trl-vllm", action="store_true", help="do not try TRL's vLLM colocate mode first")
     ap.add_argument("--trl-vllm-timeout", type=float, default=300.0)
     ap.add_argument("--workdir", default=None, help="folder for the runs (default: a fresh temporary folder, kept)")

@@ -36,7 +36,7 @@ from opd.cache import storage
 from opd.cache.errors import OpdError
 from opd.cache.shards import ScoreShard, read_rollout_shard
 from opd.pipeline.config import OpdConfig
-from opd.pipeline.rundir import HELDOUT, MANIFEST, RunDir, read_manifest
+from opd.pipeline.rundir import MANIFEST, RunDir, read_manifest, split_folder
 
 EVAL_FORMAT = "opd.eval"
 EVAL_VERSION = 1
@@ -45,8 +45,8 @@ _NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?")
 
 def evaluate(cfg: OpdConfig, run: RunDir, round_index: int) -> dict[str, Any]:
     """Compute, write and return round `round_index`'s held-out figures (key "line": one line)."""
-    r_dir = run.stage_dir(round_index, f"{HELDOUT}/rollouts")
-    s_dir = run.stage_dir(round_index, f"{HELDOUT}/scores")
+    r_dir = run.stage_dir(round_index, split_folder("heldout", "rollouts"))
+    s_dir = run.stage_dir(round_index, split_folder("heldout", "scores"))
     rollouts, scores = read_manifest(run, r_dir), read_manifest(run, s_dir)
     for folder, manifest in ((r_dir, rollouts), (s_dir, scores)):
         if manifest is None:

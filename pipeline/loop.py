@@ -41,7 +41,7 @@ from typing import Any
 
 from opd.cache.errors import OpdError
 from opd.pipeline.config import OpdConfig
-from opd.pipeline.rundir import MANIFEST, RunDir, read_manifest
+from opd.pipeline.rundir import RunDir, choose_splits, read_manifest, split_folder
 
 _PR_SET_PDEATHSIG = 1
 
@@ -160,11 +160,9 @@ class _Ctx:
         return all(read_manifest(self.run, self.run.stage_dir(r, f)) is not None for f in folders)
 
     def rollout_and_score(self, r: int, split: str, follow: bool) -> None:
-        heldout = split == "heldout" or (split == "all" and self.heldout)
-        folders = [] if split == "heldout" else [""]
-        folders += ["heldout/"] if heldout else []
-        rollout_done = self._done(r, [f + "rollouts" for f in folders])
-        score_done = self._done(r, [f + "scores" for f in folders])
+        splits = choose_splits(split, self.heldout)
+        rollout_done = self._done(r, [split_folder(sp, "rollouts") for sp in splits])
+        score_done = self._done(r, [split_folder(sp, "scores") for sp in splits])
         rollout = self._workers("rollout", ["rollout", self.run.url, "--round", str(r), "--split", split]
                                 + (["--engine", self.engine] if self.engine else []))
         score = self._workers("score", ["score", self.run.url, "--round", str(r), "--split", split]

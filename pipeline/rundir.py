@@ -37,6 +37,23 @@ EVAL_FILE = "eval.json"       # rounds/R/heldout/eval.json: the round's held-out
 _SHARD_RE = re.compile(r"^part-(\d{5})\.parquet$")
 
 
+def split_folder(split: str, stage: str) -> str:
+    """A split's folder of a stage under rounds/R/: the prompt set's at the top, the held-out set's
+    under heldout/ (e.g. "rollouts", "heldout/scores")."""
+    return stage if split == "train" else f"{HELDOUT}/{stage}"
+
+
+def choose_splits(split: str, heldout_configured: bool) -> list[str]:
+    """`--split`: "train", "heldout" or "all" (train, plus heldout where [eval] names a prompt set)."""
+    if split == "all":
+        return ["train", "heldout"] if heldout_configured else ["train"]
+    if split == "heldout" and not heldout_configured:
+        raise OpdError("--split heldout: this run has no held-out prompt set (set eval.prompts in the config)")
+    if split not in ("train", "heldout"):
+        raise OpdError(f"--split {split!r} is invalid: use train, heldout or all")
+    return [split]
+
+
 def shard_name(index: int) -> str:
     return f"part-{index:05d}.parquet"
 

@@ -81,8 +81,8 @@ from opd.cache.shards import FORMAT_VERSION, METADATA_KEY, SOURCES, check_produc
 from opd.pipeline import fingerprint
 from opd.pipeline.config import OpdConfig, RolloutConfig
 from opd.pipeline.models import resolve_model
-from opd.pipeline.rundir import (HELDOUT, MANIFEST, RunDir, ShardSpec, finalize_stage, read_manifest, shard_index,
-                                 previous_student, shard_name, should_skip)
+from opd.pipeline.rundir import (MANIFEST, RunDir, ShardSpec, choose_splits, finalize_stage, previous_student,
+                                 read_manifest, shard_index, shard_name, should_skip, split_folder)
 from opd.stages.engine import Engine, Sampling, load_engine, resolve_engine_name
 
 STAGE = "rollouts"            # the run-directory folder (and manifest stage name)
@@ -100,7 +100,7 @@ def run(cfg: OpdConfig, run: RunDir, round_index: int, shard: ShardSpec = ShardS
     are configured, sharing one engine). The summary is the first split's, with the held-out split's
     under "heldout"; its "line" is the one-line human summary per split the CLI prints.
     """
-    splits = _splits(cfg, split)
+    splits = choose_splits(split, cfg.eval.enabled)
     student = _student(cfg, run, round_index)
     teacher_dir = None
     if "train" in splits and cfg.rollout.lmbda_for_round(round_index) < 1 and cfg.rollout.offpolicy_source == "teacher":
@@ -131,27 +131,12 @@ def split_config(cfg: OpdConfig, split: str) -> OpdConfig:
                        top_p=1.0, top_k=-1, lmbda=1.0, lmbda_schedule=[], offpolicy_source="dataset")
 
 
-def stage_folder(split: str) -> str:
-    """The run-directory folder (under rounds/R/) of a split's rollouts."""
-    return STAGE if split == "train" else f"{HELDOUT}/{STAGE}"
-
-
-def _splits(cfg: OpdConfig, split: str) -> list[str]:
-    if split == "all":
-        return ["train", "heldout"] if cfg.eval.enabled else ["train"]
-    if split == "heldout" and not cfg.eval.enabled:
-        raise OpdError("--split heldout: this run has no held-out prompt set (set eval.prompts in the config)")
-    if split not in ("train", "heldout"):
-        raise OpdError(f"--split {split!r} is invalid: use train, heldout or all")
-    return [split]
-
-
 def _run_split(cfg: OpdConfig, run: RunDir, round_index: int, shard: ShardSpec, engines: "_Engines", force: bool,
                split: str, student: "_Student", teacher_dir: Path | None) -> dict:
     rc = cfg.rollout
     t0 = time.perf_counter()
     lmbda = rc.lmbda_for_round(round_index)
-    folder = stage_folder(split)
+    folder = split_folder(split, STAGE)
     stage_dir = run.stage_dir(round_index, folder)
     producer = _producer(cfg, round_index, lmbda, student, teacher_dir)
     what = f"rollout round {round_index}" + ("" if split == "train" else f" {split}")

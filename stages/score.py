@@ -69,9 +69,9 @@ from opd.cache.shards import METADATA_KEY, ScoreShard, ScoreShardWriter, check_p
 from opd.pipeline import fingerprint
 from opd.pipeline.config import OpdConfig
 from opd.pipeline.models import resolve_model
-from opd.pipeline.rundir import (HELDOUT, MANIFEST, Manifest, RunDir, ShardEntry, ShardSpec, clear_stage,
+from opd.pipeline.rundir import (MANIFEST, Manifest, RunDir, ShardEntry, ShardSpec, choose_splits, clear_stage,
                                  finalize_stage, parquet_rows, previous_student, read_manifest, shard_index,
-                                 shard_name, should_skip)
+                                 shard_name, should_skip, split_folder)
 
 _CHUNK_ELEMENTS = {"cuda": 1 << 26, "cpu": 1 << 23}  # [chunk, V] float32 buffer size per device type
 _MAX_QUEUED = 3                                      # background jobs in flight before the forward waits
@@ -88,7 +88,7 @@ def run(cfg: OpdConfig, run: RunDir, round_index: int, shard: ShardSpec = ShardS
     writes its manifest: how `opd run` overlaps scoring with rollout. After the held-out scores are
     complete, the round's held-out figures are computed (opd.pipeline.evaluate).
     """
-    splits = _splits(cfg, split)
+    splits = choose_splits(split, cfg.eval.enabled)
     teacher = _Teacher(cfg, device)
     try:
         summaries = [_run_split(cfg, run, round_index, shard, teacher, force, sp, follow, poll_s) for sp in splits]
@@ -101,19 +101,9 @@ def run(cfg: OpdConfig, run: RunDir, round_index: int, shard: ShardSpec = ShardS
     return summary
 
 
-def _splits(cfg: OpdConfig, split: str) -> list[str]:
-    if split == "all":
-        return ["train", "heldout"] if cfg.eval.enabled else ["train"]
-    if split == "heldout" and not cfg.eval.enabled:
-        raise OpdError("--split heldout: this run has no held-out prompt set (set eval.prompts in the config)")
-    if split not in ("train", "heldout"):
-        raise OpdError(f"--split {split!r} is invalid: use train, heldout or all")
-    return [split]
-
-
 def _folders(split: str) -> tuple[str, str]:
     """(rollouts folder, scores folder) of a split under rounds/R/."""
-    return ("rollouts", "scores") if split == "train" else (f"{HELDOUT}/rollouts", f"{HELDOUT}/scores")
+    return split_folder(split, "rollouts"), split_folder(split, "scores")
 
 
 class _Teacher:

@@ -301,3 +301,15 @@ def test_previous_student_needs_a_finished_manifest(tmp_path):
         previous_student(run, 1)
     write_manifest(run, folder, Manifest(stage="student", round=0, shards=[], producer={}))
     assert previous_student(run, 1) == folder
+
+
+def test_splits_and_their_folders():
+    from opd.pipeline.rundir import choose_splits, split_folder
+
+    assert choose_splits("all", True) == ["train", "heldout"] and choose_splits("all", False) == ["train"]
+    assert choose_splits("heldout", True) == ["heldout"] and choose_splits("train", False) == ["train"]
+    with pytest.raises(OpdError, match="eval.prompts"):
+        choose_splits("heldout", False)
+    with pytest.raises(OpdError, match="--split 'test' is invalid"):
+        choose_splits("test", True)
+    assert split_folder("train", "scores") == "scores" and split_folder("heldout", "scores") == "heldout/scores"

@@ -16,7 +16,8 @@ Cases (each prints one JSON object with the environment):
          online, full-vocabulary generalized JSD, `save_model` at the end). Wall clock of everything, process
          start and model loading included. TRL's vLLM colocate mode is tried once first (`trl_vllm_error` when
          it fails; its time is not in `trl_s`). `--repeats R` runs both R times, alternating which goes
-         first, and reports the medians (all walls in `opd_s_all` / `trl_s_all`).
+         first, and reports each side's lower median (R = 2: the faster of two; every wall is in
+         `opd_s_all` / `trl_s_all`).
   sweep  4 training settings (β ∈ {0, 0.5, 1} at the base lr, β = 1 at 4× the base lr). opd: rollouts and teacher
          scores once (the round case's, when run in the same invocation), then `opd train --from RUN/rounds/0
          --out SWEEP_i --set ...` four times (no teacher). TRL: DistillationTrainer four times (each samples and
@@ -362,6 +363,7 @@ def case_round(args, opd: Opd, trl: Trl, state: dict) -> dict:
     opd_s, o = median(opd_runs)
     trl_s, res = median(trl_runs)
     walls, records = o["walls"], o["records"]
+    opd.base, opd.base_stage_s = o["run"], walls   # the sweep re-trains from the median run's cache
     summary = _train_summary(records)
     best_trl = min(trl_s, vllm_s) if vllm_s else trl_s
     if "run" in walls:                         # `opd run`: its own per-stage walls (process start included)

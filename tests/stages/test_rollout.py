@@ -179,7 +179,7 @@ def vllm_engine(tiny_student):
     from opd.stages.engine_vllm import VLLMEngine
 
     engine = VLLMEngine(tiny_student, seed=0, dtype="float32", gpu_memory_utilization=0.05, enforce_eager=True,
-                        max_model_len=1024)
+                        max_model_len=1024, in_process=False)   # keeps vLLM's CPU thread binding out of pytest
     yield engine
     engine.close()
 

@@ -144,7 +144,7 @@ def train(run_dir, round_index, devices, from_round, out, force, overrides):
 @click.option("--score-devices", default=None, help="Scoring pool: GPU indices or cpu; several: one --shard worker each.")
 @click.option("--train-devices", default=None, help="Learner pool: GPU indices or cpu,cpu; several launch torchrun.")
 @click.option("--overlap", type=click.Choice(["auto", "on", "off"]), default=None,
-              help="Score rollout shards while rollout runs (default: run.overlap; auto = when the pools are disjoint GPUs).")
+              help="Score rollout shards while rollout runs (default: run.overlap; auto = pools on disjoint GPUs, or CPU).")
 @click.option("--engine", type=click.Choice(["auto", "vllm", "transformers"]), default=None,
               help="Rollout engine (default: rollout.engine).")
 @click.option("--plot", default=None, help="Write the per-round curves to this PNG at the end.")

@@ -50,7 +50,7 @@ class RunConfig:
     rollout_devices: str = ""     # `opd run`: devices of the rollout pool, e.g. "0,1" (CUDA_VISIBLE_DEVICES); "" = all visible (CPU: "cpu")
     score_devices: str = ""       # `opd run`: devices of the scoring pool; several run one `--shard i/N` worker each
     train_devices: str = ""       # `opd run`: devices of the learner; several launch torchrun (CPU: "cpu,cpu" = 2 gloo processes)
-    overlap: str = "auto"         # `opd run`: score finished rollout shards while rollout runs: "auto" (when the pools are disjoint GPUs), "on", "off"
+    overlap: str = "auto"         # `opd run`: score finished rollout shards while rollout runs: "auto" (pools on disjoint GPUs, or both on CPU), "on", "off"
 
     def __post_init__(self):
         _require(bool(self.student), "run.student", self.student, "a model path or `opd:`/`tiny:` name is required")

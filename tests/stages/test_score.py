@@ -398,3 +398,39 @@ def test_rerun_keeps_valid_shards_and_replaces_a_damaged_one(tmp_path, tiny_teac
     after = score_shards(run)
     for name in before:
         assert before[name][0].equals(after[name][0])
+
+
+def test_follow_scores_rollout_shards_as_they_appear(tmp_path, tiny_teacher, tiny_student):
+    """`opd score --follow`: shards are scored while the rollout stage is unfinished, and the stage ends
+    with the same cache as a plain run once the rollout manifest appears."""
+    shards = [rollout_rows(0, 3), rollout_rows(1, 2), rollout_rows(2, 4)]
+    run, cfg = make_run(tmp_path, tiny_teacher, tiny_student, None, top_k=8)
+    write_rollout_shard(run.fs, run.shard_path(0, "rollouts", 0), shards[0], producer={"stage": "rollout"})
+    proc = subprocess.Popen([sys.executable, "-m", "opd.pipeline.cli", "score", run.url, "--round", "0", "--follow",
+                             "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def wait_for(shard):
+        t0 = time.time()
+        while not storage.exists(run.fs, run.shard_path(0, "scores", shard)):
+            assert proc.poll() is None, proc.communicate()
+            assert time.time() - t0 < 120, "the follower never scored the shard"
+            time.sleep(0.05)
+
+    wait_for(0)                               # scored with no rollout manifest anywhere
+    assert read_manifest(run, run.stage_dir(0, "rollouts")) is None
+    write_rollout_shard(run.fs, run.shard_path(0, "rollouts", 1), shards[1], producer={"stage": "rollout"})
+    wait_for(1)
+    assert proc.poll() is None                # still following: the rollout stage has not finished
+    write_rollout_shard(run.fs, run.shard_path(0, "rollouts", 2), shards[2], producer={"stage": "rollout"})
+    finalize_stage(run, run.stage_dir(0, "rollouts"), stage="rollouts", round_index=0, num_shards=3,
+                   producer={"stage": "rollout"}, row_count=lambda p: parquet_rows(run, p))
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "3 shards scored" in out and "stage done" in out
+    followed = {name: sh[0] for name, sh in score_shards(run).items()}
+    # a plain (non-following) run over the same rollouts gives the same cache
+    plain, _ = make_run(tmp_path / "plain", tiny_teacher, tiny_student, shards, top_k=8)
+    score.run(load_run_config(plain), plain, 0, device="cpu")
+    for name, (table, _) in score_shards(plain).items():
+        assert table.equals(followed[name])
+    assert read_manifest(run, run.stage_dir(0, "scores")).total_rows == 9

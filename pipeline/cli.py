@@ -148,7 +148,8 @@ def train(run_dir, round_index, devices, from_round, out, force, overrides):
 @click.option("--engine", type=click.Choice(["auto", "vllm", "transformers"]), default=None,
               help="Rollout engine (default: rollout.engine).")
 @click.option("--plot", default=None, help="Write the per-round curves to this PNG at the end.")
-@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help=SET_HELP)
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
+              help=SET_HELP + " With --config it is written into RUN/opd.toml; without, every stage process gets it.")
 @_user_errors
 def run_cmd(run_dir, config_file, rounds, rollout_devices, score_devices, train_devices, overlap, engine, plot,
             overrides):

@@ -104,8 +104,7 @@ def run(cfg: OpdConfig, run: RunDir, rounds: int | None = None, *, rollout_devic
         ev = _read_eval(run, r) if cfg.eval.enabled else None
         if ev is not None:
             evals[r] = ev
-            echo(f"[opd run] round {r}: held-out reverse KL {ev['heldout_rkl']:.4f} nats/token"
-                 + (f", accuracy {ev['accuracy']:.3f}" if ev.get("accuracy") is not None else ""))
+            echo(_eval_line(f"round {r}", ev))
         stopped = _stop_reason(cfg, [evals[i]["heldout_rkl"] for i in sorted(evals)])
         if stopped:
             echo(f"[opd run] stopping before training round {r}: {stopped}")
@@ -117,12 +116,16 @@ def run(cfg: OpdConfig, run: RunDir, rounds: int | None = None, *, rollout_devic
         ev = _read_eval(run, n)
         if ev is not None:
             evals[n] = ev
-            echo(f"[opd run] final student (round {n - 1}): held-out reverse KL {ev['heldout_rkl']:.4f} nats/token"
-                 + (f", accuracy {ev['accuracy']:.3f}" if ev.get("accuracy") is not None else ""))
+            echo(_eval_line(f"final student (round {n - 1})", ev))
     rkl = " → ".join(f"{evals[i]['heldout_rkl']:.3f}" for i in sorted(evals))
     line = (f"opd run {run.url}: {trained} round(s) trained" + (f", stopped early ({stopped})" if stopped else "")
             + (f"; held-out reverse KL by round: {rkl}" if rkl else ""))
     return {"rounds_trained": trained, "stopped": stopped, "evals": evals, "line": line}
+
+
+def _eval_line(what: str, ev: dict) -> str:
+    acc = f", accuracy {ev['accuracy']:.3f}" if ev.get("accuracy") is not None else ""
+    return f"[opd run] {what}: held-out reverse KL {ev['heldout_rkl']:.4f} nats/token{acc}"
 
 
 def _overlap_pays(rollout: Pool, score: Pool) -> bool:

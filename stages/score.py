@@ -216,9 +216,10 @@ def _follow(run: RunDir, round_index: int, split: str, shard: ShardSpec, teacher
     r_folder, s_folder = _folders(split)
     rollouts_dir = run.stage_dir(round_index, r_folder)
     scores_dir = run.stage_dir(round_index, s_folder)
+    seen: set[int] = set()
     while True:
         manifest = read_manifest(run, rollouts_dir)   # read first: shards seen after it are all there is
-        new = [s for s in run.existing_shards(round_index, r_folder) if shard.owns(s) and s not in followed]
+        new = [s for s in run.existing_shards(round_index, r_folder) if shard.owns(s) and s not in seen]
         if manifest is not None and not new:
             return manifest
         if not new:
@@ -237,7 +238,8 @@ def _follow(run: RunDir, round_index: int, split: str, shard: ShardSpec, teacher
             _score_shards(run, round_index, split, pending, entries, producers, teacher.scorer(), teacher.tokenizer,
                           cfg, teacher.dtype, stats)
             stats.score_s += time.perf_counter() - t0
-        followed.update(pending)
+        followed.update(pending)   # scored here (a valid score shard left by an earlier run is kept)
+        seen.update(new)
         if manifest is not None:
             return manifest
 

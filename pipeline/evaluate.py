@@ -56,7 +56,7 @@ def evaluate(cfg: OpdConfig, run: RunDir, round_index: int) -> dict[str, Any]:
     tokenizer = _tokenizer(cfg, run, round_index) if cfg.eval.checker else None
 
     samples = tokens = stopped = correct = 0
-    rkl_sum = rkl_sample_sum = teacher_nll_sum = 0.0
+    rkl_sum = teacher_nll_sum = 0.0
     for entry in rollouts.shards:
         table, _ = read_rollout_shard(run.fs, storage.join(r_dir, entry.name))
         cache = ScoreShard(run.fs, storage.join(s_dir, entry.name))
@@ -73,7 +73,6 @@ def evaluate(cfg: OpdConfig, run: RunDir, round_index: int) -> dict[str, Any]:
             samples += 1
             tokens += len(teacher)
             rkl_sum += diff
-            rkl_sample_sum += diff
             teacher_nll_sum -= float(teacher.sum())
             stopped += finish[i] == "stop"
             if tokenizer is not None:
@@ -85,7 +84,7 @@ def evaluate(cfg: OpdConfig, run: RunDir, round_index: int) -> dict[str, Any]:
         "format": EVAL_FORMAT, "version": EVAL_VERSION, "round": round_index, "samples": samples,
         "tokens": tokens, "mean_length": round(tokens / samples, 3),
         "heldout_rkl": round(rkl_sum / max(tokens, 1), 6),
-        "heldout_rkl_per_sample": round(rkl_sample_sum / samples, 6),
+        "heldout_rkl_per_sample": round(rkl_sum / samples, 6),
         "heldout_teacher_nll": round(teacher_nll_sum / max(tokens, 1), 6),
         "finish_stop_frac": round(stopped / samples, 6),
         "checker": cfg.eval.checker,

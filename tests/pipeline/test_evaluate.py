@@ -1,0 +1,81 @@
+"""Held-out figures: the reverse KL estimate and the gsm8k checker over real score shards."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from transformers import AutoTokenizer
+
+from opd.cache import storage
+from opd.cache.errors import OpdError
+from opd.cache.shards import ScoreShard, write_rollout_shard
+from opd.pipeline.config import EvalConfig, OpdConfig, RolloutConfig, RunConfig, ScoreConfig, dumps_config
+from opd.pipeline.evaluate import evaluate, read_eval
+from opd.pipeline.init import load_run_config
+from opd.pipeline.rundir import RunDir, finalize_stage, parquet_rows
+from opd.stages import score
+
+HELDOUT = [("h0", "Ann has 3 and gets 4.", "#### 7"), ("h1", "Bo has 20 and loses 8.", "#### 12"),
+           ("h2", "Cy has 9 and gives 6.", "#### 3")]
+COMPLETIONS = {"h0": "so the answer is 7", "h1": "#### 13", "h2": "3"}   # right, wrong, right
+
+
+def _run(tmp_path, tiny_teacher, tiny_student) -> RunDir:
+    heldout = tmp_path / "heldout.jsonl"
+    heldout.write_text("".join(json.dumps({"id": i, "prompt": p, "reference": r}) + "\n" for i, p, r in HELDOUT))
+    cfg = OpdConfig(run=RunConfig(student=str(tiny_student), teacher=str(tiny_teacher)),
+                    rollout=RolloutConfig(prompts=str(heldout)), score=ScoreConfig(top_k=8),
+                    eval=EvalConfig(prompts=str(heldout), reference_field="reference", id_field="id", n=2,
+                                    checker="gsm8k"))
+    run = RunDir(tmp_path / "run")
+    storage.makedirs(run.fs, run.root)
+    storage.atomic_write_bytes(run.fs, run.config_path, dumps_config(cfg).encode())
+    tok = AutoTokenizer.from_pretrained(str(tiny_student))
+    rows = []
+    for pid, prompt, _ in HELDOUT:
+        ids = tok(COMPLETIONS[pid], add_special_tokens=False)["input_ids"]
+        for i in range(2):
+            rows.append({"sample_id": f"{pid}/{i}", "prompt_id": pid, "sample_index": i, "source": "student",
+                         "prompt_ids": tok(prompt)["input_ids"], "completion_ids": ids,
+                         "sampling_logprobs": [-0.5 - 0.1 * i] * len(ids), "finish_reason": "stop" if i else "length",
+                         "sampling_hash": "h", "prompt_messages": None})
+    folder = run.stage_dir(0, "heldout/rollouts")
+    write_rollout_shard(run.fs, storage.join(folder, "part-00000.parquet"), rows, producer={"stage": "rollout"})
+    finalize_stage(run, folder, stage="heldout/rollouts", round_index=0, num_shards=1, producer={"stage": "rollout"},
+                   row_count=lambda p: parquet_rows(run, p))
+    return run
+
+
+def test_heldout_figures_from_the_definition(tmp_path, tiny_teacher, tiny_student):
+    run = _run(tmp_path, tiny_teacher, tiny_student)
+    with pytest.raises(OpdError, match="heldout/scores/_DONE.json not found"):
+        evaluate(load_run_config(run), run, 0)
+    out = score.run(load_run_config(run), run, 0, split="heldout", device="cpu")
+    ev = read_eval(run, 0)
+    assert out["eval"]["heldout_rkl"] == ev["heldout_rkl"] and "eval round 0" in out["line"]
+    cache = ScoreShard(run.fs, run.shard_path(0, "heldout/scores", 0))
+    diffs = []
+    for sid in cache.sample_ids:
+        i = int(sid.split("/")[1])
+        diffs += [(-0.5 - 0.1 * i) - float(t) for t in cache.by_id(sid).taken_logprobs_T]
+    assert ev["samples"] == 6 and ev["tokens"] == len(diffs)
+    assert ev["heldout_rkl"] == pytest.approx(sum(diffs) / len(diffs), abs=1e-5)
+    assert ev["heldout_rkl_per_sample"] == pytest.approx(sum(diffs) / 6, abs=1e-4)
+    assert ev["accuracy"] == pytest.approx(4 / 6) and ev["finish_stop_frac"] == pytest.approx(0.5)
+    metrics = [json.loads(x) for x in open(run.metrics_path(0))]
+    assert [m["heldout_rkl"] for m in metrics if m["stage"] == "eval"] == [ev["heldout_rkl"]]
+
+
+def test_missing_reference_and_corrupt_eval_file_are_one_line_errors(tmp_path, tiny_teacher, tiny_student):
+    run = _run(tmp_path, tiny_teacher, tiny_student)
+    (tmp_path / "heldout.jsonl").write_text(json.dumps({"id": "h0", "prompt": "x"}) + "\n")
+    with pytest.raises(OpdError, match="prompt 'h0' has none"):
+        from opd.pipeline.evaluate import _references
+
+        _references(load_run_config(run))
+    storage.makedirs(run.fs, storage.join(run.round_dir(0), "heldout"))
+    storage.atomic_write_bytes(run.fs, run.eval_path(0), b'{"format": "opd.eval", "version": 9}')
+    with pytest.raises(OpdError, match="eval.json: unreadable .*version 9") as e:
+        read_eval(run, 0)
+    assert "\n" not in str(e.value)

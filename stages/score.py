@@ -161,7 +161,8 @@ def _run_split(cfg: OpdConfig, run: RunDir, round_index: int, shard: ShardSpec, 
     shard_producers = {s: {**base_producer, "rollout_sha256": e.sha256} for s, e in entries.items()}
     owned = [s for s in entries if shard.owns(s)]
     only = None if shard.count == 1 else [shard_name(s) for s in owned]  # --force clears only this worker's shards
-    if should_skip(run, scores_dir, stage_producer, force, only):
+    # a follower that scored shards reports them even if a peer wrote the manifest in the meantime
+    if not followed and should_skip(run, scores_dir, stage_producer, force, only):
         done = read_manifest(run, scores_dir)
         return _skipped_summary(run, scores_dir, round_index, shard, done, split)
 

@@ -95,6 +95,7 @@ def run(cfg: OpdConfig, run: RunDir, rounds: int | None = None, *, rollout_devic
     mode = overlap or cfg.run.overlap
     follow = mode == "on" or (mode == "auto" and _overlap_pays(pools["rollout"], pools["score"]))
     common = [x for o in overrides for x in ("--set", o)]
+    _materialise_models(cfg, echo)
     ctx = _Ctx(run, pools, common, engine, echo, cfg.eval.enabled)
     evals: dict[int, dict] = {}
     stopped = ""
@@ -121,6 +122,16 @@ def run(cfg: OpdConfig, run: RunDir, rounds: int | None = None, *, rollout_devic
     line = (f"opd run {run.url}: {trained} round(s) trained" + (f", stopped early ({stopped})" if stopped else "")
             + (f"; held-out reverse KL by round: {rkl}" if rkl else ""))
     return {"rounds_trained": trained, "stopped": stopped, "evals": evals, "line": line}
+
+
+def _materialise_models(cfg: OpdConfig, echo) -> None:
+    """Resolve the base models once, here, before any stage process starts: a missing folder fails in one
+    line at once, and `opd:`/`tiny:` models are made once (overlapped stages would otherwise both convert
+    the teacher at the same time on a fresh machine)."""
+    from opd.pipeline.models import resolve_model
+
+    for ref in (cfg.run.teacher, cfg.run.student):
+        resolve_model(ref, cfg.run.models_dir or None)
 
 
 def _eval_line(what: str, ev: dict) -> str:

@@ -88,6 +88,9 @@ def test_bad_arguments_are_one_line_errors(tmp_path):
     assert res.returncode == 1 and res.stderr.strip().count("\n") == 0 and "opd init" in res.stderr
     res = opd_run(tmp_path / "r", "--config", "tiny", "--score-devices", "cpu,0")
     assert res.returncode == 1 and "--score-devices" in res.stderr and res.stderr.strip().count("\n") == 0
+    res = opd_run(tmp_path / "m", "--config", "tiny", "--set", f"run.student={tmp_path / 'missing'}")
+    assert res.returncode == 1 and "missing' not found" in res.stderr and res.stderr.strip().count("\n") == 0
+    assert not (tmp_path / "m" / "rounds").exists()   # failed before any stage started
 
 
 # ------------------------------------------------------------------------------------------ real loops

@@ -54,6 +54,16 @@ def choose_splits(split: str, heldout_configured: bool) -> list[str]:
     return [split]
 
 
+def combine_splits(summaries: list[dict]) -> dict:
+    """One stage invocation's summary over its splits: the first split's, the held-out one's under
+    "heldout", and one human line per split."""
+    summary = dict(summaries[0])
+    if len(summaries) > 1:
+        summary["heldout"] = summaries[1]
+        summary["line"] = "\n".join(s["line"] for s in summaries)
+    return summary
+
+
 def shard_name(index: int) -> str:
     return f"part-{index:05d}.parquet"
 

@@ -81,8 +81,9 @@ from opd.cache.shards import FORMAT_VERSION, METADATA_KEY, SOURCES, check_produc
 from opd.pipeline import fingerprint
 from opd.pipeline.config import OpdConfig, RolloutConfig
 from opd.pipeline.models import resolve_model
-from opd.pipeline.rundir import (MANIFEST, RunDir, ShardSpec, choose_splits, finalize_stage, previous_student,
-                                 read_manifest, shard_index, shard_name, should_skip, split_folder)
+from opd.pipeline.rundir import (MANIFEST, choose_splits, combine_splits, finalize_stage, previous_student,
+                                 read_manifest, RunDir, shard_index, shard_name, ShardSpec, should_skip,
+                                 split_folder)
 from opd.stages.engine import Engine, Sampling, load_engine, resolve_engine_name
 
 STAGE = "rollouts"            # the run-directory folder (and manifest stage name)
@@ -112,11 +113,7 @@ def run(cfg: OpdConfig, run: RunDir, round_index: int, shard: ShardSpec = ShardS
                                 teacher_dir if sp == "train" else None) for sp in splits]
     finally:
         engines.close()
-    summary = dict(summaries[0])
-    if len(summaries) > 1:
-        summary["heldout"] = summaries[1]
-        summary["line"] = "\n".join(s["line"] for s in summaries)
-    return summary
+    return combine_splits(summaries)
 
 
 def split_config(cfg: OpdConfig, split: str) -> OpdConfig:

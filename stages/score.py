@@ -69,9 +69,9 @@ from opd.cache.shards import METADATA_KEY, ScoreShard, ScoreShardWriter, check_p
 from opd.pipeline import fingerprint
 from opd.pipeline.config import OpdConfig
 from opd.pipeline.models import resolve_model
-from opd.pipeline.rundir import (MANIFEST, Manifest, RunDir, ShardEntry, ShardSpec, choose_splits, clear_stage,
-                                 finalize_stage, parquet_rows, previous_student, read_manifest, shard_index,
-                                 shard_name, should_skip, split_folder)
+from opd.pipeline.rundir import (MANIFEST, choose_splits, clear_stage, combine_splits, finalize_stage, Manifest,
+                                 parquet_rows, previous_student, read_manifest, RunDir, shard_index, shard_name,
+                                 ShardEntry, ShardSpec, should_skip, split_folder)
 
 _CHUNK_ELEMENTS = {"cuda": 1 << 26, "cpu": 1 << 23}  # [chunk, V] float32 buffer size per device type
 _MAX_QUEUED = 3                                      # background jobs in flight before the forward waits
@@ -94,11 +94,7 @@ def run(cfg: OpdConfig, run: RunDir, round_index: int, shard: ShardSpec = ShardS
         summaries = [_run_split(cfg, run, round_index, shard, teacher, force, sp, follow, poll_s) for sp in splits]
     finally:
         teacher.release()
-    summary = dict(summaries[0])
-    if len(summaries) > 1:
-        summary["heldout"] = summaries[1]
-        summary["line"] = "\n".join(x["line"] for x in summaries)
-    return summary
+    return combine_splits(summaries)
 
 
 def _folders(split: str) -> tuple[str, str]:

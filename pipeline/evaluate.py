@@ -30,13 +30,15 @@ import re
 import time
 from typing import Any
 
-import pyarrow.parquet as pq
 
 from opd.cache import storage
 from opd.cache.errors import OpdError
 from opd.cache.shards import ScoreShard, read_rollout_shard
-from opd.pipeline.config import OpdConfig
-from opd.pipeline.rundir import MANIFEST, RunDir, read_manifest, split_folder
+from opd.cache.config import OpdConfig
+from opd.cache.rundir import MANIFEST, RunDir, read_manifest, split_folder
+from opd.stages.prompts import load_prompts
+from opd.stages.rollout import split_config
+from opd.stages.students import load_tokenizer, start_student
 
 EVAL_FORMAT = "opd.eval"
 EVAL_VERSION = 1
@@ -53,7 +55,10 @@ def evaluate(cfg: OpdConfig, run: RunDir, round_index: int) -> dict[str, Any]:
             raise OpdError(f"{storage.join(folder, MANIFEST)} not found: run `opd rollout` and `opd score` "
                            f"for round {round_index} first (held-out split)")
     references = _references(cfg) if cfg.eval.checker else {}
-    tokenizer = _tokenizer(cfg, run, round_index) if cfg.eval.checker else None
+    tokenizer = None
+    if cfg.eval.checker:
+        with start_student(cfg, run, round_index, files="tokenizer") as student:
+            tokenizer = load_tokenizer(student.tokenizer_dir, f"student {student.label}")
 
     samples = tokens = stopped = correct = 0
     rkl_sum = teacher_nll_sum = 0.0
@@ -141,17 +146,9 @@ def gsm8k_correct(completion: str, reference: str | None) -> bool:
 
 
 def _references(cfg: OpdConfig) -> dict[str, str | None]:
-    from opd.stages.rollout import _load_prompts, split_config
-
-    prompts = _load_prompts(split_config(cfg, "heldout").rollout, 1.0)
+    prompts = load_prompts(split_config(cfg, "heldout").rollout, 1.0)
     missing = [p.id for p in prompts if not p.reference]
     if missing:
         raise OpdError(f"{cfg.eval.prompts}: eval.checker = {cfg.eval.checker!r} needs a reference in "
                        f"eval.reference_field = {cfg.eval.reference_field!r}, but prompt {missing[0]!r} has none")
     return {p.id: p.reference for p in prompts}
-
-
-def _tokenizer(cfg: OpdConfig, run: RunDir, round_index: int):
-    from opd.stages.score import _student_tokenizer
-
-    return _student_tokenizer(cfg, run, round_index)[1]

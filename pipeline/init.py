@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from opd.cache import storage
 from opd.cache.errors import OpdError
-from opd.pipeline.config import OpdConfig, dumps_config, load_config, loads_config
-from opd.pipeline.rundir import RunDir
+from opd.cache.config import dumps_config, load_config
+from opd.cache.rundir import RunDir
 
 
 def init_run(run_url: str, config_file: str, overrides=(), force: bool = False) -> tuple[str, bool]:
@@ -24,24 +24,3 @@ def init_run(run_url: str, config_file: str, overrides=(), force: bool = False) 
     storage.makedirs(run.fs, run.root)
     storage.atomic_write_bytes(run.fs, run.config_path, text.encode())
     return run.config_path, True
-
-
-def load_run_config(run: RunDir, overrides=()) -> OpdConfig:
-    """The config a stage runs with: RUN/opd.toml plus any --set overrides given to the stage."""
-    from opd.pipeline.config import apply_overrides, config_from_dict, ConfigError
-    import tomllib
-
-    text = run.read_config_text()
-    if not overrides:
-        try:
-            return loads_config(text)
-        except ConfigError as e:
-            raise ConfigError(f"{run.config_path}: {e}") from None
-    try:
-        data = tomllib.loads(text)
-        apply_overrides(data, overrides)
-        return config_from_dict(data)
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{run.config_path}: not valid TOML ({e}); fix it or re-run `opd init --force`") from None
-    except ConfigError as e:
-        raise ConfigError(f"{run.config_path}: {e}") from None

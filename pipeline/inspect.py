@@ -24,7 +24,7 @@ import polars as pl
 
 from opd.cache import storage
 from opd.cache.errors import OpdError
-from opd.pipeline.rundir import HELDOUT, RunDir, read_manifest
+from opd.cache.rundir import HELDOUT, RunDir, read_manifest
 
 # (column, dtype) in table order; `round_table` always returns exactly these.
 SCHEMA: dict[str, Any] = {

@@ -39,9 +39,10 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from opd.cache import console
 from opd.cache.errors import OpdError
-from opd.pipeline.config import OpdConfig
-from opd.pipeline.rundir import RunDir, choose_splits, read_manifest, split_folder
+from opd.cache.config import OpdConfig
+from opd.cache.rundir import RunDir, choose_splits, read_manifest, split_folder
 
 _PR_SET_PDEATHSIG = 1
 
@@ -128,7 +129,7 @@ def _materialise_models(cfg: OpdConfig, echo) -> None:
     """Resolve the base models once, here, before any stage process starts: a missing folder fails in one
     line at once, and `opd:`/`tiny:` models are made once (overlapped stages would otherwise both convert
     the teacher at the same time on a fresh machine)."""
-    from opd.pipeline.models import resolve_model
+    from opd.cache.models import resolve_model
 
     for ref in (cfg.run.teacher, cfg.run.student):
         resolve_model(ref, cfg.run.models_dir or None)
@@ -234,8 +235,9 @@ class _Ctx:
             for stage, workers in groups.items():
                 for cmd, env in workers:
                     self.echo(f"[opd run] round {r}: opd {' '.join(cmd[:1] + cmd[2:])}")
-                    procs.append((stage, subprocess.Popen(self.cli + cmd + self.common, env=env,
-                                                          preexec_fn=die_with_parent)))
+                    out, err = console.streams()
+                    procs.append((stage, subprocess.Popen(self.cli + cmd + self.common, env=env, stdout=out,
+                                                          stderr=err, preexec_fn=die_with_parent)))
             ended: dict[str, float] = {}
             pending = list(procs)
             while pending:
@@ -246,7 +248,8 @@ class _Ctx:
                         continue
                     pending.remove(item)
                     if code != 0:
-                        raise OpdError(f"round {r}: `opd {stage}` exited with status {code} (its error is above); "
+                        raise OpdError(f"round {r}: `opd {stage}` exited with status {code} (its error is above; "
+                                       f"logs in {os.path.dirname(self.run.log_path(r, stage))}/); "
                                        f"fix it and run `opd run {self.run.url}` again to resume")
                     if all(q.poll() is not None for s, q in procs if s == stage):
                         ended.setdefault(stage, time.perf_counter() - t0)

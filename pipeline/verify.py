@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from opd.cache import shards, storage
-from opd.pipeline.rundir import STAGES, RunDir, read_manifest, verify_shards
+from opd.cache.rundir import STAGES, RunDir, read_manifest, verify_shards
 
 
 def verify_run(run_url: str) -> list[str]:

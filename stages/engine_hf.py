@@ -23,19 +23,8 @@ from typing import Sequence
 import torch
 from transformers import LogitsProcessor, StoppingCriteria
 
+from opd.cache.devices import placement
 from opd.stages.engine import Completion, Progress, Sampling
-
-
-def _device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def _dtype(dtype: str, device: torch.device) -> torch.dtype:
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 
 
 class HFEngine:
@@ -49,10 +38,11 @@ class HFEngine:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.served = str(adapter_dir or model_dir)
-        self.device = _device(device)
+        where = placement(device, dtype, "rollout device")
+        self.device = where.device
         self.max_batch_rows = max_batch_rows
         self.tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir or model_dir))
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=_dtype(dtype, self.device))
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=where.dtype)
         if adapter_dir is not None:
             from peft import PeftModel
 

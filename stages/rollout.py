@@ -61,7 +61,6 @@ Engines (stages/engine.py: interface; engine_vllm.py; engine_hf.py): "auto" = vL
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import math
@@ -72,23 +71,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from opd.cache import storage
-from opd.cache.errors import OpdError, first_line
-from opd.cache.shards import FORMAT_VERSION, METADATA_KEY, SOURCES, check_producer, write_rollout_shard
-from opd.pipeline import fingerprint
-from opd.pipeline.config import OpdConfig, RolloutConfig
-from opd.pipeline.models import resolve_model
-from opd.pipeline.rundir import (MANIFEST, choose_splits, combine_splits, finalize_stage, previous_student,
-                                 read_manifest, RunDir, shard_index, shard_name, ShardSpec, should_skip,
+from opd.cache import console, storage
+from opd.cache.errors import OpdError
+from opd.cache.shards import FORMAT_VERSION, SOURCES, check_producer, read_shard_meta, write_rollout_shard
+from opd.cache import fingerprint
+from opd.cache.config import OpdConfig, RolloutConfig
+from opd.cache.devices import placement
+from opd.cache.models import resolve_model
+from opd.cache.rundir import (MANIFEST, choose_splits, combine_splits, finalize_stage, read_manifest, RunDir, shard_index, shard_name, ShardSpec, should_skip,
                                  split_folder)
+from opd.stages.prompts import Prompt, load_prompts, prompts_hash, render
+from opd.stages.students import StartStudent, start_student
 from opd.stages.engine import Engine, Sampling, load_engine, resolve_engine_name
 
 STAGE = "rollouts"            # the run-directory folder (and manifest stage name)
 PRODUCER_STAGE = "rollout"    # the producer record's stage
-_HOW_KEYS = ("engine", "gpu_memory_utilization", "enforce_eager")   # outside the config hash
 
 
 def run(cfg: OpdConfig, run: RunDir, round_index: int, shard: ShardSpec = ShardSpec(),
@@ -102,7 +101,12 @@ def run(cfg: OpdConfig, run: RunDir, round_index: int, shard: ShardSpec = ShardS
     under "heldout"; its "line" is the one-line human summary per split the CLI prints.
     """
     splits = choose_splits(split, cfg.eval.enabled)
-    student = _student(cfg, run, round_index)
+    with start_student(cfg, run, round_index) as student:
+        return _run(cfg, run, round_index, shard, engine, force, splits, student)
+
+
+def _run(cfg: OpdConfig, run: RunDir, round_index: int, shard: ShardSpec, engine, force: bool, splits: list[str],
+         student: StartStudent) -> dict:
     teacher_dir = None
     if "train" in splits and cfg.rollout.lmbda_for_round(round_index) < 1 and cfg.rollout.offpolicy_source == "teacher":
         teacher_dir = resolve_model(cfg.run.teacher, cfg.run.models_dir or None)
@@ -129,13 +133,13 @@ def split_config(cfg: OpdConfig, split: str) -> OpdConfig:
 
 
 def _run_split(cfg: OpdConfig, run: RunDir, round_index: int, shard: ShardSpec, engines: "_Engines", force: bool,
-               split: str, student: "_Student", teacher_dir: Path | None) -> dict:
+               split: str, student: StartStudent, teacher_dir: Path | None) -> dict:
     rc = cfg.rollout
     t0 = time.perf_counter()
     lmbda = rc.lmbda_for_round(round_index)
     folder = split_folder(split, STAGE)
     stage_dir = run.stage_dir(round_index, folder)
-    producer = _producer(cfg, round_index, lmbda, student, teacher_dir)
+    producer = _producer(cfg, round_index, lmbda, student, teacher_dir, engines.placement.dtype_name)
     what = f"rollout round {round_index}" + ("" if split == "train" else f" {split}")
 
     mine = None   # --force under --shard i/N clears this worker's shards only (and the manifest)
@@ -152,8 +156,8 @@ def _run_split(cfg: OpdConfig, run: RunDir, round_index: int, shard: ShardSpec, 
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(student.tokenizer_dir))
-    prompts = _load_prompts(rc, lmbda)
-    kept, skipped = _render(prompts, tokenizer, rc, student.tokenizer_dir)
+    prompts = load_prompts(rc, lmbda)
+    kept, skipped = render(prompts, tokenizer, rc, student.tokenizer_dir)
     if not kept:
         raise OpdError(f"{rc.prompts}: no prompts left: all {skipped} are longer than "
                        f"rollout.max_prompt_tokens={rc.max_prompt_tokens}")
@@ -168,7 +172,8 @@ def _run_split(cfg: OpdConfig, run: RunDir, round_index: int, shard: ShardSpec, 
     storage.remove_tmp_files(run.fs, stage_dir, {shard_name(s) for s in owned})
     present = set(run.existing_shards(round_index, folder))
     for s in sorted(present):
-        _check_shard_producer(run, run.shard_path(round_index, folder, s), producer)
+        path = run.shard_path(round_index, folder, s)
+        check_producer(path, read_shard_meta(run.fs, path).get("producer", {}), producer)
     todo = [s for s in owned if s not in present]
 
     sampling = Sampling(n=rc.n, temperature=rc.temperature, top_p=rc.top_p, top_k=rc.top_k,
@@ -176,11 +181,11 @@ def _run_split(cfg: OpdConfig, run: RunDir, round_index: int, shard: ShardSpec, 
     sampling_hash = _sampling_hash(rc, cfg.run.seed)
     stats = {"samples": 0, "student": 0, "offpolicy": 0, "tokens": 0, "gen_seconds": 0.0}
     todo_items = [p for s in todo for p in kept[s * S:(s + 1) * S]]
-    from tqdm import tqdm
-
-    bar = tqdm(total=len(todo_items), unit="prompt", desc=f"rollout r{round_index} {split} [{shard}]",
-               disable=not todo, dynamic_ncols=True)
-    gen_start = time.perf_counter()
+    engines.prepare(student=any(p.on_policy for p in todo_items),
+                    teacher=teacher_dir is not None and not all(p.on_policy for p in todo_items))
+    bar = console.bar(total=len(todo_items), unit="prompt", desc=f"rollout r{round_index} {split} [{shard}]",
+                      disable=not todo)
+    gen_start = time.perf_counter()   # model loading stays out of tokens/s
 
     def progress(prompts_done: int, tokens: int) -> None:
         stats["tokens"] += tokens
@@ -188,13 +193,11 @@ def _run_split(cfg: OpdConfig, run: RunDir, round_index: int, shard: ShardSpec, 
         bar.set_postfix_str(f"{stats['tokens'] / max(time.perf_counter() - gen_start, 1e-9):.0f} tok/s")
 
     try:
-        engines.prepare(student=any(p.on_policy for p in todo_items),
-                        teacher=teacher_dir is not None and not all(p.on_policy for p in todo_items))
-        gen_start = time.perf_counter()   # model loading stays out of tokens/s
+        job = _ShardJob(engines, sampling, sampling_hash, tokenizer, rc, cfg.run.seed, round_index, split, progress,
+                        stats)
         for s in todo:
             items = kept[s * S:(s + 1) * S]
-            rows = _shard_rows(items, engines, sampling, sampling_hash, tokenizer, rc, cfg.run.seed,
-                               round_index, s, progress, stats, split)
+            rows = _shard_rows(job, items, s)
             write_rollout_shard(run.fs, run.shard_path(round_index, folder, s), rows, producer,
                                 extra_meta={"round": round_index, "shard": s, "split": split,
                                             "engine": engines.name, "sampling_hash": sampling_hash})
@@ -227,154 +230,6 @@ def _run_split(cfg: OpdConfig, run: RunDir, round_index: int, shard: ShardSpec, 
     return summary
 
 
-# ------------------------------------------------------------------------------------------ prompts
-
-@dataclass
-class _Prompt:
-    id: str
-    messages: list[dict]          # the chat messages (a plain prompt becomes one user message)
-    text: str | None              # the plain prompt string, when the row had one
-    reference: str | None         # reference response, when read
-    where: str                    # "FILE line N" / "FILE row N", for errors
-    prompt_ids: list[int] = dataclasses.field(default_factory=list)
-    on_policy: bool = True
-
-
-def _load_prompts(rc: RolloutConfig, lmbda: float) -> list[_Prompt]:
-    """The first `max_prompts` rows of the prompt set, checked (one-line errors naming file + line)."""
-    path = rc.prompts
-    need_reference = lmbda < 1 and rc.offpolicy_source == "dataset"
-    if need_reference and not rc.reference_field:
-        raise OpdError(f"rollout.reference_field is empty, but λ={lmbda} < 1 with offpolicy_source='dataset' "
-                       f"needs reference responses: set rollout.reference_field (or lmbda = 1, or "
-                       f"offpolicy_source = 'teacher')")
-    prompts: list[_Prompt] = []
-    seen: dict[str, str] = {}
-    for index, (where, row) in enumerate(_iter_rows(path)):
-        if rc.max_prompts and index >= rc.max_prompts:
-            break
-        p = _parse_row(row, where, index, rc, need_reference)
-        if p.id in seen:
-            raise OpdError(f"{where}: duplicate prompt id {p.id!r} (first at {seen[p.id]}); "
-                           f"ids in '{rc.id_field}' must be unique")
-        seen[p.id] = where
-        prompts.append(p)
-    if not prompts:
-        raise OpdError(f"{path}: no prompts (the prompt set is empty)")
-    return prompts
-
-
-def _iter_rows(path: str):
-    """(where, row) pairs of a .jsonl file, a .parquet file or a local `datasets` folder."""
-    p = Path(path)
-    if not p.exists():
-        raise OpdError(f"{path}: prompt file not found (rollout.prompts)")
-    if p.is_dir():
-        yield from _iter_dataset(p)
-    elif p.suffix == ".parquet":
-        try:
-            rows = pq.read_table(p).to_pylist()
-        except Exception as e:  # pyarrow raises several kinds for unreadable files
-            raise OpdError(f"{path}: not a readable Parquet file ({first_line(e)})") from None
-        for i, row in enumerate(rows):
-            yield f"{path} row {i}", row
-    elif p.suffix in (".jsonl", ".json", ".ndjson"):
-        with open(p, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except ValueError as e:
-                    raise OpdError(f"{path} line {lineno}: not valid JSON ({first_line(e)})") from None
-                yield f"{path} line {lineno}", row
-    else:
-        raise OpdError(f"{path}: unknown prompt file type: use a .jsonl or .parquet file, or a folder "
-                       f"saved with datasets' save_to_disk")
-
-
-def _iter_dataset(folder: Path):
-    try:
-        import datasets
-    except ImportError:
-        raise OpdError(f"{folder}: a prompt folder is read with the `datasets` package, which is not "
-                       f"installed (`pip install datasets`), or use a .jsonl / .parquet file") from None
-    try:
-        ds = datasets.load_from_disk(str(folder))
-    except Exception as e:
-        raise OpdError(f"{folder}: not a dataset saved with save_to_disk ({first_line(e)})") from None
-    if isinstance(ds, datasets.DatasetDict):
-        if "train" not in ds:
-            raise OpdError(f"{folder}: a DatasetDict without a 'train' split ({', '.join(ds)}); "
-                           f"point rollout.prompts at one split's folder")
-        ds = ds["train"]
-    for i, row in enumerate(ds):
-        yield f"{folder} row {i}", row
-
-
-def _parse_row(row: Any, where: str, index: int, rc: RolloutConfig, need_reference: bool) -> _Prompt:
-    if not isinstance(row, dict):
-        raise OpdError(f"{where}: a prompt row must be a JSON object, got {type(row).__name__}")
-    messages, text = row.get(rc.messages_field), None
-    if messages is not None:
-        if (not isinstance(messages, list) or not messages
-                or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
-                           and isinstance(m.get("content"), str) for m in messages)):
-            raise OpdError(f"{where}: '{rc.messages_field}' must be a non-empty list of "
-                           f"{{\"role\": str, \"content\": str}} objects")
-        messages = [{"role": m["role"], "content": m["content"]} for m in messages]
-    else:
-        text = row.get(rc.prompt_field)
-        if text is None:
-            raise OpdError(f"{where}: has neither '{rc.prompt_field}' nor '{rc.messages_field}' "
-                           f"(set rollout.prompt_field / rollout.messages_field)")
-        if not isinstance(text, str) or not text.strip():
-            raise OpdError(f"{where}: '{rc.prompt_field}' must be a non-empty string, got {text!r:.60}")
-        messages = [{"role": "user", "content": text}]
-    if rc.id_field:
-        pid = row.get(rc.id_field)
-        if pid is None or (isinstance(pid, str) and not pid):
-            raise OpdError(f"{where}: no id in '{rc.id_field}' (rollout.id_field)")
-        pid = str(pid)
-    else:
-        pid = str(index)
-    reference = None
-    if rc.reference_field:
-        reference = row.get(rc.reference_field)
-        if reference is not None and not isinstance(reference, str):
-            raise OpdError(f"{where}: '{rc.reference_field}' must be a string, got {type(reference).__name__}")
-        if reference is None and need_reference:
-            raise OpdError(f"{where}: no reference response in '{rc.reference_field}' (off-policy rows with "
-                           f"offpolicy_source='dataset' need one for every prompt)")
-    return _Prompt(id=pid, messages=messages, text=text, reference=reference, where=where)
-
-
-def _render(prompts: list[_Prompt], tokenizer, rc: RolloutConfig, tokenizer_dir) -> tuple[list[_Prompt], int]:
-    """Prompt token ids as the student sees them; returns (kept prompts, number skipped as too long)."""
-    if rc.chat_template:
-        if not getattr(tokenizer, "chat_template", None):
-            raise OpdError(f"{tokenizer_dir}: the student tokenizer has no chat template; "
-                           f"set rollout.chat_template = false to tokenize prompts as plain text")
-        texts = []
-        for p in prompts:
-            try:
-                texts.append(tokenizer.apply_chat_template(p.messages, add_generation_prompt=True, tokenize=False))
-            except Exception as e:  # jinja template errors (e.g. roles the template refuses)
-                raise OpdError(f"{p.where}: the chat template refused these messages ({first_line(e)})") from None
-        ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    else:
-        texts = [p.text if p.text is not None else "\n\n".join(m["content"] for m in p.messages) for p in prompts]
-        ids = tokenizer(texts)["input_ids"]
-    kept, skipped = [], 0
-    for p, p_ids in zip(prompts, ids):
-        if len(p_ids) > rc.max_prompt_tokens:
-            skipped += 1
-            continue
-        p.prompt_ids = [int(t) for t in p_ids]
-        kept.append(p)
-    return kept, skipped
-
-
 def _on_policy(seed: int, round_index: int, prompt_id: str, lmbda: float) -> bool:
     """Prompt-level λ choice: u(seed, round, prompt id) ∈ [0, 1) from sha256, on-policy iff u < λ."""
     if lmbda >= 1:
@@ -387,45 +242,7 @@ def _on_policy(seed: int, round_index: int, prompt_id: str, lmbda: float) -> boo
 
 # ------------------------------------------------------------------------------------------ models
 
-@dataclass(frozen=True)
-class _Student:
-    source: Path                  # the round's student folder (checkpoint, or LoRA adapter folder)
-    base: Path                    # checkpoint to load (== source unless `adapter`)
-    adapter: Path | None          # PEFT LoRA adapter folder on top of `base`
-    tokenizer_dir: Path
-
-
-def _student(cfg: OpdConfig, run: RunDir, round_index: int) -> _Student:
-    if round_index == 0:
-        folder = Path(resolve_model(cfg.run.student, cfg.run.models_dir or None))
-    else:
-        if not isinstance(run.fs, pafs.LocalFileSystem):
-            raise OpdError(f"{run.url}: rollout of round {round_index} loads the student from the run "
-                           f"folder, which must be local for the engines (copy the run or mount it)")
-        folder = Path(previous_student(run, round_index))
-    if not (folder / "adapter_config.json").is_file():
-        return _Student(folder, folder, None, folder)
-    base = _adapter_base(folder, cfg)
-    has_tokenizer = any((folder / n).is_file() for n in fingerprint.TOKENIZER_FILES)
-    return _Student(folder, base, folder, folder if has_tokenizer else base)
-
-
-def _adapter_base(adapter: Path, cfg: OpdConfig) -> Path:
-    """The adapter's base checkpoint: its recorded base_model_name_or_path where that is a folder
-    (or an opd:/tiny: name), else the run's base student (`run.student`)."""
-    try:
-        recorded = json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path") or ""
-    except ValueError:
-        raise OpdError(f"{adapter}/adapter_config.json: not valid JSON; re-run the train stage") from None
-    if recorded.startswith(("opd:", "tiny:")):
-        return Path(resolve_model(recorded, cfg.run.models_dir or None))
-    for cand in (Path(recorded).expanduser(), adapter / recorded):
-        if recorded and (cand / "config.json").is_file():
-            return cand
-    return Path(resolve_model(cfg.run.student, cfg.run.models_dir or None))
-
-
-def _merge_lora(student: _Student) -> Path:
+def _merge_lora(student: StartStudent) -> Path:
     """Merge the LoRA adapter into its base (peft merge_and_unload) in a temporary folder."""
     import torch
     from peft import PeftModel
@@ -454,9 +271,11 @@ def _check_same_vocab(tokenizer, teacher_dir: Path) -> None:
 class _Engines:
     """Student and teacher engines, built on first use, closed at the end (unless passed in)."""
 
-    def __init__(self, cfg: OpdConfig, round_index: int, student: _Student, teacher_dir: Path | None,
+    def __init__(self, cfg: OpdConfig, round_index: int, student: StartStudent, teacher_dir: Path | None,
                  engine: str | Engine | None):
         self.cfg, self.round, self.student, self.teacher_dir = cfg, round_index, student, teacher_dir
+        self.placement = placement("auto", cfg.rollout.dtype, "rollout")
+        self._described = False
         self._given = None if engine is None or isinstance(engine, str) else engine
         if self._given is not None:
             served = Path(self._given.served).resolve()
@@ -472,12 +291,15 @@ class _Engines:
 
     def _load(self, model_dir: Path, role: str, tokenizer_dir: Path, adapter: Path | None) -> Engine:
         rc = self.cfg.rollout
+        if not self._described:
+            console.say(self.placement.describe(f"rollout ({self.name})"))
+            self._described = True
         share = 2 if self.teacher_dir is not None else 1   # both models live together
         return load_engine(self.name, str(model_dir), seed=fingerprint.derive_seed(self.cfg.run.seed, self.round, role),
                            tokenizer_dir=str(tokenizer_dir), adapter_dir=str(adapter) if adapter else None,
                            max_model_len=_max_model_len(model_dir, rc),
                            gpu_memory_utilization=rc.gpu_memory_utilization / share,
-                           enforce_eager=rc.enforce_eager)
+                           enforce_eager=rc.enforce_eager, dtype=self.placement.dtype_name)
 
     def prepare(self, student: bool, teacher: bool) -> None:
         """Load the engines the work needs now (so model loading stays out of the tokens/s figure)."""
@@ -526,9 +348,25 @@ def _max_model_len(model_dir: Path, rc: RolloutConfig) -> int:
 
 # ------------------------------------------------------------------------------------------ shards
 
-def _shard_rows(items: list[_Prompt], engines: _Engines, sampling: Sampling, sampling_hash: str, tokenizer,
-                rc: RolloutConfig, seed: int, round_index: int, shard: int, progress, stats, split: str) -> list[dict]:
+@dataclass
+class _ShardJob:
+    """What writing the shards of one split needs (the same for each shard)."""
+    engines: _Engines
+    sampling: Sampling
+    sampling_hash: str
+    tokenizer: Any
+    rc: RolloutConfig
+    seed: int
+    round_index: int
+    split: str
+    progress: Any                 # progress(prompts_done, tokens)
+    stats: dict
+
+
+def _shard_rows(job: _ShardJob, items: list[Prompt], shard: int) -> list[dict]:
     """Rows of one shard, in prompt order, samples 0..n-1 (one row for a dataset reference)."""
+    engines, sampling, sampling_hash, tokenizer = job.engines, job.sampling, job.sampling_hash, job.tokenizer
+    rc, seed, round_index, split, progress, stats = job.rc, job.seed, job.round_index, job.split, job.progress, job.stats
     role = "student" if split == "train" else f"student-{split}"   # held-out draws its own random stream
     on = [p for p in items if p.on_policy]
     off = [p for p in items if not p.on_policy]
@@ -571,15 +409,6 @@ def _reference_ids(tokenizer, text: str) -> list[int]:
     return ids
 
 
-def _check_shard_producer(run: RunDir, path: str, producer: dict) -> None:
-    """A shard left by an earlier (killed) run must come from the same producer, else --force."""
-    try:
-        meta = json.loads(pq.read_schema(path, filesystem=run.fs).metadata[METADATA_KEY])
-    except Exception as e:
-        raise OpdError(f"{path}: unreadable rollout shard ({first_line(e)}); delete it and re-run") from None
-    check_producer(path, meta.get("producer", {}), producer)
-
-
 def _stage_summary(run: RunDir, round_index: int, folder: str, num_shards: int, read: int, kept: int, skipped: int,
                    on: int, lmbda: float) -> dict | None:
     """Figures for `_DONE.json`, computed from the shards (equal whichever worker computes them);
@@ -607,32 +436,17 @@ def _public(summary: dict) -> dict:
 
 # ------------------------------------------------------------------------------------------ hashes
 
-def _producer(cfg: OpdConfig, round_index: int, lmbda: float, student: _Student, teacher_dir: Path | None) -> dict:
-    rollout = {k: v for k, v in dataclasses.asdict(cfg.rollout).items() if k not in _HOW_KEYS}
+def _producer(cfg: OpdConfig, round_index: int, lmbda: float, student: StartStudent, teacher_dir: Path | None,
+              dtype: str) -> dict:
     p = {"stage": PRODUCER_STAGE, "model_hash": fingerprint.model_hash(student.source),
          "tokenizer_hash": fingerprint.tokenizer_hash(student.tokenizer_dir),
-         "config_hash": hashlib.sha256(json.dumps(rollout, sort_keys=True).encode()).hexdigest(),
-         "format_version": FORMAT_VERSION, "round": round_index, "seed": cfg.run.seed, "lmbda": lmbda,
-         "prompts_hash": _prompts_hash(cfg.rollout.prompts)}
+         "config_hash": cfg.section_hash("rollout"), "format_version": FORMAT_VERSION, "round": round_index,
+         "seed": cfg.run.seed, "lmbda": lmbda, "prompts_hash": prompts_hash(cfg.rollout.prompts), "dtype": dtype}
     if student.adapter is not None:
         p["base_model_hash"] = fingerprint.model_hash(student.base)
     if teacher_dir is not None:
         p["teacher_hash"] = fingerprint.model_hash(teacher_dir)
     return p
-
-
-def _prompts_hash(path: str) -> str:
-    p = Path(path)
-    if not p.exists():
-        raise OpdError(f"{path}: prompt file not found (rollout.prompts)")
-    files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
-    h = hashlib.sha256()
-    for f in files:
-        h.update(str(f.relative_to(p) if p.is_dir() else f.name).encode() + b"\0")
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 22), b""):
-                h.update(block)
-    return h.hexdigest()
 
 
 def _sampling_hash(rc: RolloutConfig, seed: int) -> str:

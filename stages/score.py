@@ -22,8 +22,9 @@ rollout manifest. Shards need nothing from the rollout manifest, so `--follow` c
 as they appear (each is renamed into place whole) while the rollout stage still runs.
 
 Splits: `--split train` scores RUN/rounds/R/rollouts/ into scores/, `--split heldout` the validation
-samples RUN/rounds/R/heldout/rollouts/ into heldout/scores/ and then writes heldout/eval.json
-(opd.pipeline.evaluate); `--split all` (default) does both that exist in the config, teacher loaded once.
+samples RUN/rounds/R/heldout/rollouts/ into heldout/scores/ (after which `opd score` computes
+heldout/eval.json with opd.pipeline.evaluate); `--split all` (default) does both that exist in the
+config, teacher loaded once.
 
 How it runs fast: a sample is fed as prompt + completion without its last token (nothing predicts past
 the end); samples are sorted by length and packed, right-padded, into batches of at most
@@ -46,31 +47,28 @@ vocabulary (lm_head rows), K top-k.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import re
-import tempfile
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 import torch
 
-from opd.cache import storage
+from opd.cache import console, storage
 from opd.cache.errors import FingerprintMismatch, FormatError, OpdError
-from opd.cache.shards import METADATA_KEY, ScoreShard, ScoreShardWriter, check_producer, read_rollout_shard
-from opd.pipeline import fingerprint
-from opd.pipeline.config import OpdConfig
-from opd.pipeline.models import resolve_model
-from opd.pipeline.rundir import (MANIFEST, choose_splits, clear_stage, combine_splits, finalize_stage, Manifest,
-                                 parquet_rows, previous_student, read_manifest, RunDir, shard_index, shard_name,
+from opd.cache.shards import ScoreShard, ScoreShardWriter, check_producer, read_rollout_shard, read_shard_meta
+from opd.cache import fingerprint
+from opd.cache.config import OpdConfig
+from opd.cache.devices import placement
+from opd.cache.models import resolve_model
+from opd.stages.heads import gather_positions, head_path_matches
+from opd.stages.students import load_tokenizer, start_student
+from opd.cache.rundir import (MANIFEST, choose_splits, clear_stage, combine_splits, finalize_stage, Manifest,
+                                 parquet_rows, read_manifest, RunDir, shard_index, shard_name,
                                  ShardEntry, ShardSpec, should_skip, split_folder)
 
 _CHUNK_ELEMENTS = {"cuda": 1 << 26, "cpu": 1 << 23}  # [chunk, V] float32 buffer size per device type
@@ -85,8 +83,7 @@ def run(cfg: OpdConfig, run: RunDir, round_index: int, shard: ShardSpec = ShardS
     `split`: "train", "heldout" (the validation samples, RUN/rounds/R/heldout/) or "all" (both that
     are configured; the teacher loads once). `follow`: do not require the rollout manifest yet;
     score rollout shards as they appear (each is renamed into place whole) until the rollout stage
-    writes its manifest: how `opd run` overlaps scoring with rollout. After the held-out scores are
-    complete, the round's held-out figures are computed (opd.pipeline.evaluate).
+    writes its manifest: how `opd run` overlaps scoring with rollout.
     """
     splits = choose_splits(split, cfg.eval.enabled)
     teacher = _Teacher(cfg, device)
@@ -108,14 +105,15 @@ class _Teacher:
     def __init__(self, cfg: OpdConfig, device: str | None):
         self.cfg = cfg
         self.dir = resolve_model(cfg.run.teacher, cfg.run.models_dir or None)
-        self.tokenizer = _load_tokenizer(self.dir, f"teacher {cfg.run.teacher}")
-        self.dev = _resolve_device(device or cfg.score.device)
-        self.dtype = _resolve_dtype(cfg.score.dtype, self.dev)
+        self.tokenizer = load_tokenizer(self.dir, f"teacher {cfg.run.teacher}")
+        self.placement = placement(device or cfg.score.device, cfg.score.dtype, "score.device")
+        self.dev, self.dtype = self.placement.device, self.placement.dtype
         self._scorer: _Scorer | None = None
 
     def scorer(self) -> "_Scorer":
         if self._scorer is None:
             sc = self.cfg.score
+            console.say(self.placement.describe("score"))
             model = _load_teacher(self.dir, self.dev, self.dtype)
             vocab_size = model.get_output_embeddings().weight.shape[0]
             if sc.top_k > vocab_size:
@@ -140,10 +138,13 @@ def _run_split(cfg: OpdConfig, run: RunDir, round_index: int, shard: ShardSpec, 
         raise OpdError(f"{storage.join(rollouts_dir, MANIFEST)} not found (round {round_index} has no finished "
                        f"{'held-out ' if split != 'train' else ''}rollouts): run `opd rollout {run.url} "
                        f"--round {round_index}` first")
-    student_ref, student_tok = _student_tokenizer(cfg, run, round_index)
-    _check_vocab(cfg.run.teacher, teacher.tokenizer, student_ref, student_tok)
-    base_producer = fingerprint.producer("score", teacher.dir, cfg.section_hash("score"))
+    with start_student(cfg, run, round_index, files="tokenizer") as student:
+        student_tok = load_tokenizer(student.tokenizer_dir, f"student {student.label}")
+        _check_vocab(cfg.run.teacher, teacher.tokenizer, student.label, student_tok)
+    base_producer = fingerprint.producer("score", teacher.dir, cfg.section_hash("score"),
+                                         dtype=teacher.placement.dtype_name)
     stats = _Totals()
+    job = _Job(run, round_index, split, cfg, teacher, stats)
     followed: set[int] = set()
     if rollouts is None:
         if force:
@@ -151,9 +152,9 @@ def _run_split(cfg: OpdConfig, run: RunDir, round_index: int, shard: ShardSpec, 
                         [n for n in storage.listdir(run.fs, scores_dir) if shard_index(n) is not None
                          and shard.owns(shard_index(n))])
             force = False
-        rollouts = _follow(run, round_index, split, shard, teacher, base_producer, cfg, stats, followed, poll_s)
+        rollouts = _follow(job, shard, base_producer, followed, poll_s)
     entries = _rollout_entries(rollouts, rollouts_dir)
-    stage_producer = {**base_producer, "rollouts_sha256": _rollouts_digest(rollouts)}
+    stage_producer = {**base_producer, "rollouts_sha256": rollouts.digest()}
     shard_producers = {s: {**base_producer, "rollout_sha256": e.sha256} for s, e in entries.items()}
     owned = [s for s in entries if shard.owns(s)]
     only = None if shard.count == 1 else [shard_name(s) for s in owned]  # --force clears only this worker's shards
@@ -168,8 +169,7 @@ def _run_split(cfg: OpdConfig, run: RunDir, round_index: int, shard: ShardSpec, 
                    and storage.exists(run.fs, run.shard_path(round_index, s_folder, s)))
     if pending:
         t0 = time.perf_counter()
-        _score_shards(run, round_index, split, pending, entries, shard_producers, teacher.scorer(),
-                      teacher.tokenizer, cfg, teacher.dtype, stats)
+        _score_shards(job, pending, entries, shard_producers)
         stats.score_s += time.perf_counter() - t0
 
     manifest = None
@@ -192,25 +192,20 @@ def _run_split(cfg: OpdConfig, run: RunDir, round_index: int, shard: ShardSpec, 
         "mean_topk_mass": _ratio(stats.topk_mass_sum, stats.positions, 6),
         "mean_entropy": _ratio(stats.entropy_sum, stats.positions, 6),
         "top_k": sc.top_k, "temperature": sc.temperature, "device": str(teacher.dev),
-        "dtype": _dtype_name(teacher.dtype), "followed": follow,
+        "dtype": teacher.placement.dtype_name, "followed": follow,
         "score_s": round(stats.score_s, 3), "tokens_per_s": _ratio(stats.tokens, stats.score_s, 1),
         "wall_s": round(time.perf_counter() - t_start, 3), "manifest_written": manifest is not None,
     }
     run.append_metrics(round_index, {"time": time.time(), **summary})
     summary["line"] = _summary_line(summary, run, round_index, s_folder)
-    if manifest is not None and split == "heldout":
-        from opd.pipeline.evaluate import evaluate
-
-        summary["eval"] = evaluate(cfg, run, round_index)
-        summary["line"] += "\n" + summary["eval"]["line"]
     return summary
 
 
-def _follow(run: RunDir, round_index: int, split: str, shard: ShardSpec, teacher: _Teacher, base_producer: dict,
-            cfg: OpdConfig, stats: "_Totals", followed: set[int], poll_s: float) -> Manifest:
+def _follow(job: "_Job", shard: ShardSpec, base_producer: dict, followed: set[int], poll_s: float) -> Manifest:
     """Score this worker's rollout shards as they appear, until the rollout manifest exists; return it.
     A shard in the rollout folder is complete (renamed into place whole), so its checksum is final."""
-    r_folder, s_folder = _folders(split)
+    run, round_index = job.run, job.round_index
+    r_folder, s_folder = _folders(job.split)
     rollouts_dir = run.stage_dir(round_index, r_folder)
     scores_dir = run.stage_dir(round_index, s_folder)
     seen: set[int] = set()
@@ -232,9 +227,8 @@ def _follow(run: RunDir, round_index: int, split: str, shard: ShardSpec, teacher
         if pending:
             storage.remove_tmp_files(run.fs, scores_dir, {shard_name(s) for s in pending})
             t0 = time.perf_counter()
-            _score_shards(run, round_index, split, pending, entries, producers, teacher.scorer(), teacher.tokenizer,
-                          cfg, teacher.dtype, stats)
-            stats.score_s += time.perf_counter() - t0
+            _score_shards(job, pending, entries, producers)
+            job.stats.score_s += time.perf_counter() - t0
         followed.update(pending)   # scored here (a valid score shard left by an earlier run is kept)
         seen.update(new)
         if manifest is not None:
@@ -256,38 +250,6 @@ def _rollout_entries(manifest: Manifest, rollouts_dir: str) -> dict:
         raise FormatError(f"{storage.join(rollouts_dir, MANIFEST)}: shard numbers are not 0..{len(entries) - 1}; "
                           f"re-run rollout with --force")
     return entries
-
-
-def _rollouts_digest(manifest: Manifest) -> str:
-    """sha256 over the rollout shards' names and checksums: which rollouts the stage scored."""
-    return hashlib.sha256("\n".join(f"{e.name} {e.sha256}" for e in manifest.shards).encode()).hexdigest()
-
-
-def _load_tokenizer(folder, what: str):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(str(folder))
-    except (OSError, ValueError, TypeError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise OpdError(f"cannot load the tokenizer of the {what} from {folder} ({first})") from None
-
-
-def _student_tokenizer(cfg: OpdConfig, run: RunDir, round_index: int):
-    """(name, tokenizer) of the student whose samples this round scores."""
-    if round_index == 0:
-        folder = resolve_model(cfg.run.student, cfg.run.models_dir or None)
-        return cfg.run.student, _load_tokenizer(folder, f"student {cfg.run.student}")
-    student_dir = previous_student(run, round_index)
-    hint = f"run `opd train {run.url} --round {round_index - 1}` first"
-    if isinstance(run.fs, pafs.LocalFileSystem):
-        return student_dir, _load_tokenizer(student_dir, f"student of round {round_index - 1} ({hint})")
-    with tempfile.TemporaryDirectory(prefix="opd-student-tokenizer-") as tmp:  # remote run: fetch the small files
-        for name in fingerprint.TOKENIZER_FILES + ("config.json",):
-            src = storage.join(student_dir, name)
-            if storage.exists(run.fs, src):
-                (Path(tmp) / name).write_bytes(storage.read_bytes(run.fs, src))
-        return student_dir, _load_tokenizer(tmp, f"student of round {round_index - 1} in {student_dir} ({hint})")
 
 
 def _check_vocab(teacher_ref: str, teacher_tok, student_ref: str, student_tok) -> None:
@@ -394,30 +356,6 @@ def _batch_arrays(seqs: list[_Seq], rows: list[int]):
 
 # ------------------------------------------------------------------------------------------ the teacher
 
-def _resolve_device(requested: str) -> torch.device:
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if not re.fullmatch(r"cpu|cuda(:\d+)?", requested):
-        raise OpdError(f"device {requested!r} is invalid: use cpu, cuda or cuda:N")
-    dev = torch.device(requested)
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise OpdError(f"device {requested!r}: CUDA is not available here; use --device cpu")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise OpdError(f"device {requested!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return dev
-
-
-def _resolve_dtype(name: str, dev: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if dev.type == "cuda" else torch.float32
-    return getattr(torch, name)
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
 def _load_teacher(teacher_dir, dev: torch.device, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM
 
@@ -458,20 +396,10 @@ class _Scorer:
         self.head = model.get_output_embeddings()
         self.V = self.head.weight.shape[0]
         self.softcap = getattr(model.config, "final_logit_softcapping", None)
-        self.base = model.base_model if model.base_model is not model else None
         self.chunk = max(1, _CHUNK_ELEMENTS.get(dev.type, _CHUNK_ELEMENTS["cuda"]) // self.V)
         self.logp_CV = torch.empty(self.chunk, self.V, dtype=torch.float32, device=dev)
         self.scratch_CV = torch.empty(self.chunk, self.V, dtype=torch.float32, device=dev)
-        self.head_only = self.base is not None and self._head_path_matches()
-
-    @torch.inference_mode()
-    def _head_path_matches(self) -> bool:
-        """Does base model + lm_head reproduce the model's logits? (Else: full forward, then select.)"""
-        ids = torch.arange(8, device=self.dev)[None] % self.V
-        full = self.model(input_ids=ids, use_cache=False).logits[0].float()
-        ours = torch.empty_like(full)
-        self._logits(self.base(input_ids=ids, use_cache=False).last_hidden_state[0], ours)
-        return bool(torch.allclose(ours, full, rtol=1e-2, atol=1e-2 * (1 + float(full.abs().max()))))
+        self.head_only = head_path_matches(model, dev)
 
     def _logits(self, hidden_NH: torch.Tensor, out_NV: torch.Tensor) -> None:
         """lm_head into a float32 buffer (written in place where the weights are float32)."""
@@ -492,13 +420,7 @@ class _Scorer:
         ids = input_ids_BL.to(dev, non_blocking=True)
         gather_N = gather_N.to(dev, non_blocking=True)
         taken_N = taken_N.to(dev, non_blocking=True)
-        if self.head_only:
-            hidden_BLH = self.base(input_ids=ids, use_cache=False).last_hidden_state
-            source_NX = hidden_BLH.reshape(-1, hidden_BLH.shape[-1]).index_select(0, gather_N)
-        else:  # a model whose logits are more than lm_head(hidden): take them from its own forward
-            logits_BLV = self.model(input_ids=ids, use_cache=False).logits
-            source_NX = logits_BLV.reshape(-1, logits_BLV.shape[-1]).index_select(0, gather_N)
-            del logits_BLV
+        source_NX = gather_positions(self.model, ids, gather_N, self.head_only)   # [N, H] or [N, V] (fallback)
         out = dict(topk_ids_NK=torch.empty(N, K, dtype=torch.int32, device=dev),
                    topk_logprobs_NK=torch.empty(N, K, dtype=torch.float32, device=dev),
                    **{k: torch.empty(N, dtype=torch.float32, device=dev)
@@ -593,23 +515,34 @@ class _ShardJob:
             self.writer.append(enc)
         entropy, mass = math.fsum(self.entropy_sums), math.fsum(self.mass_sums)
         stats = {"positions": int(sum(s.completion.size for s in self.seqs)), "entropy_sum": entropy,
-                 "topk_mass_sum": mass, "teacher_dtype": _dtype_name(dtype)}
+                 "topk_mass_sum": mass, "teacher_dtype": str(dtype).removeprefix("torch.")}
         size = self.writer.write(run.fs, self.path, self.producer, extra_meta={"stats": stats}, zstd_level=zstd_level)
         return size, entropy, mass
 
 
-def _score_shards(run: RunDir, round_index: int, split: str, pending: list[int], entries: dict, producers: dict,
-                  scorer: _Scorer, teacher_tok, cfg: OpdConfig, dtype: torch.dtype, totals: _Totals) -> None:
-    from tqdm import tqdm
+@dataclass
+class _Job:
+    """What scoring one split of a round needs, shared by the plain and the --follow paths."""
+    run: RunDir
+    round_index: int
+    split: str
+    cfg: OpdConfig
+    teacher: _Teacher
+    stats: _Totals
 
+
+def _score_shards(job: _Job, pending: list[int], entries: dict, producers: dict) -> None:
+    """Score the rollout shards `pending` (entries: their manifest entries; producers: each score
+    shard's producer) into score shards, packing and writing in a background thread."""
+    run, round_index, split, cfg, totals = job.run, job.round_index, job.split, job.cfg, job.stats
+    scorer, teacher_tok, dtype = job.teacher.scorer(), job.teacher.tokenizer, job.teacher.dtype
     sc = cfg.score
     r_folder, s_folder = _folders(split)
     rollouts_dir = run.stage_dir(round_index, r_folder)
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="opd-score-writer")
     queued: deque[Future] = deque()
     writes: list[Future] = []
-    bar = tqdm(total=sum(entries[s].rows for s in pending), unit="sample", desc=f"score r{round_index} {split}",
-               dynamic_ncols=True, mininterval=0.5)
+    bar = console.bar(total=sum(entries[s].rows for s in pending), unit="sample", desc=f"score r{round_index} {split}")
     t0 = time.perf_counter()
 
     def submit(fn, *args) -> Future:
@@ -667,14 +600,6 @@ def _valid_shard(run: RunDir, scores_dir: str, s: int, rows: int, producer: dict
         return False
 
 
-def _read_meta(run: RunDir, path: str) -> dict:
-    with run.fs.open_input_file(path) as f:
-        raw = (pq.read_schema(f).metadata or {}).get(METADATA_KEY)
-    if raw is None:
-        raise FormatError(f"{path}: not an opd shard (no 'opd' metadata); delete it and re-run score")
-    return json.loads(raw)
-
-
 def _stage_summary(run: RunDir, scores_dir: str, numbers: list[int], producers: dict, sc) -> dict | None:
     """The manifest's summary, from the shards themselves (the same whichever worker writes it); None
     while some shard is another producer's (a worker that has not run yet will replace it)."""
@@ -683,7 +608,7 @@ def _stage_summary(run: RunDir, scores_dir: str, numbers: list[int], producers: 
     for s in numbers:
         path = storage.join(scores_dir, shard_name(s))
         try:
-            meta = _read_meta(run, path)
+            meta = read_shard_meta(run.fs, path)
             check_producer(path, meta.get("producer", {}), producers[s])
         except (FormatError, FingerprintMismatch, ValueError):
             return None

@@ -19,28 +19,20 @@ holds the same samples whatever the number of processes.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import torch
 
 from opd.cache import storage
 from opd.cache.errors import FormatError, OpdError
-from opd.cache.shards import METADATA_KEY, ScoreShard, check_producer, read_rollout_shard
-from opd.pipeline.rundir import MANIFEST, Manifest, RunDir, read_manifest, shard_index
+from opd.cache.shards import ScoreShard, check_producer, read_rollout_shard, read_shard_meta
+from opd.cache.config import TrainConfig
+from opd.cache.rundir import MANIFEST, RunDir, read_manifest, shard_index
 
 PLAN_WINDOW = 256   # samples sorted by length together before packing (less padding, still shuffled)
-
-
-def manifest_digest(manifest: Manifest) -> str:
-    """sha256 over a stage's shard names and checksums (as stages/score.py computes it for rollouts)."""
-    return hashlib.sha256("\n".join(f"{e.name} {e.sha256}" for e in manifest.shards).encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -79,19 +71,18 @@ class RoundData:
             raise FormatError(f"{storage.join(scores_dir, MANIFEST)}: lists shards {s_names[:4]}..., but "
                               f"rollouts/{MANIFEST} lists {r_names[:4]}...; re-run `opd score {run.url} "
                               f"--round {round_index} --force`")
-        self.rollouts_digest = manifest_digest(self.rollouts)
-        self.scores_digest = manifest_digest(self.scores)
+        self.rollouts_digest = self.rollouts.digest()
+        self.scores_digest = self.scores.digest()
         self.paths: list[ShardPaths] = []
         cols: dict[str, list] = {k: [] for k in ("shard", "rrow", "srow", "length", "tokens", "on", "samp")}
         self.top_k = self.vocab_size = None
         self.temperature = None
-        self.empty_completions = 0
         for s, (r_entry, s_entry) in enumerate(zip(self.rollouts.shards, self.scores.shards)):
             r_path = storage.join(rollouts_dir, r_entry.name)
             c_path = storage.join(scores_dir, s_entry.name)
             _check_sha(run, r_path, r_entry.sha256, f"opd rollout {run.url} --round {round_index} --force")
             _check_sha(run, c_path, s_entry.sha256, f"opd score {run.url} --round {round_index} --force")
-            meta = _score_meta(run, c_path)
+            meta = read_shard_meta(run.fs, c_path)
             check_producer(c_path, meta.get("producer", {}), {"rollout_sha256": r_entry.sha256})
             self.paths.append(ShardPaths(r_path, c_path))
             self._join(s, r_path, c_path, vocab_limit, cols)
@@ -140,7 +131,6 @@ class RoundData:
                 raise FormatError(f"{c_path}: sample {sid!r} has {int(positions[j])} scored positions but "
                                   f"{T} completion tokens in {r_path}; re-run score with --force")
             if T == 0:
-                self.empty_completions += 1
                 continue
             if P == 0:
                 raise FormatError(f"{r_path}: sample {sid!r} has an empty prompt, so its first completion "
@@ -164,18 +154,6 @@ def _check_sha(run: RunDir, path: str, want: str, fix: str) -> None:
     if got != want:
         raise FormatError(f"{path}: differs from the sha256 in its {MANIFEST} (changed after the stage "
                           f"finished); run `{fix}`")
-
-
-def _score_meta(run: RunDir, path: str) -> dict:
-    try:
-        with run.fs.open_input_file(path) as f:
-            raw = (pq.read_schema(f).metadata or {}).get(METADATA_KEY)
-        meta = json.loads(raw) if raw is not None else None
-    except (pa.ArrowException, OSError, ValueError):
-        meta = None
-    if not isinstance(meta, dict):
-        raise FormatError(f"{path}: not an opd score shard (no readable 'opd' metadata); re-run score with --force")
-    return meta
 
 
 # ------------------------------------------------------------------------------------------ planning
@@ -206,6 +184,31 @@ def plan_epoch(length_S: np.ndarray, max_tokens: int, seed: int, round_index: in
             batches.append(np.asarray(rows, dtype=np.int64))
     perm = rng.permutation(len(batches))
     return [batches[i] for i in perm]
+
+
+def plan_steps(data: RoundData, tc: TrainConfig, seed: int, round_index: int, G: int) -> list[tuple[int, list[np.ndarray]]]:
+    """[(epoch, the step's micro-batches)], G micro-batches per step (fewer in an epoch's last step)."""
+    steps = []
+    for epoch in range(tc.epochs):
+        mbs = plan_epoch(data.length_S, tc.max_tokens_per_batch, seed, round_index, epoch)
+        steps += [(epoch, mbs[i:i + G]) for i in range(0, len(mbs), G)]
+    return steps
+
+
+def rank_items(steps, start: int, rank: int, world: int, accum: int) -> list[Item]:
+    """This process's micro-batches from step `start` on, in the order it runs them."""
+    items = []
+    for _, mbs in steps[start:]:
+        for j in range(slots(len(mbs), world, accum)):
+            k = j * world + rank
+            items.append(Item(mbs[k]) if k < len(mbs) else Item(mbs[0][-1:], 0.0))
+    return items
+
+
+def slots(n_mbs: int, world: int, accum: int) -> int:
+    """Backwards per process in a step: grad_accum under several processes (fillers keep them in
+    lock-step), else just the micro-batches there are."""
+    return accum if world > 1 else min(accum, n_mbs)
 
 
 # ------------------------------------------------------------------------------------------ decoding

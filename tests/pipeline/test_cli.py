@@ -12,9 +12,9 @@ import pytest
 from click.testing import CliRunner
 
 from opd.cache import shards, storage
-from opd.pipeline import rundir as R
+from opd.cache import rundir as R
 from opd.pipeline.cli import main
-from opd.pipeline.config import load_config, loads_config
+from opd.cache.config import load_config, loads_config
 
 COMMANDS = ["init", "rollout", "score", "train", "run", "demo", "inspect", "verify", "models", "config"]
 PRODUCER = {"stage": "rollout", "model_hash": "a" * 64, "config_hash": "c1", "format_version": 1}

@@ -10,10 +10,11 @@ from transformers import AutoTokenizer
 from opd.cache import storage
 from opd.cache.errors import OpdError
 from opd.cache.shards import ScoreShard, write_rollout_shard
-from opd.pipeline.config import EvalConfig, OpdConfig, RolloutConfig, RunConfig, ScoreConfig, dumps_config
+from opd.cache.config import EvalConfig, OpdConfig, RolloutConfig, RunConfig, ScoreConfig, dumps_config
+from opd.pipeline.cli import evaluate_if_scored
 from opd.pipeline.evaluate import evaluate, read_eval
-from opd.pipeline.init import load_run_config
-from opd.pipeline.rundir import RunDir, finalize_stage, parquet_rows
+from opd.cache.config import load_run_config
+from opd.cache.rundir import RunDir, finalize_stage, parquet_rows
 from opd.stages import score
 
 HELDOUT = [("h0", "Ann has 3 and gets 4.", "#### 7"), ("h1", "Bo has 20 and loses 8.", "#### 12"),
@@ -51,9 +52,13 @@ def test_heldout_figures_from_the_definition(tmp_path, tiny_teacher, tiny_studen
     run = _run(tmp_path, tiny_teacher, tiny_student)
     with pytest.raises(OpdError, match="heldout/scores/_DONE.json not found"):
         evaluate(load_run_config(run), run, 0)
-    out = score.run(load_run_config(run), run, 0, split="heldout", device="cpu")
+    cfg = load_run_config(run)
+    out = score.run(cfg, run, 0, split="heldout", device="cpu")
+    assert read_eval(run, 0) is None                 # the stage scores; evaluation is the CLI's (pipeline) job
+    result = evaluate_if_scored(cfg, run, 0, out)
     ev = read_eval(run, 0)
-    assert out["eval"]["heldout_rkl"] == ev["heldout_rkl"] and "eval round 0" in out["line"]
+    assert result["heldout_rkl"] == ev["heldout_rkl"] and "eval round 0" in result["line"]
+    assert evaluate_if_scored(cfg, run, 0, score.run(cfg, run, 0, split="heldout", device="cpu")) is None
     cache = ScoreShard(run.fs, run.shard_path(0, "heldout/scores", 0))
     diffs = []
     for sid in cache.sample_ids:

@@ -8,9 +8,9 @@ import pytest
 
 from opd.cache.errors import OpdError
 from opd.pipeline import inspect as I
-from opd.pipeline import rundir as R
+from opd.cache import rundir as R
 from opd.pipeline.init import init_run
-from opd.pipeline.rundir import RunDir
+from opd.cache.rundir import RunDir
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

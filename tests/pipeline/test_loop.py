@@ -15,11 +15,11 @@ import pytest
 
 from opd.cache.errors import OpdError
 from opd.cache.shards import ScoreShard, read_rollout_shard
-from opd.pipeline import fingerprint
-from opd.pipeline.config import load_config
+from opd.cache import fingerprint
+from opd.cache.config import load_config
 from opd.pipeline.evaluate import gsm8k_answer, gsm8k_correct, read_eval
 from opd.pipeline.loop import Pool, _stop_reason
-from opd.pipeline.rundir import RunDir, read_manifest
+from opd.cache.rundir import RunDir, read_manifest
 
 CLI = [sys.executable, "-m", "opd.pipeline.cli"]
 STAGE_FOLDERS = ("rollouts", "scores", "heldout/rollouts", "heldout/scores")
@@ -102,8 +102,15 @@ def test_two_real_rounds_with_vllm(tmp_path, tiny_teacher, tiny_student):
                   *tiny_settings(tiny_teacher, tiny_student, **{"eval.final": "false"}))
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     run = RunDir(str(run_dir))
-    cfg = load_config(run.config_path)
     assert run.rounds() == [0, 1]
+    # a quiet console: opd's own lines only; what vLLM and the libraries print is in the per-stage logs
+    console = res.stdout + res.stderr
+    assert " INFO " not in console and "WARNING" not in console and "FutureWarning" not in console
+    assert "[opd rollout (vllm)] cpu, float32" in console or "[opd rollout (vllm)] cpu, bfloat16" in console
+    for r in (0, 1):
+        logs = Path(run.round_dir(r)) / "logs"
+        assert {p.name for p in logs.iterdir()} == {"rollout.log", "score.log", "train.log"}
+        assert " INFO " in (logs / "rollout.log").read_text()          # vLLM's engine lines landed here
     found = layout(run, [0, 1])
     for r in (0, 1):
         assert found[(r, "rollouts")] == {"part-00000.parquet": 16, "part-00001.parquet": 16}   # 16 prompts × n=2

@@ -22,8 +22,9 @@ from opd.cache import storage
 from opd.cache.errors import FingerprintMismatch, OpdError
 from opd.cache.shards import read_rollout_shard
 from opd.pipeline.cli import main as cli_main
-from opd.pipeline.init import init_run, load_run_config
-from opd.pipeline.rundir import Manifest, RunDir, ShardSpec, write_manifest
+from opd.cache.config import load_run_config
+from opd.pipeline.init import init_run
+from opd.cache.rundir import Manifest, RunDir, ShardSpec, write_manifest
 from opd.stages import rollout
 from opd.stages.engine import vllm_available
 
@@ -313,8 +314,12 @@ def test_finished_stage_fingerprint_and_force(tmp_path, tiny_student, tiny_teach
         rollout.run(changed, run, 0)
     redone = rollout.run(changed, run, 0, force=True)
     assert redone["done"] and redone["shards_written"] == 1
-    # choosing another engine is not a different producer
-    assert rollout.run(changed.replace("rollout", engine="vllm"), run, 0)["skipped"]
+    # choosing another engine, or vLLM's memory share and graph mode, is not a different producer
+    for how in ({"engine": "vllm"}, {"gpu_memory_utilization": 0.3}, {"enforce_eager": False}):
+        assert changed.replace("rollout", **how).section_hash("rollout") == changed.section_hash("rollout")
+        assert rollout.run(changed.replace("rollout", **how), run, 0)["skipped"]
+    for what in ({"n": 3}, {"top_p": 0.9}, {"max_new_tokens": 7}, {"dtype": "bfloat16"}):
+        assert changed.replace("rollout", **what).section_hash("rollout") != changed.section_hash("rollout")
 
 
 # ------------------------------------------------------------------------------------------ prompts
@@ -340,6 +345,13 @@ def test_bad_prompt_files_are_one_line_errors(tmp_path, tiny_student, tiny_teach
             rollout.run(cfg, run, 0)
         msg = str(e.value)
         assert expected in msg and str(path) in msg and "\n" not in msg, msg
+    # a binary file (here gzip bytes under a .jsonl name) is named with its line, never a traceback
+    binary = tmp_path / "binary.jsonl"
+    binary.write_bytes(b'{"id": "a", "prompt": "x"}\n\x1f\x8b\x08\x00\xff\xfe\n')
+    run, cfg = make_run(tmp_path, "binary", tiny_student, tiny_teacher, binary)
+    with pytest.raises(OpdError) as e:
+        rollout.run(cfg, run, 0)
+    assert f"{binary} line 2: not UTF-8 text" in str(e.value) and "\n" not in str(e.value)
     # Parquet rows are named by row number
     pq.write_table(pa.table({"id": ["a", "b"], "prompt": ["hi", None]}), tmp_path / "p.parquet")
     run, cfg = make_run(tmp_path, "pq", tiny_student, tiny_teacher, tmp_path / "p.parquet")

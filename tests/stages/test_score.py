@@ -20,9 +20,9 @@ from opd.cache import storage
 from opd.cache.errors import FingerprintMismatch, OpdError
 from opd.cache.shards import ScoreShard, write_rollout_shard
 from opd.pipeline.cli import main
-from opd.pipeline.config import OpdConfig, RolloutConfig, RunConfig, ScoreConfig, dumps_config
-from opd.pipeline.init import load_run_config
-from opd.pipeline.rundir import (Manifest, RunDir, ShardSpec, finalize_stage, parquet_rows, read_manifest,
+from opd.cache.config import OpdConfig, RolloutConfig, RunConfig, ScoreConfig, dumps_config
+from opd.cache.config import load_run_config
+from opd.cache.rundir import (Manifest, RunDir, ShardSpec, finalize_stage, parquet_rows, read_manifest,
                                  write_manifest)
 from opd.stages import score
 
@@ -302,6 +302,13 @@ def test_finished_stage_is_skipped_refused_with_another_config_and_redone_with_f
     mtime = os.stat(path).st_mtime_ns
     again = score.run(cfg, run, 0)
     assert again["skipped"] and "already done" in again["line"] and os.stat(path).st_mtime_ns == mtime
+    # settings that change no byte of the cache (batching: test_batching_and_padding_do_not_change_the_cache)
+    # are outside the config hash: the finished stage stays finished
+    for how in ({"max_tokens_per_batch": 64}, {"device": "cpu"}):
+        assert cfg.replace("score", **how).section_hash("score") == cfg.section_hash("score")
+        assert score.run(cfg.replace("score", **how), run, 0)["skipped"]
+    for what in ({"top_k": 4}, {"temperature": 0.5}, {"logprob_bits": 16}, {"dtype": "bfloat16"}):
+        assert cfg.replace("score", **what).section_hash("score") != cfg.section_hash("score")
     other = cfg.replace("score", top_k=4)
     with pytest.raises(FingerprintMismatch, match="--force"):
         score.run(other, run, 0)

@@ -21,14 +21,14 @@ from safetensors.torch import load_file
 
 from opd.cache import storage
 from opd.cache.shards import ScoreShard, read_rollout_shard, write_rollout_shard
-from opd.pipeline import fingerprint
+from opd.cache import fingerprint
 from opd.pipeline.cli import main as cli_main
-from opd.pipeline.config import OpdConfig, RolloutConfig, RunConfig, ScoreConfig, TrainConfig, dumps_config
-from opd.pipeline.init import load_run_config
-from opd.pipeline.rundir import RunDir, finalize_stage, parquet_rows, read_manifest
+from opd.cache.config import OpdConfig, RolloutConfig, RunConfig, ScoreConfig, TrainConfig, dumps_config
+from opd.cache.config import load_run_config
+from opd.cache.errors import OpdError
+from opd.cache.rundir import RunDir, finalize_stage, parquet_rows, read_manifest
 from opd.stages import score, train
 from opd.stages.losses import jsd_loss, sampled_rkl_loss
-from opd.stages.train_data import manifest_digest
 
 VOCAB = 260   # the tiny models' byte-level tokenizer
 BASE_TRAIN = dict(lr=1e-3, lr_schedule="constant", max_tokens_per_batch=64, device="cpu", max_grad_norm=1.0)
@@ -99,6 +99,37 @@ def step_records(run: RunDir, round_index: int = 0) -> list[dict]:
     return [r for r in map(json.loads, lines) if r.get("stage") == "train" and "step" in r]
 
 
+def naive_metrics(model_dir, run: RunDir, tc: TrainConfig) -> dict[str, float]:
+    """The bucket reverse KL and the top-k overlap over round 0 from their definitions, with one unpadded
+    full forward per sample: per token, S = softmax(z/τ) and T = the cache's distribution on the K+1
+    buckets (the top-k ids and the tail), KL(S‖T) = Σ_b S_b (log S_b − log T_b); overlap = |K_t ∩
+    top-K(z)| / K. Both are token means."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    kls, overlaps = [], []
+    for s in run.existing_shards(0, "rollouts"):
+        table, _ = read_rollout_shard(run.fs, run.shard_path(0, "rollouts", s))
+        scores = ScoreShard(run.fs, run.shard_path(0, "scores", s))
+        for row in table.to_pylist():
+            prompt, comp = row["prompt_ids"], row["completion_ids"]
+            if not comp:
+                continue
+            with torch.no_grad():
+                z = model(torch.tensor([prompt + comp[:-1]])).logits[0, len(prompt) - 1:].double()
+            t = scores.by_id(row["sample_id"])
+            p = torch.softmax(z / tc.temperature, -1).numpy()
+            for i in range(len(comp)):
+                ids = t.topk_ids_TK[i]
+                s_b = np.append(p[i, ids], max(1.0 - p[i, ids].sum(), 1e-300))
+                t_b = np.append(np.exp(t.topk_logprobs_TK[i].astype(np.float64)), np.exp(float(t.tail_logprobs_T[i])))
+                t_b = t_b / t_b.sum()
+                kls.append(float((s_b * (np.log(s_b) - np.log(t_b))).sum()))
+                student_top = set(np.argsort(-z[i].numpy())[:len(ids)].tolist())
+                overlaps.append(len(student_top & set(ids.tolist())) / len(ids))
+    return {"rkl_bucket": float(np.mean(kls)), "topk_overlap": float(np.mean(overlaps))}
+
+
 def naive_loss(model_dir, run: RunDir, tc: TrainConfig) -> tuple[float, int]:
     """(Σ per-token loss / tokens, tokens) over round 0, from one unpadded full forward per sample."""
     from transformers import AutoModelForCausalLM
@@ -139,6 +170,10 @@ def test_step_loss_equals_naive_reference(tmp_path, source, tiny_student, loss):
     mean of the per-token losses of unpadded forwards, with β on student rows and β_offpolicy on others."""
     run, cfg = make_run(tmp_path, source, loss=loss, beta=0.7, beta_offpolicy=0.2, temperature=0.8,
                         ratio_clip=0.2, max_tokens_per_batch=100_000)
+    with pytest.raises(OpdError, match="scored at temperature 1, but train.temperature = 0.8") as e:
+        train.run(cfg, run, 0)                 # the cache's scoring temperature must be the learner's
+    assert "\n" not in str(e.value)
+    score.run(cfg.replace("score", temperature=0.8), run, 0, device="cpu", split="train", force=True)
     summary = train.run(cfg, run, 0)
     (rec,) = step_records(run)
     want, tokens = naive_loss(tiny_student, run, cfg.train)
@@ -157,7 +192,10 @@ def test_step_loss_equals_naive_reference(tmp_path, source, tiny_student, loss):
                 diffs += (np.asarray(row["sampling_logprobs"]) - t.taken_logprobs_T).tolist()
     assert rec["rkl_sampled"] == pytest.approx(np.mean(diffs), rel=1e-5)
     assert rec["teacher_topk_mass"] == pytest.approx(np.mean(masses), rel=1e-4)
-    assert rec["rkl_bucket"] > 0 and 0 <= rec["topk_overlap"] <= 1 and rec["grad_norm"] > 0
+    want = naive_metrics(tiny_student, run, cfg.train)     # step 1's figures are of the starting student
+    assert rec["rkl_bucket"] == pytest.approx(want["rkl_bucket"], rel=2e-3, abs=1e-6)
+    assert rec["topk_overlap"] == pytest.approx(want["topk_overlap"], abs=1e-6)
+    assert rec["grad_norm"] > 0
     assert rec["lr"] == cfg.train.lr and rec["on_policy_tokens"] < rec["tokens"]
 
 
@@ -297,8 +335,14 @@ def test_training_lowers_the_loss_and_writes_a_loadable_student(tmp_path, source
     assert result.exit_code == 0 and f"rounds/0000/student: ok ({len(listed)} files checked)" in result.output
     assert not Path(run.round_dir(0), train.CKPT_DIR).exists()
 
-    # done: skipped; another config: refused; --force trains again
+    # done: skipped; settings that only choose how to compute stay outside the hash; another config:
+    # refused; --force trains again
     assert train.run(cfg, run, 0)["skipped"]
+    for how in ({"log_every_steps": 5}, {"checkpoint_every_steps": 1}, {"num_workers": 1}, {"logits_chunk_tokens": 3}):
+        assert cfg.replace("train", **how).section_hash("train") == cfg.section_hash("train")
+        assert train.run(cfg.replace("train", **how), run, 0)["skipped"]
+    for what in ({"beta": 0.123}, {"lr": 0.123}, {"epochs": 7}, {"dtype": "bfloat16"}):
+        assert cfg.replace("train", **what).section_hash("train") != cfg.section_hash("train")
     result = CliRunner().invoke(cli_main, ["train", run.url, "--round", "0", "--set", "train.beta=0.9"])
     assert result.exit_code == 1 and result.output.count("\n") == 1 and "--force" in result.output
     assert not train.run(cfg, run, 0, force=True)["skipped"]
@@ -360,7 +404,7 @@ def test_retrain_from_cache_without_a_teacher(tmp_path, source):
     assert dataclasses.replace(new_cfg.train, beta=cfg.train.beta) == cfg.train
     done = read_manifest(new_run, new_run.stage_dir(1, "student"))
     assert done.producer["model_hash"] == fingerprint.model_hash(src.stage_dir(0, "student"))
-    assert done.producer["rollouts_sha256"] == manifest_digest(read_manifest(src, src.stage_dir(1, "rollouts")))
+    assert done.producer["rollouts_sha256"] == read_manifest(src, src.stage_dir(1, "rollouts")).digest()
     for stage in ("rollouts", "scores"):
         assert (read_manifest(new_run, new_run.stage_dir(1, stage)).to_json()
                 == read_manifest(src, src.stage_dir(1, stage)).to_json())

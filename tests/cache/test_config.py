@@ -11,9 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from opd.cache.errors import OpdError
-from opd.pipeline import config as C
-from opd.pipeline.config import PACKAGED_CONFIGS
-from opd.pipeline.config import (ConfigError, OpdConfig, RolloutConfig, ScoreConfig, TrainConfig, dumps_config,
+from opd.cache import config as C
+from opd.cache.config import PACKAGED_CONFIGS
+from opd.cache.config import (ConfigError, OpdConfig, RolloutConfig, ScoreConfig, TrainConfig, dumps_config,
                                  load_config, loads_config, parse_override)
 
 CONFIGS = Path(C.__file__).resolve().parent.parent / "configs"

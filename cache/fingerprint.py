@@ -29,9 +29,7 @@ def _hash_files(paths: list[Path]) -> str:
     h = hashlib.sha256()
     for p in paths:
         h.update(p.name.encode() + b"\0")
-        with open(p, "rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                h.update(block)
+        storage.sha256_file(storage.LOCAL, str(p), into=h)
     return h.hexdigest()
 
 

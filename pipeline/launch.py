@@ -1,0 +1,143 @@
+"""`opd train`: where the learner runs (this process, or torchrun over several devices), and re-training
+from another run's cache (`--from RUN/rounds/R --out NEWRUN`).
+
+    opd train RUN --round 0 --devices 0,1          # torchrun: 2 processes, one GPU each (NCCL)
+    opd train RUN --round 0 --devices cpu,cpu      # 2 CPU processes (gloo): tests and small runs
+    opd train --from RUN/rounds/0 --out NEWRUN --set train.beta=0.5   # re-train from the cache, no teacher
+
+Re-run from cache: NEWRUN/opd.toml is written by `opd init`'s machinery from RUN's config plus the --set
+overrides; the round's rollouts and scores (and, for R > 0, the round R-1 student they were sampled
+from) are hard-linked (copied across filesystems or to object stores) into NEWRUN/rounds/ with their
+manifests, then NEWRUN's round R is trained (checksums checked as in any run). Shards are never
+modified in place, so links are safe. The teacher is never resolved nor loaded.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pyarrow.fs as pafs
+
+from opd.cache import console, storage
+from opd.cache.config import load_run_config
+from opd.cache.errors import OpdError
+from opd.cache.rundir import MANIFEST, RunDir, clear_stage, read_manifest
+from opd.pipeline.init import init_run
+from opd.pipeline.loop import die_with_parent
+from opd.stages import train
+from opd.stages.students import start_student
+from opd.stages.train_data import RoundData
+from opd.stages.train_metrics import summary_line
+
+
+def launch(run_dir: str | None, round_index: int | None, devices: str | None = None, from_round: str | None = None,
+           out: str | None = None, force: bool = False, overrides=()) -> dict[str, Any]:
+    """`opd train`: re-run from a cache (--from/--out) if asked, then train in this process (no or one
+    device) or under torchrun (several devices: "0,1" GPUs, "cpu,cpu" CPU processes)."""
+    overrides = list(overrides)
+    if from_round is not None:
+        if out is None:
+            raise OpdError("--from needs --out NEWRUN: the run folder to create for the re-run")
+        if run_dir is not None:
+            raise OpdError("give either RUN_DIR or --from RUN/rounds/R, not both")
+        run_dir, round_index = _from_cache(from_round, out, round_index, overrides, force)
+        overrides = []                      # now part of NEWRUN/opd.toml
+    elif run_dir is None or round_index is None:
+        raise OpdError("give RUN_DIR and --round R (or --from RUN/rounds/R --out NEWRUN)")
+    elif out is not None:
+        raise OpdError("--out goes with --from RUN/rounds/R")
+    kind, ids = _parse_devices(devices)
+    if kind == "cpu":
+        overrides.append("train.device=cpu")
+    elif kind == "cuda":
+        overrides.append(f"train.device=cuda:{ids[0]}" if len(ids) == 1 else "train.device=cuda")
+    rd = RunDir(run_dir)
+    cfg = load_run_config(rd, overrides)
+    if len(ids) <= 1:
+        return train.run(cfg, rd, round_index, force=force)
+
+    with start_student(cfg, rd, round_index) as start:           # one-line errors before spawning
+        RoundData(rd, round_index, vocab_limit=start.vocab_rows)
+    env = dict(os.environ, OPD_TRAIN_LAUNCHED="1")   # the processes leave the summary line to this one
+    if kind == "cuda":
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(ids)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(len(ids)),
+           "-m", "opd.stages.train", rd.url, "--round", str(round_index)]
+    cmd += ["--force"] if force else []
+    for o in overrides:
+        cmd += ["--set", o]
+    status = subprocess.run(cmd, env=env, preexec_fn=die_with_parent).returncode
+    if status != 0:
+        where = f" (its messages: {console.log_path()})" if console.log_path() else " (its messages are above)"
+        raise OpdError(f"torchrun with {len(ids)} processes exited with status {status}{where}")
+    student_dir = rd.stage_dir(round_index, train.STAGE)
+    done = read_manifest(rd, student_dir)
+    if done is None:
+        raise OpdError(f"torchrun finished but {student_dir}/{MANIFEST} is missing")
+    summary = {"stage": "train", "round": round_index, "skipped": False, **done.summary}
+    summary["line"] = summary_line(summary, student_dir) if "world_size" in done.summary else f"train round {round_index}: done"
+    return summary
+
+
+def _parse_devices(devices: str | None) -> tuple[str | None, list[str]]:
+    """--devices: None → (None, []); "cpu" / "cpu,cpu" → ("cpu", [...]); "0" / "0,1" → ("cuda", ["0", "1"])."""
+    if devices is None or not devices.strip():
+        return None, []
+    ids = [d.strip() for d in devices.split(",")]
+    if all(d == "cpu" for d in ids):
+        return "cpu", ids
+    if all(d.isdigit() for d in ids):
+        if len(set(ids)) != len(ids):
+            raise OpdError(f"--devices {devices!r} names a GPU twice; one process per GPU")
+        return "cuda", ids
+    raise OpdError(f"--devices {devices!r} is invalid: GPU numbers (0,1) or cpu entries (cpu,cpu), not a mix")
+
+
+def _from_cache(source: str, out: str, round_index: int | None, overrides: list[str], force: bool) -> tuple[str, int]:
+    """Create NEWRUN from RUN's config + overrides and copy RUN/rounds/R's rollouts and scores (and the
+    round R-1 student they were sampled from) into it; returns (NEWRUN, R)."""
+    src_round = source.rstrip("/")
+    parts = src_round.rsplit("/", 2)
+    if len(parts) != 3 or parts[1] != "rounds" or not parts[2].isdigit():
+        raise OpdError(f"--from {source!r} is invalid: expected a round folder, RUN/rounds/RRRR")
+    R = int(parts[2])
+    if round_index is not None and round_index != R:
+        raise OpdError(f"--round {round_index} disagrees with --from {source!r} (round {R}); leave --round out")
+    src = RunDir(parts[0])
+    src.require_initialised()
+    with tempfile.TemporaryDirectory(prefix="opd-from-") as tmp:
+        config_file = Path(tmp) / "opd.toml"
+        config_file.write_text(src.read_config_text())
+        init_run(out, str(config_file), overrides, force=force)
+    dst = RunDir(out)
+    for r, stage in [(R, "rollouts"), (R, "scores")] + ([(R - 1, train.STAGE)] if R > 0 else []):
+        _copy_stage(src, dst, r, stage)
+    return out, R
+
+
+def _copy_stage(src: RunDir, dst: RunDir, r: int, stage: str) -> None:
+    """Copy (hard-link where possible: shards are never modified in place) a finished stage folder."""
+    src_dir, dst_dir = src.stage_dir(r, stage), dst.stage_dir(r, stage)
+    manifest = read_manifest(src, src_dir)
+    if manifest is None:
+        raise OpdError(f"{src_dir}/{MANIFEST} not found: round {r}'s {stage} stage of {src.url} is not finished")
+    have = read_manifest(dst, dst_dir)
+    if have is not None and have.to_json() == manifest.to_json():
+        return
+    clear_stage(dst, dst_dir)
+    both_local = isinstance(src.fs, pafs.LocalFileSystem) and isinstance(dst.fs, pafs.LocalFileSystem)
+    for name in [e.name for e in manifest.shards] + [MANIFEST]:
+        a, b = storage.join(src_dir, name), storage.join(dst_dir, name)
+        storage.makedirs(dst.fs, os.path.dirname(b))
+        if both_local:
+            try:
+                os.link(a, b)
+                continue
+            except OSError:
+                pass
+        pafs.copy_files(a, b, source_filesystem=src.fs, destination_filesystem=dst.fs)

@@ -1,0 +1,211 @@
+"""The learner module: the student plus the loss on a micro-batch from the cache, and how it is wrapped
+for several processes (DDP, FSDP2) and for precision (bf16 autocast).
+
+Loss, per completion token t of the micro-batch, student logits z_t at temperature τ (cache: the teacher's
+top-k K_t, their log-probs, the log tail mass outside K_t, the exact log-prob of the taken token):
+    jsd          generalized JSD_β on the K+1 buckets {v ∈ K_t} ∪ {tail} (stages/losses.py): β = train.beta
+                 on on-policy rows (source "student"), β = train.beta_offpolicy on off-policy rows
+                 (source "dataset" / "teacher"); β = 0 forward KL(T‖S), β = 1 reverse KL(S‖T).
+    sampled_rkl  on on-policy rows: -ratio_t · (log p_T(x_t) − log p_sample(x_t)), ratio_t =
+                 exp(log p_θ(x_t) − log p_sample(x_t)) (optionally clipped, train.ratio_clip); needs the
+                 rollout's sampling log-probs. Off-policy rows use jsd with train.beta_offpolicy.
+`Learner.forward` returns Σ_t loss_t over the micro-batch; the round (stages/train.py) scales it by
+the step's token count.
+
+Memory: the decoder runs for hidden states; `lm_head` runs only on the completion positions
+(stages/heads.py), in chunks of `train.logits_chunk_tokens` positions (auto: ~512 MiB of float32
+logits; a chunk's logits are recomputed in backward when there are several), and the losses gather at
+the K ids without a [N, V] log-softmax copy. Weights and AdamW state are float32; `train.dtype` picks
+the autocast dtype (cache/devices.py: "auto" is bf16 only where the hardware runs it natively).
+
+Metrics computed with the loss (no gradient, on logged steps): `rkl_bucket` Σ_t KL(S‖T) on the K+1
+buckets, and `topk_overlap` Σ_t |K_t ∩ top-k(z_t)| / K, the fraction of the teacher's top-k ids among
+the student's top-k.
+
+Shape legend: B rows, L padded length, N completion positions, V vocabulary, K top-k, X hidden or V.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from typing import Any
+
+import torch
+
+from opd.cache.config import TrainConfig
+from opd.cache.errors import OpdError, first_line
+from opd.stages.heads import apply_head, gather_positions, head_path_matches
+from opd.stages.losses import bucket_logprobs, generalized_jsd, jsd_loss, sampled_rkl_loss
+
+_CHUNK_ELEMENTS = 1 << 27     # auto logits chunk: positions × V ≤ this many float32 values (512 MiB)
+MODEL_METRICS = ("rkl_bucket", "topk_overlap")
+
+
+def load_student(start_dir: str | os.PathLike, tc: TrainConfig, device: torch.device, seed: int):
+    """(model — a PEFT model when train.lora_rank > 0 —, whether lm_head(base_model(x)) gives its logits).
+
+    Weights are float32 (the master copy; autocast picks the compute dtype)."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(start_dir), dtype=torch.float32)
+    except (OSError, ValueError) as e:
+        raise OpdError(f"cannot load the student from {start_dir} ({first_line(e)})") from None
+    model.to(device)
+    head_only = head_path_matches(model, device)
+    model.config.use_cache = False
+    if tc.lora_rank > 0:
+        from peft import LoraConfig, get_peft_model
+
+        torch.manual_seed(seed)   # the same adapter initialisation in every process and every world size
+        try:
+            model = get_peft_model(model, LoraConfig(r=tc.lora_rank, lora_alpha=tc.lora_alpha,
+                                                     lora_dropout=tc.lora_dropout,
+                                                     target_modules=list(tc.lora_target_modules),
+                                                     task_type="CAUSAL_LM"))
+        except ValueError as e:
+            raise OpdError(f"train.lora_target_modules = {list(tc.lora_target_modules)} does not fit "
+                           f"{start_dir} ({first_line(e)})") from None
+    model.train()
+    return model, head_only
+
+
+def hf_model(model):
+    """The transformers model inside a PEFT wrapper (its modules carry the LoRA layers in place)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+class Learner(torch.nn.Module):
+    """The student plus the loss: forward(batch, need_metrics) → (Σ_t loss_t, {name: Σ_t metric_t}).
+    One module, so DDP and FSDP see one forward."""
+
+    def __init__(self, model, tc: TrainConfig, head_only: bool, top_k: int):
+        super().__init__()
+        self.model = model
+        self.tc = tc
+        self.head_only = head_only
+        self.top_k = top_k
+        V = hf_model(model).get_output_embeddings().weight.shape[0]
+        self.chunk = tc.logits_chunk_tokens or max(1, _CHUNK_ELEMENTS // V)
+
+    def forward(self, batch: dict[str, Any], need_metrics: bool = False):
+        source_NX = gather_positions(hf_model(self.model), batch["input_ids_BL"], batch["gather_N"], self.head_only)
+        N = batch["gather_N"].numel()
+        if N <= self.chunk:
+            loss, metrics_2 = self._loss(source_NX, slice(0, N), batch, need_metrics)
+        else:
+            loss = source_NX.new_zeros((), dtype=torch.float32)
+            metrics_2 = torch.zeros(2, dtype=torch.float64, device=source_NX.device)
+            for s in range(0, N, self.chunk):
+                sl = slice(s, min(N, s + self.chunk))
+                fn = functools.partial(self._loss, sl=sl, batch=batch, need_metrics=need_metrics)
+                if torch.is_grad_enabled():
+                    part, m = torch.utils.checkpoint.checkpoint(fn, source_NX[sl], use_reentrant=False)
+                else:
+                    part, m = fn(source_NX[sl])
+                loss = loss + part
+                metrics_2 = metrics_2 + m
+        return loss, dict(zip(MODEL_METRICS, metrics_2.unbind()))
+
+    def _loss(self, x_NX: torch.Tensor, sl: slice, batch: dict[str, Any], need_metrics: bool):
+        """(Σ loss over positions `sl`, [Σ bucket KL(S‖T), Σ top-k overlap] — zeros unless need_metrics)."""
+        tc = self.tc
+        logits_NV = apply_head(hf_model(self.model), x_NX) if self.head_only else x_NX
+        ids, lps, tail = batch["topk_ids_NK"][sl], batch["topk_logprobs_NK"][sl], batch["tail_N"][sl]
+        on = batch["on_policy_N"][sl]
+        mode = _row_mode(batch)
+        s = t = None
+        if tc.loss == "jsd" or mode == "off":
+            s, t = bucket_logprobs(logits_NV, ids, lps, tail, tc.temperature)
+            if mode == "on":
+                loss = generalized_jsd(s, t, tc.beta).sum()
+            elif mode == "off":
+                loss = generalized_jsd(s, t, tc.beta_offpolicy).sum()
+            else:
+                loss = generalized_jsd(s[on], t[on], tc.beta).sum() + generalized_jsd(s[~on], t[~on], tc.beta_offpolicy).sum()
+        else:   # sampled_rkl on the student's own rows, jsd(β_offpolicy) on the others
+            taken_ids, taken_lp, samp = batch["target_N"][sl], batch["taken_N"][sl], batch["sampling_N"][sl]
+            if mode == "on":
+                loss = sampled_rkl_loss(logits_NV, taken_ids, taken_lp, samp, tc.temperature, tc.ratio_clip).sum()
+            else:
+                loss = (sampled_rkl_loss(logits_NV[on], taken_ids[on], taken_lp[on], samp[on], tc.temperature,
+                                         tc.ratio_clip).sum()
+                        + jsd_loss(logits_NV[~on], ids[~on], lps[~on], tail[~on], tc.beta_offpolicy,
+                                   tc.temperature).sum())
+        metrics_2 = torch.zeros(2, dtype=torch.float64, device=logits_NV.device)
+        if need_metrics:
+            with torch.no_grad():
+                z = logits_NV.detach()
+                if s is None:
+                    s, t = bucket_logprobs(z, ids, lps, tail, tc.temperature)
+                metrics_2[0] = generalized_jsd(s.detach(), t, 1.0).double().sum()
+                k = min(self.top_k, z.shape[-1])
+                student_top = z.topk(k, dim=-1).indices
+                metrics_2[1] = (ids[:, :, None] == student_top[:, None, :]).any(-1).double().mean(-1).sum()
+        return loss, metrics_2
+
+
+def _row_mode(batch: dict[str, Any]) -> str:
+    """"on" (every row the student's own), "off" (none) or "mixed", from the CPU-side count that the
+    DataLoader's collate adds (`count_on_policy`): picks the loss path without a device sync."""
+    n_on = batch["on_tokens"]
+    return "on" if n_on == batch["tokens"] else "off" if n_on == 0 else "mixed"
+
+
+def count_on_policy(batch: dict[str, Any]) -> dict[str, Any]:
+    """(DataLoader collate, in the worker) CPU-side count of on-policy positions."""
+    batch["on_tokens"] = int(batch["on_policy_N"].sum())
+    return batch
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    """The forward's precision context: bf16/fp16 autocast over the float32 weights, or none."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext
+    return functools.partial(torch.autocast, device_type=device.type, dtype=dtype)
+
+
+def wrap(learner: Learner, world: int, device: torch.device, use_fsdp: bool, amp_dtype: torch.dtype):
+    """The module the step calls: the learner itself (one process), DDP, or FSDP2-sharded in place."""
+    if use_fsdp:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        low = amp_dtype if amp_dtype != torch.float32 else None
+        mp = MixedPrecisionPolicy(param_dtype=low, reduce_dtype=torch.float32) if low else MixedPrecisionPolicy()
+        layers = getattr(hf_model(learner.model).base_model, "layers", None)
+        if layers is None:
+            raise OpdError(f"train.fsdp: cannot find the decoder layers of {type(hf_model(learner.model)).__name__} "
+                           f"(expected base_model.layers); use DDP (train.fsdp = false)")
+        for layer in layers:
+            fully_shard(layer, mp_policy=mp)
+        fully_shard(learner, mp_policy=mp)
+        return learner
+    if world > 1:
+        return torch.nn.parallel.DistributedDataParallel(
+            learner, device_ids=[device.index] if device.type == "cuda" else None,
+            forward_sync_buffers=False)   # buffers (rotary tables) are equal everywhere; no per-forward sync
+    return learner
+
+
+def grad_sync(wrapped, use_fsdp: bool, distributed: bool, sync: bool):
+    """Gradient all-reduce only on a step's last backward (DDP no_sync / FSDP2 requires_gradient_sync)."""
+    if use_fsdp:
+        wrapped.set_requires_gradient_sync(sync)
+        return contextlib.nullcontext()
+    if distributed and not sync:
+        return wrapped.no_sync()
+    return contextlib.nullcontext()
+
+
+def clip(params, max_norm: float, use_fsdp: bool) -> float:
+    """Clip the gradient norm (max_norm 0 = off); returns the norm before clipping."""
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+    if use_fsdp and hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    return float(norm)

@@ -1,0 +1,109 @@
+"""Which student a round starts from, for every stage that needs it (rollout, score, train).
+
+Round 0 starts from the base model `run.student` (a folder, or an `opd:` / `tiny:` name made on
+demand); round R > 0 from RUN/rounds/R-1/student/, once its `_DONE.json` says it is finished. That
+folder is an HF checkpoint, or a PEFT LoRA adapter (adapter_config.json) whose base is the checkpoint
+it records (`base_model_name_or_path`) where that exists, else `run.student`.
+
+On an object-store run directory the round's student is downloaded into a temporary folder for the
+duration of the `with` block (`files="tokenizer"`: only the tokenizer and config files, which is all
+the score stage needs).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import pyarrow.fs as pafs
+
+from opd.cache import storage
+from opd.cache.config import OpdConfig
+from opd.cache.errors import OpdError
+from opd.cache.fingerprint import TOKENIZER_FILES
+from opd.cache.models import resolve_model
+from opd.cache.rundir import RunDir, previous_student
+
+
+@dataclass(frozen=True)
+class StartStudent:
+    source: Path                  # the round's student folder (a checkpoint, or a LoRA adapter folder)
+    base: Path                    # the checkpoint to load (== source unless `adapter`)
+    adapter: Path | None          # PEFT LoRA adapter folder on top of `base`
+    tokenizer_dir: Path           # where its tokenizer files are
+    label: str                    # how messages name it: `run.student`, or the round R-1 student folder
+
+    @property
+    def vocab_rows(self) -> int:
+        """The output rows (`vocab_size`) of the checkpoint, from its config.json."""
+        try:
+            config = json.loads((self.base / "config.json").read_text())
+        except (OSError, ValueError) as e:
+            raise OpdError(f"{self.base}/config.json: unreadable ({e}); is it an HF checkpoint?") from None
+        vocab = config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
+        if not isinstance(vocab, int):
+            raise OpdError(f"{self.base}/config.json: no vocab_size; is it a causal language model checkpoint?")
+        return vocab
+
+
+@contextlib.contextmanager
+def start_student(cfg: OpdConfig, run: RunDir, round_index: int, files: str = "all") -> Iterator[StartStudent]:
+    """The student round `round_index` starts from, as local folders (see the module docstring)."""
+    if round_index == 0:
+        yield _describe(Path(resolve_model(cfg.run.student, cfg.run.models_dir or None)), cfg, cfg.run.student)
+        return
+    folder = previous_student(run, round_index)
+    if isinstance(run.fs, pafs.LocalFileSystem):
+        yield _describe(Path(folder), cfg, folder)
+        return
+    tmp = Path(tempfile.mkdtemp(prefix="opd-start-student-"))
+    try:
+        if files == "tokenizer":
+            for name in TOKENIZER_FILES + ("config.json", "adapter_config.json"):
+                src = storage.join(folder, name)
+                if storage.exists(run.fs, src):
+                    (tmp / name).write_bytes(storage.read_bytes(run.fs, src))
+        else:
+            pafs.copy_files(folder, str(tmp), source_filesystem=run.fs, destination_filesystem=storage.LOCAL)
+        yield _describe(tmp, cfg, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _describe(folder: Path, cfg: OpdConfig, label: str) -> StartStudent:
+    if not (folder / "adapter_config.json").is_file():
+        return StartStudent(folder, folder, None, folder, label)
+    base = _adapter_base(folder, cfg)
+    has_tokenizer = any((folder / n).is_file() for n in TOKENIZER_FILES)
+    return StartStudent(folder, base, folder, folder if has_tokenizer else base, label)
+
+
+def _adapter_base(adapter: Path, cfg: OpdConfig) -> Path:
+    """The adapter's base checkpoint: its recorded base_model_name_or_path where that is a folder
+    (or an opd:/tiny: name), else the run's base student (`run.student`)."""
+    try:
+        recorded = json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path") or ""
+    except ValueError:
+        raise OpdError(f"{adapter}/adapter_config.json: not valid JSON; re-run the train stage") from None
+    if recorded.startswith(("opd:", "tiny:")):
+        return Path(resolve_model(recorded, cfg.run.models_dir or None))
+    for cand in (Path(recorded).expanduser(), adapter / recorded):
+        if recorded and (cand / "config.json").is_file():
+            return cand
+    return Path(resolve_model(cfg.run.student, cfg.run.models_dir or None))
+
+
+def load_tokenizer(folder, what: str):
+    """A tokenizer from a local folder, with a one-line error naming `what` it belongs to."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(folder))
+    except (OSError, ValueError, TypeError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise OpdError(f"cannot load the tokenizer of the {what} from {folder} ({first})") from None

@@ -9,6 +9,12 @@ Prints one JSON object per (encoding, k): the opd codec at 8 and 16 log-prob bit
 baseline (int32 ids + float32 log-probs as Parquet lists, zstd). `bytes_per_token` is the whole
 score-shard file (every column, exact taken-token log-prob, tail, Parquet overhead) ÷ positions;
 `mean_kl` is the mean over positions of KL(exact ‖ decoded) on the (k+1)-bucket distribution.
+
+The teacher runs on the CPU in `--dtype` (default "auto", as the presets' score.dtype: bf16 only where
+this CPU runs it natively, opd.cache.devices); its log-softmax is taken in float32. Each line records
+the resolved dtype, the CPU model and whether torch reports native bf16.
+
+    python benchmarks/bench_cache.py --smoke     # seconds: a tiny random teacher, the packaged tiny prompts
 """
 
 from __future__ import annotations
@@ -16,10 +22,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import tempfile
 import time
 
+import _common
 import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -31,25 +37,28 @@ from opd.cache.shards import ScoreShard, ScoreShardWriter
 KS = (8, 16, 32, 64, 128)
 
 
-def teacher_distributions(text_path: str, samples: int, field_q: str, field_a: str, model_ref: str):
+def teacher_distributions(
+    text_path: str, samples: int, field_q: str, field_a: str, model_ref: str, dtype: torch.dtype = torch.float32
+):
     """Per sample: full-vocab log-probs at each answer position [T, V] and the taken ids [T]."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from opd.pipeline.models import resolve_model
+    from opd.cache.models import resolve_model
 
     model_dir = resolve_model(model_ref)
     tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
     rows = [json.loads(line) for line, _ in zip(open(text_path), range(samples))]
     out = []
     with torch.inference_mode():
         for row in rows:
-            prompt = tok.apply_chat_template([{"role": "user", "content": row[field_q]}],
-                                             add_generation_prompt=True, tokenize=False)
+            prompt = tok.apply_chat_template(
+                [{"role": "user", "content": row[field_q]}], add_generation_prompt=True, tokenize=False
+            )
             p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
             a_ids = tok(row[field_a] + "<|im_end|>", add_special_tokens=False)["input_ids"]
             ids = torch.tensor([p_ids + a_ids])
-            logits = model(ids).logits[0, len(p_ids) - 1: -1].float()
+            logits = model(ids).logits[0, len(p_ids) - 1 : -1].float()
             out.append((torch.log_softmax(logits, -1), torch.tensor(a_ids)))
     return out, model.config.vocab_size, os.path.basename(str(model_dir))
 
@@ -59,7 +68,11 @@ def exact_topk(dists, k):
     res = []
     for lp_TV, taken_ids_T in dists:
         sorted_lp, sorted_ids = torch.sort(lp_TV, dim=-1, descending=True)
-        tail = torch.logsumexp(sorted_lp[:, k:], dim=-1) if k < lp_TV.shape[1] else torch.full((lp_TV.shape[0],), -float("inf"))
+        tail = (
+            torch.logsumexp(sorted_lp[:, k:], dim=-1)
+            if k < lp_TV.shape[1]
+            else torch.full((lp_TV.shape[0],), -float("inf"))
+        )
         taken = lp_TV.gather(1, taken_ids_T[:, None])[:, 0]
         res.append((sorted_ids[:, :k].numpy(), sorted_lp[:, :k].numpy(), taken.numpy(), tail.numpy()))
     return res
@@ -78,13 +91,15 @@ def read_opd(path):
 
 
 def write_naive(rows, path, vocab, k, bits):
-    table = pa.table({
-        "sample_id": [f"s{i}" for i in range(len(rows))],
-        "topk_ids": pa.array([r[0].astype(np.int32).reshape(-1) for r in rows], pa.list_(pa.int32())),
-        "topk_logprobs": pa.array([r[1].astype(np.float32).reshape(-1) for r in rows], pa.list_(pa.float32())),
-        "taken_logprobs": pa.array([r[2] for r in rows], pa.list_(pa.float32())),
-        "tail_logprobs": pa.array([r[3] for r in rows], pa.list_(pa.float32())),
-    })
+    table = pa.table(
+        {
+            "sample_id": [f"s{i}" for i in range(len(rows))],
+            "topk_ids": pa.array([r[0].astype(np.int32).reshape(-1) for r in rows], pa.list_(pa.int32())),
+            "topk_logprobs": pa.array([r[1].astype(np.float32).reshape(-1) for r in rows], pa.list_(pa.float32())),
+            "taken_logprobs": pa.array([r[2] for r in rows], pa.list_(pa.float32())),
+            "tail_logprobs": pa.array([r[3] for r in rows], pa.list_(pa.float32())),
+        }
+    )
     pq.write_table(table, path, compression="zstd")
 
 
@@ -94,8 +109,14 @@ def read_naive(path):
     for i in range(t.num_rows):
         ids = t["topk_ids"][i].values.to_numpy()
         k = len(ids) // len(t["taken_logprobs"][i])
-        out.append((ids.reshape(-1, k), t["topk_logprobs"][i].values.to_numpy().reshape(-1, k),
-                    t["taken_logprobs"][i].values.to_numpy(), t["tail_logprobs"][i].values.to_numpy()))
+        out.append(
+            (
+                ids.reshape(-1, k),
+                t["topk_logprobs"][i].values.to_numpy().reshape(-1, k),
+                t["taken_logprobs"][i].values.to_numpy(),
+                t["tail_logprobs"][i].values.to_numpy(),
+            )
+        )
     return out
 
 
@@ -127,24 +148,54 @@ def fidelity(exact, decoded, floor):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--text", required=True, help="JSONL with real text, e.g. ../shared/data/gsm8k_train.jsonl")
+    ap.add_argument("--text", help="JSONL with real text, e.g. ../shared/data/gsm8k_train.jsonl")
     ap.add_argument("--question-field", default="question")
     ap.add_argument("--answer-field", default="answer")
     ap.add_argument("--model", default="opd:smollm2-135m", help="teacher (folder or opd: name)")
     ap.add_argument("--samples", type=int, default=128)
     ap.add_argument("--quick", action="store_true", help="16 samples (under 2 minutes here)")
     ap.add_argument("--repeats", type=int, default=3, help="timing repeats (best is reported)")
+    ap.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16"],
+        help="teacher dtype; auto = bf16 only where this CPU runs it natively, else float32",
+    )
+    ap.add_argument(
+        "--smoke",
+        action="store_true",
+        help="seconds: a tiny random teacher built on the fly, the packaged tiny prompts (figures meaningless)",
+    )
     args = ap.parse_args()
-    samples = 16 if args.quick else args.samples
+    if args.smoke:
+        args.text = args.text or str(_common.tiny_prompts())
+        args.question_field, args.answer_field, args.repeats = "prompt", "reference", 1
+    elif not args.text:
+        ap.error("--text is required (or --smoke)")
+    _common.offline()
+    samples = 4 if args.smoke else 16 if args.quick else args.samples
     torch.manual_seed(0)
-    dists, vocab, model_name = teacher_distributions(args.text, samples, args.question_field, args.answer_field, args.model)
-    positions = sum(d[0].shape[0] for d in dists)
-    env = {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": "cpu",
-           "python": platform.python_version(), "pyarrow": pa.__version__}
-    source = f"{model_name} on {os.path.basename(args.text)} {args.answer_field} ({samples} samples)"
-    encodings = [("opd-delta-q8", write_opd, read_opd, 8), ("opd-delta-q16", write_opd, read_opd, 16),
-                 ("naive-int32-float32", write_naive, read_naive, 32)]
+    pl = _common.resolve("cpu", args.dtype)
     with tempfile.TemporaryDirectory() as tmp:
+        if args.smoke:
+            args.model = str(_common.tiny_models(os.path.join(tmp, "models"))[0])
+        dists, vocab, model_name = teacher_distributions(
+            args.text, samples, args.question_field, args.answer_field, args.model, pl.dtype
+        )
+        positions = sum(d[0].shape[0] for d in dists)
+        env = {
+            **_common.machine(),
+            "device": "cpu",
+            "pyarrow": pa.__version__,
+            **_common.dtype_record(args.dtype, pl),
+            "smoke": args.smoke,
+        }
+        source = f"{model_name} on {os.path.basename(args.text)} {args.answer_field} ({samples} samples)"
+        encodings = [
+            ("opd-delta-q8", write_opd, read_opd, 8),
+            ("opd-delta-q16", write_opd, read_opd, 16),
+            ("naive-int32-float32", write_naive, read_naive, 32),
+        ]
         for k in KS:
             exact = exact_topk(dists, k)
             for name, write, read, bits in encodings:
@@ -159,13 +210,26 @@ def main():
                     dec_s = min(dec_s, time.perf_counter() - t0)
                 floor = {8: -255 / 16, 16: -65535 / 2048, 32: -np.inf}[bits]
                 mean_kl, max_err, frac_below = fidelity(exact, decoded, floor)
-                print(json.dumps({
-                    "bench": "cache", "encoding": name, "source": source, "vocab": vocab, "k": k,
-                    "positions": positions, "bytes_per_token": round(os.path.getsize(path) / positions, 2),
-                    "mean_kl": mean_kl, "max_abs_logprob_err": max_err,
-                    "frac_below_logprob_floor": frac_below,
-                    "encode_tokens_per_s": round(positions / enc_s), "decode_tokens_per_s": round(positions / dec_s),
-                    **env}), flush=True)
+                print(
+                    json.dumps(
+                        {
+                            "bench": "cache",
+                            "encoding": name,
+                            "source": source,
+                            "vocab": vocab,
+                            "k": k,
+                            "positions": positions,
+                            "bytes_per_token": round(os.path.getsize(path) / positions, 2),
+                            "mean_kl": mean_kl,
+                            "max_abs_logprob_err": max_err,
+                            "frac_below_logprob_floor": frac_below,
+                            "encode_tokens_per_s": round(positions / enc_s),
+                            "decode_tokens_per_s": round(positions / dec_s),
+                            **env,
+                        }
+                    ),
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

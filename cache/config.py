@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
 import hashlib
+import json
 import os
 import tomllib
 import typing
 from dataclasses import dataclass, field
-from typing import ClassVar
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from opd.cache.devices import DTYPES
 from opd.cache.errors import OpdError
@@ -43,16 +42,22 @@ def _choice(key: str, value: Any, choices: tuple) -> None:
 
 @dataclass(frozen=True, kw_only=True)
 class RunConfig:
-    name: str = "opd"             # label for this run in metrics and plots
-    student: str                  # base student (round 0): HF checkpoint folder, `opd:NAME` or `tiny:student`
-    teacher: str                  # teacher: HF checkpoint folder, `opd:NAME` or `tiny:teacher`; shares the student's vocabulary
-    seed: int = 0                 # seeds sampling, the λ on/off-policy choice and training
-    rounds: int = 1               # rounds `opd run` performs (rollout → score → train per round)
-    models_dir: str = ""          # where `opd:` and `tiny:` models are materialised; "" = $OPD_HOME/models (~/.cache/opd/models)
-    rollout_devices: str = ""     # `opd run`: devices of the rollout pool, e.g. "0,1" (CUDA_VISIBLE_DEVICES); "" = all visible (CPU: "cpu")
-    score_devices: str = ""       # `opd run`: devices of the scoring pool; several run one `--shard i/N` worker each
-    train_devices: str = ""       # `opd run`: devices of the learner; several launch torchrun (CPU: "cpu,cpu" = 2 gloo processes)
-    overlap: str = "auto"         # `opd run`: score finished rollout shards while rollout runs: "auto" (pools on disjoint GPUs, or both on CPU), "on", "off"
+    name: str = "opd"  # label for this run in metrics and plots
+    student: str  # base student (round 0): HF checkpoint folder, `opd:NAME` or `tiny:student`
+    teacher: str  # teacher: HF checkpoint folder, `opd:NAME` or `tiny:teacher`; shares the student's vocabulary
+    seed: int = 0  # seeds sampling, the λ on/off-policy choice and training
+    rounds: int = 1  # rounds `opd run` performs (rollout → score → train per round)
+    models_dir: str = (
+        ""  # where `opd:` and `tiny:` models are materialised; "" = $OPD_HOME/models (~/.cache/opd/models)
+    )
+    rollout_devices: str = (
+        ""  # `opd run`: devices of the rollout pool, e.g. "0,1" (CUDA_VISIBLE_DEVICES); "" = all visible (CPU: "cpu")
+    )
+    score_devices: str = ""  # `opd run`: devices of the scoring pool; several run one `--shard i/N` worker each
+    train_devices: str = (
+        ""  # `opd run`: devices of the learner; several launch torchrun (CPU: "cpu,cpu" = 2 gloo processes)
+    )
+    overlap: str = "auto"  # `opd run`: score finished rollout shards while rollout runs: "auto" (pools on disjoint GPUs, or both on CPU), "on", "off"
 
     def __post_init__(self):
         _require(bool(self.student), "run.student", self.student, "a model path or `opd:`/`tiny:` name is required")
@@ -60,36 +65,40 @@ class RunConfig:
         _require(self.rounds >= 1, "run.rounds", self.rounds, "must be >= 1")
         for key in ("rollout_devices", "score_devices", "train_devices"):
             value = getattr(self, key)
-            _require(all(d.strip() == "cpu" or d.strip().isdigit() for d in value.split(",")) if value else True,
-                     f"run.{key}", value, 'must be "" or a comma-separated list of GPU indices or "cpu", e.g. "0,1"')
+            _require(
+                all(d.strip() == "cpu" or d.strip().isdigit() for d in value.split(",")) if value else True,
+                f"run.{key}",
+                value,
+                'must be "" or a comma-separated list of GPU indices or "cpu", e.g. "0,1"',
+            )
         _choice("run.overlap", self.overlap, ("auto", "on", "off"))
 
 
 @dataclass(frozen=True, kw_only=True)
 class RolloutConfig:
-    prompts: str                  # prompt set: a .jsonl file, a .parquet file, or a local HF `datasets` folder
+    prompts: str  # prompt set: a .jsonl file, a .parquet file, or a local HF `datasets` folder
     prompt_field: str = "prompt"  # column holding a plain prompt string
     messages_field: str = "messages"  # column holding chat messages [{role, content}] (used when present)
-    reference_field: str = ""     # column holding a reference response (off-policy rows with offpolicy_source="dataset")
-    id_field: str = ""            # column holding a stable prompt id; "" = the row number
-    chat_template: bool = True    # render prompts with the student tokenizer's chat template
-    max_prompts: int = 0          # use only the first N prompts; 0 = all
+    reference_field: str = ""  # column holding a reference response (off-policy rows with offpolicy_source="dataset")
+    id_field: str = ""  # column holding a stable prompt id; "" = the row number
+    chat_template: bool = True  # render prompts with the student tokenizer's chat template
+    max_prompts: int = 0  # use only the first N prompts; 0 = all
     max_prompt_tokens: int = 512  # longer prompts are skipped and counted, never a crash
-    n: int = 2                    # completions per prompt
-    temperature: float = 1.0      # sampling temperature (the sampling log-probs are of this distribution)
-    top_p: float = 1.0            # nucleus sampling; 1.0 = off
-    top_k: int = -1               # top-k sampling; -1 = off
-    max_new_tokens: int = 128     # completion length limit
+    n: int = 2  # completions per prompt
+    temperature: float = 1.0  # sampling temperature (the sampling log-probs are of this distribution)
+    top_p: float = 1.0  # nucleus sampling; 1.0 = off
+    top_k: int = -1  # top-k sampling; -1 = off
+    max_new_tokens: int = 128  # completion length limit
     stop: list[str] = field(default_factory=list)  # extra stop strings (the tokenizer's EOS always stops)
-    lmbda: float = 1.0            # λ: fraction of samples that are the student's own; the rest are off-policy
+    lmbda: float = 1.0  # λ: fraction of samples that are the student's own; the rest are off-policy
     lmbda_schedule: list[float] = field(default_factory=list)  # λ per round (last value repeats); [] = always `lmbda`
     offpolicy_source: str = "dataset"  # where off-policy rows come from: "dataset" (reference field) or "teacher"
-    engine: str = "auto"          # "vllm", "transformers", or "auto" (vLLM where importable)
+    engine: str = "auto"  # "vllm", "transformers", or "auto" (vLLM where importable)
     prompts_per_shard: int = 256  # prompts per rollout shard (the unit of resume and of --shard i/N)
     gpu_memory_utilization: float = 0.5  # vLLM's share of device memory (on CPU: of the KV-cache budget)
-    enforce_eager: bool = True    # vLLM without graph capture: much faster start for short jobs
-    merge_lora: bool = True       # serve a LoRA student merged (True) or as base + adapter (False)
-    dtype: str = "auto"           # engine weights and compute: "auto" (bf16 where the GPU/CPU runs it natively, else float32; cache/devices.py), "float32", "bfloat16", "float16"
+    enforce_eager: bool = True  # vLLM without graph capture: much faster start for short jobs
+    merge_lora: bool = True  # serve a LoRA student merged (True) or as base + adapter (False)
+    dtype: str = "auto"  # engine weights and compute: "auto" (bf16 where the GPU/CPU runs it natively, else float32; cache/devices.py), "float32", "bfloat16", "float16"
 
     # keys that choose only how to sample, not what: outside the stage's config hash (OpdConfig.section_hash)
     HOW: ClassVar[tuple[str, ...]] = ("engine", "gpu_memory_utilization", "enforce_eager")
@@ -109,8 +118,12 @@ class RolloutConfig:
         _choice("rollout.offpolicy_source", self.offpolicy_source, ("dataset", "teacher"))
         _choice("rollout.engine", self.engine, ("auto", "vllm", "transformers"))
         _require(self.prompts_per_shard >= 1, "rollout.prompts_per_shard", self.prompts_per_shard, "must be >= 1")
-        _require(0 < self.gpu_memory_utilization <= 1, "rollout.gpu_memory_utilization",
-                 self.gpu_memory_utilization, "must be in (0, 1]")
+        _require(
+            0 < self.gpu_memory_utilization <= 1,
+            "rollout.gpu_memory_utilization",
+            self.gpu_memory_utilization,
+            "must be in (0, 1]",
+        )
         _choice("rollout.dtype", self.dtype, DTYPES)
 
     def lmbda_for_round(self, round_index: int) -> float:
@@ -122,14 +135,14 @@ class RolloutConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class ScoreConfig:
-    top_k: int = 64               # teacher log-probs kept per position
-    temperature: float = 1.0      # scoring temperature (teacher logits / τ before log-softmax); stored in the shard
-    logprob_bits: int = 8         # top-k log-prob precision in the cache: 8 (±1/32 nat), 16 (±1/4096 nat), 32 (exact)
-    zstd_level: int = 3           # Parquet zstd level of score shards
-    dtype: str = "auto"           # teacher weights: "auto" (bf16 where the GPU/CPU runs it natively, else float32; cache/devices.py), "float32", "bfloat16", "float16"
-    device: str = "auto"          # "auto" (cuda if available), "cpu", "cuda", "cuda:N"
+    top_k: int = 64  # teacher log-probs kept per position
+    temperature: float = 1.0  # scoring temperature (teacher logits / τ before log-softmax); stored in the shard
+    logprob_bits: int = 8  # top-k log-prob precision in the cache: 8 (±1/32 nat), 16 (±1/4096 nat), 32 (exact)
+    zstd_level: int = 3  # Parquet zstd level of score shards
+    dtype: str = "auto"  # teacher weights: "auto" (bf16 where the GPU/CPU runs it natively, else float32; cache/devices.py), "float32", "bfloat16", "float16"
+    device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:N"
     max_tokens_per_batch: int = 8192  # token budget of one length-sorted teacher batch (prompt + completion, padded)
-    render: str = "student_ids"   # "student_ids": teacher sees the student's ids; "teacher_template": re-render the prompt with the teacher's chat template
+    render: str = "student_ids"  # "student_ids": teacher sees the student's ids; "teacher_template": re-render the prompt with the teacher's chat template
 
     # keys that change no byte of the cache (batching is shown not to by a test): outside the config hash
     HOW: ClassVar[tuple[str, ...]] = ("device", "max_tokens_per_batch")
@@ -140,44 +153,66 @@ class ScoreConfig:
         _choice("score.logprob_bits", self.logprob_bits, (8, 16, 32))
         _require(1 <= self.zstd_level <= 22, "score.zstd_level", self.zstd_level, "must be in [1, 22]")
         _choice("score.dtype", self.dtype, DTYPES)
-        _require(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
-                 "score.device", self.device, "must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
-        _require(self.max_tokens_per_batch >= 1, "score.max_tokens_per_batch", self.max_tokens_per_batch, "must be >= 1")
+        _require(
+            self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
+            "score.device",
+            self.device,
+            "must be 'auto', 'cpu', 'cuda' or 'cuda:N'",
+        )
+        _require(
+            self.max_tokens_per_batch >= 1, "score.max_tokens_per_batch", self.max_tokens_per_batch, "must be >= 1"
+        )
         _choice("score.render", self.render, ("student_ids", "teacher_template"))
 
 
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
-    loss: str = "jsd"             # "jsd" (generalized JSD on the top-k + tail buckets) or "sampled_rkl" (policy-gradient reverse KL)
-    beta: float = 1.0             # JSD β for on-policy rows: 0 = forward KL(T‖S), 1 = reverse KL(S‖T)
-    beta_offpolicy: float = 0.0   # JSD β for off-policy rows (dataset/teacher responses); 0 = forward KL
-    temperature: float = 1.0      # τ applied to the student's logits in the loss
-    ratio_clip: float = 0.0       # sampled_rkl: clip the importance ratio to [1-c, 1+c]; 0 = off
-    lr: float = 1e-5              # peak AdamW learning rate
-    lr_schedule: str = "cosine"   # "cosine" or "constant", after warmup
-    warmup_steps: int = 0         # linear warmup steps
-    weight_decay: float = 0.0     # AdamW weight decay
-    max_grad_norm: float = 1.0    # gradient clipping; 0 = off
-    epochs: int = 1               # passes over the round's data
+    loss: str = (
+        "jsd"  # "jsd" (generalized JSD on the top-k + tail buckets) or "sampled_rkl" (policy-gradient reverse KL)
+    )
+    beta: float = 1.0  # JSD β for on-policy rows: 0 = forward KL(T‖S), 1 = reverse KL(S‖T)
+    beta_offpolicy: float = 0.0  # JSD β for off-policy rows (dataset/teacher responses); 0 = forward KL
+    temperature: float = 1.0  # τ applied to the student's logits in the loss
+    ratio_clip: float = 0.0  # sampled_rkl: clip the importance ratio to [1-c, 1+c]; 0 = off
+    lr: float = 1e-5  # peak AdamW learning rate
+    lr_schedule: str = "cosine"  # "cosine" or "constant", after warmup
+    warmup_steps: int = 0  # linear warmup steps
+    weight_decay: float = 0.0  # AdamW weight decay
+    max_grad_norm: float = 1.0  # gradient clipping; 0 = off
+    epochs: int = 1  # passes over the round's data
     max_tokens_per_batch: int = 4096  # tokens per micro-batch per process (prompt + completion, padded)
-    grad_accum: int = 1           # micro-batches per optimizer step
-    dtype: str = "auto"           # compute dtype: "auto" (bf16 autocast where the GPU/CPU runs bf16 natively, else float32; cache/devices.py), "float32", "bfloat16"
-    lora_rank: int = 0            # LoRA rank; 0 = full fine-tune
-    lora_alpha: int = 16          # LoRA alpha
-    lora_dropout: float = 0.0     # LoRA dropout
-    lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])  # modules LoRA wraps
-    fsdp: bool = False            # shard the model with FSDP2 (GPU, models that do not fit one device)
-    checkpoint_every_steps: int = 0   # save a resumable checkpoint inside the round every N steps; 0 = only at the end
-    num_workers: int = 0          # DataLoader workers that decode caches
-    log_every_steps: int = 1      # metrics.jsonl cadence
-    device: str = "auto"          # "auto" (cuda if available), "cpu", "cuda", "cuda:N"; under torchrun "cuda" is cuda:LOCAL_RANK
+    grad_accum: int = 1  # micro-batches per optimizer step
+    dtype: str = "auto"  # compute dtype: "auto" (bf16 autocast where the GPU/CPU runs bf16 natively, else float32; cache/devices.py), "float32", "bfloat16"
+    lora_rank: int = 0  # LoRA rank; 0 = full fine-tune
+    lora_alpha: int = 16  # LoRA alpha
+    lora_dropout: float = 0.0  # LoRA dropout
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
+    )  # modules LoRA wraps
+    fsdp: bool = False  # shard the model with FSDP2 (GPU, models that do not fit one device)
+    checkpoint_every_steps: int = 0  # save a resumable checkpoint inside the round every N steps; 0 = only at the end
+    num_workers: int = 0  # DataLoader workers that decode caches
+    log_every_steps: int = 1  # metrics.jsonl cadence
+    device: str = (
+        "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:N"; under torchrun "cuda" is cuda:LOCAL_RANK
+    )
     logits_chunk_tokens: int = 0  # completion positions per lm_head + loss chunk (recomputed in backward); 0 = auto (chunks of ~512 MiB float32 logits)
-    tensorboard: bool = False     # also write TensorBoard events to rounds/R/tensorboard/ (needs the `tensorboard` package)
+    tensorboard: bool = (
+        False  # also write TensorBoard events to rounds/R/tensorboard/ (needs the `tensorboard` package)
+    )
 
     # keys that choose only how to compute, not what: outside the config hash. grad_accum is there
     # because the learner's producer records micro_batches_per_step (world size × grad_accum) instead.
-    HOW: ClassVar[tuple[str, ...]] = ("device", "num_workers", "log_every_steps", "checkpoint_every_steps",
-                                      "tensorboard", "logits_chunk_tokens", "fsdp", "grad_accum")
+    HOW: ClassVar[tuple[str, ...]] = (
+        "device",
+        "num_workers",
+        "log_every_steps",
+        "checkpoint_every_steps",
+        "tensorboard",
+        "logits_chunk_tokens",
+        "fsdp",
+        "grad_accum",
+    )
 
     def __post_init__(self):
         _choice("train.loss", self.loss, ("jsd", "sampled_rkl"))
@@ -191,20 +226,40 @@ class TrainConfig:
         _require(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "must be >= 0")
         _require(self.max_grad_norm >= 0, "train.max_grad_norm", self.max_grad_norm, "must be >= 0")
         _require(self.epochs >= 1, "train.epochs", self.epochs, "must be >= 1")
-        _require(self.max_tokens_per_batch >= 1, "train.max_tokens_per_batch", self.max_tokens_per_batch, "must be >= 1")
+        _require(
+            self.max_tokens_per_batch >= 1, "train.max_tokens_per_batch", self.max_tokens_per_batch, "must be >= 1"
+        )
         _require(self.grad_accum >= 1, "train.grad_accum", self.grad_accum, "must be >= 1")
         _choice("train.dtype", self.dtype, ("auto", "float32", "bfloat16"))
         _require(self.lora_rank >= 0, "train.lora_rank", self.lora_rank, "must be >= 0 (0 = full fine-tune)")
         _require(self.lora_alpha >= 1, "train.lora_alpha", self.lora_alpha, "must be >= 1")
         _require(0 <= self.lora_dropout < 1, "train.lora_dropout", self.lora_dropout, "must be in [0, 1)")
-        _require(bool(self.lora_target_modules), "train.lora_target_modules", self.lora_target_modules, "must name at least one module")
-        _require(self.checkpoint_every_steps >= 0, "train.checkpoint_every_steps", self.checkpoint_every_steps, "must be >= 0")
+        _require(
+            bool(self.lora_target_modules),
+            "train.lora_target_modules",
+            self.lora_target_modules,
+            "must name at least one module",
+        )
+        _require(
+            self.checkpoint_every_steps >= 0,
+            "train.checkpoint_every_steps",
+            self.checkpoint_every_steps,
+            "must be >= 0",
+        )
         _require(self.num_workers >= 0, "train.num_workers", self.num_workers, "must be >= 0")
         _require(self.log_every_steps >= 1, "train.log_every_steps", self.log_every_steps, "must be >= 1")
-        _require(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
-                 "train.device", self.device, "must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
-        _require(self.logits_chunk_tokens >= 0, "train.logits_chunk_tokens", self.logits_chunk_tokens,
-                 "must be >= 0 (0 = auto)")
+        _require(
+            self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
+            "train.device",
+            self.device,
+            "must be 'auto', 'cpu', 'cuda' or 'cuda:N'",
+        )
+        _require(
+            self.logits_chunk_tokens >= 0,
+            "train.logits_chunk_tokens",
+            self.logits_chunk_tokens,
+            "must be >= 0 (0 = auto)",
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -213,20 +268,21 @@ class EvalConfig:
     teacher (never trained on), in RUN/rounds/R/heldout/. Its samples are drawn at `temperature` with
     no top-k/top-p, so the mean of log p_S(x_t) − log p_T(x_t) over them estimates the per-token reverse
     KL(student‖teacher) of the model itself."""
-    prompts: str = ""             # held-out prompt set (formats as rollout.prompts); "" = no validation
+
+    prompts: str = ""  # held-out prompt set (formats as rollout.prompts); "" = no validation
     prompt_field: str = "prompt"  # column holding a plain prompt string
     messages_field: str = "messages"  # column holding chat messages (used when present)
-    reference_field: str = ""     # column holding the reference answer the checker compares with
-    id_field: str = ""            # column holding a stable prompt id; "" = the row number
-    max_prompts: int = 0          # use only the first N held-out prompts; 0 = all
-    n: int = 1                    # samples per held-out prompt
-    max_new_tokens: int = 0       # completion length limit; 0 = rollout.max_new_tokens
-    temperature: float = 1.0      # sampling temperature (1.0: the reverse KL is of the student itself)
-    checker: str = ""             # "" (no accuracy) or "gsm8k" (the last number of the completion vs the reference's `#### N`)
-    stop_rkl_below: float = 0.0   # `opd run` stops once the held-out reverse KL (nats/token) is below this; 0 = off
-    stop_patience: int = 0        # `opd run` stops after this many rounds without a drop of at least stop_min_delta; 0 = off
-    stop_min_delta: float = 0.0   # the smallest drop in held-out reverse KL that counts as an improvement
-    final: bool = True            # `opd run` also evaluates the last round's student (RUN/rounds/N/heldout/, no training data)
+    reference_field: str = ""  # column holding the reference answer the checker compares with
+    id_field: str = ""  # column holding a stable prompt id; "" = the row number
+    max_prompts: int = 0  # use only the first N held-out prompts; 0 = all
+    n: int = 1  # samples per held-out prompt
+    max_new_tokens: int = 0  # completion length limit; 0 = rollout.max_new_tokens
+    temperature: float = 1.0  # sampling temperature (1.0: the reverse KL is of the student itself)
+    checker: str = ""  # "" (no accuracy) or "gsm8k" (the last number of the completion vs the reference's `#### N`)
+    stop_rkl_below: float = 0.0  # `opd run` stops once the held-out reverse KL (nats/token) is below this; 0 = off
+    stop_patience: int = 0  # `opd run` stops after this many rounds without a drop of at least stop_min_delta; 0 = off
+    stop_min_delta: float = 0.0  # the smallest drop in held-out reverse KL that counts as an improvement
+    final: bool = True  # `opd run` also evaluates the last round's student (RUN/rounds/N/heldout/, no training data)
 
     def __post_init__(self):
         _require(self.max_prompts >= 0, "eval.max_prompts", self.max_prompts, "must be >= 0")
@@ -237,8 +293,12 @@ class EvalConfig:
         _require(self.stop_rkl_below >= 0, "eval.stop_rkl_below", self.stop_rkl_below, "must be >= 0 (0 = off)")
         _require(self.stop_patience >= 0, "eval.stop_patience", self.stop_patience, "must be >= 0 (0 = off)")
         _require(self.stop_min_delta >= 0, "eval.stop_min_delta", self.stop_min_delta, "must be >= 0")
-        _require(not self.checker or bool(self.reference_field), "eval.checker", self.checker,
-                 "needs eval.reference_field (the column with the answers)")
+        _require(
+            not self.checker or bool(self.reference_field),
+            "eval.checker",
+            self.checker,
+            "needs eval.reference_field (the column with the answers)",
+        )
 
     @property
     def enabled(self) -> bool:
@@ -269,13 +329,18 @@ class OpdConfig:
 
 
 SECTIONS: dict[str, type] = {f.name: f.type for f in dataclasses.fields(OpdConfig)}
-_SECTION_TYPES = {"run": RunConfig, "rollout": RolloutConfig, "score": ScoreConfig, "train": TrainConfig,
-                  "eval": EvalConfig}
-PATH_KEYS = {("run", "student"), ("run", "teacher"), ("run", "models_dir"), ("rollout", "prompts"),
-             ("eval", "prompts")}
+_SECTION_TYPES = {
+    "run": RunConfig,
+    "rollout": RolloutConfig,
+    "score": ScoreConfig,
+    "train": TrainConfig,
+    "eval": EvalConfig,
+}
+PATH_KEYS = {("run", "student"), ("run", "teacher"), ("run", "models_dir"), ("rollout", "prompts"), ("eval", "prompts")}
 
 
 # ------------------------------------------------------------------------------------------ loading
+
 
 def find_config(name_or_path: str | os.PathLike) -> Path:
     """A config file path, or the name of a packaged preset (`tiny`, `smollm2-demo`, ...)."""
@@ -283,7 +348,7 @@ def find_config(name_or_path: str | os.PathLike) -> Path:
     if p.is_file():
         return p
     packaged = PACKAGED_CONFIGS / f"{p.name.removesuffix('.toml')}.toml"
-    if len(p.parts) == 1 and packaged.is_file():   # a preset name (which may contain dots)
+    if len(p.parts) == 1 and packaged.is_file():  # a preset name (which may contain dots)
         return packaged
     presets = ", ".join(sorted(q.stem for q in PACKAGED_CONFIGS.glob("*.toml")))
     raise ConfigError(f"config file {str(name_or_path)!r} not found (packaged presets: {presets})")
@@ -373,8 +438,11 @@ def _build(cls: type, section: str, table: Any) -> Any:
     for key, value in table.items():
         _check_name(key, fields, "key", f"{section}.")
         kwargs[key] = _coerce(f"{section}.{key}", value, hints[key])
-    missing = [n for n, f in fields.items() if n not in kwargs and f.default is dataclasses.MISSING
-               and f.default_factory is dataclasses.MISSING]
+    missing = [
+        n
+        for n, f in fields.items()
+        if n not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
     if missing:
         raise ConfigError(f"missing required key {section}.{missing[0]}")
     return cls(**kwargs)
@@ -425,6 +493,7 @@ def load_run_config(run, overrides=()) -> OpdConfig:
 
 
 # ------------------------------------------------------------------------------------------ writing
+
 
 def dumps_config(cfg: OpdConfig) -> str:
     """TOML text of a config, every field written out (the run's resolved `opd.toml`)."""

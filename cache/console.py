@@ -20,7 +20,7 @@ import time
 from collections import deque
 from typing import TextIO
 
-_out: TextIO | None = None        # the console's stdout / stderr while quiet() is in force
+_out: TextIO | None = None  # the console's stdout / stderr while quiet() is in force
 _err: TextIO | None = None
 _log_path: str | None = None
 
@@ -67,8 +67,13 @@ def _console_copy(stream: TextIO, fd: int) -> TextIO:
     where `stream` writes to it, else `stream` itself (an in-process capture, e.g. click's test runner)."""
     try:
         if stream.fileno() == fd:
-            return io.TextIOWrapper(os.fdopen(os.dup(fd), "wb", buffering=0), encoding="utf-8",
-                                    errors="replace", line_buffering=True, write_through=True)
+            return io.TextIOWrapper(
+                os.fdopen(os.dup(fd), "wb", buffering=0),
+                encoding="utf-8",
+                errors="replace",
+                line_buffering=True,
+                write_through=True,
+            )
     except (OSError, ValueError, io.UnsupportedOperation, AttributeError):
         pass
     return stream
@@ -98,8 +103,13 @@ class quiet:
         os.dup2(fd, 1)
         os.dup2(fd, 2)
         os.close(fd)
-        log = io.TextIOWrapper(os.fdopen(os.dup(1), "wb", buffering=0), encoding="utf-8", errors="replace",
-                               line_buffering=True, write_through=True)
+        log = io.TextIOWrapper(
+            os.fdopen(os.dup(1), "wb", buffering=0),
+            encoding="utf-8",
+            errors="replace",
+            line_buffering=True,
+            write_through=True,
+        )
         sys.stdout = sys.stderr = log
         return self
 

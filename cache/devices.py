@@ -23,7 +23,7 @@ from typing import Any
 from opd.cache.errors import OpdError
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-_CPU_BF16_FEATURES = ("avx512_bf16", "amx_bf16", "bf16", "sve_bf16")   # keys of torch.cpu.get_capabilities()
+_CPU_BF16_FEATURES = ("avx512_bf16", "amx_bf16", "bf16", "sve_bf16")  # keys of torch.cpu.get_capabilities()
 
 
 def choose_dtype(requested: str, device_type: str, native_bf16: bool) -> tuple[str, str]:
@@ -50,7 +50,7 @@ def native_bf16(device_type: str) -> bool:
 
 
 def resolve_device(requested: str, what: str = "device") -> Any:
-    """"auto" (cuda when visible, else cpu), "cpu", "cuda" or "cuda:N" → a torch.device, with one-line
+    """ "auto" (cuda when visible, else cpu), "cpu", "cuda" or "cuda:N" → a torch.device, with one-line
     errors for a device this machine does not have."""
     import torch
 
@@ -70,9 +70,10 @@ def resolve_device(requested: str, what: str = "device") -> Any:
 @dataclass(frozen=True)
 class Placement:
     """Where and in what precision one stage computes."""
-    device: Any                   # torch.device
-    dtype_name: str               # "float32", "bfloat16", "float16"
-    reason: str                   # why this dtype ("this CPU has no native bf16", "as configured")
+
+    device: Any  # torch.device
+    dtype_name: str  # "float32", "bfloat16", "float16"
+    reason: str  # why this dtype ("this CPU has no native bf16", "as configured")
 
     @property
     def dtype(self):

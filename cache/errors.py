@@ -3,7 +3,6 @@
 Every message names the file involved and the fix, so nobody has to read a traceback.
 """
 
-
 from typing import Any
 
 

@@ -16,9 +16,17 @@ from opd.cache.shards import FORMAT_VERSION
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
 MODEL_FILES = ("config.json", "adapter_config.json")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "chat_template.jinja", "chat_template.json", "tokenizer.model", "vocab.json",
-                   "merges.txt", "added_tokens.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+)
 
 
 def opd_home() -> Path:
@@ -73,5 +81,11 @@ def derive_seed(*parts) -> int:
 
 def producer(stage: str, model_dir: str | os.PathLike, config_hash: str, **extra) -> dict:
     """The producer record a stage stamps on its shards and manifest."""
-    return {"stage": stage, "model_hash": model_hash(model_dir), "tokenizer_hash": tokenizer_hash(model_dir),
-            "config_hash": config_hash, "format_version": FORMAT_VERSION, **extra}
+    return {
+        "stage": stage,
+        "model_hash": model_hash(model_dir),
+        "tokenizer_hash": tokenizer_hash(model_dir),
+        "config_hash": config_hash,
+        "format_version": FORMAT_VERSION,
+        **extra,
+    }

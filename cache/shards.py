@@ -33,32 +33,37 @@ SUPPORTED_VERSIONS = {ROLLOUT_FORMAT: {1}, SCORE_FORMAT: {1}}
 
 SOURCES = ("student", "dataset", "teacher")
 
-ROLLOUT_SCHEMA = pa.schema([
-    pa.field("sample_id", pa.string(), nullable=False),       # f"{prompt_id}/{sample_index}", unique in a round
-    pa.field("prompt_id", pa.string(), nullable=False),       # the prompt's id in the prompt set
-    pa.field("sample_index", pa.int32(), nullable=False),     # 0..n-1 among the prompt's samples
-    pa.field("source", pa.string(), nullable=False),          # "student" | "dataset" | "teacher"
-    pa.field("prompt_ids", pa.list_(pa.int32()), nullable=False),
-    pa.field("completion_ids", pa.list_(pa.int32()), nullable=False),
-    pa.field("sampling_logprobs", pa.list_(pa.float32()), nullable=True),  # null for dataset rows
-    pa.field("finish_reason", pa.string(), nullable=False),   # "stop" | "length" | "reference"
-    pa.field("sampling_hash", pa.string(), nullable=False),   # hash of the sampling settings
-    pa.field("prompt_messages", pa.string(), nullable=True),  # JSON of the original chat messages
-])
+ROLLOUT_SCHEMA = pa.schema(
+    [
+        pa.field("sample_id", pa.string(), nullable=False),  # f"{prompt_id}/{sample_index}", unique in a round
+        pa.field("prompt_id", pa.string(), nullable=False),  # the prompt's id in the prompt set
+        pa.field("sample_index", pa.int32(), nullable=False),  # 0..n-1 among the prompt's samples
+        pa.field("source", pa.string(), nullable=False),  # "student" | "dataset" | "teacher"
+        pa.field("prompt_ids", pa.list_(pa.int32()), nullable=False),
+        pa.field("completion_ids", pa.list_(pa.int32()), nullable=False),
+        pa.field("sampling_logprobs", pa.list_(pa.float32()), nullable=True),  # null for dataset rows
+        pa.field("finish_reason", pa.string(), nullable=False),  # "stop" | "length" | "reference"
+        pa.field("sampling_hash", pa.string(), nullable=False),  # hash of the sampling settings
+        pa.field("prompt_messages", pa.string(), nullable=True),  # JSON of the original chat messages
+    ]
+)
 
-SCORE_SCHEMA = pa.schema([
-    pa.field("sample_id", pa.string(), nullable=False),
-    pa.field("num_positions", pa.int32(), nullable=False),    # T = len(completion_ids)
-    pa.field("topk_ids", pa.binary(), nullable=False),        # codec-packed [T, K] ids
-    pa.field("topk_logprobs", pa.binary(), nullable=False),   # codec-packed [T, K] log-probs
-    pa.field("taken_logprobs", pa.list_(pa.float32()), nullable=False),  # exact log p_T(x_t), [T]
-    pa.field("tail_logprobs", pa.list_(pa.float32()), nullable=False),   # log(1 - sum_topk p), [T]
-])
+SCORE_SCHEMA = pa.schema(
+    [
+        pa.field("sample_id", pa.string(), nullable=False),
+        pa.field("num_positions", pa.int32(), nullable=False),  # T = len(completion_ids)
+        pa.field("topk_ids", pa.binary(), nullable=False),  # codec-packed [T, K] ids
+        pa.field("topk_logprobs", pa.binary(), nullable=False),  # codec-packed [T, K] log-probs
+        pa.field("taken_logprobs", pa.list_(pa.float32()), nullable=False),  # exact log p_T(x_t), [T]
+        pa.field("tail_logprobs", pa.list_(pa.float32()), nullable=False),  # log(1 - sum_topk p), [T]
+    ]
+)
 
 _FLOAT_LISTS = {"sampling_logprobs", "taken_logprobs", "tail_logprobs"}
 
 
 # ---------------------------------------------------------------------------------------- writing
+
 
 def _content_totals(table: pa.Table) -> dict[str, int]:
     """Row count and per-column element/byte totals: Parquet's page checksums do not cover page
@@ -74,8 +79,7 @@ def _content_totals(table: pa.Table) -> dict[str, int]:
     return totals
 
 
-def _write_parquet(fs: pafs.FileSystem, path: str, table: pa.Table, meta: Mapping[str, Any],
-                   zstd_level: int) -> int:
+def _write_parquet(fs: pafs.FileSystem, path: str, table: pa.Table, meta: Mapping[str, Any], zstd_level: int) -> int:
     """Write `table` atomically with `meta` under the `opd` key; returns the file size in bytes."""
     meta = {**meta, "content": _content_totals(table)}
     table = table.replace_schema_metadata({METADATA_KEY: json.dumps(meta, sort_keys=True).encode()})
@@ -83,18 +87,29 @@ def _write_parquet(fs: pafs.FileSystem, path: str, table: pa.Table, meta: Mappin
     tmp = storage.tmp_name(path)
     names = table.schema.names
     pq.write_table(
-        table, tmp, filesystem=fs, compression="zstd", compression_level=zstd_level,
+        table,
+        tmp,
+        filesystem=fs,
+        compression="zstd",
+        compression_level=zstd_level,
         use_dictionary=[n for n in ("source", "finish_reason", "sampling_hash") if n in names],
         column_encoding={f"{n}.list.element": "BYTE_STREAM_SPLIT" for n in names if n in _FLOAT_LISTS},
-        write_statistics=["sample_id"], write_page_checksum=True,
+        write_statistics=["sample_id"],
+        write_page_checksum=True,
     )
     size = fs.get_file_info(tmp).size
     storage.commit(fs, tmp, path)
     return size
 
 
-def write_rollout_shard(fs: pafs.FileSystem, path: str, rows: list[dict], producer: Mapping[str, Any],
-                        extra_meta: Mapping[str, Any] | None = None, zstd_level: int = 3) -> int:
+def write_rollout_shard(
+    fs: pafs.FileSystem,
+    path: str,
+    rows: list[dict],
+    producer: Mapping[str, Any],
+    extra_meta: Mapping[str, Any] | None = None,
+    zstd_level: int = 3,
+) -> int:
     """Write rollout rows (dicts keyed by ROLLOUT_SCHEMA's names) as one shard; returns bytes written."""
     for row in rows:
         if row["source"] not in SOURCES:
@@ -103,14 +118,14 @@ def write_rollout_shard(fs: pafs.FileSystem, path: str, rows: list[dict], produc
     if len(set(ids)) != len(ids):
         raise ValueError(f"{path}: duplicate sample_id values in one shard")
     table = pa.Table.from_pylist(rows, schema=ROLLOUT_SCHEMA)
-    meta = {"format": ROLLOUT_FORMAT, "version": FORMAT_VERSION, "producer": dict(producer),
-            **(extra_meta or {})}
+    meta = {"format": ROLLOUT_FORMAT, "version": FORMAT_VERSION, "producer": dict(producer), **(extra_meta or {})}
     return _write_parquet(fs, path, table, meta, zstd_level)
 
 
 @dataclass(frozen=True)
 class EncodedScores:
     """One sample's teacher scores, packed and ready to become a row (made off the compute thread)."""
+
     sample_id: str
     num_positions: int
     topk_ids: bytes
@@ -134,8 +149,7 @@ class ScoreShardWriter:
         self.temperature = float(temperature)
         self._rows: list[EncodedScores] = []
 
-    def encode(self, sample_id: str, topk_ids_TK, topk_logprobs_TK, taken_logprobs_T,
-               tail_logprobs_T) -> EncodedScores:
+    def encode(self, sample_id: str, topk_ids_TK, topk_logprobs_TK, taken_logprobs_T, tail_logprobs_T) -> EncodedScores:
         ids = np.asarray(topk_ids_TK)
         T = ids.shape[0]
         if ids.ndim != 2 or ids.shape[1] != self.top_k:
@@ -143,8 +157,9 @@ class ScoreShardWriter:
         taken = np.asarray(taken_logprobs_T, dtype=np.float32).reshape(-1)
         tail = np.asarray(tail_logprobs_T, dtype=np.float32).reshape(-1)
         if taken.shape[0] != T or tail.shape[0] != T:
-            raise ValueError(f"{sample_id}: taken/tail log-probs must have T={T} entries, "
-                             f"got {taken.shape[0]} and {tail.shape[0]}")
+            raise ValueError(
+                f"{sample_id}: taken/tail log-probs must have T={T} entries, got {taken.shape[0]} and {tail.shape[0]}"
+            )
         ids_blob, lps_blob = self.codec.encode(ids, topk_logprobs_TK)
         return EncodedScores(sample_id, T, ids_blob, lps_blob, taken, tail)
 
@@ -159,30 +174,49 @@ class ScoreShardWriter:
 
     def table(self) -> pa.Table:
         rows = self._rows
-        return pa.table({
-            "sample_id": pa.array([r.sample_id for r in rows], pa.string()),
-            "num_positions": pa.array([r.num_positions for r in rows], pa.int32()),
-            "topk_ids": pa.array([r.topk_ids for r in rows], pa.binary()),
-            "topk_logprobs": pa.array([r.topk_logprobs for r in rows], pa.binary()),
-            "taken_logprobs": pa.array([r.taken_logprobs for r in rows], pa.list_(pa.float32())),
-            "tail_logprobs": pa.array([r.tail_logprobs for r in rows], pa.list_(pa.float32())),
-        }, schema=SCORE_SCHEMA)
+        return pa.table(
+            {
+                "sample_id": pa.array([r.sample_id for r in rows], pa.string()),
+                "num_positions": pa.array([r.num_positions for r in rows], pa.int32()),
+                "topk_ids": pa.array([r.topk_ids for r in rows], pa.binary()),
+                "topk_logprobs": pa.array([r.topk_logprobs for r in rows], pa.binary()),
+                "taken_logprobs": pa.array([r.taken_logprobs for r in rows], pa.list_(pa.float32())),
+                "tail_logprobs": pa.array([r.tail_logprobs for r in rows], pa.list_(pa.float32())),
+            },
+            schema=SCORE_SCHEMA,
+        )
 
     def metadata(self, producer: Mapping[str, Any], extra_meta: Mapping[str, Any] | None = None) -> dict:
-        return {"format": SCORE_FORMAT, "version": FORMAT_VERSION, "producer": dict(producer),
-                "top_k": self.top_k, "vocab_size": self.codec.vocab_size, "codec": self.codec.name,
-                "id_bytes": self.codec.id_bytes, "logprob_step": self.codec.step,
-                "temperature": self.temperature, **(extra_meta or {})}
+        return {
+            "format": SCORE_FORMAT,
+            "version": FORMAT_VERSION,
+            "producer": dict(producer),
+            "top_k": self.top_k,
+            "vocab_size": self.codec.vocab_size,
+            "codec": self.codec.name,
+            "id_bytes": self.codec.id_bytes,
+            "logprob_step": self.codec.step,
+            "temperature": self.temperature,
+            **(extra_meta or {}),
+        }
 
-    def write(self, fs: pafs.FileSystem, path: str, producer: Mapping[str, Any],
-              extra_meta: Mapping[str, Any] | None = None, zstd_level: int = 3) -> int:
+    def write(
+        self,
+        fs: pafs.FileSystem,
+        path: str,
+        producer: Mapping[str, Any],
+        extra_meta: Mapping[str, Any] | None = None,
+        zstd_level: int = 3,
+    ) -> int:
         return _write_parquet(fs, path, self.table(), self.metadata(producer, extra_meta), zstd_level)
 
 
 # ---------------------------------------------------------------------------------------- reading
 
-def _open(fs: pafs.FileSystem, path: str, fmt: str, schema: pa.Schema,
-          expect: Mapping[str, Any] | None) -> tuple[pa.Table, dict]:
+
+def _open(
+    fs: pafs.FileSystem, path: str, fmt: str, schema: pa.Schema, expect: Mapping[str, Any] | None
+) -> tuple[pa.Table, dict]:
     if not storage.exists(fs, path):
         raise FormatError(f"{path}: no such shard; run the stage that writes it first")
     try:
@@ -190,8 +224,9 @@ def _open(fs: pafs.FileSystem, path: str, fmt: str, schema: pa.Schema,
         raw = (pf.schema_arrow.metadata or {}).get(METADATA_KEY)
         table = pf.read() if raw is not None else None
     except (pa.ArrowException, OSError, ValueError) as e:
-        raise FormatError(f"{path}: corrupt or not a Parquet file ({first_line(e)}); "
-                          f"delete it and re-run the stage that writes it") from None
+        raise FormatError(
+            f"{path}: corrupt or not a Parquet file ({first_line(e)}); delete it and re-run the stage that writes it"
+        ) from None
     if raw is None:
         raise FormatError(f"{path}: not an opd shard (no 'opd' metadata); it was not written by opd")
     try:
@@ -204,15 +239,21 @@ def _open(fs: pafs.FileSystem, path: str, fmt: str, schema: pa.Schema,
         raise FormatError(f"{path}: holds {meta.get('format')!r}, expected {fmt!r}")
     version = meta.get("version")
     if version not in SUPPORTED_VERSIONS[fmt]:
-        raise FormatError(f"{path}: {fmt} version {version!r} is not one this opd reads "
-                          f"({sorted(SUPPORTED_VERSIONS[fmt])}); use the opd that wrote it or re-run the stage")
+        raise FormatError(
+            f"{path}: {fmt} version {version!r} is not one this opd reads "
+            f"({sorted(SUPPORTED_VERSIONS[fmt])}); use the opd that wrote it or re-run the stage"
+        )
     if not table.schema.remove_metadata().equals(schema):
         missing = sorted(set(schema.names) - set(table.schema.names))
-        raise FormatError(f"{path}: columns do not match {fmt} v{version}"
-                          + (f" (missing {', '.join(missing)})" if missing else " (wrong types)"))
+        raise FormatError(
+            f"{path}: columns do not match {fmt} v{version}"
+            + (f" (missing {', '.join(missing)})" if missing else " (wrong types)")
+        )
     if meta.get("content") != _content_totals(table):
-        raise FormatError(f"{path}: content does not match the counts recorded when it was written (corrupt); "
-                          f"delete it and re-run the stage that writes it")
+        raise FormatError(
+            f"{path}: content does not match the counts recorded when it was written (corrupt); "
+            f"delete it and re-run the stage that writes it"
+        )
     check_producer(path, meta.get("producer", {}), expect)
     return table, meta
 
@@ -238,11 +279,13 @@ def check_producer(path: str, producer: Mapping[str, Any], expect: Mapping[str, 
         if got != want:
             raise FingerprintMismatch(
                 f"{path}: produced with {key}={short_value(got)}, expected {key}={short_value(want)}; "
-                f"re-run the stage that writes it with --force, or point at the matching run")
+                f"re-run the stage that writes it with --force, or point at the matching run"
+            )
 
 
-def read_rollout_shard(fs: pafs.FileSystem, path: str, expect: Mapping[str, Any] | None = None
-                       ) -> tuple[pa.Table, dict]:
+def read_rollout_shard(
+    fs: pafs.FileSystem, path: str, expect: Mapping[str, Any] | None = None
+) -> tuple[pa.Table, dict]:
     """(table, metadata) of a rollout shard, checked."""
     table, meta = _open(fs, path, ROLLOUT_FORMAT, ROLLOUT_SCHEMA, expect)
     ids = table.column("sample_id")
@@ -254,11 +297,12 @@ def read_rollout_shard(fs: pafs.FileSystem, path: str, expect: Mapping[str, Any]
 @dataclass(frozen=True)
 class TeacherTopK:
     """Decoded teacher scores for one sample."""
+
     sample_id: str
-    topk_ids_TK: np.ndarray        # int64, sorted ascending per position
-    topk_logprobs_TK: np.ndarray   # float32, aligned with topk_ids_TK
-    taken_logprobs_T: np.ndarray   # float32, exact
-    tail_logprobs_T: np.ndarray    # float32, log of the mass outside the top-k
+    topk_ids_TK: np.ndarray  # int64, sorted ascending per position
+    topk_logprobs_TK: np.ndarray  # float32, aligned with topk_ids_TK
+    taken_logprobs_T: np.ndarray  # float32, exact
+    tail_logprobs_T: np.ndarray  # float32, log of the mass outside the top-k
 
 
 class ScoreShard:
@@ -272,8 +316,9 @@ class ScoreShard:
             self.vocab_size = int(self.meta["vocab_size"])
             self.codec = make_codec(self.meta["codec"], self.vocab_size)
         except (KeyError, TypeError, ValueError):
-            raise FormatError(f"{path}: score metadata lacks valid top_k/vocab_size/codec entries; "
-                              f"delete it and re-run score") from None
+            raise FormatError(
+                f"{path}: score metadata lacks valid top_k/vocab_size/codec entries; delete it and re-run score"
+            ) from None
         except FormatError as e:
             raise FormatError(f"{path}: {e}") from None
         self.sample_ids: list[str] = self.table.column("sample_id").to_pylist()
@@ -307,7 +352,9 @@ class ScoreShard:
                 raise FormatError(f"taken/tail have {taken.shape[0]}/{tail.shape[0]} entries, expected {T}")
             ids, lps = self.codec.decode(self._ids[i].as_py(), self._lps[i].as_py(), T, self.top_k)
         except FormatError as e:
-            raise FormatError(f"{self.path}: sample {sid!r} is corrupt ({e}); delete the shard and re-run score") from None
+            raise FormatError(
+                f"{self.path}: sample {sid!r} is corrupt ({e}); delete the shard and re-run score"
+            ) from None
         return TeacherTopK(sid, ids, lps, taken, tail)
 
     def by_id(self, sample_id: str) -> TeacherTopK:

@@ -23,7 +23,7 @@ def resolve(url: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
     if "://" in url and not url.startswith("file://"):
         return pafs.FileSystem.from_uri(url)
     if url.startswith("file://"):
-        url = url[len("file://"):]
+        url = url[len("file://") :]
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(url))
 
 
@@ -76,7 +76,7 @@ def remove_tmp_files(fs: pafs.FileSystem, folder: str, final_names: set[str] | N
     for name in listdir(fs, folder):
         if not name.startswith(TMP_PREFIX):
             continue
-        final = name[len(TMP_PREFIX):].rsplit(".", 1)[0]
+        final = name[len(TMP_PREFIX) :].rsplit(".", 1)[0]
         if final_names is None or final in final_names:
             _delete(fs, join(folder, name))
             removed += 1

@@ -22,25 +22,31 @@ from opd.cache.errors import OpdError
 
 SHARD_HELP = "Work on shards s with s % N == i only (N workers split a stage with no coordinator)."
 SET_HELP = "Override a config value, e.g. --set train.lr=1e-5 (repeatable)."
-SPLIT_HELP = ("train: the prompt set; heldout: the validation set ([eval], never trained on); "
-              "all: both that are configured, one model load.")
+SPLIT_HELP = (
+    "train: the prompt set; heldout: the validation set ([eval], never trained on); "
+    "all: both that are configured, one model load."
+)
 
 
-VERBOSE_HELP = "Show everything vLLM, transformers and torch print (default: only opd's lines; the rest goes to the log)."
+VERBOSE_HELP = (
+    "Show everything vLLM, transformers and torch print (default: only opd's lines; the rest goes to the log)."
+)
 
 
 def _user_errors(fn):
     """One-line errors for OpdError; any other exception is a crash: its traceback goes to the log (when
     quiet) and the console shows the log's last lines and its path."""
+
     @functools.wraps(fn)
     def wrapper(*args, verbose=False, **kwargs):
         if verbose:
-            os.environ["OPD_VERBOSE"] = "1"      # this process and every stage process it starts
+            os.environ["OPD_VERBOSE"] = "1"  # this process and every stage process it starts
         try:
             return fn(*args, **kwargs)
         except OpdError as e:
             console.warn(f"error: {e}")
             sys.exit(1)
+
     return click.option("--verbose", "-v", is_flag=True, help=VERBOSE_HELP)(wrapper)
 
 
@@ -56,12 +62,14 @@ def _stage_process(run_dir: str, round_index: int, name: str):
         except (OpdError, KeyboardInterrupt, SystemExit):
             raise
         except BaseException as e:
-            traceback.print_exc()                # into the log when quiet
+            traceback.print_exc()  # into the log when quiet
             log = console.log_path()
             if log is None:
                 raise
             sys.stderr.flush()
-            console.warn(f"error: opd {name} crashed: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}")
+            console.warn(
+                f"error: opd {name} crashed: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+            )
             for line in console.tail(log):
                 console.warn(f"  | {line}")
             console.warn(f"full log: {log}")
@@ -86,6 +94,7 @@ def main():
 
 
 # ------------------------------------------------------------------------------------------ run setup
+
 
 @main.command()
 @click.argument("run_dir")
@@ -114,14 +123,20 @@ def config_cmd(config_file, overrides):
 
 # ------------------------------------------------------------------------------------------ stages
 
+
 @main.command()
 @click.argument("run_dir")
 @click.option("--round", "round_index", type=int, required=True, help="Round number (0 = base student).")
 @click.option("--shard", default=None, metavar="i/N", help=SHARD_HELP)
-@click.option("--engine", type=click.Choice(["auto", "vllm", "transformers"]), default=None,
-              help="Sampling engine (default: rollout.engine from the config).")
-@click.option("--split", type=click.Choice(["all", "train", "heldout"]), default="all", show_default=True,
-              help=SPLIT_HELP)
+@click.option(
+    "--engine",
+    type=click.Choice(["auto", "vllm", "transformers"]),
+    default=None,
+    help="Sampling engine (default: rollout.engine from the config).",
+)
+@click.option(
+    "--split", type=click.Choice(["all", "train", "heldout"]), default="all", show_default=True, help=SPLIT_HELP
+)
 @click.option("--force", is_flag=True, help="Redo the stage even if its _DONE.json exists.")
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help=SET_HELP)
 @_user_errors
@@ -134,8 +149,9 @@ def rollout(run_dir, round_index, shard, engine, split, force, overrides):
     run = RunDir(run_dir)
     cfg = load_run_config(run, overrides)
     with _stage_process(run_dir, round_index, _log_name("rollout", shard)):
-        summary = stage.run(cfg, run, round_index, shard=ShardSpec.parse(shard), engine=engine, force=force,
-                            split=split)
+        summary = stage.run(
+            cfg, run, round_index, shard=ShardSpec.parse(shard), engine=engine, force=force, split=split
+        )
     click.echo(summary["line"])
 
 
@@ -144,10 +160,14 @@ def rollout(run_dir, round_index, shard, engine, split, force, overrides):
 @click.option("--round", "round_index", type=int, required=True, help="Round number.")
 @click.option("--shard", default=None, metavar="i/N", help=SHARD_HELP)
 @click.option("--device", default=None, help="Teacher device: cpu, cuda, cuda:N (default: score.device).")
-@click.option("--split", type=click.Choice(["all", "train", "heldout"]), default="all", show_default=True,
-              help=SPLIT_HELP)
-@click.option("--follow", is_flag=True,
-              help="Score rollout shards as they appear, while rollout still runs (until its _DONE.json).")
+@click.option(
+    "--split", type=click.Choice(["all", "train", "heldout"]), default="all", show_default=True, help=SPLIT_HELP
+)
+@click.option(
+    "--follow",
+    is_flag=True,
+    help="Score rollout shards as they appear, while rollout still runs (until its _DONE.json).",
+)
 @click.option("--force", is_flag=True, help="Redo the stage even if its _DONE.json exists.")
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help=SET_HELP)
 @_user_errors
@@ -160,8 +180,9 @@ def score(run_dir, round_index, shard, device, split, follow, force, overrides):
     run = RunDir(run_dir)
     cfg = load_run_config(run, overrides)
     with _stage_process(run_dir, round_index, _log_name("score", shard)):
-        summary = score_run(cfg, run, round_index, shard=ShardSpec.parse(shard), device=device, force=force,
-                            split=split, follow=follow)
+        summary = score_run(
+            cfg, run, round_index, shard=ShardSpec.parse(shard), device=device, force=force, split=split, follow=follow
+        )
         line = summary["line"]
         ev = evaluate_if_scored(cfg, run, round_index, summary)
     click.echo(line + (f"\n{ev['line']}" if ev else ""))
@@ -201,47 +222,79 @@ def train(run_dir, round_index, devices, from_round, out, force, overrides):
     if from_round is not None and from_round.rstrip("/").rsplit("/", 1)[-1].isdigit():
         log_round = int(from_round.rstrip("/").rsplit("/", 1)[-1])
     with _stage_process(out or run_dir, log_round, "train") if run_dir or out else contextlib.nullcontext():
-        summary = launch(run_dir, round_index, devices=devices, from_round=from_round, out=out, force=force,
-                         overrides=overrides)
+        summary = launch(
+            run_dir, round_index, devices=devices, from_round=from_round, out=out, force=force, overrides=overrides
+        )
     click.echo(summary["line"])
 
 
 @main.command("run")
 @click.argument("run_dir")
-@click.option("--config", "config_file", default=None,
-              help="Initialise RUN_DIR with this config (file or preset) first, as `opd init` does.")
+@click.option(
+    "--config",
+    "config_file",
+    default=None,
+    help="Initialise RUN_DIR with this config (file or preset) first, as `opd init` does.",
+)
 @click.option("--rounds", type=int, default=None, help="Rounds to run (default: run.rounds).")
-@click.option("--rollout-devices", default=None, help="Rollout pool: GPU indices (0,1) or cpu; several: one --shard worker each.")
-@click.option("--score-devices", default=None, help="Scoring pool: GPU indices or cpu; several: one --shard worker each.")
+@click.option(
+    "--rollout-devices", default=None, help="Rollout pool: GPU indices (0,1) or cpu; several: one --shard worker each."
+)
+@click.option(
+    "--score-devices", default=None, help="Scoring pool: GPU indices or cpu; several: one --shard worker each."
+)
 @click.option("--train-devices", default=None, help="Learner pool: GPU indices or cpu,cpu; several launch torchrun.")
-@click.option("--overlap", type=click.Choice(["auto", "on", "off"]), default=None,
-              help="Score rollout shards while rollout runs (default: run.overlap; auto = pools on disjoint GPUs, or CPU).")
-@click.option("--engine", type=click.Choice(["auto", "vllm", "transformers"]), default=None,
-              help="Rollout engine (default: rollout.engine).")
+@click.option(
+    "--overlap",
+    type=click.Choice(["auto", "on", "off"]),
+    default=None,
+    help="Score rollout shards while rollout runs (default: run.overlap; auto = pools on disjoint GPUs, or CPU).",
+)
+@click.option(
+    "--engine",
+    type=click.Choice(["auto", "vllm", "transformers"]),
+    default=None,
+    help="Rollout engine (default: rollout.engine).",
+)
 @click.option("--plot", default=None, help="Write the per-round curves to this PNG at the end.")
-@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
-              help=SET_HELP + " With --config it is written into RUN/opd.toml; without, every stage process gets it.")
+@click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="SECTION.KEY=VALUE",
+    help=SET_HELP + " With --config it is written into RUN/opd.toml; without, every stage process gets it.",
+)
 @_user_errors
-def run_cmd(run_dir, config_file, rounds, rollout_devices, score_devices, train_devices, overlap, engine, plot,
-            overrides):
+def run_cmd(
+    run_dir, config_file, rounds, rollout_devices, score_devices, train_devices, overlap, engine, plot, overrides
+):
     """Run rounds of rollout → score → train, each stage a fresh process on its own devices.
 
     Resumes: finished stages are skipped, unfinished ones finish their missing shards. Evaluates the
     held-out set ([eval]) every round and stops early on its reverse KL (eval.stop_*).
     """
-    _loop(run_dir, config_file, rounds, dict(rollout_devices=rollout_devices, score_devices=score_devices,
-                                             train_devices=train_devices, overlap=overlap), engine, plot, overrides)
+    _loop(
+        run_dir,
+        config_file,
+        rounds,
+        dict(
+            rollout_devices=rollout_devices, score_devices=score_devices, train_devices=train_devices, overlap=overlap
+        ),
+        engine,
+        plot,
+        overrides,
+    )
 
 
 def _loop(run_dir, config_file, rounds, devices, engine, plot, overrides) -> dict:
-    from opd.pipeline import loop
     from opd.cache.config import load_run_config
+    from opd.cache.rundir import RunDir
+    from opd.pipeline import loop
     from opd.pipeline.init import init_run
     from opd.pipeline.inspect import inspect as inspect_run
-    from opd.cache.rundir import RunDir
 
     run = RunDir(run_dir)
-    if config_file is not None:   # the overrides then become part of RUN/opd.toml
+    if config_file is not None:  # the overrides then become part of RUN/opd.toml
         path, changed = init_run(run_dir, config_file, overrides)
         click.echo(f"{'wrote' if changed else 'resuming with'} {path}")
         overrides = ()
@@ -272,8 +325,10 @@ def demo(out, rounds, overrides):
     result = _loop(out, "smollm2-demo", rounds, {}, None, posixpath.join(out, "demo.png"), overrides)
     rkls = [result["evals"][r]["heldout_rkl"] for r in sorted(result["evals"])]
     falling = len(rkls) >= 2 and all(b < a for a, b in zip(rkls, rkls[1:]))
-    click.echo(f"demo: {'held-out reverse KL fell every round' if falling else 'held-out reverse KL did NOT fall every round'}"
-               f" ({' → '.join(f'{x:.3f}' for x in rkls)} nats/token); {time.perf_counter() - t0:.0f} s")
+    click.echo(
+        f"demo: {'held-out reverse KL fell every round' if falling else 'held-out reverse KL did NOT fall every round'}"
+        f" ({' → '.join(f'{x:.3f}' for x in rkls)} nats/token); {time.perf_counter() - t0:.0f} s"
+    )
 
 
 @main.command()
@@ -301,6 +356,7 @@ def verify(run_dir):
 
 # ------------------------------------------------------------------------------------------ models
 
+
 @main.group()
 def models():
     """Make models offline: pull the real SmolLM2 teacher, prune students, build tiny models."""
@@ -321,7 +377,9 @@ def models_pull(name, dest):
 @click.argument("src")
 @click.argument("dst")
 @click.option("--keep", default=None, help="Decoder layers to keep, e.g. 0,1,2,27-29.")
-@click.option("--keep-layers", type=int, default=None, help="Keep this many layers, evenly spaced (first and last kept).")
+@click.option(
+    "--keep-layers", type=int, default=None, help="Keep this many layers, evenly spaced (first and last kept)."
+)
 @_user_errors
 def models_prune(src, dst, keep, keep_layers):
     """Make a smaller student of the same vocabulary by dropping decoder layers of SRC (a folder or opd:/tiny: name)."""

@@ -30,12 +30,11 @@ import re
 import time
 from typing import Any
 
-
 from opd.cache import storage
-from opd.cache.errors import OpdError
-from opd.cache.shards import ScoreShard, read_rollout_shard
 from opd.cache.config import OpdConfig
+from opd.cache.errors import OpdError
 from opd.cache.rundir import MANIFEST, RunDir, read_manifest, split_folder
+from opd.cache.shards import ScoreShard, read_rollout_shard
 from opd.stages.prompts import load_prompts
 from opd.stages.rollout import split_config
 from opd.stages.students import load_tokenizer, start_student
@@ -52,8 +51,10 @@ def evaluate(cfg: OpdConfig, run: RunDir, round_index: int) -> dict[str, Any]:
     rollouts, scores = read_manifest(run, r_dir), read_manifest(run, s_dir)
     for folder, manifest in ((r_dir, rollouts), (s_dir, scores)):
         if manifest is None:
-            raise OpdError(f"{storage.join(folder, MANIFEST)} not found: run `opd rollout` and `opd score` "
-                           f"for round {round_index} first (held-out split)")
+            raise OpdError(
+                f"{storage.join(folder, MANIFEST)} not found: run `opd rollout` and `opd score` "
+                f"for round {round_index} first (held-out split)"
+            )
     references = _references(cfg) if cfg.eval.checker else {}
     tokenizer = None
     if cfg.eval.checker:
@@ -72,7 +73,7 @@ def evaluate(cfg: OpdConfig, run: RunDir, round_index: int) -> dict[str, Any]:
         finish = table.column("finish_reason").to_pylist()
         for i, sid in enumerate(ids):
             if student_lps[i] is None:
-                continue   # not a student sample (cannot happen in the held-out split: it is all on-policy)
+                continue  # not a student sample (cannot happen in the held-out split: it is all on-policy)
             teacher = cache.by_id(sid).taken_logprobs_T
             diff = sum(float(s) - float(t) for s, t in zip(student_lps[i], teacher))
             samples += 1
@@ -86,21 +87,28 @@ def evaluate(cfg: OpdConfig, run: RunDir, round_index: int) -> dict[str, Any]:
     if not samples:
         raise OpdError(f"{r_dir}: no student samples to evaluate")
     result = {
-        "format": EVAL_FORMAT, "version": EVAL_VERSION, "round": round_index, "samples": samples,
-        "tokens": tokens, "mean_length": round(tokens / samples, 3),
+        "format": EVAL_FORMAT,
+        "version": EVAL_VERSION,
+        "round": round_index,
+        "samples": samples,
+        "tokens": tokens,
+        "mean_length": round(tokens / samples, 3),
         "heldout_rkl": round(rkl_sum / max(tokens, 1), 6),
         "heldout_rkl_per_sample": round(rkl_sum / samples, 6),
         "heldout_teacher_nll": round(teacher_nll_sum / max(tokens, 1), 6),
         "finish_stop_frac": round(stopped / samples, 6),
         "checker": cfg.eval.checker,
         "accuracy": round(correct / samples, 6) if cfg.eval.checker else None,
-        "temperature": cfg.eval.temperature, "score_temperature": cfg.score.temperature,
+        "temperature": cfg.eval.temperature,
+        "score_temperature": cfg.score.temperature,
     }
     storage.atomic_write_bytes(run.fs, run.eval_path(round_index), json.dumps(result, indent=2).encode())
     run.append_metrics(round_index, {"stage": "eval", "time": time.time(), **result})
     acc = f", accuracy {result['accuracy']:.3f}" if result["accuracy"] is not None else ""
-    result["line"] = (f"eval round {round_index}: held-out reverse KL {result['heldout_rkl']:.4f} nats/token "
-                      f"over {samples} samples ({tokens} tokens, mean length {result['mean_length']:.1f}){acc}")
+    result["line"] = (
+        f"eval round {round_index}: held-out reverse KL {result['heldout_rkl']:.4f} nats/token "
+        f"over {samples} samples ({tokens} tokens, mean length {result['mean_length']:.1f}){acc}"
+    )
     return result
 
 
@@ -119,11 +127,14 @@ def read_eval(run: RunDir, round_index: int) -> dict[str, Any] | None:
             raise ValueError("no finite heldout_rkl")
         return d
     except ValueError as e:
-        raise OpdError(f"{path}: unreadable ({e}); delete it and re-run `opd score {run.url} --round "
-                       f"{round_index} --split heldout`") from None
+        raise OpdError(
+            f"{path}: unreadable ({e}); delete it and re-run `opd score {run.url} --round "
+            f"{round_index} --split heldout`"
+        ) from None
 
 
 # ------------------------------------------------------------------------------------------ checker
+
 
 def gsm8k_answer(text: str | None) -> float | None:
     """The number a GSM8K-style text answers: after its last `####`, else its last number."""
@@ -149,6 +160,8 @@ def _references(cfg: OpdConfig) -> dict[str, str | None]:
     prompts = load_prompts(split_config(cfg, "heldout").rollout, 1.0)
     missing = [p.id for p in prompts if not p.reference]
     if missing:
-        raise OpdError(f"{cfg.eval.prompts}: eval.checker = {cfg.eval.checker!r} needs a reference in "
-                       f"eval.reference_field = {cfg.eval.reference_field!r}, but prompt {missing[0]!r} has none")
+        raise OpdError(
+            f"{cfg.eval.prompts}: eval.checker = {cfg.eval.checker!r} needs a reference in "
+            f"eval.reference_field = {cfg.eval.reference_field!r}, but prompt {missing[0]!r} has none"
+        )
     return {p.id: p.reference for p in prompts}

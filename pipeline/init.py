@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from opd.cache import storage
-from opd.cache.errors import OpdError
 from opd.cache.config import dumps_config, load_config
+from opd.cache.errors import OpdError
 from opd.cache.rundir import RunDir
 
 
@@ -19,8 +19,10 @@ def init_run(run_url: str, config_file: str, overrides=(), force: bool = False) 
         if old == text:
             return run.config_path, False
         if not force:
-            raise OpdError(f"{run.config_path} already exists with a different config; "
-                           f"pass --force to overwrite it (stages already done will refuse mismatched outputs)")
+            raise OpdError(
+                f"{run.config_path} already exists with a different config; "
+                f"pass --force to overwrite it (stages already done will refuse mismatched outputs)"
+            )
     storage.makedirs(run.fs, run.root)
     storage.atomic_write_bytes(run.fs, run.config_path, text.encode())
     return run.config_path, True

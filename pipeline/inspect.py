@@ -29,40 +29,57 @@ from opd.cache.rundir import HELDOUT, RunDir, read_manifest
 # (column, dtype) in table order; `round_table` always returns exactly these.
 SCHEMA: dict[str, Any] = {
     "round": pl.Int64,
-    "samples": pl.Int64,             # rollout samples (train split)
-    "tokens": pl.Int64,              # completion tokens of those samples
-    "mean_length": pl.Float64,       # tokens / samples
-    "lmbda": pl.Float64,             # λ: fraction of prompts sampled on-policy
-    "on_policy": pl.Int64,           # prompts sampled by the student
-    "off_policy": pl.Int64,          # prompts given an off-policy (dataset / teacher) response
-    "skipped": pl.Int64,             # prompts skipped as too long
-    "teacher_topk_mass": pl.Float64, # mean teacher probability mass inside the stored top-k
-    "topk_overlap": pl.Float64,      # student↔teacher top-k overlap, mean over the round's train steps
-    "heldout_rkl": pl.Float64,       # held-out per-token reverse KL(student ‖ teacher)
+    "samples": pl.Int64,  # rollout samples (train split)
+    "tokens": pl.Int64,  # completion tokens of those samples
+    "mean_length": pl.Float64,  # tokens / samples
+    "lmbda": pl.Float64,  # λ: fraction of prompts sampled on-policy
+    "on_policy": pl.Int64,  # prompts sampled by the student
+    "off_policy": pl.Int64,  # prompts given an off-policy (dataset / teacher) response
+    "skipped": pl.Int64,  # prompts skipped as too long
+    "teacher_topk_mass": pl.Float64,  # mean teacher probability mass inside the stored top-k
+    "topk_overlap": pl.Float64,  # student↔teacher top-k overlap, mean over the round's train steps
+    "heldout_rkl": pl.Float64,  # held-out per-token reverse KL(student ‖ teacher)
     "heldout_accuracy": pl.Float64,  # held-out answer accuracy (with an eval checker)
-    "loss_first": pl.Float64,        # train loss at the first / last logged step
+    "loss_first": pl.Float64,  # train loss at the first / last logged step
     "loss_last": pl.Float64,
-    "rollout_s": pl.Float64,         # wall seconds per stage, summed over its invocations (all splits)
+    "rollout_s": pl.Float64,  # wall seconds per stage, summed over its invocations (all splits)
     "score_s": pl.Float64,
     "train_s": pl.Float64,
-    "status": pl.Utf8,               # done | rollout | score | train (first unfinished) | eval only | eval
+    "status": pl.Utf8,  # done | rollout | score | train (first unfinished) | eval only | eval
 }
 COLUMNS = tuple(SCHEMA)
 
 # Text-table headers, short enough for ~120 columns; explained by the legend under the table.
 _HEADERS = {
-    "round": "round", "samples": "samples", "tokens": "tokens", "mean_length": "len", "lmbda": "λ",
-    "on_policy": "on", "off_policy": "off", "skipped": "skip", "teacher_topk_mass": "Tmass",
-    "topk_overlap": "ovlp", "heldout_rkl": "hoRKL", "heldout_accuracy": "hoAcc", "loss_first": "loss0",
-    "loss_last": "loss1", "rollout_s": "roll_s", "score_s": "score_s", "train_s": "train_s", "status": "status",
+    "round": "round",
+    "samples": "samples",
+    "tokens": "tokens",
+    "mean_length": "len",
+    "lmbda": "λ",
+    "on_policy": "on",
+    "off_policy": "off",
+    "skipped": "skip",
+    "teacher_topk_mass": "Tmass",
+    "topk_overlap": "ovlp",
+    "heldout_rkl": "hoRKL",
+    "heldout_accuracy": "hoAcc",
+    "loss_first": "loss0",
+    "loss_last": "loss1",
+    "rollout_s": "roll_s",
+    "score_s": "score_s",
+    "train_s": "train_s",
+    "status": "status",
 }
-_LEGEND = ("len = mean completion tokens; λ/on/off/skip = on-policy fraction, prompts on-/off-policy, long "
-           "prompts skipped;\nTmass = teacher top-k mass; ovlp = student/teacher top-k overlap; hoRKL/hoAcc = "
-           "held-out reverse KL/accuracy;\nloss0/loss1 = first/last train loss; *_s = wall seconds per stage; "
-           "- = not there (yet)")
+_LEGEND = (
+    "len = mean completion tokens; λ/on/off/skip = on-policy fraction, prompts on-/off-policy, long "
+    "prompts skipped;\nTmass = teacher top-k mass; ovlp = student/teacher top-k overlap; hoRKL/hoAcc = "
+    "held-out reverse KL/accuracy;\nloss0/loss1 = first/last train loss; *_s = wall seconds per stage; "
+    "- = not there (yet)"
+)
 
 
 # ------------------------------------------------------------------------------------------ the table
+
 
 def round_table(run_dir: str) -> pl.DataFrame:
     """One row per round folder (sorted), columns `COLUMNS`; null where a figure is unknown or its
@@ -108,10 +125,12 @@ def _round_row(run: RunDir, r: int) -> list:
         "heldout_rkl": _num(ev.get("heldout_rkl")),
         "heldout_accuracy": _num(ev.get("accuracy")),
         # a finished student's manifest, else its last summary record, else the steps logged so far
-        "loss_first": _first_num(st.get("first_loss"), last_final.get("first_loss"),
-                                 steps[0].get("loss") if steps else None),
-        "loss_last": _first_num(st.get("last_loss"), last_final.get("last_loss"),
-                                steps[-1].get("loss") if steps else None),
+        "loss_first": _first_num(
+            st.get("first_loss"), last_final.get("first_loss"), steps[0].get("loss") if steps else None
+        ),
+        "loss_last": _first_num(
+            st.get("last_loss"), last_final.get("last_loss"), steps[-1].get("loss") if steps else None
+        ),
         "rollout_s": _stage_seconds(by_stage.get("rollout", []), "seconds"),
         "score_s": _stage_seconds(by_stage.get("score", []), "wall_s"),
         "train_s": train_s,
@@ -124,9 +143,9 @@ def _status(run: RunDir, r: int, rollouts, scores, student, by_stage: dict, ev: 
     """The first unfinished training stage, or "done"; a round with only held-out data in it (the
     evaluation after the last training round) is "eval only" ("eval" while its figures are missing)."""
     names = set(storage.listdir(run.fs, run.round_dir(r)))
-    trained = (bool(names & {"rollouts", "scores", "student"})
-               or any(rec.get("split", "train") == "train"
-                      for s in ("rollout", "score", "train") for rec in by_stage.get(s, [])))
+    trained = bool(names & {"rollouts", "scores", "student"}) or any(
+        rec.get("split", "train") == "train" for s in ("rollout", "score", "train") for rec in by_stage.get(s, [])
+    )
     if not trained and (HELDOUT in names or by_stage.get("eval")):
         return "eval only" if ev else "eval"
     if rollouts is None:
@@ -208,6 +227,7 @@ def _mean(values: Iterable[Any]) -> float | None:
 
 # ------------------------------------------------------------------------------------------ text
 
+
 def format_table(df: pl.DataFrame) -> str:
     """A fixed-width table (right-aligned numbers, `-` for null) with short headers and a legend, so a
     whole run fits a ~120-column terminal and reads the same every time."""
@@ -264,8 +284,7 @@ def inspect(run_dir: str, plot_path: str | None = None) -> str:
         raise OpdError(f"{storage.join(run.root, 'rounds')}: no rounds yet: run `opd run {run.url}`")
     name = _run_name(run)
     trained = df.filter(pl.col("status") == "done").height
-    header = (f"run {name} ({run.url}): {df.height} round folder{'s' if df.height != 1 else ''}, "
-              f"{trained} trained")
+    header = f"run {name} ({run.url}): {df.height} round folder{'s' if df.height != 1 else ''}, {trained} trained"
     text = header + "\n" + format_table(df)
     if plot_path:
         plot(df, plot_path, title=f"opd run {name}")
@@ -283,6 +302,7 @@ def _run_name(run: RunDir) -> str:
 
 
 # ------------------------------------------------------------------------------------------ plot
+
 
 def plot(df: pl.DataFrame, path: str, title: str | None = None) -> str:
     """A 2×2 PNG of per-round curves: held-out reverse KL (and accuracy), train loss first/last,
@@ -307,17 +327,26 @@ def plot(df: pl.DataFrame, path: str, title: str | None = None) -> str:
     else:
         _legend(ax_kl)
 
-    got = [_line(ax_loss, df, c, label, style, color) for c, label, style, color in
-           (("loss_first", "first step", "o--", "C2"), ("loss_last", "last step", "o-", "C3"))]
+    got = [
+        _line(ax_loss, df, c, label, style, color)
+        for c, label, style, color in (
+            ("loss_first", "first step", "o--", "C2"),
+            ("loss_last", "last step", "o-", "C3"),
+        )
+    ]
     ax_loss.set_title("train loss")
     if any(got):
         _legend(ax_loss)
     else:
         _no_data(ax_loss)
 
-    got = [_line(ax_topk, df, c, label, style, color) for c, label, style, color in
-           (("teacher_topk_mass", "teacher top-k mass", "o-", "C4"),
-            ("topk_overlap", "student↔teacher top-k overlap", "s-", "C5"))]
+    got = [
+        _line(ax_topk, df, c, label, style, color)
+        for c, label, style, color in (
+            ("teacher_topk_mass", "teacher top-k mass", "o-", "C4"),
+            ("topk_overlap", "student↔teacher top-k overlap", "s-", "C5"),
+        )
+    ]
     ax_topk.set_title("top-k")
     if any(got):
         _legend(ax_topk)
@@ -380,9 +409,9 @@ def _line(ax, df: pl.DataFrame, col: str, label: str, style: str, color: str) ->
 def _legend(*axes) -> None:
     handles, labels = [], []
     for ax in axes:
-        h, l = ax.get_legend_handles_labels()
+        h, names = ax.get_legend_handles_labels()
         handles += h
-        labels += l
+        labels += names
     if handles:
         axes[0].legend(handles, labels, fontsize="small")
 

@@ -35,8 +35,15 @@ from opd.stages.train_data import RoundData
 from opd.stages.train_metrics import summary_line
 
 
-def launch(run_dir: str | None, round_index: int | None, devices: str | None = None, from_round: str | None = None,
-           out: str | None = None, force: bool = False, overrides=()) -> dict[str, Any]:
+def launch(
+    run_dir: str | None,
+    round_index: int | None,
+    devices: str | None = None,
+    from_round: str | None = None,
+    out: str | None = None,
+    force: bool = False,
+    overrides=(),
+) -> dict[str, Any]:
     """`opd train`: re-run from a cache (--from/--out) if asked, then train in this process (no or one
     device) or under torchrun (several devices: "0,1" GPUs, "cpu,cpu" CPU processes)."""
     overrides = list(overrides)
@@ -46,7 +53,7 @@ def launch(run_dir: str | None, round_index: int | None, devices: str | None = N
         if run_dir is not None:
             raise OpdError("give either RUN_DIR or --from RUN/rounds/R, not both")
         run_dir, round_index = _from_cache(from_round, out, round_index, overrides, force)
-        overrides = []                      # now part of NEWRUN/opd.toml
+        overrides = []  # now part of NEWRUN/opd.toml
     elif run_dir is None or round_index is None:
         raise OpdError("give RUN_DIR and --round R (or --from RUN/rounds/R --out NEWRUN)")
     elif out is not None:
@@ -61,13 +68,24 @@ def launch(run_dir: str | None, round_index: int | None, devices: str | None = N
     if len(ids) <= 1:
         return train.run(cfg, rd, round_index, force=force)
 
-    with start_student(cfg, rd, round_index) as start:           # one-line errors before spawning
+    with start_student(cfg, rd, round_index) as start:  # one-line errors before spawning
         RoundData(rd, round_index, vocab_limit=start.vocab_rows)
-    env = dict(os.environ, OPD_TRAIN_LAUNCHED="1")   # the processes leave the summary line to this one
+    env = dict(os.environ, OPD_TRAIN_LAUNCHED="1")  # the processes leave the summary line to this one
     if kind == "cuda":
         env["CUDA_VISIBLE_DEVICES"] = ",".join(ids)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(len(ids)),
-           "-m", "opd.stages.train", rd.url, "--round", str(round_index)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        str(len(ids)),
+        "-m",
+        "opd.stages.train",
+        rd.url,
+        "--round",
+        str(round_index),
+    ]
     cmd += ["--force"] if force else []
     for o in overrides:
         cmd += ["--set", o]
@@ -80,7 +98,9 @@ def launch(run_dir: str | None, round_index: int | None, devices: str | None = N
     if done is None:
         raise OpdError(f"torchrun finished but {student_dir}/{MANIFEST} is missing")
     summary = {"stage": "train", "round": round_index, "skipped": False, **done.summary}
-    summary["line"] = summary_line(summary, student_dir) if "world_size" in done.summary else f"train round {round_index}: done"
+    summary["line"] = (
+        summary_line(summary, student_dir) if "world_size" in done.summary else f"train round {round_index}: done"
+    )
     return summary
 
 

@@ -40,8 +40,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from opd.cache import console
-from opd.cache.errors import OpdError
 from opd.cache.config import OpdConfig
+from opd.cache.errors import OpdError
 from opd.cache.rundir import RunDir, choose_splits, read_manifest, split_folder
 
 _PR_SET_PDEATHSIG = 1
@@ -50,6 +50,7 @@ _PR_SET_PDEATHSIG = 1
 @dataclass(frozen=True)
 class Pool:
     """A device pool: kind "cpu" or "cuda", and its members (GPU indices, or "cpu" per process)."""
+
     kind: str
     devices: tuple[str, ...]
 
@@ -81,15 +82,27 @@ class Pool:
         return self.kind == other.kind == "cuda" and not set(self.devices) & set(other.devices)
 
 
-def run(cfg: OpdConfig, run: RunDir, rounds: int | None = None, *, rollout_devices: str | None = None,
-        score_devices: str | None = None, train_devices: str | None = None, overlap: str | None = None,
-        overrides: tuple[str, ...] | list[str] = (), engine: str | None = None, echo=print) -> dict[str, Any]:
+def run(
+    cfg: OpdConfig,
+    run: RunDir,
+    rounds: int | None = None,
+    *,
+    rollout_devices: str | None = None,
+    score_devices: str | None = None,
+    train_devices: str | None = None,
+    overlap: str | None = None,
+    overrides: tuple[str, ...] | list[str] = (),
+    engine: str | None = None,
+    echo=print,
+) -> dict[str, Any]:
     """Run rounds 0..N-1 (resuming what is finished); returns {"rounds_trained", "stopped", "evals", "line"}."""
     n = rounds if rounds is not None else cfg.run.rounds
     if n < 1:
         raise OpdError(f"--rounds {n} is invalid: must be >= 1")
     pools = {
-        "rollout": Pool.parse(rollout_devices if rollout_devices is not None else cfg.run.rollout_devices, "--rollout-devices"),
+        "rollout": Pool.parse(
+            rollout_devices if rollout_devices is not None else cfg.run.rollout_devices, "--rollout-devices"
+        ),
         "score": Pool.parse(score_devices if score_devices is not None else cfg.run.score_devices, "--score-devices"),
         "train": Pool.parse(train_devices if train_devices is not None else cfg.run.train_devices, "--train-devices"),
     }
@@ -120,8 +133,11 @@ def run(cfg: OpdConfig, run: RunDir, rounds: int | None = None, *, rollout_devic
             evals[n] = ev
             echo(_eval_line(f"final student (round {n - 1})", ev))
     rkl = " → ".join(f"{evals[i]['heldout_rkl']:.3f}" for i in sorted(evals))
-    line = (f"opd run {run.url}: {trained} round(s) trained" + (f", stopped early ({stopped})" if stopped else "")
-            + (f"; held-out reverse KL by round: {rkl}" if rkl else ""))
+    line = (
+        f"opd run {run.url}: {trained} round(s) trained"
+        + (f", stopped early ({stopped})" if stopped else "")
+        + (f"; held-out reverse KL by round: {rkl}" if rkl else "")
+    )
     return {"rounds_trained": trained, "stopped": stopped, "evals": evals, "line": line}
 
 
@@ -166,8 +182,10 @@ def _stop_reason(cfg: OpdConfig, rkls: list[float]) -> str:
     if p and len(rkls) > p:
         best_before = min(rkls[:-p])
         if min(rkls[-p:]) > best_before - ev.stop_min_delta:
-            return (f"no drop of {ev.stop_min_delta:g} in held-out reverse KL below {best_before:.4f} in the last "
-                    f"{p} round(s) (eval.stop_patience)")
+            return (
+                f"no drop of {ev.stop_min_delta:g} in held-out reverse KL below {best_before:.4f} in the last "
+                f"{p} round(s) (eval.stop_patience)"
+            )
     return ""
 
 
@@ -180,8 +198,7 @@ def _read_eval(run: RunDir, r: int) -> dict | None:
 class _Ctx:
     """Launches the stage processes of one `opd run`."""
 
-    def __init__(self, run: RunDir, pools: dict[str, Pool], common: list[str], engine: str | None, echo,
-                 heldout: bool):
+    def __init__(self, run: RunDir, pools: dict[str, Pool], common: list[str], engine: str | None, echo, heldout: bool):
         self.run, self.pools, self.common, self.engine, self.echo = run, pools, common, engine, echo
         self.heldout = heldout
         self.cli = [sys.executable, "-m", "opd.pipeline.cli"]
@@ -193,10 +210,14 @@ class _Ctx:
         splits = choose_splits(split, self.heldout)
         rollout_done = self._done(r, [split_folder(sp, "rollouts") for sp in splits])
         score_done = self._done(r, [split_folder(sp, "scores") for sp in splits])
-        rollout = self._workers("rollout", ["rollout", self.run.url, "--round", str(r), "--split", split]
-                                + (["--engine", self.engine] if self.engine else []))
-        score = self._workers("score", ["score", self.run.url, "--round", str(r), "--split", split]
-                              + (["--follow"] if follow else []))
+        rollout = self._workers(
+            "rollout",
+            ["rollout", self.run.url, "--round", str(r), "--split", split]
+            + (["--engine", self.engine] if self.engine else []),
+        )
+        score = self._workers(
+            "score", ["score", self.run.url, "--round", str(r), "--split", split] + (["--follow"] if follow else [])
+        )
         if rollout_done and score_done:
             self.echo(f"[opd run] round {r}: rollout and score already done")
             return
@@ -236,8 +257,18 @@ class _Ctx:
                 for cmd, env in workers:
                     self.echo(f"[opd run] round {r}: opd {' '.join(cmd[:1] + cmd[2:])}")
                     out, err = console.streams()
-                    procs.append((stage, subprocess.Popen(self.cli + cmd + self.common, env=env, stdout=out,
-                                                          stderr=err, preexec_fn=die_with_parent)))
+                    procs.append(
+                        (
+                            stage,
+                            subprocess.Popen(
+                                self.cli + cmd + self.common,
+                                env=env,
+                                stdout=out,
+                                stderr=err,
+                                preexec_fn=die_with_parent,
+                            ),
+                        )
+                    )
             ended: dict[str, float] = {}
             pending = list(procs)
             while pending:
@@ -248,9 +279,11 @@ class _Ctx:
                         continue
                     pending.remove(item)
                     if code != 0:
-                        raise OpdError(f"round {r}: `opd {stage}` exited with status {code} (its error is above; "
-                                       f"logs in {os.path.dirname(self.run.log_path(r, stage))}/); "
-                                       f"fix it and run `opd run {self.run.url}` again to resume")
+                        raise OpdError(
+                            f"round {r}: `opd {stage}` exited with status {code} (its error is above; "
+                            f"logs in {os.path.dirname(self.run.log_path(r, stage))}/); "
+                            f"fix it and run `opd run {self.run.url}` again to resume"
+                        )
                     if all(q.poll() is not None for s, q in procs if s == stage):
                         ended.setdefault(stage, time.perf_counter() - t0)
                 time.sleep(0.2)
@@ -264,8 +297,17 @@ class _Ctx:
                 except subprocess.TimeoutExpired:
                     p.kill()
         for stage, wall in ended.items():
-            self.run.append_metrics(r, {"stage": "loop", "step": stage, "round": r, "wall_s": round(wall, 3),
-                                        "workers": len(groups[stage]), "time": time.time()})
+            self.run.append_metrics(
+                r,
+                {
+                    "stage": "loop",
+                    "step": stage,
+                    "round": r,
+                    "wall_s": round(wall, 3),
+                    "workers": len(groups[stage]),
+                    "time": time.time(),
+                },
+            )
 
 
 def die_with_parent() -> None:

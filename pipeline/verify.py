@@ -32,8 +32,9 @@ def verify_run(run_url: str) -> list[str]:
                 else:
                     continue
                 if n != entry.rows:
-                    raise shards.FormatError(f"{path}: holds {n} rows, {stage}/_DONE.json says {entry.rows}; "
-                                             f"re-run the stage with --force")
+                    raise shards.FormatError(
+                        f"{path}: holds {n} rows, {stage}/_DONE.json says {entry.rows}; re-run the stage with --force"
+                    )
             if stage == "student":
                 lines.append(f"{label}: ok ({len(manifest.shards)} files checked)")
             else:

@@ -21,7 +21,7 @@ from opd.cache.errors import FingerprintMismatch, FormatError, first_line, short
 from opd.cache.rundir import RunDir
 from opd.stages.distributed import Processes
 
-CKPT_DIR = "train_ckpt"       # RUN/rounds/R/train_ckpt: the in-round checkpoint
+CKPT_DIR = "train_ckpt"  # RUN/rounds/R/train_ckpt: the in-round checkpoint
 
 
 class Checkpoints:
@@ -30,7 +30,14 @@ class Checkpoints:
     LoRA); tensors as safetensors, everything else JSON."""
 
     def __init__(self, run: RunDir, folder: str, procs: Processes, learner, opt, use_fsdp: bool):
-        self.run, self.folder, self.procs, self.learner, self.opt, self.use_fsdp = run, folder, procs, learner, opt, use_fsdp
+        self.run, self.folder, self.procs, self.learner, self.opt, self.use_fsdp = (
+            run,
+            folder,
+            procs,
+            learner,
+            opt,
+            use_fsdp,
+        )
 
     def save(self, state: dict) -> None:
         from safetensors.torch import save
@@ -38,9 +45,12 @@ class Checkpoints:
 
         fs = self.run.fs
         msd = osd = None
-        if self.use_fsdp or self.procs.rank == 0:   # FSDP gathers collectively; DDP replicas are identical
-            msd, osd = get_state_dict(self.learner, self.opt, options=StateDictOptions(
-                full_state_dict=True, cpu_offload=True, ignore_frozen_params=True))
+        if self.use_fsdp or self.procs.rank == 0:  # FSDP gathers collectively; DDP replicas are identical
+            msd, osd = get_state_dict(
+                self.learner,
+                self.opt,
+                options=StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True),
+            )
         rng = _gather_rng(self.procs)
         if self.procs.rank == 0:
             name = f"step-{state['step']:08d}"
@@ -51,11 +61,17 @@ class Checkpoints:
             storage.atomic_write_bytes(fs, storage.join(d, "model.safetensors"), save(weights))
             storage.atomic_write_bytes(fs, storage.join(d, "optim.safetensors"), save(optim_tensors))
             storage.atomic_write_bytes(fs, storage.join(d, "rng.safetensors"), save(rng))
-            body = {**state, "aliases": aliases, "optim": optim_json, "world_size": self.procs.world,
-                    "time": time.time()}
+            body = {
+                **state,
+                "aliases": aliases,
+                "optim": optim_json,
+                "world_size": self.procs.world,
+                "time": time.time(),
+            }
             storage.atomic_write_bytes(fs, storage.join(d, "state.json"), json.dumps(body, sort_keys=True).encode())
-            storage.atomic_write_bytes(fs, storage.join(self.folder, "latest.json"),
-                                       json.dumps({"dir": name, "step": state["step"]}).encode())
+            storage.atomic_write_bytes(
+                fs, storage.join(self.folder, "latest.json"), json.dumps({"dir": name, "step": state["step"]}).encode()
+            )
             for old in storage.listdir(fs, self.folder):
                 if old.startswith("step-") and old != name or old.startswith(storage.TMP_PREFIX):
                     storage.remove(fs, storage.join(self.folder, old))
@@ -76,24 +92,31 @@ class Checkpoints:
             optim_tensors = load(storage.read_bytes(fs, storage.join(d, "optim.safetensors")))
             rng = load(storage.read_bytes(fs, storage.join(d, "rng.safetensors")))
         except (OSError, ValueError, KeyError) as e:
-            raise FormatError(f"{self.folder}: unreadable checkpoint ({first_line(e)}); delete the folder or "
-                              f"re-run with --force") from None
+            raise FormatError(
+                f"{self.folder}: unreadable checkpoint ({first_line(e)}); delete the folder or re-run with --force"
+            ) from None
         for key, want in producer.items():
             got = state.get("producer", {}).get(key)
             if got != want:
                 raise FingerprintMismatch(
                     f"{self.folder}: checkpoint made with {key}={short_value(got)}, but this run uses {key}={short_value(want)}; "
-                    f"re-run with --force to start the round over")
+                    f"re-run with --force to start the round over"
+                )
         for alias, target in state.get("aliases", {}).items():
             weights[alias] = weights[target]
         # One key order on every process: under FSDP each tensor is scattered by a collective in dict
         # order, and safetensors returns its keys in a per-process (hash) order.
         weights = dict(sorted(weights.items()))
         osd = _unflatten_optim(optim_tensors, state["optim"])
-        set_state_dict(self.learner, self.opt, model_state_dict=weights, optim_state_dict=osd,
-                       options=StateDictOptions(full_state_dict=True, strict=False))
+        set_state_dict(
+            self.learner,
+            self.opt,
+            model_state_dict=weights,
+            optim_state_dict=osd,
+            options=StateDictOptions(full_state_dict=True, strict=False),
+        )
         own = f"rank{self.procs.rank}."
-        state["rng"] = {k[len(own):]: v for k, v in rng.items() if k.startswith(own)}
+        state["rng"] = {k[len(own) :]: v for k, v in rng.items() if k.startswith(own)}
         return state
 
     def restore_rng(self, state: dict | None) -> None:

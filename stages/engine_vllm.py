@@ -65,18 +65,34 @@ class VLLMEngine:
 
     name = "vllm"
 
-    def __init__(self, model_dir: str | os.PathLike, *, seed: int, tokenizer_dir: str | os.PathLike | None = None,
-                 adapter_dir: str | os.PathLike | None = None, max_model_len: int | None = None,
-                 gpu_memory_utilization: float = 0.5, enforce_eager: bool = True, dtype: str = "auto",
-                 in_process: bool | None = None):
+    def __init__(
+        self,
+        model_dir: str | os.PathLike,
+        *,
+        seed: int,
+        tokenizer_dir: str | os.PathLike | None = None,
+        adapter_dir: str | os.PathLike | None = None,
+        max_model_len: int | None = None,
+        gpu_memory_utilization: float = 0.5,
+        enforce_eager: bool = True,
+        dtype: str = "auto",
+        in_process: bool | None = None,
+    ):
         if in_process is not False:
             _engine_core_in_process(in_process)
         from vllm import LLM
 
         self.served = str(adapter_dir or model_dir)
-        kwargs = dict(model=str(model_dir), tokenizer=str(tokenizer_dir or model_dir), seed=int(seed),
-                      dtype=dtype, gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager,
-                      logprobs_mode="processed_logprobs", generation_config="vllm")
+        kwargs = dict(
+            model=str(model_dir),
+            tokenizer=str(tokenizer_dir or model_dir),
+            seed=int(seed),
+            dtype=dtype,
+            gpu_memory_utilization=gpu_memory_utilization,
+            enforce_eager=enforce_eager,
+            logprobs_mode="processed_logprobs",
+            generation_config="vllm",
+        )
         if max_model_len:
             kwargs["max_model_len"] = int(max_model_len)
         kv_bytes = _cpu_kv_cache_bytes(gpu_memory_utilization)
@@ -87,21 +103,33 @@ class VLLMEngine:
             from vllm.lora.request import LoRARequest
 
             rank = int(json.loads((Path(adapter_dir) / "adapter_config.json").read_text()).get("r", 8))
-            kwargs.update(enable_lora=True, max_loras=1,
-                          max_lora_rank=next((r for r in _LORA_RANKS if r >= rank), rank))
+            kwargs.update(
+                enable_lora=True, max_loras=1, max_lora_rank=next((r for r in _LORA_RANKS if r >= rank), rank)
+            )
             self.lora = LoRARequest("student", 1, str(adapter_dir))
         self.llm = LLM(**kwargs)
 
-    def generate(self, prompts: Sequence[Sequence[int]], sampling: Sampling, seed: int,
-                 progress: Progress | None = None) -> list[list[Completion]]:
+    def generate(
+        self, prompts: Sequence[Sequence[int]], sampling: Sampling, seed: int, progress: Progress | None = None
+    ) -> list[list[Completion]]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        params = SamplingParams(n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
-                                top_k=sampling.top_k, max_tokens=sampling.max_new_tokens,
-                                stop=list(sampling.stop) or None, logprobs=0)
-        outs = self.llm.generate([TokensPrompt(prompt_token_ids=[int(t) for t in p]) for p in prompts],
-                                 params, use_tqdm=False, lora_request=self.lora)
+        params = SamplingParams(
+            n=sampling.n,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            top_k=sampling.top_k,
+            max_tokens=sampling.max_new_tokens,
+            stop=list(sampling.stop) or None,
+            logprobs=0,
+        )
+        outs = self.llm.generate(
+            [TokensPrompt(prompt_token_ids=[int(t) for t in p]) for p in prompts],
+            params,
+            use_tqdm=False,
+            lora_request=self.lora,
+        )
         results = []
         tokens = 0
         for out in outs:
@@ -109,14 +137,21 @@ class VLLMEngine:
             for c in sorted(out.outputs, key=lambda c: c.index):
                 ids = [int(t) for t in c.token_ids]
                 if c.finish_reason not in FINISH_REASONS:
-                    raise OpdError(f"vLLM finished a request with {c.finish_reason!r} "
-                                   f"(expected one of {FINISH_REASONS}); the engine aborted it")
+                    raise OpdError(
+                        f"vLLM finished a request with {c.finish_reason!r} "
+                        f"(expected one of {FINISH_REASONS}); the engine aborted it"
+                    )
                 if c.logprobs is None or len(c.logprobs) != len(ids):
-                    raise OpdError(f"vLLM returned {0 if c.logprobs is None else len(c.logprobs)} log-probs "
-                                   f"for {len(ids)} tokens")
-                samples.append(Completion(token_ids=ids,
-                                          logprobs=[float(pos[t].logprob) for pos, t in zip(c.logprobs, ids)],
-                                          finish_reason=c.finish_reason))
+                    raise OpdError(
+                        f"vLLM returned {0 if c.logprobs is None else len(c.logprobs)} log-probs for {len(ids)} tokens"
+                    )
+                samples.append(
+                    Completion(
+                        token_ids=ids,
+                        logprobs=[float(pos[t].logprob) for pos, t in zip(c.logprobs, ids)],
+                        finish_reason=c.finish_reason,
+                    )
+                )
                 tokens += len(ids)
             results.append(samples)
         if progress is not None:

@@ -27,8 +27,9 @@ from opd.stages.distributed import Processes
 from opd.stages.learner import load_student
 
 
-def export_student(*, run: RunDir, student_dir: str, procs: Processes, learner, use_fsdp: bool, tc: TrainConfig,
-                   start_dir: Path) -> list[ShardEntry] | None:
+def export_student(
+    *, run: RunDir, student_dir: str, procs: Processes, learner, use_fsdp: bool, tc: TrainConfig, start_dir: Path
+) -> list[ShardEntry] | None:
     """Write the student folder (rank 0; under FSDP every process joins the gather); returns its file
     entries on rank 0, None elsewhere."""
     if use_fsdp:
@@ -39,24 +40,26 @@ def export_student(*, run: RunDir, student_dir: str, procs: Processes, learner, 
         return None
     if use_fsdp:
         model, _ = load_student(start_dir, tc, torch.device("cpu"), 0)
-        missing, unexpected = model.load_state_dict({k.removeprefix("model."): v for k, v in full.items()},
-                                                    strict=False)
+        missing, unexpected = model.load_state_dict(
+            {k.removeprefix("model."): v for k, v in full.items()}, strict=False
+        )
         if unexpected or [k for k in missing if "lm_head" not in k]:
-            raise OpdError(f"FSDP export: weights do not match the model (missing {missing[:3]}, "
-                           f"unexpected {unexpected[:3]})")
+            raise OpdError(
+                f"FSDP export: weights do not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})"
+            )
     else:
         model = learner.model
     local = isinstance(run.fs, pafs.LocalFileSystem)
     parent = os.path.dirname(student_dir) if local else tempfile.gettempdir()
     os.makedirs(parent, exist_ok=True)
-    if local:                                 # leftovers of an export killed half-way
+    if local:  # leftovers of an export killed half-way
         for name in os.listdir(parent):
             if name.startswith(f"{storage.TMP_PREFIX}student-"):
                 shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f"{storage.TMP_PREFIX}student-", dir=parent))
     try:
         save_checkpoint(model, tc, start_dir, tmp)
-        for p in [tmp, *tmp.rglob("*")]:      # mkdtemp and some writers make owner-only files
+        for p in [tmp, *tmp.rglob("*")]:  # mkdtemp and some writers make owner-only files
             p.chmod(0o755 if p.is_dir() else 0o644)
         entries = file_entries(tmp)
         clear_stage(run, student_dir)

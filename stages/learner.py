@@ -39,7 +39,7 @@ from opd.cache.errors import OpdError, first_line
 from opd.stages.heads import apply_head, gather_positions, head_path_matches
 from opd.stages.losses import bucket_logprobs, generalized_jsd, jsd_loss, sampled_rkl_loss
 
-_CHUNK_ELEMENTS = 1 << 27     # auto logits chunk: positions × V ≤ this many float32 values (512 MiB)
+_CHUNK_ELEMENTS = 1 << 27  # auto logits chunk: positions × V ≤ this many float32 values (512 MiB)
 MODEL_METRICS = ("rkl_bucket", "topk_overlap")
 
 
@@ -59,15 +59,22 @@ def load_student(start_dir: str | os.PathLike, tc: TrainConfig, device: torch.de
     if tc.lora_rank > 0:
         from peft import LoraConfig, get_peft_model
 
-        torch.manual_seed(seed)   # the same adapter initialisation in every process and every world size
+        torch.manual_seed(seed)  # the same adapter initialisation in every process and every world size
         try:
-            model = get_peft_model(model, LoraConfig(r=tc.lora_rank, lora_alpha=tc.lora_alpha,
-                                                     lora_dropout=tc.lora_dropout,
-                                                     target_modules=list(tc.lora_target_modules),
-                                                     task_type="CAUSAL_LM"))
+            model = get_peft_model(
+                model,
+                LoraConfig(
+                    r=tc.lora_rank,
+                    lora_alpha=tc.lora_alpha,
+                    lora_dropout=tc.lora_dropout,
+                    target_modules=list(tc.lora_target_modules),
+                    task_type="CAUSAL_LM",
+                ),
+            )
         except ValueError as e:
-            raise OpdError(f"train.lora_target_modules = {list(tc.lora_target_modules)} does not fit "
-                           f"{start_dir} ({first_line(e)})") from None
+            raise OpdError(
+                f"train.lora_target_modules = {list(tc.lora_target_modules)} does not fit {start_dir} ({first_line(e)})"
+            ) from None
     model.train()
     return model, head_only
 
@@ -124,16 +131,21 @@ class Learner(torch.nn.Module):
             elif mode == "off":
                 loss = generalized_jsd(s, t, tc.beta_offpolicy).sum()
             else:
-                loss = generalized_jsd(s[on], t[on], tc.beta).sum() + generalized_jsd(s[~on], t[~on], tc.beta_offpolicy).sum()
-        else:   # sampled_rkl on the student's own rows, jsd(β_offpolicy) on the others
+                loss = (
+                    generalized_jsd(s[on], t[on], tc.beta).sum()
+                    + generalized_jsd(s[~on], t[~on], tc.beta_offpolicy).sum()
+                )
+        else:  # sampled_rkl on the student's own rows, jsd(β_offpolicy) on the others
             taken_ids, taken_lp, samp = batch["target_N"][sl], batch["taken_N"][sl], batch["sampling_N"][sl]
             if mode == "on":
                 loss = sampled_rkl_loss(logits_NV, taken_ids, taken_lp, samp, tc.temperature, tc.ratio_clip).sum()
             else:
-                loss = (sampled_rkl_loss(logits_NV[on], taken_ids[on], taken_lp[on], samp[on], tc.temperature,
-                                         tc.ratio_clip).sum()
-                        + jsd_loss(logits_NV[~on], ids[~on], lps[~on], tail[~on], tc.beta_offpolicy,
-                                   tc.temperature).sum())
+                loss = (
+                    sampled_rkl_loss(
+                        logits_NV[on], taken_ids[on], taken_lp[on], samp[on], tc.temperature, tc.ratio_clip
+                    ).sum()
+                    + jsd_loss(logits_NV[~on], ids[~on], lps[~on], tail[~on], tc.beta_offpolicy, tc.temperature).sum()
+                )
         metrics_2 = torch.zeros(2, dtype=torch.float64, device=logits_NV.device)
         if need_metrics:
             with torch.no_grad():
@@ -148,7 +160,7 @@ class Learner(torch.nn.Module):
 
 
 def _row_mode(batch: dict[str, Any]) -> str:
-    """"on" (every row the student's own), "off" (none) or "mixed", from the CPU-side count that the
+    """ "on" (every row the student's own), "off" (none) or "mixed", from the CPU-side count that the
     DataLoader's collate adds (`count_on_policy`): picks the loss path without a device sync."""
     n_on = batch["on_tokens"]
     return "on" if n_on == batch["tokens"] else "off" if n_on == 0 else "mixed"
@@ -180,16 +192,18 @@ def wrap(learner: Learner, world: int, device: torch.device, use_fsdp: bool, amp
         mp = MixedPrecisionPolicy(param_dtype=low, reduce_dtype=torch.float32) if low else MixedPrecisionPolicy()
         layers = getattr(hf_model(learner.model).base_model, "layers", None)
         if layers is None:
-            raise OpdError(f"train.fsdp: cannot find the decoder layers of {type(hf_model(learner.model)).__name__} "
-                           f"(expected base_model.layers); use DDP (train.fsdp = false)")
+            raise OpdError(
+                f"train.fsdp: cannot find the decoder layers of {type(hf_model(learner.model)).__name__} "
+                f"(expected base_model.layers); use DDP (train.fsdp = false)"
+            )
         for layer in layers:
             fully_shard(layer, mp_policy=mp)
         fully_shard(learner, mp_policy=mp)
         return learner
     if world > 1:
         return torch.nn.parallel.DistributedDataParallel(
-            learner, device_ids=[device.index] if device.type == "cuda" else None,
-            forward_sync_buffers=False)   # buffers (rotary tables) are equal everywhere; no per-forward sync
+            learner, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False
+        )  # buffers (rotary tables) are equal everywhere; no per-forward sync
     return learner
 
 

@@ -27,8 +27,9 @@ def _log1mexp(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
 
-def student_logprobs_at(student_logits_NV: torch.Tensor, ids_NK: torch.Tensor, temperature: float = 1.0
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
+def student_logprobs_at(
+    student_logits_NV: torch.Tensor, ids_NK: torch.Tensor, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(log p_S at ids [N, K], logsumexp(z/τ) [N]) in float32, without a [N, V] log-softmax copy."""
     z = student_logits_NV.float()
     if temperature != 1.0:
@@ -58,9 +59,9 @@ def _kl(p_log: torch.Tensor, q_log: torch.Tensor) -> torch.Tensor:
 def generalized_jsd(s_NB: torch.Tensor, t_NB: torch.Tensor, beta: float) -> torch.Tensor:
     """Generalized JSD per position [N] (GKD, Agarwal et al. 2024; TRL's convention):
 
-        β = 0:  KL(T ‖ S)                       forward KL
-        β = 1:  KL(S ‖ T)                       reverse KL
-        else:   β·KL(T ‖ M) + (1-β)·KL(S ‖ M),  M = β·T + (1-β)·S
+    β = 0:  KL(T ‖ S)                       forward KL
+    β = 1:  KL(S ‖ T)                       reverse KL
+    else:   β·KL(T ‖ M) + (1-β)·KL(S ‖ M),  M = β·T + (1-β)·S
     """
     if beta == 0.0:
         return _kl(t_NB, s_NB)
@@ -76,8 +77,9 @@ def jsd_loss(student_logits_NV, topk_ids_NK, topk_logprobs_NK, tail_logprobs_N, 
     return generalized_jsd(s, t, beta)
 
 
-def sampled_rkl_loss(student_logits_NV, taken_ids_N, teacher_taken_logprobs_N, sampling_logprobs_N,
-                     temperature=1.0, ratio_clip=0.0):
+def sampled_rkl_loss(
+    student_logits_NV, taken_ids_N, teacher_taken_logprobs_N, sampling_logprobs_N, temperature=1.0, ratio_clip=0.0
+):
     """Sampled-token reverse KL in its policy-gradient form, per position [N] (Tinker cookbook):
 
         advantage_t = log p_T(x_t) - log p_sample(x_t)                  (detached)

@@ -31,11 +31,12 @@ from opd.cache.errors import OpdError, first_line
 @dataclass
 class Prompt:
     """One row of a prompt set, checked; `prompt_ids` once rendered."""
+
     id: str
-    messages: list[dict]          # the chat messages (a plain prompt becomes one user message)
-    text: str | None              # the plain prompt string, when the row had one
-    reference: str | None         # reference response, when read
-    where: str                    # "FILE line N" / "FILE row N", for errors
+    messages: list[dict]  # the chat messages (a plain prompt becomes one user message)
+    text: str | None  # the plain prompt string, when the row had one
+    reference: str | None  # reference response, when read
+    where: str  # "FILE line N" / "FILE row N", for errors
     prompt_ids: list[int] = dataclasses.field(default_factory=list)
     on_policy: bool = True
 
@@ -45,9 +46,11 @@ def load_prompts(rc: RolloutConfig, lmbda: float) -> list[Prompt]:
     path = rc.prompts
     need_reference = lmbda < 1 and rc.offpolicy_source == "dataset"
     if need_reference and not rc.reference_field:
-        raise OpdError(f"rollout.reference_field is empty, but λ={lmbda} < 1 with offpolicy_source='dataset' "
-                       f"needs reference responses: set rollout.reference_field (or lmbda = 1, or "
-                       f"offpolicy_source = 'teacher')")
+        raise OpdError(
+            f"rollout.reference_field is empty, but λ={lmbda} < 1 with offpolicy_source='dataset' "
+            f"needs reference responses: set rollout.reference_field (or lmbda = 1, or "
+            f"offpolicy_source = 'teacher')"
+        )
     prompts: list[Prompt] = []
     seen: dict[str, str] = {}
     for index, (where, row) in enumerate(_iter_rows(path)):
@@ -55,8 +58,9 @@ def load_prompts(rc: RolloutConfig, lmbda: float) -> list[Prompt]:
             break
         p = _parse_row(row, where, index, rc, need_reference)
         if p.id in seen:
-            raise OpdError(f"{where}: duplicate prompt id {p.id!r} (first at {seen[p.id]}); "
-                           f"ids in '{rc.id_field}' must be unique")
+            raise OpdError(
+                f"{where}: duplicate prompt id {p.id!r} (first at {seen[p.id]}); ids in '{rc.id_field}' must be unique"
+            )
         seen[p.id] = where
         prompts.append(p)
     if not prompts:
@@ -84,8 +88,10 @@ def _iter_rows(path: str):
                 try:
                     line = raw.decode("utf-8")
                 except UnicodeDecodeError as e:
-                    raise OpdError(f"{path} line {lineno}: not UTF-8 text (byte {e.start}: {raw[e.start:e.start + 1]!r}); "
-                                   f"a prompt file is JSON lines in UTF-8") from None
+                    raise OpdError(
+                        f"{path} line {lineno}: not UTF-8 text (byte {e.start}: {raw[e.start : e.start + 1]!r}); "
+                        f"a prompt file is JSON lines in UTF-8"
+                    ) from None
                 if not line.strip():
                     continue
                 try:
@@ -94,24 +100,30 @@ def _iter_rows(path: str):
                     raise OpdError(f"{path} line {lineno}: not valid JSON ({first_line(e)})") from None
                 yield f"{path} line {lineno}", row
     else:
-        raise OpdError(f"{path}: unknown prompt file type: use a .jsonl or .parquet file, or a folder "
-                       f"saved with datasets' save_to_disk")
+        raise OpdError(
+            f"{path}: unknown prompt file type: use a .jsonl or .parquet file, or a folder "
+            f"saved with datasets' save_to_disk"
+        )
 
 
 def _iter_dataset(folder: Path):
     try:
         import datasets
     except ImportError:
-        raise OpdError(f"{folder}: a prompt folder is read with the `datasets` package, which is not "
-                       f"installed (`pip install datasets`), or use a .jsonl / .parquet file") from None
+        raise OpdError(
+            f"{folder}: a prompt folder is read with the `datasets` package, which is not "
+            f"installed (`pip install datasets`), or use a .jsonl / .parquet file"
+        ) from None
     try:
         ds = datasets.load_from_disk(str(folder))
     except Exception as e:
         raise OpdError(f"{folder}: not a dataset saved with save_to_disk ({first_line(e)})") from None
     if isinstance(ds, datasets.DatasetDict):
         if "train" not in ds:
-            raise OpdError(f"{folder}: a DatasetDict without a 'train' split ({', '.join(ds)}); "
-                           f"point rollout.prompts at one split's folder")
+            raise OpdError(
+                f"{folder}: a DatasetDict without a 'train' split ({', '.join(ds)}); "
+                f"point rollout.prompts at one split's folder"
+            )
         ds = ds["train"]
     for i, row in enumerate(ds):
         yield f"{folder} row {i}", row
@@ -122,17 +134,25 @@ def _parse_row(row: Any, where: str, index: int, rc: RolloutConfig, need_referen
         raise OpdError(f"{where}: a prompt row must be a JSON object, got {type(row).__name__}")
     messages, text = row.get(rc.messages_field), None
     if messages is not None:
-        if (not isinstance(messages, list) or not messages
-                or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
-                           and isinstance(m.get("content"), str) for m in messages)):
-            raise OpdError(f"{where}: '{rc.messages_field}' must be a non-empty list of "
-                           f"{{\"role\": str, \"content\": str}} objects")
+        if (
+            not isinstance(messages, list)
+            or not messages
+            or not all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in messages
+            )
+        ):
+            raise OpdError(
+                f'{where}: \'{rc.messages_field}\' must be a non-empty list of {{"role": str, "content": str}} objects'
+            )
         messages = [{"role": m["role"], "content": m["content"]} for m in messages]
     else:
         text = row.get(rc.prompt_field)
         if text is None:
-            raise OpdError(f"{where}: has neither '{rc.prompt_field}' nor '{rc.messages_field}' "
-                           f"(set rollout.prompt_field / rollout.messages_field)")
+            raise OpdError(
+                f"{where}: has neither '{rc.prompt_field}' nor '{rc.messages_field}' "
+                f"(set rollout.prompt_field / rollout.messages_field)"
+            )
         if not isinstance(text, str) or not text.strip():
             raise OpdError(f"{where}: '{rc.prompt_field}' must be a non-empty string, got {text!r:.60}")
         messages = [{"role": "user", "content": text}]
@@ -149,8 +169,10 @@ def _parse_row(row: Any, where: str, index: int, rc: RolloutConfig, need_referen
         if reference is not None and not isinstance(reference, str):
             raise OpdError(f"{where}: '{rc.reference_field}' must be a string, got {type(reference).__name__}")
         if reference is None and need_reference:
-            raise OpdError(f"{where}: no reference response in '{rc.reference_field}' (off-policy rows with "
-                           f"offpolicy_source='dataset' need one for every prompt)")
+            raise OpdError(
+                f"{where}: no reference response in '{rc.reference_field}' (off-policy rows with "
+                f"offpolicy_source='dataset' need one for every prompt)"
+            )
     return Prompt(id=pid, messages=messages, text=text, reference=reference, where=where)
 
 
@@ -158,8 +180,10 @@ def render(prompts: list[Prompt], tokenizer, rc: RolloutConfig, tokenizer_dir) -
     """Prompt token ids as the student sees them; returns (kept prompts, number skipped as too long)."""
     if rc.chat_template:
         if not getattr(tokenizer, "chat_template", None):
-            raise OpdError(f"{tokenizer_dir}: the student tokenizer has no chat template; "
-                           f"set rollout.chat_template = false to tokenize prompts as plain text")
+            raise OpdError(
+                f"{tokenizer_dir}: the student tokenizer has no chat template; "
+                f"set rollout.chat_template = false to tokenize prompts as plain text"
+            )
         texts = []
         for p in prompts:
             try:

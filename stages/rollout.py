@@ -73,25 +73,42 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from opd.cache import console, storage
-from opd.cache.errors import OpdError
-from opd.cache.shards import FORMAT_VERSION, SOURCES, check_producer, read_shard_meta, write_rollout_shard
-from opd.cache import fingerprint
+from opd.cache import console, fingerprint, storage
 from opd.cache.config import OpdConfig, RolloutConfig
 from opd.cache.devices import placement
+from opd.cache.errors import OpdError
 from opd.cache.models import resolve_model
-from opd.cache.rundir import (MANIFEST, choose_splits, combine_splits, finalize_stage, read_manifest, RunDir, shard_index, shard_name, ShardSpec, should_skip,
-                                 split_folder)
+from opd.cache.rundir import (
+    MANIFEST,
+    RunDir,
+    ShardSpec,
+    choose_splits,
+    combine_splits,
+    finalize_stage,
+    read_manifest,
+    shard_index,
+    shard_name,
+    should_skip,
+    split_folder,
+)
+from opd.cache.shards import FORMAT_VERSION, SOURCES, check_producer, read_shard_meta, write_rollout_shard
+from opd.stages.engine import Engine, Sampling, load_engine, resolve_engine_name
 from opd.stages.prompts import Prompt, load_prompts, prompts_hash, render
 from opd.stages.students import StartStudent, start_student
-from opd.stages.engine import Engine, Sampling, load_engine, resolve_engine_name
 
-STAGE = "rollouts"            # the run-directory folder (and manifest stage name)
-PRODUCER_STAGE = "rollout"    # the producer record's stage
+STAGE = "rollouts"  # the run-directory folder (and manifest stage name)
+PRODUCER_STAGE = "rollout"  # the producer record's stage
 
 
-def run(cfg: OpdConfig, run: RunDir, round_index: int, shard: ShardSpec = ShardSpec(),
-        engine: str | Engine | None = None, force: bool = False, split: str = "all") -> dict:
+def run(
+    cfg: OpdConfig,
+    run: RunDir,
+    round_index: int,
+    shard: ShardSpec = ShardSpec(),
+    engine: str | Engine | None = None,
+    force: bool = False,
+    split: str = "all",
+) -> dict:
     """Sample round `round_index`'s rollouts (this worker's shards); returns a summary dict.
 
     `engine`: None = `rollout.engine`; "auto" / "vllm" / "transformers"; or an engine object already
@@ -105,16 +122,36 @@ def run(cfg: OpdConfig, run: RunDir, round_index: int, shard: ShardSpec = ShardS
         return _run(cfg, run, round_index, shard, engine, force, splits, student)
 
 
-def _run(cfg: OpdConfig, run: RunDir, round_index: int, shard: ShardSpec, engine, force: bool, splits: list[str],
-         student: StartStudent) -> dict:
+def _run(
+    cfg: OpdConfig,
+    run: RunDir,
+    round_index: int,
+    shard: ShardSpec,
+    engine,
+    force: bool,
+    splits: list[str],
+    student: StartStudent,
+) -> dict:
     teacher_dir = None
     if "train" in splits and cfg.rollout.lmbda_for_round(round_index) < 1 and cfg.rollout.offpolicy_source == "teacher":
         teacher_dir = resolve_model(cfg.run.teacher, cfg.run.models_dir or None)
     longest = max(split_config(cfg, sp).rollout.max_new_tokens for sp in splits)
     engines = _Engines(cfg.replace("rollout", max_new_tokens=longest), round_index, student, teacher_dir, engine)
     try:
-        summaries = [_run_split(split_config(cfg, sp), run, round_index, shard, engines, force, sp, student,
-                                teacher_dir if sp == "train" else None) for sp in splits]
+        summaries = [
+            _run_split(
+                split_config(cfg, sp),
+                run,
+                round_index,
+                shard,
+                engines,
+                force,
+                sp,
+                student,
+                teacher_dir if sp == "train" else None,
+            )
+            for sp in splits
+        ]
     finally:
         engines.close()
     return combine_splits(summaries)
@@ -126,14 +163,36 @@ def split_config(cfg: OpdConfig, split: str) -> OpdConfig:
     if split == "train":
         return cfg
     ev, rc = cfg.eval, cfg.rollout
-    return cfg.replace("rollout", prompts=ev.prompts, prompt_field=ev.prompt_field, messages_field=ev.messages_field,
-                       reference_field=ev.reference_field, id_field=ev.id_field, max_prompts=ev.max_prompts,
-                       n=ev.n, max_new_tokens=ev.max_new_tokens or rc.max_new_tokens, temperature=ev.temperature,
-                       top_p=1.0, top_k=-1, lmbda=1.0, lmbda_schedule=[], offpolicy_source="dataset")
+    return cfg.replace(
+        "rollout",
+        prompts=ev.prompts,
+        prompt_field=ev.prompt_field,
+        messages_field=ev.messages_field,
+        reference_field=ev.reference_field,
+        id_field=ev.id_field,
+        max_prompts=ev.max_prompts,
+        n=ev.n,
+        max_new_tokens=ev.max_new_tokens or rc.max_new_tokens,
+        temperature=ev.temperature,
+        top_p=1.0,
+        top_k=-1,
+        lmbda=1.0,
+        lmbda_schedule=[],
+        offpolicy_source="dataset",
+    )
 
 
-def _run_split(cfg: OpdConfig, run: RunDir, round_index: int, shard: ShardSpec, engines: "_Engines", force: bool,
-               split: str, student: StartStudent, teacher_dir: Path | None) -> dict:
+def _run_split(
+    cfg: OpdConfig,
+    run: RunDir,
+    round_index: int,
+    shard: ShardSpec,
+    engines: "_Engines",
+    force: bool,
+    split: str,
+    student: StartStudent,
+    teacher_dir: Path | None,
+) -> dict:
     rc = cfg.rollout
     t0 = time.perf_counter()
     lmbda = rc.lmbda_for_round(round_index)
@@ -142,15 +201,18 @@ def _run_split(cfg: OpdConfig, run: RunDir, round_index: int, shard: ShardSpec, 
     producer = _producer(cfg, round_index, lmbda, student, teacher_dir, engines.placement.dtype_name)
     what = f"rollout round {round_index}" + ("" if split == "train" else f" {split}")
 
-    mine = None   # --force under --shard i/N clears this worker's shards only (and the manifest)
+    mine = None  # --force under --shard i/N clears this worker's shards only (and the manifest)
     if shard.count > 1:
-        mine = [n for n in storage.listdir(run.fs, stage_dir)
-                if shard_index(n) is not None and shard.owns(shard_index(n))]
+        mine = [
+            n for n in storage.listdir(run.fs, stage_dir) if shard_index(n) is not None and shard.owns(shard_index(n))
+        ]
     if should_skip(run, stage_dir, producer, force, only=mine):
         manifest = read_manifest(run, stage_dir)
         summary = {"round": round_index, "split": split, "shard": str(shard), "skipped": True, **manifest.summary}
-        summary["line"] = (f"{what}: already done ({manifest.total_rows} samples in "
-                           f"{len(manifest.shards)} shards, {stage_dir}/{MANIFEST}); --force redoes it")
+        summary["line"] = (
+            f"{what}: already done ({manifest.total_rows} samples in "
+            f"{len(manifest.shards)} shards, {stage_dir}/{MANIFEST}); --force redoes it"
+        )
         return summary
 
     from transformers import AutoTokenizer
@@ -159,8 +221,10 @@ def _run_split(cfg: OpdConfig, run: RunDir, round_index: int, shard: ShardSpec, 
     prompts = load_prompts(rc, lmbda)
     kept, skipped = render(prompts, tokenizer, rc, student.tokenizer_dir)
     if not kept:
-        raise OpdError(f"{rc.prompts}: no prompts left: all {skipped} are longer than "
-                       f"rollout.max_prompt_tokens={rc.max_prompt_tokens}")
+        raise OpdError(
+            f"{rc.prompts}: no prompts left: all {skipped} are longer than "
+            f"rollout.max_prompt_tokens={rc.max_prompt_tokens}"
+        )
     for p in kept:
         p.on_policy = _on_policy(cfg.run.seed, round_index, p.id, lmbda)
     if teacher_dir is not None:
@@ -176,16 +240,25 @@ def _run_split(cfg: OpdConfig, run: RunDir, round_index: int, shard: ShardSpec, 
         check_producer(path, read_shard_meta(run.fs, path).get("producer", {}), producer)
     todo = [s for s in owned if s not in present]
 
-    sampling = Sampling(n=rc.n, temperature=rc.temperature, top_p=rc.top_p, top_k=rc.top_k,
-                        max_new_tokens=rc.max_new_tokens, stop=tuple(rc.stop))
+    sampling = Sampling(
+        n=rc.n,
+        temperature=rc.temperature,
+        top_p=rc.top_p,
+        top_k=rc.top_k,
+        max_new_tokens=rc.max_new_tokens,
+        stop=tuple(rc.stop),
+    )
     sampling_hash = _sampling_hash(rc, cfg.run.seed)
     stats = {"samples": 0, "student": 0, "offpolicy": 0, "tokens": 0, "gen_seconds": 0.0}
-    todo_items = [p for s in todo for p in kept[s * S:(s + 1) * S]]
-    engines.prepare(student=any(p.on_policy for p in todo_items),
-                    teacher=teacher_dir is not None and not all(p.on_policy for p in todo_items))
-    bar = console.bar(total=len(todo_items), unit="prompt", desc=f"rollout r{round_index} {split} [{shard}]",
-                      disable=not todo)
-    gen_start = time.perf_counter()   # model loading stays out of tokens/s
+    todo_items = [p for s in todo for p in kept[s * S : (s + 1) * S]]
+    engines.prepare(
+        student=any(p.on_policy for p in todo_items),
+        teacher=teacher_dir is not None and not all(p.on_policy for p in todo_items),
+    )
+    bar = console.bar(
+        total=len(todo_items), unit="prompt", desc=f"rollout r{round_index} {split} [{shard}]", disable=not todo
+    )
+    gen_start = time.perf_counter()  # model loading stays out of tokens/s
 
     def progress(prompts_done: int, tokens: int) -> None:
         stats["tokens"] += tokens
@@ -193,14 +266,25 @@ def _run_split(cfg: OpdConfig, run: RunDir, round_index: int, shard: ShardSpec, 
         bar.set_postfix_str(f"{stats['tokens'] / max(time.perf_counter() - gen_start, 1e-9):.0f} tok/s")
 
     try:
-        job = _ShardJob(engines, sampling, sampling_hash, tokenizer, rc, cfg.run.seed, round_index, split, progress,
-                        stats)
+        job = _ShardJob(
+            engines, sampling, sampling_hash, tokenizer, rc, cfg.run.seed, round_index, split, progress, stats
+        )
         for s in todo:
-            items = kept[s * S:(s + 1) * S]
+            items = kept[s * S : (s + 1) * S]
             rows = _shard_rows(job, items, s)
-            write_rollout_shard(run.fs, run.shard_path(round_index, folder, s), rows, producer,
-                                extra_meta={"round": round_index, "shard": s, "split": split,
-                                            "engine": engines.name, "sampling_hash": sampling_hash})
+            write_rollout_shard(
+                run.fs,
+                run.shard_path(round_index, folder, s),
+                rows,
+                producer,
+                extra_meta={
+                    "round": round_index,
+                    "shard": s,
+                    "split": split,
+                    "engine": engines.name,
+                    "sampling_hash": sampling_hash,
+                },
+            )
             stats["samples"] += len(rows)
     finally:
         stats["gen_seconds"] = time.perf_counter() - gen_start
@@ -208,20 +292,43 @@ def _run_split(cfg: OpdConfig, run: RunDir, round_index: int, shard: ShardSpec, 
 
     on = sum(p.on_policy for p in kept)
     done_summary = _stage_summary(run, round_index, folder, num_shards, len(prompts), len(kept), skipped, on, lmbda)
-    manifest = finalize_stage(run, stage_dir, stage=folder, round_index=round_index, num_shards=num_shards,
-                              producer=producer, row_count=lambda path: done_summary["_rows"][path],
-                              summary=_public(done_summary)) if done_summary else None
+    manifest = (
+        finalize_stage(
+            run,
+            stage_dir,
+            stage=folder,
+            round_index=round_index,
+            num_shards=num_shards,
+            producer=producer,
+            row_count=lambda path: done_summary["_rows"][path],
+            summary=_public(done_summary),
+        )
+        if done_summary
+        else None
+    )
     summary = {
-        "round": round_index, "split": split, "shard": str(shard), "engine": engines.name, "lmbda": lmbda,
-        "prompts": len(kept), "skipped_long_prompts": skipped, "on_policy_prompts": on,
-        "off_policy_prompts": len(kept) - on, "offpolicy_source": rc.offpolicy_source,
-        "shards_total": num_shards, "shards_owned": len(owned), "shards_written": len(todo),
+        "round": round_index,
+        "split": split,
+        "shard": str(shard),
+        "engine": engines.name,
+        "lmbda": lmbda,
+        "prompts": len(kept),
+        "skipped_long_prompts": skipped,
+        "on_policy_prompts": on,
+        "off_policy_prompts": len(kept) - on,
+        "offpolicy_source": rc.offpolicy_source,
+        "shards_total": num_shards,
+        "shards_owned": len(owned),
+        "shards_written": len(todo),
         "shards_present_before": len(present & set(owned)),
         "shards_missing": num_shards - len(set(run.existing_shards(round_index, folder))),
-        "samples_written": stats["samples"], "student_samples_written": stats["student"],
-        "offpolicy_samples_written": stats["offpolicy"], "completion_tokens_generated": stats["tokens"],
+        "samples_written": stats["samples"],
+        "student_samples_written": stats["student"],
+        "offpolicy_samples_written": stats["offpolicy"],
+        "completion_tokens_generated": stats["tokens"],
         "tokens_per_s": round(stats["tokens"] / stats["gen_seconds"], 2) if stats["tokens"] else 0.0,
-        "seconds": round(time.perf_counter() - t0, 3), "done": manifest is not None,
+        "seconds": round(time.perf_counter() - t0, 3),
+        "done": manifest is not None,
     }
     if manifest is not None:
         summary["total_samples"] = manifest.total_rows
@@ -237,10 +344,11 @@ def _on_policy(seed: int, round_index: int, prompt_id: str, lmbda: float) -> boo
     if lmbda <= 0:
         return False
     digest = hashlib.sha256(f"opd-lambda/{seed}/{round_index}/{prompt_id}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2.0 ** 64 < lmbda
+    return int.from_bytes(digest[:8], "big") / 2.0**64 < lmbda
 
 
 # ------------------------------------------------------------------------------------------ models
+
 
 def _merge_lora(student: StartStudent) -> Path:
     """Merge the LoRA adapter into its base (peft merge_and_unload) in a temporary folder."""
@@ -264,15 +372,23 @@ def _check_same_vocab(tokenizer, teacher_dir: Path) -> None:
     from transformers import AutoTokenizer
 
     if AutoTokenizer.from_pretrained(str(teacher_dir)).get_vocab() != tokenizer.get_vocab():
-        raise OpdError(f"{teacher_dir}: the teacher's vocabulary differs from the student's; teacher "
-                       f"off-policy samples reuse the student's prompt ids, so both must share one tokenizer")
+        raise OpdError(
+            f"{teacher_dir}: the teacher's vocabulary differs from the student's; teacher "
+            f"off-policy samples reuse the student's prompt ids, so both must share one tokenizer"
+        )
 
 
 class _Engines:
     """Student and teacher engines, built on first use, closed at the end (unless passed in)."""
 
-    def __init__(self, cfg: OpdConfig, round_index: int, student: StartStudent, teacher_dir: Path | None,
-                 engine: str | Engine | None):
+    def __init__(
+        self,
+        cfg: OpdConfig,
+        round_index: int,
+        student: StartStudent,
+        teacher_dir: Path | None,
+        engine: str | Engine | None,
+    ):
         self.cfg, self.round, self.student, self.teacher_dir = cfg, round_index, student, teacher_dir
         self.placement = placement("auto", cfg.rollout.dtype, "rollout")
         self._described = False
@@ -280,8 +396,9 @@ class _Engines:
         if self._given is not None:
             served = Path(self._given.served).resolve()
             if served not in (student.source.resolve(), student.base.resolve()):
-                raise OpdError(f"the engine passed in serves {served}, but round {round_index}'s student is "
-                               f"{student.source}")
+                raise OpdError(
+                    f"the engine passed in serves {served}, but round {round_index}'s student is {student.source}"
+                )
             self.name = self._given.name
         else:
             self.name = resolve_engine_name(engine or cfg.rollout.engine)
@@ -294,12 +411,18 @@ class _Engines:
         if not self._described:
             console.say(self.placement.describe(f"rollout ({self.name})"))
             self._described = True
-        share = 2 if self.teacher_dir is not None else 1   # both models live together
-        return load_engine(self.name, str(model_dir), seed=fingerprint.derive_seed(self.cfg.run.seed, self.round, role),
-                           tokenizer_dir=str(tokenizer_dir), adapter_dir=str(adapter) if adapter else None,
-                           max_model_len=_max_model_len(model_dir, rc),
-                           gpu_memory_utilization=rc.gpu_memory_utilization / share,
-                           enforce_eager=rc.enforce_eager, dtype=self.placement.dtype_name)
+        share = 2 if self.teacher_dir is not None else 1  # both models live together
+        return load_engine(
+            self.name,
+            str(model_dir),
+            seed=fingerprint.derive_seed(self.cfg.run.seed, self.round, role),
+            tokenizer_dir=str(tokenizer_dir),
+            adapter_dir=str(adapter) if adapter else None,
+            max_model_len=_max_model_len(model_dir, rc),
+            gpu_memory_utilization=rc.gpu_memory_utilization / share,
+            enforce_eager=rc.enforce_eager,
+            dtype=self.placement.dtype_name,
+        )
 
     def prepare(self, student: bool, teacher: bool) -> None:
         """Load the engines the work needs now (so model loading stays out of the tokens/s figure)."""
@@ -315,9 +438,10 @@ class _Engines:
                 merged = _merge_lora(s)
                 self._tmp.append(merged)
                 self._student = self._load(merged, "student", merged, None)
-            else:   # base + adapter; vLLM reads a config.json beside the tokenizer, so prefer the base's when equal
-                same = s.adapter is None or (fingerprint.tokenizer_hash(s.tokenizer_dir)
-                                             == fingerprint.tokenizer_hash(s.base))
+            else:  # base + adapter; vLLM reads a config.json beside the tokenizer, so prefer the base's when equal
+                same = s.adapter is None or (
+                    fingerprint.tokenizer_hash(s.tokenizer_dir) == fingerprint.tokenizer_hash(s.base)
+                )
                 self._student = self._load(s.base, "student", s.base if same else s.tokenizer_dir, s.adapter)
         return self._student
 
@@ -348,9 +472,11 @@ def _max_model_len(model_dir: Path, rc: RolloutConfig) -> int:
 
 # ------------------------------------------------------------------------------------------ shards
 
+
 @dataclass
 class _ShardJob:
     """What writing the shards of one split needs (the same for each shard)."""
+
     engines: _Engines
     sampling: Sampling
     sampling_hash: str
@@ -359,44 +485,79 @@ class _ShardJob:
     seed: int
     round_index: int
     split: str
-    progress: Any                 # progress(prompts_done, tokens)
+    progress: Any  # progress(prompts_done, tokens)
     stats: dict
 
 
 def _shard_rows(job: _ShardJob, items: list[Prompt], shard: int) -> list[dict]:
     """Rows of one shard, in prompt order, samples 0..n-1 (one row for a dataset reference)."""
     engines, sampling, sampling_hash, tokenizer = job.engines, job.sampling, job.sampling_hash, job.tokenizer
-    rc, seed, round_index, split, progress, stats = job.rc, job.seed, job.round_index, job.split, job.progress, job.stats
-    role = "student" if split == "train" else f"student-{split}"   # held-out draws its own random stream
+    rc, seed, round_index, split, progress, stats = (
+        job.rc,
+        job.seed,
+        job.round_index,
+        job.split,
+        job.progress,
+        job.stats,
+    )
+    role = "student" if split == "train" else f"student-{split}"  # held-out draws its own random stream
     on = [p for p in items if p.on_policy]
     off = [p for p in items if not p.on_policy]
     generated: dict[str, tuple[str, list]] = {}
     if on:
-        outs = engines.student_engine().generate([p.prompt_ids for p in on], sampling,
-                                                 seed=fingerprint.derive_seed(seed, round_index, role, shard), progress=progress)
+        outs = engines.student_engine().generate(
+            [p.prompt_ids for p in on],
+            sampling,
+            seed=fingerprint.derive_seed(seed, round_index, role, shard),
+            progress=progress,
+        )
         generated.update({p.id: ("student", o) for p, o in zip(on, outs)})
     if off and rc.offpolicy_source == "teacher":
-        outs = engines.teacher_engine().generate([p.prompt_ids for p in off], sampling,
-                                                 seed=fingerprint.derive_seed(seed, round_index, "teacher", shard), progress=progress)
+        outs = engines.teacher_engine().generate(
+            [p.prompt_ids for p in off],
+            sampling,
+            seed=fingerprint.derive_seed(seed, round_index, "teacher", shard),
+            progress=progress,
+        )
         generated.update({p.id: ("teacher", o) for p, o in zip(off, outs)})
     elif off:
         progress(len(off), 0)
     rows = []
     for p in items:
         messages = json.dumps(p.messages, ensure_ascii=False)
-        base = {"prompt_id": p.id, "prompt_ids": p.prompt_ids, "sampling_hash": sampling_hash,
-                "prompt_messages": messages}
+        base = {
+            "prompt_id": p.id,
+            "prompt_ids": p.prompt_ids,
+            "sampling_hash": sampling_hash,
+            "prompt_messages": messages,
+        }
         if p.id in generated:
             source, completions = generated[p.id]
             for i, c in enumerate(completions):
-                rows.append({**base, "sample_id": f"{p.id}/{i}", "sample_index": i, "source": source,
-                             "completion_ids": c.token_ids, "sampling_logprobs": c.logprobs,
-                             "finish_reason": c.finish_reason})
+                rows.append(
+                    {
+                        **base,
+                        "sample_id": f"{p.id}/{i}",
+                        "sample_index": i,
+                        "source": source,
+                        "completion_ids": c.token_ids,
+                        "sampling_logprobs": c.logprobs,
+                        "finish_reason": c.finish_reason,
+                    }
+                )
             stats["student" if source == "student" else "offpolicy"] += len(completions)
         else:
-            rows.append({**base, "sample_id": f"{p.id}/0", "sample_index": 0, "source": "dataset",
-                         "completion_ids": _reference_ids(tokenizer, p.reference or ""),
-                         "sampling_logprobs": None, "finish_reason": "reference"})
+            rows.append(
+                {
+                    **base,
+                    "sample_id": f"{p.id}/0",
+                    "sample_index": 0,
+                    "source": "dataset",
+                    "completion_ids": _reference_ids(tokenizer, p.reference or ""),
+                    "sampling_logprobs": None,
+                    "finish_reason": "reference",
+                }
+            )
             stats["offpolicy"] += 1
     return rows
 
@@ -409,8 +570,17 @@ def _reference_ids(tokenizer, text: str) -> list[int]:
     return ids
 
 
-def _stage_summary(run: RunDir, round_index: int, folder: str, num_shards: int, read: int, kept: int, skipped: int,
-                   on: int, lmbda: float) -> dict | None:
+def _stage_summary(
+    run: RunDir,
+    round_index: int,
+    folder: str,
+    num_shards: int,
+    read: int,
+    kept: int,
+    skipped: int,
+    on: int,
+    lmbda: float,
+) -> dict | None:
     """Figures for `_DONE.json`, computed from the shards (equal whichever worker computes them);
     None while some shard is missing."""
     present = set(run.existing_shards(round_index, folder))
@@ -425,9 +595,19 @@ def _stage_summary(run: RunDir, round_index: int, folder: str, num_shards: int, 
         for src in table.column("source").to_pylist():
             sources[src] += 1
         tokens += sum(len(c) for c in table.column("completion_ids").to_pylist())
-    return {"prompts_read": read, "prompts": kept, "skipped_long_prompts": skipped, "lmbda": lmbda,
-            "on_policy_prompts": on, "off_policy_prompts": kept - on, "samples": sum(rows_by_path.values()),
-            "completion_tokens": tokens, "sources": sources, "shards": num_shards, "_rows": rows_by_path}
+    return {
+        "prompts_read": read,
+        "prompts": kept,
+        "skipped_long_prompts": skipped,
+        "lmbda": lmbda,
+        "on_policy_prompts": on,
+        "off_policy_prompts": kept - on,
+        "samples": sum(rows_by_path.values()),
+        "completion_tokens": tokens,
+        "sources": sources,
+        "shards": num_shards,
+        "_rows": rows_by_path,
+    }
 
 
 def _public(summary: dict) -> dict:
@@ -436,12 +616,22 @@ def _public(summary: dict) -> dict:
 
 # ------------------------------------------------------------------------------------------ hashes
 
-def _producer(cfg: OpdConfig, round_index: int, lmbda: float, student: StartStudent, teacher_dir: Path | None,
-              dtype: str) -> dict:
-    p = {"stage": PRODUCER_STAGE, "model_hash": fingerprint.model_hash(student.source),
-         "tokenizer_hash": fingerprint.tokenizer_hash(student.tokenizer_dir),
-         "config_hash": cfg.section_hash("rollout"), "format_version": FORMAT_VERSION, "round": round_index,
-         "seed": cfg.run.seed, "lmbda": lmbda, "prompts_hash": prompts_hash(cfg.rollout.prompts), "dtype": dtype}
+
+def _producer(
+    cfg: OpdConfig, round_index: int, lmbda: float, student: StartStudent, teacher_dir: Path | None, dtype: str
+) -> dict:
+    p = {
+        "stage": PRODUCER_STAGE,
+        "model_hash": fingerprint.model_hash(student.source),
+        "tokenizer_hash": fingerprint.tokenizer_hash(student.tokenizer_dir),
+        "config_hash": cfg.section_hash("rollout"),
+        "format_version": FORMAT_VERSION,
+        "round": round_index,
+        "seed": cfg.run.seed,
+        "lmbda": lmbda,
+        "prompts_hash": prompts_hash(cfg.rollout.prompts),
+        "dtype": dtype,
+    }
     if student.adapter is not None:
         p["base_model_hash"] = fingerprint.model_hash(student.base)
     if teacher_dir is not None:
@@ -450,16 +640,24 @@ def _producer(cfg: OpdConfig, round_index: int, lmbda: float, student: StartStud
 
 
 def _sampling_hash(rc: RolloutConfig, seed: int) -> str:
-    settings = {"temperature": rc.temperature, "top_p": rc.top_p, "top_k": rc.top_k,
-                "max_new_tokens": rc.max_new_tokens, "stop": list(rc.stop), "seed": seed}
+    settings = {
+        "temperature": rc.temperature,
+        "top_p": rc.top_p,
+        "top_k": rc.top_k,
+        "max_new_tokens": rc.max_new_tokens,
+        "stop": list(rc.stop),
+        "seed": seed,
+    }
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 
 def _summary_line(s: dict, rc: RolloutConfig, what: str) -> str:
     state = "done" if s["done"] else f"{s['shards_missing']} shard(s) left to other workers"
-    return (f"{what} [{s['shard']}] {s['engine']}: {s['shards_written']} shard(s) written, "
-            f"{s['shards_present_before']} already present; {s['samples_written']} samples "
-            f"({s['student_samples_written']} student, {s['offpolicy_samples_written']} {rc.offpolicy_source}), "
-            f"{s['completion_tokens_generated']} tokens at {s['tokens_per_s']:.0f} tok/s; "
-            f"{s['skipped_long_prompts']} prompts skipped (> {rc.max_prompt_tokens} tokens); "
-            f"λ={s['lmbda']:g}: {s['on_policy_prompts']}/{s['prompts']} prompts on-policy; {state}")
+    return (
+        f"{what} [{s['shard']}] {s['engine']}: {s['shards_written']} shard(s) written, "
+        f"{s['shards_present_before']} already present; {s['samples_written']} samples "
+        f"({s['student_samples_written']} student, {s['offpolicy_samples_written']} {rc.offpolicy_source}), "
+        f"{s['completion_tokens_generated']} tokens at {s['tokens_per_s']:.0f} tok/s; "
+        f"{s['skipped_long_prompts']} prompts skipped (> {rc.max_prompt_tokens} tokens); "
+        f"λ={s['lmbda']:g}: {s['on_policy_prompts']}/{s['prompts']} prompts on-policy; {state}"
+    )

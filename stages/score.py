@@ -58,26 +58,47 @@ from typing import Any
 import numpy as np
 import torch
 
-from opd.cache import console, storage
-from opd.cache.errors import FingerprintMismatch, FormatError, OpdError
-from opd.cache.shards import ScoreShard, ScoreShardWriter, check_producer, read_rollout_shard, read_shard_meta
-from opd.cache import fingerprint
+from opd.cache import console, fingerprint, storage
 from opd.cache.config import OpdConfig
 from opd.cache.devices import placement
+from opd.cache.errors import FingerprintMismatch, FormatError, OpdError
 from opd.cache.models import resolve_model
+from opd.cache.rundir import (
+    MANIFEST,
+    Manifest,
+    RunDir,
+    ShardEntry,
+    ShardSpec,
+    choose_splits,
+    clear_stage,
+    combine_splits,
+    finalize_stage,
+    parquet_rows,
+    read_manifest,
+    shard_index,
+    shard_name,
+    should_skip,
+    split_folder,
+)
+from opd.cache.shards import ScoreShard, ScoreShardWriter, check_producer, read_rollout_shard, read_shard_meta
 from opd.stages.heads import gather_positions, head_path_matches
 from opd.stages.students import load_tokenizer, start_student
-from opd.cache.rundir import (MANIFEST, choose_splits, clear_stage, combine_splits, finalize_stage, Manifest,
-                                 parquet_rows, read_manifest, RunDir, shard_index, shard_name,
-                                 ShardEntry, ShardSpec, should_skip, split_folder)
 
 _CHUNK_ELEMENTS = {"cuda": 1 << 26, "cpu": 1 << 23}  # [chunk, V] float32 buffer size per device type
-_MAX_QUEUED = 3                                      # background jobs in flight before the forward waits
+_MAX_QUEUED = 3  # background jobs in flight before the forward waits
 
 
-def run(cfg: OpdConfig, run: RunDir, round_index: int, shard: ShardSpec = ShardSpec(),
-        device: str | None = None, force: bool = False, split: str = "all", follow: bool = False,
-        poll_s: float = 1.0) -> dict[str, Any]:
+def run(
+    cfg: OpdConfig,
+    run: RunDir,
+    round_index: int,
+    shard: ShardSpec = ShardSpec(),
+    device: str | None = None,
+    force: bool = False,
+    split: str = "all",
+    follow: bool = False,
+    poll_s: float = 1.0,
+) -> dict[str, Any]:
     """Score round `round_index`'s rollout shards owned by `shard`; returns the summary (key `line`: one line).
 
     `split`: "train", "heldout" (the validation samples, RUN/rounds/R/heldout/) or "all" (both that
@@ -117,8 +138,10 @@ class _Teacher:
             model = _load_teacher(self.dir, self.dev, self.dtype)
             vocab_size = model.get_output_embeddings().weight.shape[0]
             if sc.top_k > vocab_size:
-                raise OpdError(f"score.top_k = {sc.top_k} exceeds the teacher's vocabulary ({vocab_size} tokens) "
-                               f"({self.cfg.run.teacher}); lower score.top_k")
+                raise OpdError(
+                    f"score.top_k = {sc.top_k} exceeds the teacher's vocabulary ({vocab_size} tokens) "
+                    f"({self.cfg.run.teacher}); lower score.top_k"
+                )
             self._scorer = _Scorer(model, sc.top_k, sc.temperature, self.dev)
         return self._scorer
 
@@ -126,8 +149,17 @@ class _Teacher:
         self._scorer = None
 
 
-def _run_split(cfg: OpdConfig, run: RunDir, round_index: int, shard: ShardSpec, teacher: _Teacher, force: bool,
-               split: str, follow: bool, poll_s: float) -> dict[str, Any]:
+def _run_split(
+    cfg: OpdConfig,
+    run: RunDir,
+    round_index: int,
+    shard: ShardSpec,
+    teacher: _Teacher,
+    force: bool,
+    split: str,
+    follow: bool,
+    poll_s: float,
+) -> dict[str, Any]:
     t_start = time.perf_counter()
     sc = cfg.score
     r_folder, s_folder = _folders(split)
@@ -135,22 +167,33 @@ def _run_split(cfg: OpdConfig, run: RunDir, round_index: int, shard: ShardSpec, 
     scores_dir = run.stage_dir(round_index, s_folder)
     rollouts = read_manifest(run, rollouts_dir)
     if rollouts is None and not follow:
-        raise OpdError(f"{storage.join(rollouts_dir, MANIFEST)} not found (round {round_index} has no finished "
-                       f"{'held-out ' if split != 'train' else ''}rollouts): run `opd rollout {run.url} "
-                       f"--round {round_index}` first")
+        raise OpdError(
+            f"{storage.join(rollouts_dir, MANIFEST)} not found (round {round_index} has no finished "
+            f"{'held-out ' if split != 'train' else ''}rollouts): run `opd rollout {run.url} "
+            f"--round {round_index}` first"
+        )
     with start_student(cfg, run, round_index, files="tokenizer") as student:
         student_tok = load_tokenizer(student.tokenizer_dir, f"student {student.label}")
         _check_vocab(cfg.run.teacher, teacher.tokenizer, student.label, student_tok)
-    base_producer = fingerprint.producer("score", teacher.dir, cfg.section_hash("score"),
-                                         dtype=teacher.placement.dtype_name)
+    base_producer = fingerprint.producer(
+        "score", teacher.dir, cfg.section_hash("score"), dtype=teacher.placement.dtype_name
+    )
     stats = _Totals()
     job = _Job(run, round_index, split, cfg, teacher, stats)
     followed: set[int] = set()
     if rollouts is None:
         if force:
-            clear_stage(run, scores_dir, None if shard.count == 1 else
-                        [n for n in storage.listdir(run.fs, scores_dir) if shard_index(n) is not None
-                         and shard.owns(shard_index(n))])
+            clear_stage(
+                run,
+                scores_dir,
+                None
+                if shard.count == 1
+                else [
+                    n
+                    for n in storage.listdir(run.fs, scores_dir)
+                    if shard_index(n) is not None and shard.owns(shard_index(n))
+                ],
+            )
             force = False
         rollouts = _follow(job, shard, base_producer, followed, poll_s)
     entries = _rollout_entries(rollouts, rollouts_dir)
@@ -165,8 +208,9 @@ def _run_split(cfg: OpdConfig, run: RunDir, round_index: int, shard: ShardSpec, 
 
     storage.remove_tmp_files(run.fs, scores_dir, {shard_name(s) for s in owned})
     pending = [s for s in owned if not _valid_shard(run, scores_dir, s, entries[s].rows, shard_producers[s])]
-    replaced = sum(1 for s in pending if s not in followed
-                   and storage.exists(run.fs, run.shard_path(round_index, s_folder, s)))
+    replaced = sum(
+        1 for s in pending if s not in followed and storage.exists(run.fs, run.shard_path(round_index, s_folder, s))
+    )
     if pending:
         t0 = time.perf_counter()
         _score_shards(job, pending, entries, shard_producers)
@@ -178,23 +222,45 @@ def _run_split(cfg: OpdConfig, run: RunDir, round_index: int, shard: ShardSpec, 
     if set(numbers) <= set(run.existing_shards(round_index, s_folder)):
         stage_summary = _stage_summary(run, scores_dir, numbers, shard_producers, sc)
     if stage_summary is not None:
-        manifest = finalize_stage(run, scores_dir, stage=s_folder, round_index=round_index,
-                                  num_shards=len(numbers), producer=stage_producer,
-                                  row_count=lambda p: parquet_rows(run, p), summary=stage_summary)
+        manifest = finalize_stage(
+            run,
+            scores_dir,
+            stage=s_folder,
+            round_index=round_index,
+            num_shards=len(numbers),
+            producer=stage_producer,
+            row_count=lambda p: parquet_rows(run, p),
+            summary=stage_summary,
+        )
 
     summary = {
-        "stage": "score", "round": round_index, "split": split, "shard": str(shard), "skipped": False,
-        "shards_total": len(entries), "shards_owned": len(owned), "shards_scored": len(pending) + len(followed),
-        "shards_kept": len(owned) - len(pending) - len(followed & set(owned)), "shards_replaced": replaced,
-        "samples": stats.samples, "positions": stats.positions,
-        "tokens": stats.tokens, "padded_tokens": stats.padded_tokens, "bytes_written": stats.bytes_written,
+        "stage": "score",
+        "round": round_index,
+        "split": split,
+        "shard": str(shard),
+        "skipped": False,
+        "shards_total": len(entries),
+        "shards_owned": len(owned),
+        "shards_scored": len(pending) + len(followed),
+        "shards_kept": len(owned) - len(pending) - len(followed & set(owned)),
+        "shards_replaced": replaced,
+        "samples": stats.samples,
+        "positions": stats.positions,
+        "tokens": stats.tokens,
+        "padded_tokens": stats.padded_tokens,
+        "bytes_written": stats.bytes_written,
         "bytes_per_token": _ratio(stats.bytes_written, stats.positions, 2),
         "mean_topk_mass": _ratio(stats.topk_mass_sum, stats.positions, 6),
         "mean_entropy": _ratio(stats.entropy_sum, stats.positions, 6),
-        "top_k": sc.top_k, "temperature": sc.temperature, "device": str(teacher.dev),
-        "dtype": teacher.placement.dtype_name, "followed": follow,
-        "score_s": round(stats.score_s, 3), "tokens_per_s": _ratio(stats.tokens, stats.score_s, 1),
-        "wall_s": round(time.perf_counter() - t_start, 3), "manifest_written": manifest is not None,
+        "top_k": sc.top_k,
+        "temperature": sc.temperature,
+        "device": str(teacher.dev),
+        "dtype": teacher.placement.dtype_name,
+        "followed": follow,
+        "score_s": round(stats.score_s, 3),
+        "tokens_per_s": _ratio(stats.tokens, stats.score_s, 1),
+        "wall_s": round(time.perf_counter() - t_start, 3),
+        "manifest_written": manifest is not None,
     }
     run.append_metrics(round_index, {"time": time.time(), **summary})
     summary["line"] = _summary_line(summary, run, round_index, s_folder)
@@ -210,7 +276,7 @@ def _follow(job: "_Job", shard: ShardSpec, base_producer: dict, followed: set[in
     scores_dir = run.stage_dir(round_index, s_folder)
     seen: set[int] = set()
     while True:
-        manifest = read_manifest(run, rollouts_dir)   # read first: shards seen after it are all there is
+        manifest = read_manifest(run, rollouts_dir)  # read first: shards seen after it are all there is
         new = [s for s in run.existing_shards(round_index, r_folder) if shard.owns(s) and s not in seen]
         if manifest is not None and not new:
             return manifest
@@ -229,7 +295,7 @@ def _follow(job: "_Job", shard: ShardSpec, base_producer: dict, followed: set[in
             t0 = time.perf_counter()
             _score_shards(job, pending, entries, producers)
             job.stats.score_s += time.perf_counter() - t0
-        followed.update(pending)   # scored here (a valid score shard left by an earlier run is kept)
+        followed.update(pending)  # scored here (a valid score shard left by an earlier run is kept)
         seen.update(new)
         if manifest is not None:
             return manifest
@@ -237,18 +303,23 @@ def _follow(job: "_Job", shard: ShardSpec, base_producer: dict, followed: set[in
 
 # ------------------------------------------------------------------------------------------ inputs
 
+
 def _rollout_entries(manifest: Manifest, rollouts_dir: str) -> dict:
     """{shard number: manifest entry}, checking the numbers are 0..n-1 as the run directory requires."""
     entries = {}
     for e in manifest.shards:
         s = shard_index(e.name)
         if s is None:
-            raise FormatError(f"{storage.join(rollouts_dir, MANIFEST)}: lists {e.name!r}, not a shard name; "
-                              f"re-run rollout with --force")
+            raise FormatError(
+                f"{storage.join(rollouts_dir, MANIFEST)}: lists {e.name!r}, not a shard name; "
+                f"re-run rollout with --force"
+            )
         entries[s] = e
     if sorted(entries) != list(range(len(entries))):
-        raise FormatError(f"{storage.join(rollouts_dir, MANIFEST)}: shard numbers are not 0..{len(entries) - 1}; "
-                          f"re-run rollout with --force")
+        raise FormatError(
+            f"{storage.join(rollouts_dir, MANIFEST)}: shard numbers are not 0..{len(entries) - 1}; "
+            f"re-run rollout with --force"
+        )
     return entries
 
 
@@ -268,17 +339,20 @@ def _check_vocab(teacher_ref: str, teacher_tok, student_ref: str, student_tok) -
         detail = f"token {moved[0][1]!r} is id {moved[0][0]} for the teacher, {sv[moved[0][1]]} for the student"
     else:
         detail = "the tokenizers differ"
-    raise OpdError(f"teacher {teacher_ref} ({len(teacher_tok)} tokens) and student {student_ref} "
-                   f"({len(student_tok)} tokens) do not share a vocabulary: {detail}; opd distils only "
-                   f"between models with the same tokenizer")
+    raise OpdError(
+        f"teacher {teacher_ref} ({len(teacher_tok)} tokens) and student {student_ref} "
+        f"({len(student_tok)} tokens) do not share a vocabulary: {detail}; opd distils only "
+        f"between models with the same tokenizer"
+    )
 
 
 @dataclass
 class _Seq:
     """One sample as the teacher sees it: input = prompt + completion[:-1], T = len(completion)."""
+
     sample_id: str
-    input_ids: np.ndarray   # int64 [P + T - 1]
-    prompt_len: int         # P
+    input_ids: np.ndarray  # int64 [P + T - 1]
+    prompt_len: int  # P
     completion: np.ndarray  # int64 [T]
 
 
@@ -293,13 +367,17 @@ def _sequences(table, path: str, render: str, teacher_tok, vocab_size: int) -> l
         prompt = prompts[i] if messages is None else _render(rendered, messages[i], teacher_tok, sid, path)
         completion = np.asarray(completions[i], dtype=np.int64)
         if completion.size and not prompt:
-            raise FormatError(f"{path}: sample {sid!r} has an empty prompt, so its first completion token "
-                              f"has no context to score; re-run rollout")
+            raise FormatError(
+                f"{path}: sample {sid!r} has an empty prompt, so its first completion token "
+                f"has no context to score; re-run rollout"
+            )
         ids = np.concatenate([np.asarray(prompt, dtype=np.int64), completion[:-1]])
         every = np.concatenate([ids, completion[-1:]])
         if every.size and (every.min() < 0 or every.max() >= vocab_size):
-            raise FormatError(f"{path}: sample {sid!r} has token ids outside the teacher's vocabulary "
-                              f"(0..{vocab_size - 1}); were the rollouts made with another tokenizer?")
+            raise FormatError(
+                f"{path}: sample {sid!r} has token ids outside the teacher's vocabulary "
+                f"(0..{vocab_size - 1}); were the rollouts made with another tokenizer?"
+            )
         seqs.append(_Seq(sid, ids, len(prompt), completion))
     return seqs
 
@@ -307,8 +385,10 @@ def _sequences(table, path: str, render: str, teacher_tok, vocab_size: int) -> l
 def _render(memo: dict, messages_json: str | None, tok, sample_id: str, path: str) -> list[int]:
     """The prompt re-rendered with the teacher's chat template (generation prompt appended)."""
     if messages_json is None:
-        raise FormatError(f"{path}: sample {sample_id!r} has no prompt_messages, so score.render="
-                          f"'teacher_template' cannot re-render its prompt; use score.render='student_ids'")
+        raise FormatError(
+            f"{path}: sample {sample_id!r} has no prompt_messages, so score.render="
+            f"'teacher_template' cannot re-render its prompt; use score.render='student_ids'"
+        )
     if messages_json not in memo:
         from jinja2 import TemplateError
 
@@ -318,8 +398,10 @@ def _render(memo: dict, messages_json: str | None, tok, sample_id: str, path: st
                 messages = [{"role": "user", "content": messages}]
             text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         except (ValueError, TypeError, KeyError, TemplateError) as e:
-            raise OpdError(f"{path}: cannot render sample {sample_id!r}'s prompt_messages with the teacher's "
-                           f"chat template ({str(e).splitlines()[0][:160] if str(e) else type(e).__name__})") from None
+            raise OpdError(
+                f"{path}: cannot render sample {sample_id!r}'s prompt_messages with the teacher's "
+                f"chat template ({str(e).splitlines()[0][:160] if str(e) else type(e).__name__})"
+            ) from None
         memo[messages_json] = tok(text, add_special_tokens=False)["input_ids"]
     return memo[messages_json]
 
@@ -347,42 +429,52 @@ def _batch_arrays(seqs: list[_Seq], rows: list[int]):
     gather, taken = [], []
     for b, r in enumerate(rows):
         seq = seqs[r]
-        input_ids_BL[b, :seq.input_ids.size] = seq.input_ids
+        input_ids_BL[b, : seq.input_ids.size] = seq.input_ids
         start = b * L + seq.prompt_len - 1
         gather.append(np.arange(start, start + seq.completion.size, dtype=np.int64))
         taken.append(seq.completion)
-    return torch.from_numpy(input_ids_BL), torch.from_numpy(np.concatenate(gather)), torch.from_numpy(np.concatenate(taken))
+    return (
+        torch.from_numpy(input_ids_BL),
+        torch.from_numpy(np.concatenate(gather)),
+        torch.from_numpy(np.concatenate(taken)),
+    )
 
 
 # ------------------------------------------------------------------------------------------ the teacher
+
 
 def _load_teacher(teacher_dir, dev: torch.device, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(teacher_dir), dtype=dtype)
     if model.get_output_embeddings() is None:
-        raise OpdError(f"{teacher_dir}: {type(model).__name__} has no output embeddings (lm_head); "
-                       f"the teacher must be a causal language model")
+        raise OpdError(
+            f"{teacher_dir}: {type(model).__name__} has no output embeddings (lm_head); "
+            f"the teacher must be a causal language model"
+        )
     return model.to(dev).eval()
 
 
 @dataclass
 class _BatchOut:
     """One batch's results on the host (on CUDA still being copied until `ready` fires)."""
-    rows: list[int]                 # the batch's sequences (indices into the shard's rows)
-    topk_ids_NK: torch.Tensor       # int32
+
+    rows: list[int]  # the batch's sequences (indices into the shard's rows)
+    topk_ids_NK: torch.Tensor  # int32
     topk_logprobs_NK: torch.Tensor  # float32
     taken_N: torch.Tensor
     tail_N: torch.Tensor
     entropy_N: torch.Tensor
     topk_mass_N: torch.Tensor
-    ready: Any = None               # torch.cuda.Event, or None on CPU
+    ready: Any = None  # torch.cuda.Event, or None on CPU
 
     def numpy(self) -> dict[str, np.ndarray]:
         if self.ready is not None:
             self.ready.synchronize()
-        return {k: getattr(self, k).numpy() for k in ("topk_ids_NK", "topk_logprobs_NK", "taken_N", "tail_N",
-                                                      "entropy_N", "topk_mass_N")}
+        return {
+            k: getattr(self, k).numpy()
+            for k in ("topk_ids_NK", "topk_logprobs_NK", "taken_N", "tail_N", "entropy_N", "topk_mass_N")
+        }
 
 
 class _Scorer:
@@ -415,16 +507,22 @@ class _Scorer:
             out_NV.div_(self.softcap).tanh_().mul_(self.softcap)
 
     @torch.inference_mode()
-    def score(self, input_ids_BL: torch.Tensor, gather_N: torch.Tensor, taken_N: torch.Tensor, rows: list[int]) -> _BatchOut:
+    def score(
+        self, input_ids_BL: torch.Tensor, gather_N: torch.Tensor, taken_N: torch.Tensor, rows: list[int]
+    ) -> _BatchOut:
         dev, K, N = self.dev, self.K, gather_N.numel()
         ids = input_ids_BL.to(dev, non_blocking=True)
         gather_N = gather_N.to(dev, non_blocking=True)
         taken_N = taken_N.to(dev, non_blocking=True)
-        source_NX = gather_positions(self.model, ids, gather_N, self.head_only)   # [N, H] or [N, V] (fallback)
-        out = dict(topk_ids_NK=torch.empty(N, K, dtype=torch.int32, device=dev),
-                   topk_logprobs_NK=torch.empty(N, K, dtype=torch.float32, device=dev),
-                   **{k: torch.empty(N, dtype=torch.float32, device=dev)
-                      for k in ("taken_N", "tail_N", "entropy_N", "topk_mass_N")})
+        source_NX = gather_positions(self.model, ids, gather_N, self.head_only)  # [N, H] or [N, V] (fallback)
+        out = dict(
+            topk_ids_NK=torch.empty(N, K, dtype=torch.int32, device=dev),
+            topk_logprobs_NK=torch.empty(N, K, dtype=torch.float32, device=dev),
+            **{
+                k: torch.empty(N, dtype=torch.float32, device=dev)
+                for k in ("taken_N", "tail_N", "entropy_N", "topk_mass_N")
+            },
+        )
         for s in range(0, N, self.chunk):
             e = min(N, s + self.chunk)
             self._extract(source_NX[s:e], taken_N[s:e], {k: v[s:e] for k, v in out.items()})
@@ -446,12 +544,12 @@ class _Scorer:
             logp.copy_(source_NX)
         if self.temperature != 1.0:
             logp.div_(self.temperature)
-        logp.clamp_(min=torch.finfo(torch.float32).min)   # -inf logits: p = 0 and p·log p = 0, never NaN
+        logp.clamp_(min=torch.finfo(torch.float32).min)  # -inf logits: p = 0 and p·log p = 0, never NaN
         m = logp.amax(-1, keepdim=True)
         torch.sub(logp, m, out=tmp).exp_()
         z = tmp.sum(-1, keepdim=True)
-        logp.sub_(m + z.log())                                # log p = logits/τ − logsumexp
-        tmp.div_(z)                                            # p
+        logp.sub_(m + z.log())  # log p = logits/τ − logsumexp
+        tmp.div_(z)  # p
         out["entropy_N"].copy_(-torch.bmm(tmp.unsqueeze(1), logp.unsqueeze(2)).view(n))
         top_lp, top_ids = logp.topk(min(K + 1, self.V), dim=-1)
         out["topk_ids_NK"].copy_(top_ids[:, :K])
@@ -459,7 +557,7 @@ class _Scorer:
         out["topk_mass_N"].copy_(top_lp[:, :K].exp().sum(-1))
         out["taken_N"].copy_(logp.gather(1, taken_N[:, None]).view(n))
         if K < self.V:
-            m_tail = top_lp[:, K:K + 1]                        # the largest log-prob outside the top-k
+            m_tail = top_lp[:, K : K + 1]  # the largest log-prob outside the top-k
             torch.sub(logp, m_tail, out=tmp).exp_()
             tmp.scatter_(1, top_ids[:, :K], 0.0)
             out["tail_N"].copy_((m_tail + tmp.sum(-1, keepdim=True).log()).view(n))
@@ -468,6 +566,7 @@ class _Scorer:
 
 
 # ------------------------------------------------------------------------------------------ scoring
+
 
 @dataclass
 class _Totals:
@@ -492,8 +591,9 @@ class _ShardJob:
         for i, seq in enumerate(seqs):
             if seq.completion.size == 0:
                 K = writer.top_k
-                self.encoded[i] = writer.encode(seq.sample_id, np.zeros((0, K), np.int64),
-                                                np.zeros((0, K), np.float32), [], [])
+                self.encoded[i] = writer.encode(
+                    seq.sample_id, np.zeros((0, K), np.int64), np.zeros((0, K), np.float32), [], []
+                )
 
     def pack(self, out: _BatchOut) -> None:
         """(background) Split a batch's arrays per sample and encode them."""
@@ -503,8 +603,9 @@ class _ShardJob:
             seq = self.seqs[r]
             T = seq.completion.size
             sl = slice(o, o + T)
-            self.encoded[r] = self.writer.encode(seq.sample_id, a["topk_ids_NK"][sl], a["topk_logprobs_NK"][sl],
-                                                 a["taken_N"][sl], a["tail_N"][sl])
+            self.encoded[r] = self.writer.encode(
+                seq.sample_id, a["topk_ids_NK"][sl], a["topk_logprobs_NK"][sl], a["taken_N"][sl], a["tail_N"][sl]
+            )
             self.entropy_sums[r] = a["entropy_N"][sl].sum(dtype=np.float64)
             self.mass_sums[r] = a["topk_mass_N"][sl].sum(dtype=np.float64)
             o += T
@@ -514,8 +615,12 @@ class _ShardJob:
         for enc in self.encoded:
             self.writer.append(enc)
         entropy, mass = math.fsum(self.entropy_sums), math.fsum(self.mass_sums)
-        stats = {"positions": int(sum(s.completion.size for s in self.seqs)), "entropy_sum": entropy,
-                 "topk_mass_sum": mass, "teacher_dtype": str(dtype).removeprefix("torch.")}
+        stats = {
+            "positions": int(sum(s.completion.size for s in self.seqs)),
+            "entropy_sum": entropy,
+            "topk_mass_sum": mass,
+            "teacher_dtype": str(dtype).removeprefix("torch."),
+        }
         size = self.writer.write(run.fs, self.path, self.producer, extra_meta={"stats": stats}, zstd_level=zstd_level)
         return size, entropy, mass
 
@@ -523,6 +628,7 @@ class _ShardJob:
 @dataclass
 class _Job:
     """What scoring one split of a round needs, shared by the plain and the --follow paths."""
+
     run: RunDir
     round_index: int
     split: str
@@ -547,7 +653,7 @@ def _score_shards(job: _Job, pending: list[int], entries: dict, producers: dict)
 
     def submit(fn, *args) -> Future:
         while len(queued) >= _MAX_QUEUED:
-            queued.popleft().result()   # back-pressure; re-raises a background failure here
+            queued.popleft().result()  # back-pressure; re-raises a background failure here
         f = pool.submit(fn, *args)
         queued.append(f)
         return f
@@ -557,26 +663,28 @@ def _score_shards(job: _Job, pending: list[int], entries: dict, producers: dict)
             path = storage.join(rollouts_dir, shard_name(s))
             digest, _ = storage.sha256_file(run.fs, path)
             if digest != entries[s].sha256:
-                raise FormatError(f"{path}: differs from the checksum in {r_folder}/{MANIFEST} (changed after the "
-                                  f"rollout stage finished); re-run `opd rollout {run.url} --round {round_index} --force`")
+                raise FormatError(
+                    f"{path}: differs from the checksum in {r_folder}/{MANIFEST} (changed after the "
+                    f"rollout stage finished); re-run `opd rollout {run.url} --round {round_index} --force`"
+                )
             table, _ = read_rollout_shard(run.fs, path)
             seqs = _sequences(table, path, sc.render, teacher_tok, scorer.V)
             writer = ScoreShardWriter(scorer.V, sc.top_k, logprob_bits=sc.logprob_bits, temperature=sc.temperature)
-            job = _ShardJob(s, run.shard_path(round_index, s_folder, s), seqs, writer, producers[s])
+            shard_job = _ShardJob(s, run.shard_path(round_index, s_folder, s), seqs, writer, producers[s])
             bar.update(sum(1 for q in seqs if q.completion.size == 0))
             lengths = [q.input_ids.size if q.completion.size else 0 for q in seqs]  # nothing to score: no batch
             for rows in _plan_batches(lengths, sc.max_tokens_per_batch):
                 input_ids_BL, gather_N, taken_N = _batch_arrays(seqs, rows)
-                submit(job.pack, scorer.score(input_ids_BL, gather_N, taken_N, rows))
+                submit(shard_job.pack, scorer.score(input_ids_BL, gather_N, taken_N, rows))
                 totals.tokens += sum(seqs[r].input_ids.size for r in rows)
                 totals.padded_tokens += input_ids_BL.numel()
                 bar.update(len(rows))
                 bar.set_postfix_str(f"{totals.tokens / max(time.perf_counter() - t0, 1e-9):,.0f} tok/s", refresh=False)
-            writes.append(submit(job.write, run, sc.zstd_level, dtype))
+            writes.append(submit(shard_job.write, run, sc.zstd_level, dtype))
             totals.samples += len(seqs)
             totals.positions += sum(q.completion.size for q in seqs)
         while queued:
-            queued.popleft().result()   # in submission order: the first background failure is the one raised
+            queued.popleft().result()  # in submission order: the first background failure is the one raised
         for f in writes:
             size, entropy, mass = f.result()
             totals.bytes_written += size
@@ -588,6 +696,7 @@ def _score_shards(job: _Job, pending: list[int], entries: dict, producers: dict)
 
 
 # ------------------------------------------------------------------------------------------ shards on disk
+
 
 def _valid_shard(run: RunDir, scores_dir: str, s: int, rows: int, producer: dict) -> bool:
     """Is score shard `s` present, readable, from this producer and complete? (A resumed run keeps it.)"""
@@ -618,26 +727,44 @@ def _stage_summary(run: RunDir, scores_dir: str, numbers: list[int], producers: 
         entropy += float(stats.get("entropy_sum", 0.0))
         mass += float(stats.get("topk_mass_sum", 0.0))
         size += run.fs.get_file_info(path).size
-    return {"samples": samples, "positions": positions, "bytes": size,
-            "bytes_per_token": _ratio(size, positions, 2), "mean_topk_mass": _ratio(mass, positions, 6),
-            "mean_entropy": _ratio(entropy, positions, 6), "top_k": sc.top_k, "temperature": sc.temperature,
-            "logprob_bits": sc.logprob_bits}
+    return {
+        "samples": samples,
+        "positions": positions,
+        "bytes": size,
+        "bytes_per_token": _ratio(size, positions, 2),
+        "mean_topk_mass": _ratio(mass, positions, 6),
+        "mean_entropy": _ratio(entropy, positions, 6),
+        "top_k": sc.top_k,
+        "temperature": sc.temperature,
+        "logprob_bits": sc.logprob_bits,
+    }
 
 
 # ------------------------------------------------------------------------------------------ reporting
+
 
 def _ratio(a: float, b: float, digits: int) -> float:
     return round(a / b, digits) if b else 0.0
 
 
-def _skipped_summary(run: RunDir, scores_dir: str, round_index: int, shard: ShardSpec, done: Manifest,
-                     split: str) -> dict:
-    summary = {"stage": "score", "round": round_index, "split": split, "shard": str(shard), "skipped": True,
-               "shards_total": len(done.shards), **done.summary}
+def _skipped_summary(
+    run: RunDir, scores_dir: str, round_index: int, shard: ShardSpec, done: Manifest, split: str
+) -> dict:
+    summary = {
+        "stage": "score",
+        "round": round_index,
+        "split": split,
+        "shard": str(shard),
+        "skipped": True,
+        "shards_total": len(done.shards),
+        **done.summary,
+    }
     what = "" if split == "train" else f" {split}"
-    summary["line"] = (f"score round {round_index}{what}: already done ({storage.join(scores_dir, MANIFEST)}, "
-                       f"{len(done.shards)} shards, {done.summary.get('positions', 0):,} positions); "
-                       f"pass --force to redo it")
+    summary["line"] = (
+        f"score round {round_index}{what}: already done ({storage.join(scores_dir, MANIFEST)}, "
+        f"{len(done.shards)} shards, {done.summary.get('positions', 0):,} positions); "
+        f"pass --force to redo it"
+    )
     return summary
 
 
@@ -649,11 +776,15 @@ def _summary_line(s: dict, run: RunDir, round_index: int, s_folder: str) -> str:
         done = f"; stage done ({storage.join(run.stage_dir(round_index, s_folder), MANIFEST)})"
     else:
         present = len(run.existing_shards(round_index, s_folder))
-        done = (f"; waiting for other workers ({present} of {s['shards_total']} shards present)"
-                if present < s["shards_total"] else
-                "; no manifest: some shards were made with another config (re-run their workers, or --force)")
+        done = (
+            f"; waiting for other workers ({present} of {s['shards_total']} shards present)"
+            if present < s["shards_total"]
+            else "; no manifest: some shards were made with another config (re-run their workers, or --force)"
+        )
     what = "" if s["split"] == "train" else f" {s['split']}"
-    return (f"score round {round_index}{what}{scope}: {s['shards_scored']} shards scored{kept}, "
-            f"{s['positions']:,} positions, {s['bytes_written'] / 1e6:.2f} MB written "
-            f"({s['bytes_per_token']} bytes/token), mean top-{s['top_k']} mass {s['mean_topk_mass']:.4f}, "
-            f"mean entropy {s['mean_entropy']:.4f} nats, {s['score_s']:.1f} s ({s['tokens_per_s']:,.0f} tok/s){done}")
+    return (
+        f"score round {round_index}{what}{scope}: {s['shards_scored']} shards scored{kept}, "
+        f"{s['positions']:,} positions, {s['bytes_written'] / 1e6:.2f} MB written "
+        f"({s['bytes_per_token']} bytes/token), mean top-{s['top_k']} mass {s['mean_topk_mass']:.4f}, "
+        f"mean entropy {s['mean_entropy']:.4f} nats, {s['score_s']:.1f} s ({s['tokens_per_s']:,.0f} tok/s){done}"
+    )

@@ -32,11 +32,11 @@ from opd.cache.rundir import RunDir, previous_student
 
 @dataclass(frozen=True)
 class StartStudent:
-    source: Path                  # the round's student folder (a checkpoint, or a LoRA adapter folder)
-    base: Path                    # the checkpoint to load (== source unless `adapter`)
-    adapter: Path | None          # PEFT LoRA adapter folder on top of `base`
-    tokenizer_dir: Path           # where its tokenizer files are
-    label: str                    # how messages name it: `run.student`, or the round R-1 student folder
+    source: Path  # the round's student folder (a checkpoint, or a LoRA adapter folder)
+    base: Path  # the checkpoint to load (== source unless `adapter`)
+    adapter: Path | None  # PEFT LoRA adapter folder on top of `base`
+    tokenizer_dir: Path  # where its tokenizer files are
+    label: str  # how messages name it: `run.student`, or the round R-1 student folder
 
     @property
     def vocab_rows(self) -> int:

@@ -58,8 +58,8 @@ from opd.stages.students import StartStudent, start_student
 from opd.stages.train_data import MicroBatches, RoundData, plan_steps, rank_items, slots
 from opd.stages.train_metrics import StepSums, TensorBoard, Totals, summary_line, trim_metrics
 
-STAGE = "student"             # the run-directory folder (and manifest stage name)
-PRODUCER_STAGE = "train"      # the producer record's stage
+STAGE = "student"  # the run-directory folder (and manifest stage name)
+PRODUCER_STAGE = "train"  # the producer record's stage
 
 
 def run(cfg: OpdConfig, run: RunDir, round_index: int, force: bool = False) -> dict[str, Any]:
@@ -74,19 +74,28 @@ def run(cfg: OpdConfig, run: RunDir, round_index: int, force: bool = False) -> d
         procs.close()
 
 
-def producer(cfg: OpdConfig, start: StartStudent, data: RoundData, round_index: int, micro_batches_per_step: int,
-             dtype: str) -> dict[str, Any]:
+def producer(
+    cfg: OpdConfig, start: StartStudent, data: RoundData, round_index: int, micro_batches_per_step: int, dtype: str
+) -> dict[str, Any]:
     """What the learner's output depends on: the starting student, [train] (less its HOW keys), the
     data, the seed, the compute dtype and the step's micro-batch count."""
-    return fingerprint.producer(PRODUCER_STAGE, start.source, cfg.section_hash("train"), round=round_index,
-                                seed=cfg.run.seed, rollouts_sha256=data.rollouts_digest,
-                                scores_sha256=data.scores_digest, micro_batches_per_step=micro_batches_per_step,
-                                dtype=dtype)
+    return fingerprint.producer(
+        PRODUCER_STAGE,
+        start.source,
+        cfg.section_hash("train"),
+        round=round_index,
+        seed=cfg.run.seed,
+        rollouts_sha256=data.rollouts_digest,
+        scores_sha256=data.scores_digest,
+        micro_batches_per_step=micro_batches_per_step,
+        dtype=dtype,
+    )
 
 
 @dataclass
 class _Round:
     """One round's training; the state its parts share."""
+
     cfg: OpdConfig
     run: RunDir
     round_index: int
@@ -105,8 +114,9 @@ class _Round:
         tc, procs = self.tc, self.procs
         self.data = RoundData(self.run, self.round_index, vocab_limit=self.start.vocab_rows)
         self.steps = plan_steps(self.data, tc, self.cfg.run.seed, self.round_index, procs.world * tc.grad_accum)
-        self.producer = producer(self.cfg, self.start, self.data, self.round_index, procs.world * tc.grad_accum,
-                                 self.placement.dtype_name)
+        self.producer = producer(
+            self.cfg, self.start, self.data, self.round_index, procs.world * tc.grad_accum, self.placement.dtype_name
+        )
         if force:
             if procs.rank == 0:
                 clear_stage(self.run, self.student_dir)
@@ -131,24 +141,30 @@ class _Round:
                 raise FingerprintMismatch(
                     f"{self.run.stage_dir(self.round_index, 'rollouts')}/{MANIFEST}: sampled by a student with "
                     f"{key}={short_value(rp[key])}, but round {self.round_index} trains from {self.start.label} "
-                    f"({key}={short_value(self.producer[key])}); re-run rollout for this student with --force")
+                    f"({key}={short_value(self.producer[key])}); re-run rollout for this student with --force"
+                )
         if data.temperature is not None and not math.isclose(data.temperature, self.tc.temperature):
-            raise OpdError(f"{self.run.stage_dir(self.round_index, 'scores')}: the teacher was scored at "
-                           f"temperature {data.temperature:g}, but train.temperature = {self.tc.temperature:g}; "
-                           f"set train.temperature = {data.temperature:g} (or re-score with score.temperature = "
-                           f"{self.tc.temperature:g})")
+            raise OpdError(
+                f"{self.run.stage_dir(self.round_index, 'scores')}: the teacher was scored at "
+                f"temperature {data.temperature:g}, but train.temperature = {self.tc.temperature:g}; "
+                f"set train.temperature = {data.temperature:g} (or re-score with score.temperature = "
+                f"{self.tc.temperature:g})"
+            )
         if self.tc.loss == "sampled_rkl":
             missing = int((data.on_policy_S & ~data.has_sampling_S).sum())
             if missing:
-                raise OpdError(f"train.loss = 'sampled_rkl' needs the sampling log-probs of on-policy rows, but "
-                               f"{missing} student rows of round {self.round_index} have none; use train.loss = 'jsd'")
+                raise OpdError(
+                    f"train.loss = 'sampled_rkl' needs the sampling log-probs of on-policy rows, but "
+                    f"{missing} student rows of round {self.round_index} have none; use train.loss = 'jsd'"
+                )
 
     def _setup(self):
         """Model, optimizer, checkpoint state and this process's batches, resumed where a checkpoint is."""
         tc, procs = self.tc, self.procs
         torch.manual_seed(fingerprint.derive_seed(self.cfg.run.seed, self.round_index, "train"))
-        model, head_only = L.load_student(self.start.base, tc, procs.device,
-                                          fingerprint.derive_seed(self.cfg.run.seed, self.round_index, "train"))
+        model, head_only = L.load_student(
+            self.start.base, tc, procs.device, fingerprint.derive_seed(self.cfg.run.seed, self.round_index, "train")
+        )
         self.learner = L.Learner(model, tc, head_only, self.data.top_k)
         self.use_fsdp = tc.fsdp and procs.world > 1
         self.wrapped = L.wrap(self.learner, procs.world, procs.device, self.use_fsdp, self.placement.dtype)
@@ -162,9 +178,14 @@ class _Round:
         self.totals = Totals(**self.resumed["totals"]) if self.resumed else Totals()
         items = rank_items(self.steps, first, procs.rank, procs.world, tc.grad_accum)
         loader = torch.utils.data.DataLoader(
-            MicroBatches(self.data, items, _pad_id(self.start.base)), batch_size=None, shuffle=False,
-            num_workers=tc.num_workers, pin_memory=procs.device.type == "cuda", collate_fn=L.count_on_policy,
-            **({"prefetch_factor": 4, "persistent_workers": False} if tc.num_workers else {}))
+            MicroBatches(self.data, items, _pad_id(self.start.base)),
+            batch_size=None,
+            shuffle=False,
+            num_workers=tc.num_workers,
+            pin_memory=procs.device.type == "cuda",
+            collate_fn=L.count_on_policy,
+            **({"prefetch_factor": 4, "persistent_workers": False} if tc.num_workers else {}),
+        )
         return first, iter(loader)
 
     def _fit(self) -> None:
@@ -174,8 +195,13 @@ class _Round:
         self.ckpt.restore_rng(self.resumed)
         autocast = L.autocast(procs.device, self.placement.dtype)
         tb = TensorBoard(self.run, self.round_index, tc, enabled=procs.rank == 0)
-        bar = console.bar(total=len(steps), initial=first, unit="step", desc=f"train round {self.round_index}",
-                          disable=procs.rank != 0)
+        bar = console.bar(
+            total=len(steps),
+            initial=first,
+            unit="step",
+            desc=f"train round {self.round_index}",
+            disable=procs.rank != 0,
+        )
         try:
             for s in range(first, len(steps)):
                 epoch, mbs = steps[s]
@@ -183,8 +209,10 @@ class _Round:
                 k = slots(len(mbs), procs.world, tc.grad_accum)
                 log_now = (s + 1) % tc.log_every_steps == 0 or s == len(steps) - 1
                 sums = StepSums()
-                on_device = {name: torch.zeros((), dtype=torch.float64, device=procs.device)
-                             for name in ("loss", *L.MODEL_METRICS)}   # no host sync per micro-batch
+                on_device = {
+                    name: torch.zeros((), dtype=torch.float64, device=procs.device)
+                    for name in ("loss", *L.MODEL_METRICS)
+                }  # no host sync per micro-batch
                 t0 = time.perf_counter()
                 for j in range(k):
                     batch = next(batches)
@@ -209,19 +237,31 @@ class _Round:
                 step_s = time.perf_counter() - t0
                 self.totals.add_step(n_step, step_s, math.isfinite(grad_norm))
                 if log_now:
-                    record = sums.all_reduce(procs).record(round_index=self.round_index, step=s, steps=len(steps),
-                                                           epoch=epoch, grad_norm=grad_norm, lr=lr, step_s=step_s)
+                    record = sums.all_reduce(procs).record(
+                        round_index=self.round_index,
+                        step=s,
+                        steps=len(steps),
+                        epoch=epoch,
+                        grad_norm=grad_norm,
+                        lr=lr,
+                        step_s=step_s,
+                    )
                     self.totals.log_loss(record["loss"])
                     if procs.rank == 0:
                         self.run.append_metrics(self.round_index, record)
                         tb.add(record)
-                    bar.set_postfix_str(f"loss {record['loss']:.4f} {record['tokens_per_s']:,.0f} tok/s",
-                                        refresh=False)
+                    bar.set_postfix_str(f"loss {record['loss']:.4f} {record['tokens_per_s']:,.0f} tok/s", refresh=False)
                 bar.update(1)
                 if tc.checkpoint_every_steps and (s + 1) % tc.checkpoint_every_steps == 0 and s + 1 < len(steps):
-                    self.ckpt.save({"step": s + 1, "micro_batches_done": sum(len(m) for _, m in steps[:s + 1]),
-                                    "epoch": epoch, "totals": dataclasses.asdict(self.totals),
-                                    "producer": self.producer})
+                    self.ckpt.save(
+                        {
+                            "step": s + 1,
+                            "micro_batches_done": sum(len(m) for _, m in steps[: s + 1]),
+                            "epoch": epoch,
+                            "totals": dataclasses.asdict(self.totals),
+                            "producer": self.producer,
+                        }
+                    )
         finally:
             bar.close()
             tb.close()
@@ -229,29 +269,50 @@ class _Round:
     def _finish(self) -> dict[str, Any]:
         """Export the student and write its manifest (rank 0); every process returns the summary."""
         procs, totals = self.procs, self.totals
-        entries = export_student(run=self.run, student_dir=self.student_dir, procs=procs, learner=self.learner,
-                                 use_fsdp=self.use_fsdp, tc=self.tc, start_dir=self.start.base)
+        entries = export_student(
+            run=self.run,
+            student_dir=self.student_dir,
+            procs=procs,
+            learner=self.learner,
+            use_fsdp=self.use_fsdp,
+            tc=self.tc,
+            start_dir=self.start.base,
+        )
         if procs.rank == 0:
             summary = {
-                "steps": len(self.steps), "resumed_from_step": self.resumed["step"] if self.resumed else 0,
-                "epochs": self.tc.epochs, "samples": len(self.data), "completion_tokens": totals.tokens,
-                "first_loss": totals.first_loss, "last_loss": totals.last_loss,
-                "nonfinite_steps": totals.nonfinite_steps, "train_s": round(totals.train_s, 3),
+                "steps": len(self.steps),
+                "resumed_from_step": self.resumed["step"] if self.resumed else 0,
+                "epochs": self.tc.epochs,
+                "samples": len(self.data),
+                "completion_tokens": totals.tokens,
+                "first_loss": totals.first_loss,
+                "last_loss": totals.last_loss,
+                "nonfinite_steps": totals.nonfinite_steps,
+                "train_s": round(totals.train_s, 3),
                 "tokens_per_s": round(totals.tokens / totals.train_s, 1) if totals.train_s else 0.0,
                 "first_step_s": round(totals.first_step_s, 3) if totals.first_step_s is not None else None,
-                "world_size": procs.world, "device": procs.device.type, "dtype": self.placement.dtype_name,
+                "world_size": procs.world,
+                "device": procs.device.type,
+                "dtype": self.placement.dtype_name,
                 "parallel": "fsdp" if self.use_fsdp else "ddp" if procs.world > 1 else "single",
-                "lora_rank": self.tc.lora_rank, "loss": self.tc.loss,
+                "lora_rank": self.tc.lora_rank,
+                "loss": self.tc.loss,
                 "wall_s": round(time.perf_counter() - self.t_start, 3),
             }
-            write_manifest(self.run, self.student_dir, Manifest(stage=STAGE, round=self.round_index, shards=entries,
-                                                                producer=dict(self.producer), summary=summary))
+            write_manifest(
+                self.run,
+                self.student_dir,
+                Manifest(
+                    stage=STAGE, round=self.round_index, shards=entries, producer=dict(self.producer), summary=summary
+                ),
+            )
             storage.remove(self.run.fs, self.ckpt_dir)
         procs.barrier()
         manifest = read_manifest(self.run, self.student_dir)
         if manifest is None:
-            raise OpdError(f"{self.student_dir}/{MANIFEST}: missing after rank 0 wrote it; is the run folder "
-                           f"shared by all nodes?")
+            raise OpdError(
+                f"{self.student_dir}/{MANIFEST}: missing after rank 0 wrote it; is the run folder shared by all nodes?"
+            )
         summary = {"stage": "train", "round": self.round_index, "skipped": False, "final": True, **manifest.summary}
         if procs.rank == 0:
             self.run.append_metrics(self.round_index, {"time": time.time(), **summary})
@@ -260,8 +321,10 @@ class _Round:
 
     def _skipped(self, done: Manifest) -> dict[str, Any]:
         summary = {"stage": "train", "round": self.round_index, "skipped": True, **done.summary}
-        summary["line"] = (f"train round {self.round_index}: already done ({self.student_dir}/{MANIFEST}, "
-                           f"{done.summary.get('steps', '?')} steps); pass --force to train it again")
+        summary["line"] = (
+            f"train round {self.round_index}: already done ({self.student_dir}/{MANIFEST}, "
+            f"{done.summary.get('steps', '?')} steps); pass --force to train it again"
+        )
         return summary
 
 
@@ -290,9 +353,11 @@ def main(argv: list[str] | None = None) -> None:
     """`python -m opd.stages.train RUN --round R` (what torchrun starts in every process)."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m opd.stages.train",
-                                     description="Train round R's student from its rollouts and cached teacher scores "
-                                                 "(run under torchrun for several processes).")
+    parser = argparse.ArgumentParser(
+        prog="python -m opd.stages.train",
+        description="Train round R's student from its rollouts and cached teacher scores "
+        "(run under torchrun for several processes).",
+    )
     parser.add_argument("run_dir")
     parser.add_argument("--round", dest="round_index", type=int, required=True)
     parser.add_argument("--force", action="store_true", help="redo the stage even if its _DONE.json exists")

@@ -27,12 +27,12 @@ import pyarrow.compute as pc
 import torch
 
 from opd.cache import storage
-from opd.cache.errors import FormatError, OpdError
-from opd.cache.shards import ScoreShard, check_producer, read_rollout_shard, read_shard_meta
 from opd.cache.config import TrainConfig
+from opd.cache.errors import FormatError, OpdError
 from opd.cache.rundir import MANIFEST, RunDir, read_manifest, shard_index
+from opd.cache.shards import ScoreShard, check_producer, read_rollout_shard, read_shard_meta
 
-PLAN_WINDOW = 256   # samples sorted by length together before packing (less padding, still shuffled)
+PLAN_WINDOW = 256  # samples sorted by length together before packing (less padding, still shuffled)
 
 
 @dataclass(frozen=True)
@@ -59,18 +59,24 @@ class RoundData:
         scores_dir = run.stage_dir(round_index, "scores")
         self.rollouts = read_manifest(run, rollouts_dir)
         if self.rollouts is None:
-            raise OpdError(f"{storage.join(rollouts_dir, MANIFEST)} not found (round {round_index} has no finished "
-                           f"rollouts): run `opd rollout {run.url} --round {round_index}` first")
+            raise OpdError(
+                f"{storage.join(rollouts_dir, MANIFEST)} not found (round {round_index} has no finished "
+                f"rollouts): run `opd rollout {run.url} --round {round_index}` first"
+            )
         self.scores = read_manifest(run, scores_dir)
         if self.scores is None:
-            raise OpdError(f"{storage.join(scores_dir, MANIFEST)} not found (round {round_index} has no finished "
-                           f"scores): run `opd score {run.url} --round {round_index}` first")
+            raise OpdError(
+                f"{storage.join(scores_dir, MANIFEST)} not found (round {round_index} has no finished "
+                f"scores): run `opd score {run.url} --round {round_index}` first"
+            )
         r_names = [e.name for e in self.rollouts.shards]
         s_names = [e.name for e in self.scores.shards]
         if r_names != s_names or [shard_index(n) for n in r_names] != list(range(len(r_names))):
-            raise FormatError(f"{storage.join(scores_dir, MANIFEST)}: lists shards {s_names[:4]}..., but "
-                              f"rollouts/{MANIFEST} lists {r_names[:4]}...; re-run `opd score {run.url} "
-                              f"--round {round_index} --force`")
+            raise FormatError(
+                f"{storage.join(scores_dir, MANIFEST)}: lists shards {s_names[:4]}..., but "
+                f"rollouts/{MANIFEST} lists {r_names[:4]}...; re-run `opd score {run.url} "
+                f"--round {round_index} --force`"
+            )
         self.rollouts_digest = self.rollouts.digest()
         self.scores_digest = self.scores.digest()
         self.paths: list[ShardPaths] = []
@@ -98,17 +104,24 @@ class RoundData:
 
     def _join(self, s: int, r_path: str, c_path: str, vocab_limit: int | None, cols: dict) -> None:
         table, _ = read_rollout_shard(self.fs, r_path)
-        scores = ScoreShard(self.fs, c_path)          # full checks: page checksums, content totals
-        for key, value in (("top_k", scores.top_k), ("vocab_size", scores.vocab_size),
-                           ("temperature", scores.temperature)):
+        scores = ScoreShard(self.fs, c_path)  # full checks: page checksums, content totals
+        for key, value in (
+            ("top_k", scores.top_k),
+            ("vocab_size", scores.vocab_size),
+            ("temperature", scores.temperature),
+        ):
             if getattr(self, key) is None:
                 setattr(self, key, value)
             elif getattr(self, key) != value:
-                raise FormatError(f"{c_path}: {key}={value}, but earlier score shards of the round have "
-                                  f"{key}={getattr(self, key)}; re-score the round with one config (--force)")
+                raise FormatError(
+                    f"{c_path}: {key}={value}, but earlier score shards of the round have "
+                    f"{key}={getattr(self, key)}; re-score the round with one config (--force)"
+                )
         if vocab_limit is not None and scores.vocab_size > vocab_limit:
-            raise OpdError(f"{c_path}: scored with a {scores.vocab_size}-token teacher vocabulary, but the student "
-                           f"has {vocab_limit} output rows; teacher and student must share a vocabulary")
+            raise OpdError(
+                f"{c_path}: scored with a {scores.vocab_size}-token teacher vocabulary, but the student "
+                f"has {vocab_limit} output rows; teacher and student must share a vocabulary"
+            )
         ids = table.column("sample_id").to_pylist()
         prompt_len = pc.list_value_length(table.column("prompt_ids")).to_numpy(zero_copy_only=False)
         comp_len = pc.list_value_length(table.column("completion_ids")).to_numpy(zero_copy_only=False)
@@ -118,8 +131,10 @@ class RoundData:
             for name in ("prompt_ids", "completion_ids"):
                 flat = pc.list_flatten(table.column(name))
                 if len(flat) and (pc.min(flat).as_py() < 0 or pc.max(flat).as_py() >= vocab_limit):
-                    raise FormatError(f"{r_path}: {name} has token ids outside the student's vocabulary "
-                                      f"(0..{vocab_limit - 1}); were the rollouts made with another tokenizer?")
+                    raise FormatError(
+                        f"{r_path}: {name} has token ids outside the student's vocabulary "
+                        f"(0..{vocab_limit - 1}); were the rollouts made with another tokenizer?"
+                    )
         positions = scores.table.column("num_positions").to_numpy()
         index = {sid: j for j, sid in enumerate(scores.sample_ids)}
         for i, sid in enumerate(ids):
@@ -128,13 +143,17 @@ class RoundData:
                 raise FormatError(f"{c_path}: no scores for sample {sid!r} of {r_path}; re-run score with --force")
             T, P = int(comp_len[i]), int(prompt_len[i])
             if int(positions[j]) != T:
-                raise FormatError(f"{c_path}: sample {sid!r} has {int(positions[j])} scored positions but "
-                                  f"{T} completion tokens in {r_path}; re-run score with --force")
+                raise FormatError(
+                    f"{c_path}: sample {sid!r} has {int(positions[j])} scored positions but "
+                    f"{T} completion tokens in {r_path}; re-run score with --force"
+                )
             if T == 0:
                 continue
             if P == 0:
-                raise FormatError(f"{r_path}: sample {sid!r} has an empty prompt, so its first completion "
-                                  f"token has no context; re-run rollout")
+                raise FormatError(
+                    f"{r_path}: sample {sid!r} has an empty prompt, so its first completion "
+                    f"token has no context; re-run rollout"
+                )
             cols["shard"].append(s)
             cols["rrow"].append(i)
             cols["srow"].append(j)
@@ -152,14 +171,17 @@ def _check_sha(run: RunDir, path: str, want: str, fix: str) -> None:
         raise FormatError(f"{path}: listed in {MANIFEST} but missing; run `{fix}`")
     got, _ = storage.sha256_file(run.fs, path)
     if got != want:
-        raise FormatError(f"{path}: differs from the sha256 in its {MANIFEST} (changed after the stage "
-                          f"finished); run `{fix}`")
+        raise FormatError(
+            f"{path}: differs from the sha256 in its {MANIFEST} (changed after the stage finished); run `{fix}`"
+        )
 
 
 # ------------------------------------------------------------------------------------------ planning
 
-def plan_epoch(length_S: np.ndarray, max_tokens: int, seed: int, round_index: int, epoch: int,
-               window: int = PLAN_WINDOW) -> list[np.ndarray]:
+
+def plan_epoch(
+    length_S: np.ndarray, max_tokens: int, seed: int, round_index: int, epoch: int, window: int = PLAN_WINDOW
+) -> list[np.ndarray]:
     """Micro-batches (arrays of sample indices, longest first) covering every sample once.
 
     Depends only on the lengths, the budget and (seed, round, epoch): every process computes the same
@@ -169,7 +191,7 @@ def plan_epoch(length_S: np.ndarray, max_tokens: int, seed: int, round_index: in
     order = rng.permutation(len(length_S))
     batches: list[np.ndarray] = []
     for w in range(0, len(order), window):
-        chunk = order[w:w + window]
+        chunk = order[w : w + window]
         chunk = chunk[np.argsort(-length_S[chunk], kind="stable")]
         rows: list[int] = []
         longest = 0
@@ -186,12 +208,14 @@ def plan_epoch(length_S: np.ndarray, max_tokens: int, seed: int, round_index: in
     return [batches[i] for i in perm]
 
 
-def plan_steps(data: RoundData, tc: TrainConfig, seed: int, round_index: int, G: int) -> list[tuple[int, list[np.ndarray]]]:
+def plan_steps(
+    data: RoundData, tc: TrainConfig, seed: int, round_index: int, G: int
+) -> list[tuple[int, list[np.ndarray]]]:
     """[(epoch, the step's micro-batches)], G micro-batches per step (fewer in an epoch's last step)."""
     steps = []
     for epoch in range(tc.epochs):
         mbs = plan_epoch(data.length_S, tc.max_tokens_per_batch, seed, round_index, epoch)
-        steps += [(epoch, mbs[i:i + G]) for i in range(0, len(mbs), G)]
+        steps += [(epoch, mbs[i : i + G]) for i in range(0, len(mbs), G)]
     return steps
 
 
@@ -213,10 +237,12 @@ def slots(n_mbs: int, world: int, accum: int) -> int:
 
 # ------------------------------------------------------------------------------------------ decoding
 
+
 @dataclass(frozen=True)
 class Item:
     """One micro-batch a process runs: sample indices, and weight 0 for a filler that keeps the
     processes of a step in lock-step when the last step of an epoch has fewer micro-batches."""
+
     samples: np.ndarray
     weight: float = 1.0
 
@@ -255,8 +281,11 @@ class MicroBatches(torch.utils.data.Dataset):
             out = {}
             for name in ("prompt_ids", "completion_ids", "sampling_logprobs"):
                 col = table.column(name).combine_chunks()
-                out[name] = (col.offsets.to_numpy(), col.values.to_numpy(zero_copy_only=False),
-                             col.is_valid().to_numpy(zero_copy_only=False))
+                out[name] = (
+                    col.offsets.to_numpy(),
+                    col.values.to_numpy(zero_copy_only=False),
+                    col.is_valid().to_numpy(zero_copy_only=False),
+                )
             self._rollouts[s] = out
         return self._rollouts[s]
 
@@ -277,11 +306,11 @@ class MicroBatches(torch.utils.data.Dataset):
             rr = int(self.rrow_S[i])
             po, pv, _ = r["prompt_ids"]
             co, cv, _ = r["completion_ids"]
-            prompt = pv[po[rr]:po[rr + 1]]
-            comp = cv[co[rr]:co[rr + 1]]
+            prompt = pv[po[rr] : po[rr + 1]]
+            comp = cv[co[rr] : co[rr + 1]]
             P, T = len(prompt), len(comp)
             input_ids_BL[b, :P] = prompt
-            input_ids_BL[b, P:P + T - 1] = comp[:-1]
+            input_ids_BL[b, P : P + T - 1] = comp[:-1]
             teacher = self._score(s)[int(self.srow_S[i])]
             parts["gather"].append(b * L + P - 1 + np.arange(T))
             parts["target"].append(comp)
@@ -292,9 +321,11 @@ class MicroBatches(torch.utils.data.Dataset):
             so, sv, svalid = r["sampling_logprobs"]
             if svalid[rr]:
                 if so[rr + 1] - so[rr] != T:
-                    raise FormatError(f"{self.paths[s].rollout}: row {rr} has {so[rr + 1] - so[rr]} sampling "
-                                      f"log-probs for {T} completion tokens; re-run rollout")
-                parts["samp"].append(sv[so[rr]:so[rr + 1]].astype(np.float32))
+                    raise FormatError(
+                        f"{self.paths[s].rollout}: row {rr} has {so[rr + 1] - so[rr]} sampling "
+                        f"log-probs for {T} completion tokens; re-run rollout"
+                    )
+                parts["samp"].append(sv[so[rr] : so[rr + 1]].astype(np.float32))
             else:
                 parts["samp"].append(np.full(T, np.nan, dtype=np.float32))
             parts["on"].append(np.full(T, bool(self.on_S[i])))

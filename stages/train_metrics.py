@@ -27,24 +27,35 @@ from opd.cache.config import TrainConfig
 from opd.cache.errors import OpdError
 from opd.cache.rundir import RunDir
 
-TENSORBOARD_KEYS = ("loss", "rkl_sampled", "rkl_bucket", "teacher_topk_mass", "topk_overlap", "grad_norm", "lr",
-                    "tokens_per_s")
+TENSORBOARD_KEYS = (
+    "loss",
+    "rkl_sampled",
+    "rkl_bucket",
+    "teacher_topk_mass",
+    "topk_overlap",
+    "grad_norm",
+    "lr",
+    "tokens_per_s",
+)
 
 
 @dataclass
 class StepSums:
     """Sums over one optimizer step's micro-batches (this process's, until `all_reduce`)."""
-    loss: float = 0.0                 # Σ_t loss_t
-    tokens: float = 0.0               # completion positions
-    rkl_sampled: float = 0.0          # Σ (sampling − teacher) log-prob of the taken token, on-policy rows with sampling log-probs
-    rkl_sampled_tokens: float = 0.0   # their count
-    rkl_bucket: float = 0.0           # Σ bucket KL(S‖T) (logged steps)
-    topk_overlap: float = 0.0         # Σ top-k overlap (logged steps)
-    metric_tokens: float = 0.0        # positions the two above were computed on
-    teacher_topk_mass: float = 0.0    # Σ teacher top-k mass
-    padded_tokens: float = 0.0        # B·L of the micro-batches
-    real_tokens: float = 0.0          # Σ fed lengths
-    on_policy_tokens: float = 0.0     # positions of on-policy rows
+
+    loss: float = 0.0  # Σ_t loss_t
+    tokens: float = 0.0  # completion positions
+    rkl_sampled: float = (
+        0.0  # Σ (sampling − teacher) log-prob of the taken token, on-policy rows with sampling log-probs
+    )
+    rkl_sampled_tokens: float = 0.0  # their count
+    rkl_bucket: float = 0.0  # Σ bucket KL(S‖T) (logged steps)
+    topk_overlap: float = 0.0  # Σ top-k overlap (logged steps)
+    metric_tokens: float = 0.0  # positions the two above were computed on
+    teacher_topk_mass: float = 0.0  # Σ teacher top-k mass
+    padded_tokens: float = 0.0  # B·L of the micro-batches
+    real_tokens: float = 0.0  # Σ fed lengths
+    on_policy_tokens: float = 0.0  # positions of on-policy rows
 
     def add_batch(self, batch: dict[str, Any], with_model_metrics: bool) -> None:
         """The sums that need only the (CPU) batch."""
@@ -65,27 +76,38 @@ class StepSums:
         total = procs.all_reduce_sum(torch.tensor([getattr(self, n) for n in names], dtype=torch.float64))
         return StepSums(**dict(zip(names, total.tolist())))
 
-    def record(self, *, round_index: int, step: int, steps: int, epoch: int, grad_norm: float, lr: float,
-               step_s: float) -> dict[str, Any]:
+    def record(
+        self, *, round_index: int, step: int, steps: int, epoch: int, grad_norm: float, lr: float, step_s: float
+    ) -> dict[str, Any]:
         """The metrics.jsonl line of step `step` (0-based) from the all-reduced sums."""
         tokens = max(self.tokens, 1.0)
         per_metric = self.metric_tokens
-        return {"stage": "train", "round": round_index, "step": step + 1, "steps": steps, "epoch": epoch,
-                "loss": self.loss / tokens,
-                "rkl_sampled": self.rkl_sampled / self.rkl_sampled_tokens if self.rkl_sampled_tokens else None,
-                "rkl_bucket": self.rkl_bucket / per_metric if per_metric else None,
-                "teacher_topk_mass": self.teacher_topk_mass / tokens,
-                "topk_overlap": self.topk_overlap / per_metric if per_metric else None,
-                "grad_norm": grad_norm, "lr": lr, "tokens": int(self.tokens),
-                "on_policy_tokens": int(self.on_policy_tokens),
-                "padding": 1.0 - self.real_tokens / max(self.padded_tokens, 1.0),
-                "step_s": round(step_s, 4), "tokens_per_s": round(self.tokens / max(step_s, 1e-9), 1),
-                "time": time.time()}
+        return {
+            "stage": "train",
+            "round": round_index,
+            "step": step + 1,
+            "steps": steps,
+            "epoch": epoch,
+            "loss": self.loss / tokens,
+            "rkl_sampled": self.rkl_sampled / self.rkl_sampled_tokens if self.rkl_sampled_tokens else None,
+            "rkl_bucket": self.rkl_bucket / per_metric if per_metric else None,
+            "teacher_topk_mass": self.teacher_topk_mass / tokens,
+            "topk_overlap": self.topk_overlap / per_metric if per_metric else None,
+            "grad_norm": grad_norm,
+            "lr": lr,
+            "tokens": int(self.tokens),
+            "on_policy_tokens": int(self.on_policy_tokens),
+            "padding": 1.0 - self.real_tokens / max(self.padded_tokens, 1.0),
+            "step_s": round(step_s, 4),
+            "tokens_per_s": round(self.tokens / max(step_s, 1e-9), 1),
+            "time": time.time(),
+        }
 
 
 @dataclass
 class Totals:
     """Running totals of a round's training, carried through checkpoints (as JSON)."""
+
     tokens: int = 0
     train_s: float = 0.0
     nonfinite_steps: int = 0
@@ -119,9 +141,12 @@ def trim_metrics(run: RunDir, round_index: int, keep_steps: int) -> None:
         try:
             rec = json.loads(line)
         except ValueError:
-            continue                        # a torn line cannot happen (atomic appends); skip it anyway
-        stale = isinstance(rec, dict) and rec.get("stage") == "train" and (
-            rec.get("final") or ("step" in rec and rec["step"] > keep_steps))
+            continue  # a torn line cannot happen (atomic appends); skip it anyway
+        stale = (
+            isinstance(rec, dict)
+            and rec.get("stage") == "train"
+            and (rec.get("final") or ("step" in rec and rec["step"] > keep_steps))
+        )
         if not stale:
             kept.append(line)
     if len(kept) != len(lines):
@@ -140,7 +165,9 @@ class TensorBoard:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
-            raise OpdError("train.tensorboard = true needs the `tensorboard` package: pip install tensorboard") from None
+            raise OpdError(
+                "train.tensorboard = true needs the `tensorboard` package: pip install tensorboard"
+            ) from None
         self.writer = SummaryWriter(log_dir=os.path.join(run.round_dir(round_index), "tensorboard"))
 
     def add(self, record: dict[str, Any]) -> None:
@@ -158,6 +185,10 @@ def summary_line(s: dict, student_dir: str) -> str:
     resumed = f", resumed at step {s['resumed_from_step']}" if s.get("resumed_from_step") else ""
     first, last = s.get("first_loss"), s.get("last_loss")
     loss = f"loss {first:.4f} → {last:.4f}" if first is not None and last is not None else "no loss logged"
-    how = f"{s['world_size']} × {s['device']} ({s['parallel']})" + (f", LoRA r={s['lora_rank']}" if s["lora_rank"] else "")
-    return (f"train round {s['round']}: {s['steps']} steps{resumed}, {s['completion_tokens']:,} completion tokens, "
-            f"{loss}, {s['tokens_per_s']:,.0f} tok/s on {how}; student in {student_dir}")
+    how = f"{s['world_size']} × {s['device']} ({s['parallel']})" + (
+        f", LoRA r={s['lora_rank']}" if s["lora_rank"] else ""
+    )
+    return (
+        f"train round {s['round']}: {s['steps']} steps{resumed}, {s['completion_tokens']:,} completion tokens, "
+        f"{loss}, {s['tokens_per_s']:,.0f} tok/s on {how}; student in {student_dir}"
+    )

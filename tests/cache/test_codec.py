@@ -15,12 +15,31 @@ BITS = (8, 16, 32)
 
 # Log-probs a teacher can hand over: ordinary, on the quantisation grid, half-way between grid
 # points, around both floors, hugely negative, -inf, and both zeros.
-SPECIAL_LOGPROBS = [0.0, -0.0, -1e-30, -1 / 32, -3 / 32, -1 / 4096, -0.5, -1.0, -15.9375, -15.94, -15.96,
-                    -16.0, -31.99951171875, -31.9996, -32.0, -100.0, -1e4, -1e30, -math.inf]
+SPECIAL_LOGPROBS = [
+    0.0,
+    -0.0,
+    -1e-30,
+    -1 / 32,
+    -3 / 32,
+    -1 / 4096,
+    -0.5,
+    -1.0,
+    -15.9375,
+    -15.94,
+    -15.96,
+    -16.0,
+    -31.99951171875,
+    -31.9996,
+    -32.0,
+    -100.0,
+    -1e4,
+    -1e30,
+    -math.inf,
+]
 
 vocabs = st.one_of(
     st.integers(1, 300),
-    st.integers(65530, 65540),       # the id_bytes 2 -> 4 boundary
+    st.integers(65530, 65540),  # the id_bytes 2 -> 4 boundary
     st.integers(1, 200_000),
 )
 logprob_values = st.one_of(
@@ -41,7 +60,7 @@ def topk_cases(draw, max_cells=40_000):
     else:
         rows = [rng.choice(vocab, size=K, replace=False) for _ in range(T)]
     ids = np.stack(rows) if T else np.zeros((0, K), np.int64)
-    if T and K >= 2 and draw(st.booleans()):   # the extreme ids 0 and vocab-1 (largest/smallest gaps)
+    if T and K >= 2 and draw(st.booleans()):  # the extreme ids 0 and vocab-1 (largest/smallest gaps)
         for slot, extreme in ((0, vocab - 1), (1, 0)):
             if extreme not in ids[0]:
                 others = [j for j in range(K) if ids[0, j] not in (0, vocab - 1)]
@@ -108,7 +127,7 @@ def test_empty_rows(vocab, K, bits):
 def test_bits32_is_exact(logprobs):
     lps = np.array([logprobs], np.float32)
     K = lps.shape[1]
-    ids = np.arange(K)[None, ::-1].copy()   # reversed: decode reorders them
+    ids = np.arange(K)[None, ::-1].copy()  # reversed: decode reorders them
     codec = DeltaQuantCodec(K, 32)
     assert codec.logprob_floor == -math.inf
     got_ids, got_lps = codec.decode(*codec.encode(ids, lps), 1, K)
@@ -142,6 +161,7 @@ def test_id_bytes_boundary():
 
 # ------------------------------------------------------------------------------------------ errors
 
+
 @pytest.mark.parametrize("bits", BITS)
 def test_nan_rejected(bits):
     codec = DeltaQuantCodec(10, bits)
@@ -150,11 +170,14 @@ def test_nan_rejected(bits):
 
 
 @SETTINGS
-@given(vocab=st.integers(1, 200_000), bad=st.one_of(st.integers(min_value=-2**40, max_value=-1), st.integers(min_value=0, max_value=2**40)),
-       bits=st.sampled_from(BITS))
+@given(
+    vocab=st.integers(1, 200_000),
+    bad=st.one_of(st.integers(min_value=-(2**40), max_value=-1), st.integers(min_value=0, max_value=2**40)),
+    bits=st.sampled_from(BITS),
+)
 def test_ids_out_of_range_rejected(vocab, bad, bits):
     if 0 <= bad < vocab:
-        bad = vocab + bad   # make it out of range
+        bad = vocab + bad  # make it out of range
     codec = DeltaQuantCodec(vocab, bits)
     with pytest.raises(ValueError, match="token ids must lie in"):
         codec.encode(np.array([[bad]], np.int64), np.array([[-1.0]]))
@@ -173,8 +196,9 @@ def test_duplicate_ids_rejected(vocab, K, data):
         DeltaQuantCodec(vocab, 8).encode(ids, np.full(ids.shape, -1.0, np.float32))
 
 
-@pytest.mark.parametrize("ids_shape, lps_shape", [((2, 3), (2, 4)), ((2, 3), (3, 3)), ((6,), (6,)),
-                                                  ((2, 3), (6,)), ((1, 2, 3), (1, 2, 3))])
+@pytest.mark.parametrize(
+    "ids_shape, lps_shape", [((2, 3), (2, 4)), ((2, 3), (3, 3)), ((6,), (6,)), ((2, 3), (6,)), ((1, 2, 3), (1, 2, 3))]
+)
 def test_mismatched_shapes_rejected(ids_shape, lps_shape):
     ids = np.arange(int(np.prod(ids_shape))).reshape(ids_shape)
     with pytest.raises(ValueError, match="expected two"):
@@ -202,17 +226,21 @@ def test_make_codec_unknown_name(name):
 
 
 @SETTINGS
-@given(case=topk_cases(max_cells=2_000), bits=st.sampled_from(BITS), which=st.sampled_from(["ids", "lps", "both"]),
-       data=st.data())
+@given(
+    case=topk_cases(max_cells=2_000),
+    bits=st.sampled_from(BITS),
+    which=st.sampled_from(["ids", "lps", "both"]),
+    data=st.data(),
+)
 def test_truncated_blob_rejected(case, bits, which, data):
     vocab, ids, lps = case
     assume(ids.size > 0)
     codec = DeltaQuantCodec(vocab, bits)
     ids_blob, lps_blob = codec.encode(ids, lps)
     if which in ("ids", "both"):
-        ids_blob = ids_blob[:data.draw(st.integers(0, len(ids_blob) - 1))]
+        ids_blob = ids_blob[: data.draw(st.integers(0, len(ids_blob) - 1))]
     if which in ("lps", "both"):
-        lps_blob = lps_blob[:data.draw(st.integers(0, len(lps_blob) - 1))]
+        lps_blob = lps_blob[: data.draw(st.integers(0, len(lps_blob) - 1))]
     with pytest.raises(FormatError, match="bytes, expected"):
         codec.decode(ids_blob, lps_blob, *ids.shape)
 
@@ -222,7 +250,7 @@ def test_wrong_shape_on_decode_rejected():
     ids = np.array([[1, 5, 9], [2, 3, 4]])
     blobs = codec.encode(ids, np.zeros((2, 3), np.float32))
     with pytest.raises(FormatError):
-        codec.decode(*blobs, 3, 3)   # longer than written
+        codec.decode(*blobs, 3, 3)  # longer than written
     with pytest.raises(FormatError):
         codec.decode(b"", b"", 2, 3)
 

@@ -10,11 +10,20 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from opd.cache.errors import OpdError
 from opd.cache import config as C
-from opd.cache.config import PACKAGED_CONFIGS
-from opd.cache.config import (ConfigError, OpdConfig, RolloutConfig, ScoreConfig, TrainConfig, dumps_config,
-                                 load_config, loads_config, parse_override)
+from opd.cache.config import (
+    PACKAGED_CONFIGS,
+    ConfigError,
+    OpdConfig,
+    RolloutConfig,
+    ScoreConfig,
+    TrainConfig,
+    dumps_config,
+    load_config,
+    loads_config,
+    parse_override,
+)
+from opd.cache.errors import OpdError
 
 CONFIGS = Path(C.__file__).resolve().parent.parent / "configs"
 
@@ -37,11 +46,12 @@ def write_config(folder: Path, text: str, name="cfg.toml") -> Path:
 
 # ------------------------------------------------------------------------------------------ loading
 
+
 def test_load_tiny_preset():
     cfg = load_config("tiny")
     assert isinstance(cfg, OpdConfig)
     assert cfg.run.name == "tiny"
-    assert (cfg.run.student, cfg.run.teacher) == ("tiny:student", "tiny:teacher")   # names are not paths
+    assert (cfg.run.student, cfg.run.teacher) == ("tiny:student", "tiny:teacher")  # names are not paths
     assert cfg.run.rounds == 2
     assert cfg.rollout.prompts == str((CONFIGS / "tiny_prompts.jsonl").resolve())
     assert Path(cfg.rollout.prompts).is_file()
@@ -59,20 +69,25 @@ def test_load_tiny_preset():
 def test_unknown_preset():
     with pytest.raises(ConfigError, match="not found") as e:
         load_config("no-such-preset")
-    assert "tiny" in str(e.value)   # lists the presets
+    assert "tiny" in str(e.value)  # lists the presets
 
 
 def test_relative_paths_resolve_against_the_config_folder(tmp_path, monkeypatch):
     path = write_config(tmp_path / "cfgs", MINIMAL.replace('"tiny:student"', '"models/student"'))
-    monkeypatch.chdir(tmp_path)   # somewhere else than the config's folder
+    monkeypatch.chdir(tmp_path)  # somewhere else than the config's folder
     cfg = load_config(path)
     assert cfg.rollout.prompts == str(tmp_path / "cfgs" / "prompts.jsonl")
     assert cfg.run.student == str(tmp_path / "cfgs" / "models" / "student")
     assert cfg.run.teacher == "tiny:teacher"
-    assert cfg.run.models_dir == ""   # empty means the default, not the config folder
+    assert cfg.run.models_dir == ""  # empty means the default, not the config folder
     # absolute paths stay as they are; URLs/names with a scheme are not paths
-    cfg = load_config(write_config(tmp_path / "cfgs", MINIMAL.replace('"prompts.jsonl"', '"/data/p.jsonl"')
-                                   .replace('"tiny:teacher"', '"opd:smollm2-135m"'), "abs.toml"))
+    cfg = load_config(
+        write_config(
+            tmp_path / "cfgs",
+            MINIMAL.replace('"prompts.jsonl"', '"/data/p.jsonl"').replace('"tiny:teacher"', '"opd:smollm2-135m"'),
+            "abs.toml",
+        )
+    )
     assert cfg.rollout.prompts == "/data/p.jsonl"
     assert cfg.run.teacher == "opd:smollm2-135m"
 
@@ -84,21 +99,25 @@ def test_loads_config_resolves_against_base_dir(tmp_path):
 
 # ------------------------------------------------------------------------------------------ overrides
 
+
 def test_set_overrides_types(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    cfg = load_config("tiny", [
-        "train.lr=3e-4",                     # float
-        "train.beta=1",                      # an int where a float is expected becomes a float
-        "score.top_k=32",                    # int
-        "rollout.chat_template=false",       # bool
-        "rollout.stop=['###', \"\\n\\n\"]",  # list
-        "rollout.lmbda_schedule=[1, 0.5]",   # list of floats, ints accepted
-        "run.name=my run",                   # not TOML: kept as a string
-        'run.seed = 7',                      # spaces around the key
-        "rollout.prompts=data/p.jsonl",      # a --set path resolves against the current folder
-        "run.teacher=tiny:student",          # a name, not a path
-        "run.models_dir=~/models",
-    ])
+    cfg = load_config(
+        "tiny",
+        [
+            "train.lr=3e-4",  # float
+            "train.beta=1",  # an int where a float is expected becomes a float
+            "score.top_k=32",  # int
+            "rollout.chat_template=false",  # bool
+            "rollout.stop=['###', \"\\n\\n\"]",  # list
+            "rollout.lmbda_schedule=[1, 0.5]",  # list of floats, ints accepted
+            "run.name=my run",  # not TOML: kept as a string
+            "run.seed = 7",  # spaces around the key
+            "rollout.prompts=data/p.jsonl",  # a --set path resolves against the current folder
+            "run.teacher=tiny:student",  # a name, not a path
+            "run.models_dir=~/models",
+        ],
+    )
     assert cfg.train.lr == 3e-4
     assert cfg.train.beta == 1.0 and isinstance(cfg.train.beta, float)
     assert cfg.score.top_k == 32
@@ -122,6 +141,7 @@ def test_quoted_string_override():
 
 # ------------------------------------------------------------------------------------------ errors
 
+
 def _error(overrides, config="tiny"):
     with pytest.raises(ConfigError) as e:
         load_config(config, overrides)
@@ -131,12 +151,15 @@ def _error(overrides, config="tiny"):
     return msg
 
 
-@pytest.mark.parametrize("item, expect", [
-    ("train.lrr=1e-5", "unknown key 'train.lrr' (did you mean 'train.lr'?)"),
-    ("trian.lr=1e-5", "unknown section 'trian' (did you mean 'train'?)"),
-    ("score.topk=8", "did you mean 'score.top_k'?"),
-    ("rollout.lambda=0.5", "did you mean 'rollout.lmbda'?"),
-])
+@pytest.mark.parametrize(
+    "item, expect",
+    [
+        ("train.lrr=1e-5", "unknown key 'train.lrr' (did you mean 'train.lr'?)"),
+        ("trian.lr=1e-5", "unknown section 'trian' (did you mean 'train'?)"),
+        ("score.topk=8", "did you mean 'score.top_k'?"),
+        ("rollout.lambda=0.5", "did you mean 'rollout.lmbda'?"),
+    ],
+)
 def test_unknown_names_suggest(item, expect):
     assert expect in _error([item])
 
@@ -154,49 +177,58 @@ def test_unknown_key_in_file(tmp_path):
     assert "did you mean 'score'" in _error([], path)
 
 
-@pytest.mark.parametrize("item, key, shown, allowed", [
-    ("score.top_k=1.5", "score.top_k", "1.5", "must be an integer"),
-    ("score.top_k=true", "score.top_k", "True", "must be an integer"),
-    ("score.top_k=many", "score.top_k", "'many'", "must be an integer"),
-    ("train.lr=fast", "train.lr", "'fast'", "must be a number"),
-    ("train.lr=false", "train.lr", "False", "must be a number"),
-    ("rollout.chat_template=1", "rollout.chat_template", "1", "must be true or false"),
-    ("rollout.chat_template=yes", "rollout.chat_template", "'yes'", "must be true or false"),
-    ("rollout.stop=stop", "rollout.stop", "'stop'", "must be a list of str"),
-    ("rollout.stop=[1]", "rollout.stop", "1", "must be a string"),
-    ("run.name=[1, 2]", "run.name", "[1, 2]", "must be a string"),
-])
+@pytest.mark.parametrize(
+    "item, key, shown, allowed",
+    [
+        ("score.top_k=1.5", "score.top_k", "1.5", "must be an integer"),
+        ("score.top_k=true", "score.top_k", "True", "must be an integer"),
+        ("score.top_k=many", "score.top_k", "'many'", "must be an integer"),
+        ("train.lr=fast", "train.lr", "'fast'", "must be a number"),
+        ("train.lr=false", "train.lr", "False", "must be a number"),
+        ("rollout.chat_template=1", "rollout.chat_template", "1", "must be true or false"),
+        ("rollout.chat_template=yes", "rollout.chat_template", "'yes'", "must be true or false"),
+        ("rollout.stop=stop", "rollout.stop", "'stop'", "must be a list of str"),
+        ("rollout.stop=[1]", "rollout.stop", "1", "must be a string"),
+        ("run.name=[1, 2]", "run.name", "[1, 2]", "must be a string"),
+    ],
+)
 def test_wrong_type(item, key, shown, allowed):
     msg = _error([item])
     assert f"{key} = {shown} is invalid" in msg and allowed in msg
 
 
-@pytest.mark.parametrize("item, key, shown, allowed", [
-    ("score.top_k=0", "score.top_k", "0", "must be >= 1"),
-    ("rollout.lmbda=1.5", "rollout.lmbda", "1.5", "must be in [0, 1]"),
-    ("rollout.top_p=0", "rollout.top_p", "0.0", "must be in (0, 1]"),
-    ("rollout.top_k=0", "rollout.top_k", "0", "must be -1 (off) or >= 1"),
-    ("rollout.lmbda_schedule=[1, 2]", "rollout.lmbda_schedule", "[1.0, 2.0]", "every value must be in [0, 1]"),
-    ("run.rounds=0", "run.rounds", "0", "must be >= 1"),
-    ("train.lora_dropout=1.0", "train.lora_dropout", "1.0", "must be in [0, 1)"),
-    ("score.zstd_level=23", "score.zstd_level", "23", "must be in [1, 22]"),
-    ("train.lora_target_modules=[]", "train.lora_target_modules", "[]", "must name at least one module"),
-    ("train.temperature=-1", "train.temperature", "-1.0", "must be > 0"),
-])
+@pytest.mark.parametrize(
+    "item, key, shown, allowed",
+    [
+        ("score.top_k=0", "score.top_k", "0", "must be >= 1"),
+        ("rollout.lmbda=1.5", "rollout.lmbda", "1.5", "must be in [0, 1]"),
+        ("rollout.top_p=0", "rollout.top_p", "0.0", "must be in (0, 1]"),
+        ("rollout.top_k=0", "rollout.top_k", "0", "must be -1 (off) or >= 1"),
+        ("rollout.lmbda_schedule=[1, 2]", "rollout.lmbda_schedule", "[1.0, 2.0]", "every value must be in [0, 1]"),
+        ("run.rounds=0", "run.rounds", "0", "must be >= 1"),
+        ("train.lora_dropout=1.0", "train.lora_dropout", "1.0", "must be in [0, 1)"),
+        ("score.zstd_level=23", "score.zstd_level", "23", "must be in [1, 22]"),
+        ("train.lora_target_modules=[]", "train.lora_target_modules", "[]", "must name at least one module"),
+        ("train.temperature=-1", "train.temperature", "-1.0", "must be > 0"),
+    ],
+)
 def test_out_of_range(item, key, shown, allowed):
     msg = _error([item])
     assert f"{key} = {shown} is invalid" in msg and allowed in msg
 
 
-@pytest.mark.parametrize("item, key, shown", [
-    ("train.loss=kl", "train.loss", "'kl'"),
-    ("score.logprob_bits=4", "score.logprob_bits", "4"),
-    ("rollout.engine=sglang", "rollout.engine", "'sglang'"),
-    ("score.dtype=float64", "score.dtype", "'float64'"),
-    ("score.render=other", "score.render", "'other'"),
-    ("score.device=tpu", "score.device", "'tpu'"),
-    ("rollout.offpolicy_source=web", "rollout.offpolicy_source", "'web'"),
-])
+@pytest.mark.parametrize(
+    "item, key, shown",
+    [
+        ("train.loss=kl", "train.loss", "'kl'"),
+        ("score.logprob_bits=4", "score.logprob_bits", "4"),
+        ("rollout.engine=sglang", "rollout.engine", "'sglang'"),
+        ("score.dtype=float64", "score.dtype", "'float64'"),
+        ("score.render=other", "score.render", "'other'"),
+        ("score.device=tpu", "score.device", "'tpu'"),
+        ("rollout.offpolicy_source=web", "rollout.offpolicy_source", "'web'"),
+    ],
+)
 def test_bad_choice(item, key, shown):
     msg = _error([item])
     assert f"{key} = {shown} is invalid" in msg
@@ -212,7 +244,7 @@ def test_missing_required(tmp_path):
     path = write_config(tmp_path, MINIMAL.replace('teacher = "tiny:teacher"\n', ""))
     msg = _error([], path)
     assert "missing required key run.teacher" in msg and str(path) in msg
-    path = write_config(tmp_path, MINIMAL.replace('prompts = "prompts.jsonl"\n', 'n = 2\n'))
+    path = write_config(tmp_path, MINIMAL.replace('prompts = "prompts.jsonl"\n', "n = 2\n"))
     assert "missing required key rollout.prompts" in _error([], path)
     path = write_config(tmp_path, MINIMAL.split("[rollout]")[0])
     assert "missing section [rollout]" in _error([], path)
@@ -240,14 +272,19 @@ def test_invalid_toml_file(tmp_path):
 
 # ------------------------------------------------------------------------------------------ round trip
 
+
 def test_dumps_loads_roundtrip_tiny():
     cfg = load_config("tiny")
     text = dumps_config(cfg)
     assert loads_config(text) == cfg
     assert tomllib.loads(text)["score"]["top_k"] == 16
     # every field is written out
-    for section, cls in (("run", C.RunConfig), ("rollout", RolloutConfig), ("score", ScoreConfig),
-                         ("train", TrainConfig)):
+    for section, cls in (
+        ("run", C.RunConfig),
+        ("rollout", RolloutConfig),
+        ("score", ScoreConfig),
+        ("train", TrainConfig),
+    ):
         assert set(tomllib.loads(text)[section]) == {f.name for f in dataclasses.fields(cls)}
 
 
@@ -256,9 +293,16 @@ printable = st.text(st.characters(exclude_categories=("Cs",), exclude_characters
 
 
 @settings(max_examples=60, deadline=None)
-@given(name=printable, stop=st.lists(printable, max_size=3), lr=st.floats(1e-12, 1e3),
-       beta=st.floats(0, 1), seed=st.integers(-2**63, 2**63 - 1), top_k=st.integers(1, 10**6),
-       schedule=st.lists(st.floats(0, 1), max_size=4), chat=st.booleans())
+@given(
+    name=printable,
+    stop=st.lists(printable, max_size=3),
+    lr=st.floats(1e-12, 1e3),
+    beta=st.floats(0, 1),
+    seed=st.integers(-(2**63), 2**63 - 1),
+    top_k=st.integers(1, 10**6),
+    schedule=st.lists(st.floats(0, 1), max_size=4),
+    chat=st.booleans(),
+)
 def test_dumps_loads_roundtrip_any_values(name, stop, lr, beta, seed, top_k, schedule, chat):
     cfg = load_config("tiny")
     cfg = cfg.replace("run", name=name, seed=seed).replace("train", lr=lr, beta=beta)
@@ -277,6 +321,7 @@ def test_dumps_escapes_del():
 
 
 # ------------------------------------------------------------------------------------------ behaviour
+
 
 def test_frozen():
     cfg = load_config("tiny")
@@ -298,7 +343,7 @@ def test_section_hash():
     cfg = load_config("tiny")
     h = cfg.section_hash("score")
     assert len(h) == 64 and int(h, 16) >= 0
-    assert cfg.section_hash("score") == load_config("tiny").section_hash("score")   # deterministic
+    assert cfg.section_hash("score") == load_config("tiny").section_hash("score")  # deterministic
     assert cfg.replace("score", top_k=17).section_hash("score") != h
     assert cfg.replace("score", temperature=0.5).section_hash("score") != h
     # other sections do not move it
@@ -329,7 +374,7 @@ def test_dataclass_defaults_are_valid():
 def test_every_packaged_preset_loads(name):
     cfg = load_config(name)
     assert cfg.run.name == name or name == "smollm2"
-    if cfg.rollout.prompts.startswith(str(PACKAGED_CONFIGS)):   # shipped prompt sets exist and are disjoint
+    if cfg.rollout.prompts.startswith(str(PACKAGED_CONFIGS)):  # shipped prompt sets exist and are disjoint
         train = {json.loads(x)["prompt"] for x in Path(cfg.rollout.prompts).read_text().splitlines() if x.strip()}
         assert len(train) >= 16
         if cfg.eval.enabled:

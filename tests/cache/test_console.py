@@ -11,8 +11,9 @@ def _run(code: str, env_extra: dict | None = None) -> subprocess.CompletedProces
     env = dict(os.environ, **(env_extra or {}))
     env.pop("OPD_VERBOSE", None)
     env.update(env_extra or {})
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=env,
-                          timeout=120)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=env, timeout=120
+    )
 
 
 QUIET = """
@@ -37,8 +38,14 @@ def test_quiet_sends_everything_but_opd_lines_to_the_log(tmp_path):
     assert res.stdout == "opd line\nafter the block\n"
     assert res.stderr == "opd error line\n"
     text = log.read_text()
-    for noise in ("python-level noise", "C-level noise on fd 1", "C-level noise on fd 2", "a library warning",
-                  "a FutureWarning", "===== "):
+    for noise in (
+        "python-level noise",
+        "C-level noise on fd 1",
+        "C-level noise on fd 2",
+        "a library warning",
+        "a FutureWarning",
+        "===== ",
+    ):
         assert noise in text
     assert "opd line" not in text
 

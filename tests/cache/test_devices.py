@@ -2,7 +2,7 @@
 
 import pytest
 
-from opd.cache.devices import choose_dtype, native_bf16, placement
+from opd.cache.devices import choose_dtype, placement
 from opd.cache.errors import OpdError
 
 

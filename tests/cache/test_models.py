@@ -8,13 +8,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from opd.cache.errors import OpdError
 from opd.cache import fingerprint
 from opd.cache import models as M
+from opd.cache.errors import OpdError
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2? ü 🎉"}]
-CHATML = ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n2+2? ü 🎉<|im_end|>\n"
-          "<|im_start|>assistant\n")
+CHATML = "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n2+2? ü 🎉<|im_end|>\n<|im_start|>assistant\n"
 
 
 @pytest.fixture(scope="module")
@@ -30,10 +29,20 @@ def four_layer_model(opd_home, tmp_path_factory):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tok = M.build_tiny_tokenizer()
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=4,
-                         num_attention_heads=2, num_key_value_heads=2, head_dim=64, max_position_embeddings=256,
-                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                         pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=64,
+        max_position_embeddings=256,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
     dst = tmp_path_factory.mktemp("four-layers")
@@ -49,6 +58,7 @@ def load(folder):
 
 
 # ------------------------------------------------------------------------------------------ tiny models
+
 
 def test_build_tiny_checkpoint(tiny_teacher, tiny_student):
     from transformers import AutoConfig, AutoTokenizer
@@ -101,7 +111,7 @@ def test_tokenizer_roundtrips_any_text(teacher_tok, text):
 def test_tokenizer_is_byte_level(teacher_tok):
     assert teacher_tok.encode("", add_special_tokens=False) == []
     assert len(teacher_tok.encode("abc", add_special_tokens=False)) == 3
-    assert len(teacher_tok.encode("ü", add_special_tokens=False)) == 2      # two UTF-8 bytes
+    assert len(teacher_tok.encode("ü", add_special_tokens=False)) == 2  # two UTF-8 bytes
     assert len(teacher_tok.encode("🎉", add_special_tokens=False)) == 4
 
 
@@ -113,15 +123,16 @@ def test_chat_template(teacher_tok):
     ids = teacher_tok.apply_chat_template(MESSAGES, tokenize=True, add_generation_prompt=True)
     ids = ids["input_ids"] if not isinstance(ids, list) else ids
     start, end = teacher_tok.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
-    assert ids[0] == start and ids.count(start) == 3 and ids.count(end) == 2   # specials are single tokens
+    assert ids[0] == start and ids.count(start) == 3 and ids.count(end) == 2  # specials are single tokens
     assert teacher_tok.decode(ids) == CHATML
 
 
 # ------------------------------------------------------------------------------------------ prune
 
+
 def _layer_params(state, index):
     prefix = f"model.layers.{index}."
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 @pytest.mark.parametrize("keep", [[0, 2, 3], [1], [3, 0]])
@@ -167,8 +178,8 @@ def test_pruned_model_generates(tiny_teacher, tmp_path):
         cached = model.generate(ids, max_new_tokens=6, do_sample=False, min_new_tokens=6)
         uncached = model.generate(ids, max_new_tokens=6, do_sample=False, min_new_tokens=6, use_cache=False)
     assert cached.shape == (1, ids.shape[1] + 6)
-    assert torch.equal(cached[:, :ids.shape[1]], ids)
-    assert torch.equal(cached, uncached)     # the KV cache is indexed right
+    assert torch.equal(cached[:, : ids.shape[1]], ids)
+    assert torch.equal(cached, uncached)  # the KV cache is indexed right
 
 
 def test_prune_maps_layer_types(opd_home, tmp_path):
@@ -176,10 +187,20 @@ def test_prune_maps_layer_types(opd_home, tmp_path):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     tok = M.build_tiny_tokenizer()
-    config = Qwen2Config(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=4,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
-                         use_sliding_window=True, sliding_window=4, max_window_layers=2,
-                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    config = Qwen2Config(
+        vocab_size=len(tok),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        use_sliding_window=True,
+        sliding_window=4,
+        max_window_layers=2,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     assert config.layer_types == ["full_attention"] * 2 + ["sliding_attention"] * 2
     torch.manual_seed(0)
     Qwen2ForCausalLM(config).save_pretrained(tmp_path / "src")
@@ -201,7 +222,7 @@ def test_prune_refusals(tiny_teacher, tmp_path):
         assert "0..1" in str(e.value)
     assert not (tmp_path / "bad").exists()
     dst = M.prune(tiny_teacher, tmp_path / "p", keep=[0])
-    assert M.prune(tiny_teacher, dst, keep=[0]) == dst            # same layers: reused
+    assert M.prune(tiny_teacher, dst, keep=[0]) == dst  # same layers: reused
     with pytest.raises(OpdError, match="already holds a model pruned to layers"):
         M.prune(tiny_teacher, dst, keep=[1])
 
@@ -246,6 +267,7 @@ def test_parse_layer_list_rejects_reversed_range():
 
 # ------------------------------------------------------------------------------------------ references
 
+
 def test_resolve_model(opd_home, tmp_path, tiny_teacher):
     assert M.resolve_model(str(tiny_teacher)) == tiny_teacher
     made = M.resolve_model("tiny:student", models_dir=tmp_path)
@@ -254,21 +276,24 @@ def test_resolve_model(opd_home, tmp_path, tiny_teacher):
     assert M.resolve_model("tiny:teacher") == opd_home / "models" / "tiny-teacher"
 
 
-@pytest.mark.parametrize("ref, match", [
-    ("opd:gpt-5", "unknown model 'opd:gpt-5'"),
-    ("opd:smollm2-135m-Lx", "unknown model"),
-    ("tiny:huge", "unknown tiny model 'tiny:huge'"),
-    ("tiny:", "unknown tiny model"),
-])
+@pytest.mark.parametrize(
+    "ref, match",
+    [
+        ("opd:gpt-5", "unknown model 'opd:gpt-5'"),
+        ("opd:smollm2-135m-Lx", "unknown model"),
+        ("tiny:huge", "unknown tiny model 'tiny:huge'"),
+        ("tiny:", "unknown tiny model"),
+    ],
+)
 def test_resolve_model_unknown_names(tmp_path, ref, match):
     with pytest.raises(OpdError, match=match) as e:
         M.resolve_model(ref, models_dir=tmp_path)
     assert "\n" not in str(e.value)
-    assert list(tmp_path.iterdir()) == []   # nothing made
+    assert list(tmp_path.iterdir()) == []  # nothing made
 
 
 def test_resolve_model_missing_folder(tmp_path):
-    for ref in (str(tmp_path / "nope"), str(tmp_path)):   # absent, or present without config.json
+    for ref in (str(tmp_path / "nope"), str(tmp_path)):  # absent, or present without config.json
         with pytest.raises(OpdError, match="not found or has no config.json") as e:
             M.resolve_model(ref, models_dir=tmp_path)
         assert ref in str(e.value)
@@ -292,13 +317,14 @@ def test_gguf_path():
 
 # ------------------------------------------------------------------------------------------ fingerprints
 
+
 def test_model_hash_memo_and_change(opd_home, tmp_path, tiny_student):
     import shutil
 
     copy = tmp_path / "copy"
     shutil.copytree(tiny_student, copy)
     h = fingerprint.model_hash(copy)
-    assert h == fingerprint.model_hash(tiny_student)   # content, not location
+    assert h == fingerprint.model_hash(tiny_student)  # content, not location
     memo = json.loads((opd_home / "hashes.json").read_text())
     assert h in memo.values() and any(str(copy.resolve()) in k for k in memo)
     # a changed weight file is re-hashed
@@ -318,6 +344,11 @@ def test_model_hash_memo_and_change(opd_home, tmp_path, tiny_student):
 
 def test_producer_record(opd_home, tiny_teacher):
     p = fingerprint.producer("score", tiny_teacher, "c" * 64, rollout_sha256="r")
-    assert p == {"stage": "score", "model_hash": fingerprint.model_hash(tiny_teacher),
-                 "tokenizer_hash": fingerprint.tokenizer_hash(tiny_teacher), "config_hash": "c" * 64,
-                 "format_version": 1, "rollout_sha256": "r"}
+    assert p == {
+        "stage": "score",
+        "model_hash": fingerprint.model_hash(tiny_teacher),
+        "tokenizer_hash": fingerprint.tokenizer_hash(tiny_teacher),
+        "config_hash": "c" * 64,
+        "format_version": 1,
+        "rollout_sha256": "r",
+    }

@@ -8,18 +8,30 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from opd.cache import rundir as R
 from opd.cache import shards, storage
 from opd.cache.errors import FingerprintMismatch, FormatError, OpdError
-from opd.cache import rundir as R
 from opd.cache.rundir import RunDir, ShardSpec
 
 PRODUCER = {"stage": "rollout", "model_hash": "a" * 64, "config_hash": "c1", "format_version": 1}
 
 
 def rollout_rows(n, prefix="q"):
-    return [dict(sample_id=f"{prefix}{i}/0", prompt_id=f"{prefix}{i}", sample_index=0, source="student",
-                 prompt_ids=[1, 2, 3], completion_ids=list(range(i + 1)), sampling_logprobs=[-0.5] * (i + 1),
-                 finish_reason="stop", sampling_hash="h", prompt_messages=None) for i in range(n)]
+    return [
+        dict(
+            sample_id=f"{prefix}{i}/0",
+            prompt_id=f"{prefix}{i}",
+            sample_index=0,
+            source="student",
+            prompt_ids=[1, 2, 3],
+            completion_ids=list(range(i + 1)),
+            sampling_logprobs=[-0.5] * (i + 1),
+            finish_reason="stop",
+            sampling_hash="h",
+            prompt_messages=None,
+        )
+        for i in range(n)
+    ]
 
 
 def write_shard(run, round_index, shard, n_rows, producer=PRODUCER):
@@ -29,15 +41,24 @@ def write_shard(run, round_index, shard, n_rows, producer=PRODUCER):
 
 
 def finalize(run, num_shards, round_index=0, producer=PRODUCER, summary=None):
-    return R.finalize_stage(run, run.stage_dir(round_index, "rollouts"), stage="rollouts", round_index=round_index,
-                            num_shards=num_shards, producer=producer, row_count=lambda p: R.parquet_rows(run, p),
-                            summary=summary)
+    return R.finalize_stage(
+        run,
+        run.stage_dir(round_index, "rollouts"),
+        stage="rollouts",
+        round_index=round_index,
+        num_shards=num_shards,
+        producer=producer,
+        row_count=lambda p: R.parquet_rows(run, p),
+        summary=summary,
+    )
 
 
 # ------------------------------------------------------------------------------------------ --shard i/N
 
-@pytest.mark.parametrize("text, index, count", [("0/4", 0, 4), ("3/4", 3, 4), (" 1 / 2 ", 1, 2), ("0/1", 0, 1),
-                                                (None, 0, 1), ("", 0, 1)])
+
+@pytest.mark.parametrize(
+    "text, index, count", [("0/4", 0, 4), ("3/4", 3, 4), (" 1 / 2 ", 1, 2), ("0/1", 0, 1), (None, 0, 1), ("", 0, 1)]
+)
 def test_shard_spec_parse(text, index, count):
     spec = ShardSpec.parse(text)
     assert (spec.index, spec.count) == (index, count)
@@ -57,15 +78,16 @@ def test_shards_partition(count, num_shards):
     workers = [ShardSpec.parse(f"{i}/{count}") for i in range(count)]
     owned = [w.owned(num_shards) for w in workers]
     flat = sorted(s for o in owned for s in o)
-    assert flat == list(range(num_shards))     # every shard owned, exactly once
+    assert flat == list(range(num_shards))  # every shard owned, exactly once
     for w, o in zip(workers, owned):
         assert o == [s for s in range(num_shards) if w.owns(s)]
         assert all(s % count == w.index for s in o)
     sizes = [len(o) for o in owned]
-    assert max(sizes) - min(sizes) <= 1        # balanced
+    assert max(sizes) - min(sizes) <= 1  # balanced
 
 
 # ------------------------------------------------------------------------------------------ paths
+
 
 def test_run_dir_paths(tmp_path):
     run = RunDir(tmp_path / "run")
@@ -113,6 +135,7 @@ def test_require_initialised(tmp_path):
 
 # ------------------------------------------------------------------------------------------ manifests
 
+
 def test_finalize_waits_for_every_shard(tmp_path):
     run = RunDir(tmp_path)
     stage_dir = run.stage_dir(0, "rollouts")
@@ -152,12 +175,12 @@ def test_finalize_is_the_same_whoever_writes_it(tmp_path):
 def test_should_skip(tmp_path):
     run = RunDir(tmp_path)
     stage_dir = run.stage_dir(0, "rollouts")
-    assert R.should_skip(run, stage_dir, PRODUCER, force=False) is False   # no folder at all
+    assert R.should_skip(run, stage_dir, PRODUCER, force=False) is False  # no folder at all
     write_shard(run, 0, 0, 3)
-    assert R.should_skip(run, stage_dir, PRODUCER, force=False) is False   # shards but no manifest
+    assert R.should_skip(run, stage_dir, PRODUCER, force=False) is False  # shards but no manifest
     finalize(run, 1)
     assert R.should_skip(run, stage_dir, PRODUCER, force=False) is True
-    assert R.should_skip(run, stage_dir, {"config_hash": "c1"}, force=False) is True   # a subset is compared
+    assert R.should_skip(run, stage_dir, {"config_hash": "c1"}, force=False) is True  # a subset is compared
     other = {**PRODUCER, "config_hash": "c2"}
     with pytest.raises(FingerprintMismatch) as e:
         R.should_skip(run, stage_dir, other, force=False)
@@ -181,7 +204,7 @@ def test_verify_shards(tmp_path):
     for s in range(2):
         write_shard(run, 0, s, 3)
     m = finalize(run, 2)
-    R.verify_shards(run, stage_dir, m)   # intact: no error
+    R.verify_shards(run, stage_dir, m)  # intact: no error
     # the same number of rows, other content
     path = write_shard(run, 0, 1, 3, producer={**PRODUCER, "config_hash": "other"})
     with pytest.raises(FormatError, match="checksum differs") as e:
@@ -208,22 +231,33 @@ def test_append_metrics(tmp_path):
     run.append_metrics(1, {"step": 1, "loss": 1.25, "note": "ü"})
     run.append_metrics(1, {"step": 2})
     lines = open(run.metrics_path(1), encoding="utf-8").read().splitlines()
-    assert [json.loads(line) for line in lines] == [{"step": 0, "loss": 1.5}, {"step": 1, "loss": 1.25, "note": "ü"},
-                                                    {"step": 2}]
+    assert [json.loads(line) for line in lines] == [
+        {"step": 0, "loss": 1.5},
+        {"step": 1, "loss": 1.25, "note": "ü"},
+        {"step": 2},
+    ]
     assert open(run.metrics_path(1), "rb").read().endswith(b"\n")
-    assert sorted(os.listdir(run.round_dir(1))) == ["metrics.jsonl"]   # no temporary files left
+    assert sorted(os.listdir(run.round_dir(1))) == ["metrics.jsonl"]  # no temporary files left
 
 
-@pytest.mark.parametrize("content, match", [
-    ("{not json", "corrupt manifest"),
-    ("", "corrupt manifest"),
-    ('{"format": "opd.manifest", "version": 99, "stage": "rollouts", "round": 0, "shards": [], "producer": {}}',
-     "manifest version 99"),
-    ('{"format": "something.else", "version": 1}', "not an opd manifest"),
-    ('{"format": "opd.manifest", "version": 1}', "corrupt manifest"),
-    ('{"format": "opd.manifest", "version": 1, "stage": "rollouts", "round": 0, "producer": {}, '
-     '"shards": [{"name": "part-00000.parquet"}]}', "corrupt manifest"),
-])
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        ("{not json", "corrupt manifest"),
+        ("", "corrupt manifest"),
+        (
+            '{"format": "opd.manifest", "version": 99, "stage": "rollouts", "round": 0, "shards": [], "producer": {}}',
+            "manifest version 99",
+        ),
+        ('{"format": "something.else", "version": 1}', "not an opd manifest"),
+        ('{"format": "opd.manifest", "version": 1}', "corrupt manifest"),
+        (
+            '{"format": "opd.manifest", "version": 1, "stage": "rollouts", "round": 0, "producer": {}, '
+            '"shards": [{"name": "part-00000.parquet"}]}',
+            "corrupt manifest",
+        ),
+    ],
+)
 def test_read_manifest_rejects(tmp_path, content, match):
     run = RunDir(tmp_path)
     stage_dir = run.stage_dir(0, "rollouts")
@@ -253,7 +287,7 @@ def test_parquet_rows(tmp_path):
 
 def test_force_with_only_clears_just_the_owned_shards(tmp_path):
     from opd.cache import storage
-    from opd.cache.rundir import RunDir, should_skip, shard_name
+    from opd.cache.rundir import RunDir, shard_name, should_skip
 
     run = RunDir(str(tmp_path / "run"))
     stage = run.stage_dir(0, "scores")

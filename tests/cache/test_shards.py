@@ -14,8 +14,13 @@ from hypothesis import strategies as st
 from opd.cache import shards, storage
 from opd.cache.errors import FingerprintMismatch, FormatError, OpdError
 
-PRODUCER = {"stage": "rollout", "model_hash": "a" * 64, "tokenizer_hash": "b" * 64, "config_hash": "c1",
-            "format_version": 1}
+PRODUCER = {
+    "stage": "rollout",
+    "model_hash": "a" * 64,
+    "tokenizer_hash": "b" * 64,
+    "config_hash": "c1",
+    "format_version": 1,
+}
 SCORE_PRODUCER = {"stage": "score", "model_hash": "d" * 64, "rollout_sha256": "e" * 64}
 
 
@@ -30,15 +35,22 @@ def rollout_rows(n=6, seed=0):
     for i in range(n):
         T = int(rng.integers(0, 30))
         source = ("student", "dataset", "teacher")[i % 3]
-        rows.append(dict(
-            sample_id=f"q{i // 2}/{i % 2}", prompt_id=f"q{i // 2}", sample_index=i % 2, source=source,
-            prompt_ids=rng.integers(0, 2**31 - 1, size=int(rng.integers(1, 20))).tolist(),
-            completion_ids=rng.integers(0, 50_000, size=T).tolist(),
-            sampling_logprobs=None if source == "dataset" else (-rng.exponential(1.0, T)).astype(np.float32).tolist(),
-            finish_reason={"student": "stop", "dataset": "reference", "teacher": "length"}[source],
-            sampling_hash="f" * 64,
-            prompt_messages=json.dumps([{"role": "user", "content": f"prompt {i} ü 🎉"}]) if i % 2 else None,
-        ))
+        rows.append(
+            dict(
+                sample_id=f"q{i // 2}/{i % 2}",
+                prompt_id=f"q{i // 2}",
+                sample_index=i % 2,
+                source=source,
+                prompt_ids=rng.integers(0, 2**31 - 1, size=int(rng.integers(1, 20))).tolist(),
+                completion_ids=rng.integers(0, 50_000, size=T).tolist(),
+                sampling_logprobs=None
+                if source == "dataset"
+                else (-rng.exponential(1.0, T)).astype(np.float32).tolist(),
+                finish_reason={"student": "stop", "dataset": "reference", "teacher": "length"}[source],
+                sampling_hash="f" * 64,
+                prompt_messages=json.dumps([{"role": "user", "content": f"prompt {i} ü 🎉"}]) if i % 2 else None,
+            )
+        )
     return rows
 
 
@@ -57,8 +69,7 @@ def score_samples(vocab=300, K=8, n=5, seed=0):
     return out
 
 
-def write_scores(fs, path, samples, vocab=300, K=8, bits=8, producer=SCORE_PRODUCER, extra_meta=None,
-                 temperature=1.0):
+def write_scores(fs, path, samples, vocab=300, K=8, bits=8, producer=SCORE_PRODUCER, extra_meta=None, temperature=1.0):
     w = shards.ScoreShardWriter(vocab, K, logprob_bits=bits, temperature=temperature)
     for s in samples:
         w.add(*s)
@@ -74,6 +85,7 @@ def assert_one_line_naming(excinfo, path):
 
 # ------------------------------------------------------------------------------------------ round trips
 
+
 def test_rollout_roundtrip(fs, tmp_path):
     path = str(tmp_path / "r" / "part-00000.parquet")
     rows = rollout_rows()
@@ -84,8 +96,17 @@ def test_rollout_roundtrip(fs, tmp_path):
     got = table.to_pylist()
     assert len(got) == len(rows)
     for want, row in zip(rows, got):
-        for key in ("sample_id", "prompt_id", "sample_index", "source", "prompt_ids", "completion_ids",
-                    "finish_reason", "sampling_hash", "prompt_messages"):
+        for key in (
+            "sample_id",
+            "prompt_id",
+            "sample_index",
+            "source",
+            "prompt_ids",
+            "completion_ids",
+            "finish_reason",
+            "sampling_hash",
+            "prompt_messages",
+        ):
             assert row[key] == want[key], key
         if want["sampling_logprobs"] is None:
             assert row["sampling_logprobs"] is None
@@ -133,7 +154,7 @@ def test_score_roundtrip(fs, tmp_path, bits, vocab):
         for t in range(ids.shape[0]):
             order = np.argsort(ids[t])
             assert got.topk_ids_TK[t].tolist() == ids[t][order].tolist()
-            want = np.maximum(lps[t][order], codec.logprob_floor)   # below the floor decodes to it
+            want = np.maximum(lps[t][order], codec.logprob_floor)  # below the floor decodes to it
             assert np.all(np.abs(got.topk_logprobs_TK[t] - want) <= codec.max_abs_error)
         np.testing.assert_array_equal(got.taken_logprobs_T, taken)
         np.testing.assert_array_equal(got.tail_logprobs_T, tail)
@@ -158,12 +179,13 @@ def test_score_writer_checks_shapes():
     with pytest.raises(ValueError, match="T=3"):
         w.encode("s", ids, np.zeros((3, 4)), np.zeros(3), np.zeros(4))
     enc = w.encode("s", ids, np.zeros((3, 4)), np.zeros(3), np.zeros(3))
-    assert len(w) == 0   # encode is pure
+    assert len(w) == 0  # encode is pure
     w.append(enc)
     assert len(w) == 1
 
 
 # ------------------------------------------------------------------------------------------ refusals
+
 
 def test_missing_file(fs, tmp_path):
     path = str(tmp_path / "nope.parquet")
@@ -270,8 +292,9 @@ def test_wrong_columns(fs, tmp_path):
     assert_one_line_naming(e, path)
     # same names, another type
     table = pa.Table.from_pylist(rollout_rows(), schema=shards.ROLLOUT_SCHEMA)
-    table = table.set_column(2, pa.field("sample_index", pa.int64(), nullable=False),
-                             table.column("sample_index").cast(pa.int64()))
+    table = table.set_column(
+        2, pa.field("sample_index", pa.int64(), nullable=False), table.column("sample_index").cast(pa.int64())
+    )
     pq.write_table(table.replace_schema_metadata({b"opd": json.dumps(meta).encode()}), path)
     with pytest.raises(FormatError, match="wrong types") as e:
         shards.read_rollout_shard(fs, path)
@@ -308,7 +331,7 @@ def test_duplicate_sample_ids_refused(fs, tmp_path):
     path = str(tmp_path / "part-00000.parquet")
     rows = rollout_rows(3)
     rows[2]["sample_id"] = rows[0]["sample_id"]
-    with pytest.raises(ValueError, match="duplicate sample_id"):   # the writer refuses them up front
+    with pytest.raises(ValueError, match="duplicate sample_id"):  # the writer refuses them up front
         shards.write_rollout_shard(fs, path, rows, PRODUCER)
     assert not os.path.exists(path)
     spath = str(tmp_path / "scores.parquet")
@@ -340,7 +363,7 @@ def test_score_metadata_refusals(fs, tmp_path):
 def test_score_decode_refuses_inconsistent_rows(fs, tmp_path):
     path = str(tmp_path / "scores.parquet")
     samples = score_samples()
-    write_scores(fs, path, samples, extra_meta={"top_k": 9})   # blobs hold K=8
+    write_scores(fs, path, samples, extra_meta={"top_k": 9})  # blobs hold K=8
     shard = shards.ScoreShard(fs, path)
     with pytest.raises(FormatError, match="is corrupt") as e:
         shard[1]
@@ -362,6 +385,7 @@ def test_score_decode_refuses_inconsistent_rows(fs, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ corruption
+
 
 def _data_page_bytes(path):
     """Offsets of the last byte of every column chunk (page payload, covered by the page checksums)."""
@@ -388,7 +412,10 @@ def test_byte_flip_in_page_data_detected(fs, tmp_path, mask):
     spath = str(tmp_path / "scores.parquet")
     write_scores(fs, spath, score_samples())
     clean = {rpath: open(rpath, "rb").read(), spath: open(spath, "rb").read()}
-    for path, read in ((rpath, lambda: shards.read_rollout_shard(fs, rpath)), (spath, lambda: shards.ScoreShard(fs, spath))):
+    for path, read in (
+        (rpath, lambda: shards.read_rollout_shard(fs, rpath)),
+        (spath, lambda: shards.ScoreShard(fs, spath)),
+    ):
         for column, offset in _data_page_bytes(path):
             open(path, "wb").write(clean[path])
             _flip(path, offset, mask)
@@ -415,7 +442,7 @@ def test_truncated_shard_refused(clean_shards, tmp_path, kind, where):
     data = clean_shards[kind]
     path = str(tmp_path / f"{kind}.parquet")
     with open(path, "wb") as f:
-        f.write(data[:int(where * len(data))])
+        f.write(data[: int(where * len(data))])
     with pytest.raises(FormatError) as e:
         if kind == "rollouts":
             shards.read_rollout_shard(fs, path)
@@ -425,7 +452,7 @@ def test_truncated_shard_refused(clean_shards, tmp_path, kind, where):
 
 
 def test_bit_flip_in_footer_row_count_refused(fs, tmp_path, clean_shards):
-    data = clean_shards["rollouts"]     # 12 rows; Thrift writes the row count as the zigzag varint 0x18
+    data = clean_shards["rollouts"]  # 12 rows; Thrift writes the row count as the zigzag varint 0x18
     footer_len = int.from_bytes(data[-8:-4], "little")
     footer_start = len(data) - 8 - footer_len
     candidates = [i for i in range(footer_start, len(data) - 8) if data[i] == 0x18]
@@ -433,7 +460,7 @@ def test_bit_flip_in_footer_row_count_refused(fs, tmp_path, clean_shards):
     path = str(tmp_path / "part-00000.parquet")
     for offset in candidates:
         corrupt = bytearray(data)
-        corrupt[offset] ^= 0x08            # 0x18 -> 0x10: 12 -> 8
+        corrupt[offset] ^= 0x08  # 0x18 -> 0x10: 12 -> 8
         with open(path, "wb") as f:
             f.write(bytes(corrupt))
         try:
@@ -444,6 +471,7 @@ def test_bit_flip_in_footer_row_count_refused(fs, tmp_path, clean_shards):
 
 
 # ------------------------------------------------------------------------------------------ atomic writes
+
 
 def test_no_tmp_files_left(fs, tmp_path):
     folder = tmp_path / "stage"
@@ -467,8 +495,10 @@ def test_tmp_name_is_beside_the_target():
 
 def test_remove_tmp_files(fs, tmp_path):
     folder = str(tmp_path)
-    leftovers = {n: storage.tmp_name(f"{folder}/{n}") for n in ("part-00000.parquet", "part-00001.parquet",
-                                                                 "part-00002.parquet", "_DONE.json")}
+    leftovers = {
+        n: storage.tmp_name(f"{folder}/{n}")
+        for n in ("part-00000.parquet", "part-00001.parquet", "part-00002.parquet", "_DONE.json")
+    }
     for p in leftovers.values():
         open(p, "wb").write(b"partial")
     second = storage.tmp_name(f"{folder}/part-00000.parquet")
@@ -480,8 +510,10 @@ def test_remove_tmp_files(fs, tmp_path):
     removed = storage.remove_tmp_files(fs, folder, {"part-00000.parquet", "part-00002.parquet"})
     assert removed == 3
     left = set(os.listdir(folder))
-    assert left == set(keep) | {os.path.basename(leftovers["part-00001.parquet"]),
-                                os.path.basename(leftovers["_DONE.json"])}
+    assert left == set(keep) | {
+        os.path.basename(leftovers["part-00001.parquet"]),
+        os.path.basename(leftovers["_DONE.json"]),
+    }
     # without names: every leftover goes, nothing else
     assert storage.remove_tmp_files(fs, folder) == 2
     assert set(os.listdir(folder)) == set(keep)
@@ -497,6 +529,7 @@ def test_storage_helpers(fs, tmp_path):
     assert storage.listdir(fs, path) == ["b"]
     assert storage.listdir(fs, str(tmp_path / "nope")) == []
     import hashlib
+
     assert storage.sha256_file(fs, str(tmp_path / "a" / "b" / "c.bin")) == (hashlib.sha256(b"hello").hexdigest(), 5)
     storage.remove(fs, path)
     assert not storage.exists(fs, path)

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from opd.cache import shards, storage
 from opd.cache import rundir as R
-from opd.pipeline.cli import main
+from opd.cache import shards, storage
 from opd.cache.config import load_config, loads_config
+from opd.pipeline.cli import main
 
 COMMANDS = ["init", "rollout", "score", "train", "run", "demo", "inspect", "verify", "models", "config"]
 PRODUCER = {"stage": "rollout", "model_hash": "a" * 64, "config_hash": "c1", "format_version": 1}
@@ -43,22 +43,42 @@ def assert_user_error(result, *needles):
 
 
 def rows(n, prefix):
-    return [dict(sample_id=f"{prefix}{i}/0", prompt_id=f"{prefix}{i}", sample_index=0, source="student",
-                 prompt_ids=[1, 2], completion_ids=[3, 4, 5], sampling_logprobs=[-0.1, -0.2, -0.3],
-                 finish_reason="stop", sampling_hash="h", prompt_messages=None) for i in range(n)]
+    return [
+        dict(
+            sample_id=f"{prefix}{i}/0",
+            prompt_id=f"{prefix}{i}",
+            sample_index=0,
+            source="student",
+            prompt_ids=[1, 2],
+            completion_ids=[3, 4, 5],
+            sampling_logprobs=[-0.1, -0.2, -0.3],
+            finish_reason="stop",
+            sampling_hash="h",
+            prompt_messages=None,
+        )
+        for i in range(n)
+    ]
 
 
 def finished_rollouts(run_path, sizes=(3, 2)):
     run = R.RunDir(run_path)
     for s, n in enumerate(sizes):
         shards.write_rollout_shard(run.fs, run.shard_path(0, "rollouts", s), rows(n, f"s{s}q"), PRODUCER)
-    m = R.finalize_stage(run, run.stage_dir(0, "rollouts"), stage="rollouts", round_index=0,
-                         num_shards=len(sizes), producer=PRODUCER, row_count=lambda p: R.parquet_rows(run, p))
+    m = R.finalize_stage(
+        run,
+        run.stage_dir(0, "rollouts"),
+        stage="rollouts",
+        round_index=0,
+        num_shards=len(sizes),
+        producer=PRODUCER,
+        row_count=lambda p: R.parquet_rows(run, p),
+    )
     assert m is not None
     return run
 
 
 # ------------------------------------------------------------------------------------------ help
+
 
 def test_help_lists_every_command(runner):
     result = invoke(runner, "--help")
@@ -85,17 +105,20 @@ def test_console_script_installed():
     assert proc.returncode == 0, proc.stderr
     for cmd in COMMANDS:
         assert cmd in proc.stdout
-    proc = subprocess.run([str(script), "config", "tiny", "--set", "score.top_k=0"], capture_output=True,
-                          text=True, timeout=60, env=env)
+    proc = subprocess.run(
+        [str(script), "config", "tiny", "--set", "score.top_k=0"], capture_output=True, text=True, timeout=60, env=env
+    )
     assert proc.returncode == 1 and proc.stderr.startswith("error: ") and "score.top_k" in proc.stderr
     assert "Traceback" not in proc.stderr
     # the module's own entry point too
-    proc = subprocess.run([sys.executable, "-m", "opd.pipeline.cli", "--version"], capture_output=True, text=True,
-                          timeout=60, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-m", "opd.pipeline.cli", "--version"], capture_output=True, text=True, timeout=60, env=env
+    )
     assert proc.returncode == 0 and "0.1.0" in proc.stdout
 
 
 # ------------------------------------------------------------------------------------------ init / config
+
 
 def test_init(runner, tmp_path):
     run_dir = tmp_path / "run"
@@ -137,6 +160,7 @@ def test_config_command(runner):
 
 
 # ------------------------------------------------------------------------------------------ verify
+
 
 def test_verify(runner, tmp_path):
     run_dir = tmp_path / "run"
@@ -198,16 +222,25 @@ def test_verify_scores_stage(runner, tmp_path):
     run = R.RunDir(run_dir)
     w = shards.ScoreShardWriter(vocab_size=260, top_k=4)
     for i in range(3):
-        w.add(f"q{i}/0", np.array([[1, 2, 3, 4]] * (i + 1)), np.full((i + 1, 4), -1.0), np.zeros(i + 1),
-              np.zeros(i + 1))
+        w.add(
+            f"q{i}/0", np.array([[1, 2, 3, 4]] * (i + 1)), np.full((i + 1, 4), -1.0), np.zeros(i + 1), np.zeros(i + 1)
+        )
     w.write(run.fs, run.shard_path(2, "scores", 0), {"stage": "score"})
-    R.finalize_stage(run, run.stage_dir(2, "scores"), stage="scores", round_index=2, num_shards=1,
-                     producer={"stage": "score"}, row_count=lambda p: R.parquet_rows(run, p))
+    R.finalize_stage(
+        run,
+        run.stage_dir(2, "scores"),
+        stage="scores",
+        round_index=2,
+        num_shards=1,
+        producer={"stage": "score"},
+        row_count=lambda p: R.parquet_rows(run, p),
+    )
     result = invoke(runner, "verify", run_dir)
     assert result.exit_code == 0 and result.stdout.strip() == "rounds/0002/scores: ok (1 shards, 3 rows)"
 
 
 # ------------------------------------------------------------------------------------------ models
+
 
 def test_models_tiny(runner, opd_home, tmp_path):
     dst = tmp_path / "tiny"
@@ -234,10 +267,15 @@ def test_models_prune(runner, opd_home, tiny_teacher, tmp_path):
     assert json.loads((tmp_path / "even" / "_DONE.json").read_text())["keep"] == [0, 1]
 
     assert_user_error(invoke(runner, "models", "prune", tiny_teacher, tmp_path / "x"), "exactly one of")
-    assert_user_error(invoke(runner, "models", "prune", tiny_teacher, tmp_path / "x", "--keep", "0",
-                             "--keep-layers", "1"), "exactly one of")
+    assert_user_error(
+        invoke(runner, "models", "prune", tiny_teacher, tmp_path / "x", "--keep", "0", "--keep-layers", "1"),
+        "exactly one of",
+    )
     assert_user_error(invoke(runner, "models", "prune", tiny_teacher, tmp_path / "x", "--keep", "5"), "--keep")
     assert_user_error(invoke(runner, "models", "prune", tiny_teacher, tmp_path / "x", "--keep", "a"), "--keep")
-    assert_user_error(invoke(runner, "models", "prune", tmp_path / "missing", tmp_path / "x", "--keep", "0"),
-                      tmp_path / "missing", "config.json")
+    assert_user_error(
+        invoke(runner, "models", "prune", tmp_path / "missing", tmp_path / "x", "--keep", "0"),
+        tmp_path / "missing",
+        "config.json",
+    )
     assert not (tmp_path / "x").exists()

@@ -8,27 +8,31 @@ import pytest
 from transformers import AutoTokenizer
 
 from opd.cache import storage
+from opd.cache.config import EvalConfig, OpdConfig, RolloutConfig, RunConfig, ScoreConfig, dumps_config, load_run_config
 from opd.cache.errors import OpdError
+from opd.cache.rundir import RunDir, finalize_stage, parquet_rows
 from opd.cache.shards import ScoreShard, write_rollout_shard
-from opd.cache.config import EvalConfig, OpdConfig, RolloutConfig, RunConfig, ScoreConfig, dumps_config
 from opd.pipeline.cli import evaluate_if_scored
 from opd.pipeline.evaluate import evaluate, read_eval
-from opd.cache.config import load_run_config
-from opd.cache.rundir import RunDir, finalize_stage, parquet_rows
 from opd.stages import score
 
-HELDOUT = [("h0", "Ann has 3 and gets 4.", "#### 7"), ("h1", "Bo has 20 and loses 8.", "#### 12"),
-           ("h2", "Cy has 9 and gives 6.", "#### 3")]
-COMPLETIONS = {"h0": "so the answer is 7", "h1": "#### 13", "h2": "3"}   # right, wrong, right
+HELDOUT = [
+    ("h0", "Ann has 3 and gets 4.", "#### 7"),
+    ("h1", "Bo has 20 and loses 8.", "#### 12"),
+    ("h2", "Cy has 9 and gives 6.", "#### 3"),
+]
+COMPLETIONS = {"h0": "so the answer is 7", "h1": "#### 13", "h2": "3"}  # right, wrong, right
 
 
 def _run(tmp_path, tiny_teacher, tiny_student) -> RunDir:
     heldout = tmp_path / "heldout.jsonl"
     heldout.write_text("".join(json.dumps({"id": i, "prompt": p, "reference": r}) + "\n" for i, p, r in HELDOUT))
-    cfg = OpdConfig(run=RunConfig(student=str(tiny_student), teacher=str(tiny_teacher)),
-                    rollout=RolloutConfig(prompts=str(heldout)), score=ScoreConfig(top_k=8),
-                    eval=EvalConfig(prompts=str(heldout), reference_field="reference", id_field="id", n=2,
-                                    checker="gsm8k"))
+    cfg = OpdConfig(
+        run=RunConfig(student=str(tiny_student), teacher=str(tiny_teacher)),
+        rollout=RolloutConfig(prompts=str(heldout)),
+        score=ScoreConfig(top_k=8),
+        eval=EvalConfig(prompts=str(heldout), reference_field="reference", id_field="id", n=2, checker="gsm8k"),
+    )
     run = RunDir(tmp_path / "run")
     storage.makedirs(run.fs, run.root)
     storage.atomic_write_bytes(run.fs, run.config_path, dumps_config(cfg).encode())
@@ -37,14 +41,31 @@ def _run(tmp_path, tiny_teacher, tiny_student) -> RunDir:
     for pid, prompt, _ in HELDOUT:
         ids = tok(COMPLETIONS[pid], add_special_tokens=False)["input_ids"]
         for i in range(2):
-            rows.append({"sample_id": f"{pid}/{i}", "prompt_id": pid, "sample_index": i, "source": "student",
-                         "prompt_ids": tok(prompt)["input_ids"], "completion_ids": ids,
-                         "sampling_logprobs": [-0.5 - 0.1 * i] * len(ids), "finish_reason": "stop" if i else "length",
-                         "sampling_hash": "h", "prompt_messages": None})
+            rows.append(
+                {
+                    "sample_id": f"{pid}/{i}",
+                    "prompt_id": pid,
+                    "sample_index": i,
+                    "source": "student",
+                    "prompt_ids": tok(prompt)["input_ids"],
+                    "completion_ids": ids,
+                    "sampling_logprobs": [-0.5 - 0.1 * i] * len(ids),
+                    "finish_reason": "stop" if i else "length",
+                    "sampling_hash": "h",
+                    "prompt_messages": None,
+                }
+            )
     folder = run.stage_dir(0, "heldout/rollouts")
     write_rollout_shard(run.fs, storage.join(folder, "part-00000.parquet"), rows, producer={"stage": "rollout"})
-    finalize_stage(run, folder, stage="heldout/rollouts", round_index=0, num_shards=1, producer={"stage": "rollout"},
-                   row_count=lambda p: parquet_rows(run, p))
+    finalize_stage(
+        run,
+        folder,
+        stage="heldout/rollouts",
+        round_index=0,
+        num_shards=1,
+        producer={"stage": "rollout"},
+        row_count=lambda p: parquet_rows(run, p),
+    )
     return run
 
 
@@ -54,7 +75,7 @@ def test_heldout_figures_from_the_definition(tmp_path, tiny_teacher, tiny_studen
         evaluate(load_run_config(run), run, 0)
     cfg = load_run_config(run)
     out = score.run(cfg, run, 0, split="heldout", device="cpu")
-    assert read_eval(run, 0) is None                 # the stage scores; evaluation is the CLI's (pipeline) job
+    assert read_eval(run, 0) is None  # the stage scores; evaluation is the CLI's (pipeline) job
     result = evaluate_if_scored(cfg, run, 0, out)
     ev = read_eval(run, 0)
     assert result["heldout_rkl"] == ev["heldout_rkl"] and "eval round 0" in result["line"]

@@ -13,13 +13,13 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from opd.cache.errors import OpdError
-from opd.cache.shards import ScoreShard, read_rollout_shard
 from opd.cache import fingerprint
 from opd.cache.config import load_config
+from opd.cache.errors import OpdError
+from opd.cache.rundir import RunDir, read_manifest
+from opd.cache.shards import ScoreShard, read_rollout_shard
 from opd.pipeline.evaluate import gsm8k_answer, gsm8k_correct, read_eval
 from opd.pipeline.loop import Pool, _stop_reason
-from opd.cache.rundir import RunDir, read_manifest
 
 CLI = [sys.executable, "-m", "opd.pipeline.cli"]
 STAGE_FOLDERS = ("rollouts", "scores", "heldout/rollouts", "heldout/scores")
@@ -32,8 +32,7 @@ def tiny_settings(teacher, student, **extra) -> list[str]:
 
 
 def opd_run(run_dir, *args, env=None, timeout=600) -> subprocess.CompletedProcess:
-    return subprocess.run(CLI + ["run", str(run_dir), *args], capture_output=True, text=True, timeout=timeout,
-                          env=env)
+    return subprocess.run(CLI + ["run", str(run_dir), *args], capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def layout(run: RunDir, rounds: list[int]) -> dict:
@@ -49,17 +48,18 @@ def layout(run: RunDir, rounds: list[int]) -> dict:
 
 # ------------------------------------------------------------------------------------------ units
 
+
 def test_stop_reason_threshold_patience_and_min_delta():
     cfg = load_config("tiny", ["eval.stop_rkl_below=0.5"])
     assert _stop_reason(cfg, []) == ""
     assert _stop_reason(cfg, [0.9, 0.6]) == ""
     assert "stop_rkl_below" in _stop_reason(cfg, [0.9, 0.4])
     cfg = load_config("tiny", ["eval.stop_patience=2", "eval.stop_min_delta=0.05"])
-    assert _stop_reason(cfg, [1.0, 0.9]) == ""                 # not enough rounds to judge
-    assert _stop_reason(cfg, [1.0, 0.9, 0.8]) == ""            # still improving
-    assert "stop_patience" in _stop_reason(cfg, [1.0, 0.97, 0.99])   # best 1.0, no drop of 0.05 since
-    assert _stop_reason(cfg, [1.0, 0.97, 0.94]) == ""          # dropped 0.06 within the window
-    assert _stop_reason(load_config("tiny"), [5.0, 6.0, 7.0]) == ""   # off by default
+    assert _stop_reason(cfg, [1.0, 0.9]) == ""  # not enough rounds to judge
+    assert _stop_reason(cfg, [1.0, 0.9, 0.8]) == ""  # still improving
+    assert "stop_patience" in _stop_reason(cfg, [1.0, 0.97, 0.99])  # best 1.0, no drop of 0.05 since
+    assert _stop_reason(cfg, [1.0, 0.97, 0.94]) == ""  # dropped 0.06 within the window
+    assert _stop_reason(load_config("tiny"), [5.0, 6.0, 7.0]) == ""  # off by default
 
 
 def test_device_pools():
@@ -90,16 +90,27 @@ def test_bad_arguments_are_one_line_errors(tmp_path):
     assert res.returncode == 1 and "--score-devices" in res.stderr and res.stderr.strip().count("\n") == 0
     res = opd_run(tmp_path / "m", "--config", "tiny", "--set", f"run.student={tmp_path / 'missing'}")
     assert res.returncode == 1 and "missing' not found" in res.stderr and res.stderr.strip().count("\n") == 0
-    assert not (tmp_path / "m" / "rounds").exists()   # failed before any stage started
+    assert not (tmp_path / "m" / "rounds").exists()  # failed before any stage started
 
 
 # ------------------------------------------------------------------------------------------ real loops
 
+
 def test_two_real_rounds_with_vllm(tmp_path, tiny_teacher, tiny_student):
     """Two rounds through `opd run` with the vLLM engine; every shard, manifest and checkpoint checked."""
     run_dir = tmp_path / "run"
-    res = opd_run(run_dir, "--config", "tiny", "--rounds", "2", "--engine", "vllm", "--plot", str(tmp_path / "c.png"),
-                  *tiny_settings(tiny_teacher, tiny_student, **{"eval.final": "false"}))
+    res = opd_run(
+        run_dir,
+        "--config",
+        "tiny",
+        "--rounds",
+        "2",
+        "--engine",
+        "vllm",
+        "--plot",
+        str(tmp_path / "c.png"),
+        *tiny_settings(tiny_teacher, tiny_student, **{"eval.final": "false"}),
+    )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     run = RunDir(str(run_dir))
     assert run.rounds() == [0, 1]
@@ -110,10 +121,10 @@ def test_two_real_rounds_with_vllm(tmp_path, tiny_teacher, tiny_student):
     for r in (0, 1):
         logs = Path(run.round_dir(r)) / "logs"
         assert {p.name for p in logs.iterdir()} == {"rollout.log", "score.log", "train.log"}
-        assert " INFO " in (logs / "rollout.log").read_text()          # vLLM's engine lines landed here
+        assert " INFO " in (logs / "rollout.log").read_text()  # vLLM's engine lines landed here
     found = layout(run, [0, 1])
     for r in (0, 1):
-        assert found[(r, "rollouts")] == {"part-00000.parquet": 16, "part-00001.parquet": 16}   # 16 prompts × n=2
+        assert found[(r, "rollouts")] == {"part-00000.parquet": 16, "part-00001.parquet": 16}  # 16 prompts × n=2
         assert found[(r, "scores")] == found[(r, "rollouts")]
         assert found[(r, "heldout/rollouts")] == {"part-00000.parquet": 8} == found[(r, "heldout/scores")]
         for name in found[(r, "rollouts")]:
@@ -137,9 +148,11 @@ def test_two_real_rounds_with_vllm(tmp_path, tiny_teacher, tiny_student):
         ev = read_eval(run, r)
         table, _ = read_rollout_shard(run.fs, run.shard_path(r, "heldout/rollouts", 0))
         cache = ScoreShard(run.fs, run.shard_path(r, "heldout/scores", 0))
-        diffs = [s - t for sid, lps in zip(table.column("sample_id").to_pylist(),
-                                           table.column("sampling_logprobs").to_pylist())
-                 for s, t in zip(lps, cache.by_id(sid).taken_logprobs_T)]
+        diffs = [
+            s - t
+            for sid, lps in zip(table.column("sample_id").to_pylist(), table.column("sampling_logprobs").to_pylist())
+            for s, t in zip(lps, cache.by_id(sid).taken_logprobs_T)
+        ]
         assert ev["samples"] == 8 and ev["tokens"] == len(diffs)
         assert ev["heldout_rkl"] == pytest.approx(sum(diffs) / len(diffs), abs=1e-5)
         assert 0 <= ev["accuracy"] <= 1 and ev["checker"] == "gsm8k"
@@ -157,15 +170,35 @@ def reference_run(tmp_path_factory, tiny_teacher, tiny_student):
     """One uninterrupted round + final evaluation, with every pool split in two on CPU: 2 rollout
     workers, 2 score workers following them (overlap on), 2 gloo learners under torchrun."""
     run_dir = tmp_path_factory.mktemp("loop") / "reference"
-    res = opd_run(run_dir, "--config", "tiny", "--rounds", "1", "--engine", "transformers",
-                  "--rollout-devices", "cpu,cpu", "--score-devices", "cpu,cpu", "--train-devices", "cpu,cpu",
-                  "--overlap", "on", *tiny_settings(tiny_teacher, tiny_student, **KILL_SETTINGS))
+    res = opd_run(
+        run_dir,
+        "--config",
+        "tiny",
+        "--rounds",
+        "1",
+        "--engine",
+        "transformers",
+        "--rollout-devices",
+        "cpu,cpu",
+        "--score-devices",
+        "cpu,cpu",
+        "--train-devices",
+        "cpu,cpu",
+        "--overlap",
+        "on",
+        *tiny_settings(tiny_teacher, tiny_student, **KILL_SETTINGS),
+    )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return RunDir(str(run_dir)), res
 
 
-KILL_SETTINGS = {"rollout.max_prompts": 24, "rollout.prompts_per_shard": 2, "rollout.max_new_tokens": 32,
-                 "train.max_tokens_per_batch": 128, "eval.max_prompts": 4}
+KILL_SETTINGS = {
+    "rollout.max_prompts": 24,
+    "rollout.prompts_per_shard": 2,
+    "rollout.max_new_tokens": 32,
+    "train.max_tokens_per_batch": 128,
+    "eval.max_prompts": 4,
+}
 
 
 def test_pools_overlap_and_workers(reference_run):
@@ -181,7 +214,7 @@ def test_pools_overlap_and_workers(reference_run):
     assert read_manifest(run, run.stage_dir(0, "student")).summary["world_size"] == 2
     loop = {x["step"]: x for x in records if x["stage"] == "loop"}
     assert loop["rollout"]["workers"] == 2 and loop["score"]["workers"] == 2 and loop["train"]["workers"] == 1
-    assert read_eval(run, 0)["samples"] == 4 and read_eval(run, 1)["samples"] == 4   # before and after training
+    assert read_eval(run, 0)["samples"] == 4 and read_eval(run, 1)["samples"] == 4  # before and after training
 
 
 def _wait_for(predicate, proc, what, timeout=240):
@@ -213,8 +246,15 @@ def test_sigkill_during_each_stage_resumes_to_the_same_run(tmp_path, reference_r
     ref, _ = reference_run
     run_dir = tmp_path / "killed"
     run = RunDir(str(run_dir))
-    args = ["--config", "tiny", "--rounds", "1", "--engine", "transformers",
-            *tiny_settings(tiny_teacher, tiny_student, **KILL_SETTINGS)]
+    args = [
+        "--config",
+        "tiny",
+        "--rounds",
+        "1",
+        "--engine",
+        "transformers",
+        *tiny_settings(tiny_teacher, tiny_student, **KILL_SETTINGS),
+    ]
 
     def shards(folder):
         return list(Path(run.stage_dir(0, folder)).glob("part-*.parquet"))
@@ -229,8 +269,9 @@ def test_sigkill_during_each_stage_resumes_to_the_same_run(tmp_path, reference_r
         ("train", trained_steps, "student"),
     ]
     for stage, ready, folder in kill_points:
-        proc = subprocess.Popen(CLI + ["run", str(run_dir), *args], stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            CLI + ["run", str(run_dir), *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         _wait_for(ready, proc, f"the {stage} stage to be under way")
         proc.send_signal(signal.SIGKILL)
         proc.wait()
@@ -239,15 +280,24 @@ def test_sigkill_during_each_stage_resumes_to_the_same_run(tmp_path, reference_r
         while _stage_processes(run_dir) and time.time() < deadline:
             time.sleep(0.1)
         assert not _stage_processes(run_dir), f"stage processes outlived the killed loop ({stage})"
-    res = opd_run(run_dir, *args[2:])   # resume (the config is in RUN/opd.toml now)
+    res = opd_run(run_dir, *args[2:])  # resume (the config is in RUN/opd.toml now)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert layout(run, [0, 1]) == layout(ref, [0, 1])
-    assert set(layout(run, [0, 1])) == {(0, f) for f in STAGE_FOLDERS} | {(1, "heldout/rollouts"), (1, "heldout/scores")}
-    for r, folder in layout(run, [0, 1]):   # no stray temporary or extra files anywhere
+    assert set(layout(run, [0, 1])) == {(0, f) for f in STAGE_FOLDERS} | {
+        (1, "heldout/rollouts"),
+        (1, "heldout/scores"),
+    }
+    for r, folder in layout(run, [0, 1]):  # no stray temporary or extra files anywhere
         names = {p.name for p in Path(run.stage_dir(r, folder)).iterdir()}
         assert names == set(layout(run, [0, 1])[(r, folder)]) | {"_DONE.json"}
-    ids = lambda rd: sorted(x for p in Path(rd.stage_dir(0, "rollouts")).glob("part-*.parquet")
-                            for x in pq.read_table(p, columns=["sample_id"]).column(0).to_pylist())
+
+    def ids(rd):
+        return sorted(
+            x
+            for p in Path(rd.stage_dir(0, "rollouts")).glob("part-*.parquet")
+            for x in pq.read_table(p, columns=["sample_id"]).column(0).to_pylist()
+        )
+
     assert ids(run) == ids(ref) and len(ids(run)) == len(set(ids(run))) == 48
     assert read_manifest(run, run.stage_dir(0, "student")) is not None and read_eval(run, 1) is not None
 
@@ -255,11 +305,22 @@ def test_sigkill_during_each_stage_resumes_to_the_same_run(tmp_path, reference_r
 def test_demo_command_on_tiny_models(tmp_path, tiny_teacher, tiny_student):
     """`opd demo`'s own path (init from its preset, loop, table, plot, verdict) with tiny models swapped in."""
     out = tmp_path / "demo"
-    settings = tiny_settings(tiny_teacher, tiny_student, **{
-        "rollout.engine": '"transformers"', "rollout.max_prompts": 8, "rollout.max_new_tokens": 16,
-        "eval.max_prompts": 4, "eval.n": 1, "score.top_k": 8, "train.epochs": 1})
-    res = subprocess.run(CLI + ["demo", "--out", str(out), "--rounds", "1", *settings], capture_output=True,
-                         text=True, timeout=600)
+    settings = tiny_settings(
+        tiny_teacher,
+        tiny_student,
+        **{
+            "rollout.engine": '"transformers"',
+            "rollout.max_prompts": 8,
+            "rollout.max_new_tokens": 16,
+            "eval.max_prompts": 4,
+            "eval.n": 1,
+            "score.top_k": 8,
+            "train.epochs": 1,
+        },
+    )
+    res = subprocess.run(
+        CLI + ["demo", "--out", str(out), "--rounds", "1", *settings], capture_output=True, text=True, timeout=600
+    )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     run = RunDir(str(out))
     rkls = [read_eval(run, r)["heldout_rkl"] for r in (0, 1)]
@@ -273,7 +334,9 @@ def test_demo_command_on_tiny_models(tmp_path, tiny_teacher, tiny_student):
 def test_overlap_auto_rule():
     from opd.pipeline.loop import _overlap_pays
 
-    gpu = lambda s: Pool.parse(s, "x")
+    def gpu(s):
+        return Pool.parse(s, "x")
+
     assert _overlap_pays(gpu("0"), gpu("1")) and not _overlap_pays(gpu("0,1"), gpu("1"))
     assert _overlap_pays(gpu("cpu"), gpu("cpu,cpu"))
     import torch

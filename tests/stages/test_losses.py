@@ -45,8 +45,14 @@ def test_jsd_with_full_vocab_equals_trl(beta):
     ids, lps, tail = _full_vocab_cache(t_logits[mask])
     ours = jsd_loss(s_logits[mask], ids, lps, tail, beta=beta)
     torch.testing.assert_close(ours.mean(), trl_loss, rtol=1e-5, atol=1e-6)
-    naive = [_naive_gjsd(torch.softmax(s_logits[mask][i].double(), -1).tolist(),
-                         torch.softmax(t_logits[mask][i].double(), -1).tolist(), beta) for i in range(mask.sum())]
+    naive = [
+        _naive_gjsd(
+            torch.softmax(s_logits[mask][i].double(), -1).tolist(),
+            torch.softmax(t_logits[mask][i].double(), -1).tolist(),
+            beta,
+        )
+        for i in range(mask.sum())
+    ]
     torch.testing.assert_close(ours.double(), torch.tensor(naive, dtype=torch.float64), rtol=1e-4, atol=1e-6)
 
 

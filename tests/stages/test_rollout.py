@@ -19,12 +19,12 @@ import torch
 from click.testing import CliRunner
 
 from opd.cache import storage
+from opd.cache.config import load_run_config
 from opd.cache.errors import FingerprintMismatch, OpdError
+from opd.cache.rundir import Manifest, RunDir, ShardSpec, write_manifest
 from opd.cache.shards import read_rollout_shard
 from opd.pipeline.cli import main as cli_main
-from opd.cache.config import load_run_config
 from opd.pipeline.init import init_run
-from opd.cache.rundir import Manifest, RunDir, ShardSpec, write_manifest
 from opd.stages import rollout
 from opd.stages.engine import vllm_available
 
@@ -33,6 +33,7 @@ LETTERS = [chr(c) for c in range(ord("a"), ord("z") + 1)] + [str(d) for d in ran
 
 
 # ------------------------------------------------------------------------------------------ helpers
+
 
 def _toml_value(v):
     if isinstance(v, bool):
@@ -45,10 +46,20 @@ def _toml_value(v):
 
 
 def make_run(tmp_path, name, student, teacher, prompts, **rollout_settings) -> tuple[RunDir, object]:
-    settings = {"prompts": str(prompts), "prompt_field": "prompt", "id_field": "id", "n": 2,
-                "max_new_tokens": 8, "prompts_per_shard": 4, "engine": "transformers", **rollout_settings}
-    text = (f"[run]\nstudent = {json.dumps(str(student))}\nteacher = {json.dumps(str(teacher))}\nseed = 3\n\n"
-            "[rollout]\n" + "".join(f"{k} = {_toml_value(v)}\n" for k, v in settings.items()))
+    settings = {
+        "prompts": str(prompts),
+        "prompt_field": "prompt",
+        "id_field": "id",
+        "n": 2,
+        "max_new_tokens": 8,
+        "prompts_per_shard": 4,
+        "engine": "transformers",
+        **rollout_settings,
+    }
+    text = (
+        f"[run]\nstudent = {json.dumps(str(student))}\nteacher = {json.dumps(str(teacher))}\nseed = 3\n\n"
+        "[rollout]\n" + "".join(f"{k} = {_toml_value(v)}\n" for k, v in settings.items())
+    )
     config = tmp_path / f"{name}.toml"
     config.write_text(text)
     run_dir = tmp_path / name
@@ -86,7 +97,7 @@ def processed_logprobs(logits_TV: torch.Tensor, temperature: float, top_k: int, 
         kth = torch.topk(z, top_k, dim=-1).values[:, -1:]
         z = z.masked_fill(z < kth, -math.inf)
     if top_p < 1.0:
-        sorted_z, idx = torch.sort(z, dim=-1)               # ascending
+        sorted_z, idx = torch.sort(z, dim=-1)  # ascending
         cum = torch.softmax(sorted_z, -1).cumsum(-1)
         remove = cum <= 1 - top_p
         remove[:, -1] = False
@@ -104,7 +115,7 @@ def assert_logprobs_match(model_dir, rows, rc, tol, source="student", model=None
             continue
         P, C = r["prompt_ids"], r["completion_ids"]
         with torch.no_grad():
-            logits = model(torch.tensor([P + C])).logits[0, len(P) - 1:-1].float()
+            logits = model(torch.tensor([P + C])).logits[0, len(P) - 1 : -1].float()
         want = processed_logprobs(logits, rc.temperature, rc.top_k, rc.top_p).gather(1, torch.tensor(C)[:, None])[:, 0]
         got = torch.tensor(r["sampling_logprobs"], dtype=torch.float64)
         assert torch.isfinite(want).all(), f"{r['sample_id']}: a sampled token lies outside the top-k/top-p set"
@@ -125,11 +136,12 @@ def assert_valid_samples(rows, tokenizer, rc):
         assert r["finish_reason"] in ("stop", "length")
         if r["finish_reason"] == "length":
             assert len(r["completion_ids"]) == rc.max_new_tokens
-        else:   # ended by EOS (kept) or by a stop string completed by the last token
+        else:  # ended by EOS (kept) or by a stop string completed by the last token
             text = tokenizer.decode(r["completion_ids"], skip_special_tokens=True)
             before = tokenizer.decode(r["completion_ids"][:-1], skip_special_tokens=True)
             assert r["completion_ids"][-1] == eos or (
-                any(s in text for s in rc.stop) and not any(s in before for s in rc.stop)), r
+                any(s in text for s in rc.stop) and not any(s in before for s in rc.stop)
+            ), r
 
 
 def on_policy_ids(rows):
@@ -138,13 +150,24 @@ def on_policy_ids(rows):
 
 # ------------------------------------------------------------------------------------------ engines
 
+
 @pytest.mark.parametrize("temperature,top_k,top_p,stop", [(0.7, -1, 1.0, []), (1.3, 20, 0.9, LETTERS)])
 def test_transformers_engine_writes_valid_shards(tmp_path, tiny_student, tiny_teacher, temperature, top_k, top_p, stop):
     from transformers import AutoTokenizer
 
     prompts = write_prompts(tmp_path / "p.jsonl", 10)
-    run, cfg = make_run(tmp_path, "run", tiny_student, tiny_teacher, prompts, temperature=temperature,
-                        top_k=top_k, top_p=top_p, stop=stop, max_new_tokens=24)
+    run, cfg = make_run(
+        tmp_path,
+        "run",
+        tiny_student,
+        tiny_teacher,
+        prompts,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        stop=stop,
+        max_new_tokens=24,
+    )
     summary = rollout.run(cfg, run, 0)
     assert summary["done"] and summary["shards_written"] == 3 and summary["samples_written"] == 20
     assert summary["completion_tokens_generated"] > 0 and summary["tokens_per_s"] > 0
@@ -157,8 +180,9 @@ def test_transformers_engine_writes_valid_shards(tmp_path, tiny_student, tiny_te
     assert_logprobs_match(tiny_student, rows, cfg.rollout, tol=1e-3)
     # prompts rendered with the student's chat template; original messages kept
     r0 = next(r for r in rows if r["prompt_id"] == "q004")
-    text = tok.apply_chat_template([{"role": "user", "content": "What is 4 plus 7?"}], add_generation_prompt=True,
-                                   tokenize=False)
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": "What is 4 plus 7?"}], add_generation_prompt=True, tokenize=False
+    )
     assert r0["prompt_ids"] == tok(text, add_special_tokens=False)["input_ids"]
     assert json.loads(r0["prompt_messages"]) == [{"role": "user", "content": "What is 4 plus 7?"}]
     assert len({r["sampling_hash"] for r in rows}) == 1
@@ -179,8 +203,15 @@ def vllm_engine(tiny_student):
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     from opd.stages.engine_vllm import VLLMEngine
 
-    engine = VLLMEngine(tiny_student, seed=0, dtype="float32", gpu_memory_utilization=0.05, enforce_eager=True,
-                        max_model_len=1024, in_process=False)   # keeps vLLM's CPU thread binding out of pytest
+    engine = VLLMEngine(
+        tiny_student,
+        seed=0,
+        dtype="float32",
+        gpu_memory_utilization=0.05,
+        enforce_eager=True,
+        max_model_len=1024,
+        in_process=False,
+    )  # keeps vLLM's CPU thread binding out of pytest
     yield engine
     engine.close()
 
@@ -193,8 +224,10 @@ def test_vllm_engine_writes_valid_shards(tmp_path, tiny_student, tiny_teacher, v
     tok = AutoTokenizer.from_pretrained(str(tiny_student))
     model = AutoModelForCausalLM.from_pretrained(str(tiny_student), dtype=torch.float32).eval()
     prompts = write_prompts(tmp_path / "p.jsonl", 10)
-    cases = {"temp": dict(temperature=0.7), "warped": dict(temperature=1.3, top_k=20, top_p=0.9, stop=LETTERS,
-                                                         lmbda=0.5, reference_field="reference")}
+    cases = {
+        "temp": dict(temperature=0.7),
+        "warped": dict(temperature=1.3, top_k=20, top_p=0.9, stop=LETTERS, lmbda=0.5, reference_field="reference"),
+    }
     for name, settings in cases.items():
         run, cfg = make_run(tmp_path, name, tiny_student, tiny_teacher, prompts, max_new_tokens=24, **settings)
         summary = rollout.run(cfg, run, 0, engine=vllm_engine)
@@ -208,8 +241,9 @@ def test_vllm_engine_writes_valid_shards(tmp_path, tiny_student, tiny_teacher, v
         if name == "warped":
             assert any(r["finish_reason"] == "stop" and r["completion_ids"][-1] != tok.eos_token_id for r in rows)
             # the λ choice does not depend on the engine
-            run_hf, cfg_hf = make_run(tmp_path, "warped_hf", tiny_student, tiny_teacher, prompts,
-                                      max_new_tokens=2, **settings)
+            run_hf, cfg_hf = make_run(
+                tmp_path, "warped_hf", tiny_student, tiny_teacher, prompts, max_new_tokens=2, **settings
+            )
             rollout.run(cfg_hf, run_hf, 0, engine="transformers")
             hf_rows = read_rows(run_hf)
             assert {(r["sample_id"], r["source"]) for r in rows} == {(r["sample_id"], r["source"]) for r in hf_rows}
@@ -218,6 +252,7 @@ def test_vllm_engine_writes_valid_shards(tmp_path, tiny_student, tiny_teacher, v
 
 # ------------------------------------------------------------------------------------------ λ
 
+
 def test_lambda_mix_is_deterministic_and_monotone(tmp_path, tiny_student, tiny_teacher):
     from transformers import AutoTokenizer
 
@@ -225,8 +260,17 @@ def test_lambda_mix_is_deterministic_and_monotone(tmp_path, tiny_student, tiny_t
     tok = AutoTokenizer.from_pretrained(str(tiny_student))
     on_sets = {}
     for lmbda in (0.0, 0.3, 0.6, 1.0):
-        run, cfg = make_run(tmp_path, f"l{lmbda}", tiny_student, tiny_teacher, prompts, lmbda=lmbda,
-                            reference_field="reference", max_new_tokens=2, prompts_per_shard=10)
+        run, cfg = make_run(
+            tmp_path,
+            f"l{lmbda}",
+            tiny_student,
+            tiny_teacher,
+            prompts,
+            lmbda=lmbda,
+            reference_field="reference",
+            max_new_tokens=2,
+            prompts_per_shard=10,
+        )
         summary = rollout.run(cfg, run, 0)
         rows = read_rows(run)
         on_sets[lmbda] = on_policy_ids(rows)
@@ -237,16 +281,17 @@ def test_lambda_mix_is_deterministic_and_monotone(tmp_path, tiny_student, tiny_t
         for pid, prs in by_prompt.items():
             if pid in on_sets[lmbda]:
                 assert sorted(r["sample_index"] for r in prs) == [0, 1] and {r["source"] for r in prs} == {"student"}
-            else:   # one reference row per off-policy prompt
+            else:  # one reference row per off-policy prompt
                 (r,) = prs
                 i = int(pid[1:])
                 assert r["source"] == "dataset" and r["sample_index"] == 0 and r["sample_id"] == f"{pid}/0"
-                assert r["completion_ids"] == tok(f"{i} plus {i + 3} is {2 * i + 3}.",
-                                                  add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+                assert r["completion_ids"] == tok(f"{i} plus {i + 3} is {2 * i + 3}.", add_special_tokens=False)[
+                    "input_ids"
+                ] + [tok.eos_token_id]
         assert summary["on_policy_prompts"] == len(on_sets[lmbda])
     assert on_sets[0.0] == set() and len(on_sets[1.0]) == 40
     assert 4 <= len(on_sets[0.3]) <= 20 and 14 <= len(on_sets[0.6]) <= 36
-    assert on_sets[0.3] <= on_sets[0.6]   # u < λ: raising λ only adds on-policy prompts
+    assert on_sets[0.3] <= on_sets[0.6]  # u < λ: raising λ only adds on-policy prompts
 
 
 def test_sharded_workers_equal_single_run(tmp_path, tiny_student, tiny_teacher):
@@ -256,19 +301,19 @@ def test_sharded_workers_equal_single_run(tmp_path, tiny_student, tiny_teacher):
     rollout.run(cfg, single, 0)
     split, cfg2 = make_run(tmp_path, "split", tiny_student, tiny_teacher, prompts, **settings)
     first = rollout.run(cfg2, split, 0, shard=ShardSpec.parse("0/2"))
-    assert not first["done"] and first["shards_written"] == 3      # shards 0, 2, 4 of 5
+    assert not first["done"] and first["shards_written"] == 3  # shards 0, 2, 4 of 5
     assert not Path(split.stage_dir(0, "rollouts"), "_DONE.json").exists()
     second = rollout.run(cfg2, split, 0, shard=ShardSpec.parse("1/2"))
     assert second["done"] and second["shards_written"] == 2
     a, b = read_rows(single), read_rows(split)
-    key = lambda r: (r["sample_id"], r["source"], tuple(r["completion_ids"]))   # noqa: E731
-    assert sorted(map(key, a)) == sorted(map(key, b))   # per-shard seeds: same samples too
+    key = lambda r: (r["sample_id"], r["source"], tuple(r["completion_ids"]))  # noqa: E731
+    assert sorted(map(key, a)) == sorted(map(key, b))  # per-shard seeds: same samples too
     assert len({r["sample_id"] for r in b}) == len(b)
     m1 = json.loads(Path(single.stage_dir(0, "rollouts"), "_DONE.json").read_text())
     m2 = json.loads(Path(split.stage_dir(0, "rollouts"), "_DONE.json").read_text())
     assert m1["summary"] == m2["summary"] and [s["rows"] for s in m1["shards"]] == [s["rows"] for s in m2["shards"]]
     # --force under --shard 0/2 redoes shards 0, 2, 4 only; worker 1's files stay as they were
-    mtime = lambda s: Path(split.shard_path(0, "rollouts", s)).stat().st_mtime_ns   # noqa: E731
+    mtime = lambda s: Path(split.shard_path(0, "rollouts", s)).stat().st_mtime_ns  # noqa: E731
     before = {s: mtime(s) for s in range(5)}
     redo = rollout.run(cfg2, split, 0, shard=ShardSpec.parse("0/2"), force=True)
     assert redo["shards_written"] == 3 and redo["done"]
@@ -277,11 +322,14 @@ def test_sharded_workers_equal_single_run(tmp_path, tiny_student, tiny_teacher):
 
 def test_killed_rollout_resumes_without_loss_or_duplicates(tmp_path, tiny_student, tiny_teacher):
     prompts = write_prompts(tmp_path / "p.jsonl", 16)
-    run, cfg = make_run(tmp_path, "run", tiny_student, tiny_teacher, prompts, prompts_per_shard=1,
-                        max_new_tokens=32)
+    run, cfg = make_run(tmp_path, "run", tiny_student, tiny_teacher, prompts, prompts_per_shard=1, max_new_tokens=32)
     stage_dir = Path(run.stage_dir(0, "rollouts"))
-    proc = subprocess.Popen([sys.executable, "-m", "opd.pipeline.cli", "rollout", run.url, "--round", "0"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "opd.pipeline.cli", "rollout", run.url, "--round", "0"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=dict(os.environ),
+    )
     deadline = time.time() + 120
     try:
         while time.time() < deadline and not list(stage_dir.glob("part-*.parquet")):
@@ -290,7 +338,9 @@ def test_killed_rollout_resumes_without_loss_or_duplicates(tmp_path, tiny_studen
         os.kill(proc.pid, signal.SIGKILL)
     finally:
         proc.wait()
-    before = {p.name: (storage.sha256_file(FS, str(p))[0], p.stat().st_mtime_ns) for p in stage_dir.glob("part-*.parquet")}
+    before = {
+        p.name: (storage.sha256_file(FS, str(p))[0], p.stat().st_mtime_ns) for p in stage_dir.glob("part-*.parquet")
+    }
     assert 1 <= len(before) < 16 and not (stage_dir / "_DONE.json").exists()
 
     summary = rollout.run(cfg, run, 0)
@@ -300,8 +350,10 @@ def test_killed_rollout_resumes_without_loss_or_duplicates(tmp_path, tiny_studen
     ids = [r["sample_id"] for r in rows]
     assert len(ids) == len(set(ids)) == 32
     assert set(ids) == {f"q{i:03d}/{j}" for i in range(16) for j in range(2)}
-    after = {p.name: (storage.sha256_file(FS, str(p))[0], p.stat().st_mtime_ns) for p in stage_dir.glob("part-*.parquet")}
-    assert all(after[n] == v for n, v in before.items())   # resumed: the same files, not rewritten
+    after = {
+        p.name: (storage.sha256_file(FS, str(p))[0], p.stat().st_mtime_ns) for p in stage_dir.glob("part-*.parquet")
+    }
+    assert all(after[n] == v for n, v in before.items())  # resumed: the same files, not rewritten
     assert not [p for p in stage_dir.iterdir() if p.name.startswith(".tmp-")]
 
 
@@ -324,6 +376,7 @@ def test_finished_stage_fingerprint_and_force(tmp_path, tiny_student, tiny_teach
 
 # ------------------------------------------------------------------------------------------ prompts
 
+
 def test_bad_prompt_files_are_one_line_errors(tmp_path, tiny_student, tiny_teacher):
     cases = {
         "empty.jsonl": ("", "no prompts"),
@@ -333,14 +386,22 @@ def test_bad_prompt_files_are_one_line_errors(tmp_path, tiny_student, tiny_teach
         "notobj.jsonl": ('["a"]\n', "line 1: a prompt row must be a JSON object"),
         "badmsg.jsonl": ('{"id": "a", "messages": "hi"}\n', "line 1: 'messages' must be"),
         "dup.jsonl": ('{"id": "a", "prompt": "x"}\n{"id": "a", "prompt": "y"}\n', "line 2: duplicate prompt id"),
-        "noref.jsonl": ('{"id": "a", "prompt": "x", "reference": "r"}\n{"id": "b", "prompt": "y"}\n',
-                        "line 2: no reference response"),
+        "noref.jsonl": (
+            '{"id": "a", "prompt": "x", "reference": "r"}\n{"id": "b", "prompt": "y"}\n',
+            "line 2: no reference response",
+        ),
     }
     for fname, (content, expected) in cases.items():
         path = tmp_path / fname
         path.write_text(content)
-        run, cfg = make_run(tmp_path, fname.split(".")[0], tiny_student, tiny_teacher, path,
-                            **({"lmbda": 0.5, "reference_field": "reference"} if fname == "noref.jsonl" else {}))
+        run, cfg = make_run(
+            tmp_path,
+            fname.split(".")[0],
+            tiny_student,
+            tiny_teacher,
+            path,
+            **({"lmbda": 0.5, "reference_field": "reference"} if fname == "noref.jsonl" else {}),
+        )
         with pytest.raises(OpdError) as e:
             rollout.run(cfg, run, 0)
         msg = str(e.value)
@@ -365,16 +426,17 @@ def test_bad_prompt_files_are_one_line_errors(tmp_path, tiny_student, tiny_teach
 
 
 def test_long_prompts_are_skipped_and_counted(tmp_path, tiny_student, tiny_teacher):
-    prompts = write_prompts(tmp_path / "p.jsonl", 12, long_every=4)      # q001, q005, q009 are long
-    run, cfg = make_run(tmp_path, "run", tiny_student, tiny_teacher, prompts, max_prompt_tokens=100,
-                        max_new_tokens=2)
+    prompts = write_prompts(tmp_path / "p.jsonl", 12, long_every=4)  # q001, q005, q009 are long
+    run, cfg = make_run(tmp_path, "run", tiny_student, tiny_teacher, prompts, max_prompt_tokens=100, max_new_tokens=2)
     summary = rollout.run(cfg, run, 0)
     assert summary["skipped_long_prompts"] == 3 and summary["prompts"] == 9 and summary["done"]
     assert "3 prompts skipped" in summary["line"]
     rows = read_rows(run)
     assert {r["prompt_id"] for r in rows} == {f"q{i:03d}" for i in range(12)} - {"q001", "q005", "q009"}
     assert all(len(r["prompt_ids"]) <= 100 for r in rows)
-    assert json.loads(Path(run.stage_dir(0, "rollouts"), "_DONE.json").read_text())["summary"]["skipped_long_prompts"] == 3
+    assert (
+        json.loads(Path(run.stage_dir(0, "rollouts"), "_DONE.json").read_text())["summary"]["skipped_long_prompts"] == 3
+    )
     run2, cfg2 = make_run(tmp_path, "all_long", tiny_student, tiny_teacher, prompts, max_prompt_tokens=5)
     with pytest.raises(OpdError, match="all 12 are longer than rollout.max_prompt_tokens=5"):
         rollout.run(cfg2, run2, 0)
@@ -384,14 +446,24 @@ def test_parquet_messages_and_plain_rendering(tmp_path, tiny_student, tiny_teach
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(tiny_student))
-    messages = [[{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"Add {i} and 1."}]
-                for i in range(3)]
+    messages = [
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"Add {i} and 1."}] for i in range(3)
+    ]
     pq.write_table(pa.table({"conv": messages}), tmp_path / "chat.parquet")
-    run, cfg = make_run(tmp_path, "chat", tiny_student, tiny_teacher, tmp_path / "chat.parquet",
-                        messages_field="conv", id_field="", max_new_tokens=2, n=1)
+    run, cfg = make_run(
+        tmp_path,
+        "chat",
+        tiny_student,
+        tiny_teacher,
+        tmp_path / "chat.parquet",
+        messages_field="conv",
+        id_field="",
+        max_new_tokens=2,
+        n=1,
+    )
     rollout.run(cfg, run, 0)
     rows = sorted(read_rows(run), key=lambda r: r["prompt_id"])
-    assert [r["sample_id"] for r in rows] == ["0/0", "1/0", "2/0"]     # ids = row numbers
+    assert [r["sample_id"] for r in rows] == ["0/0", "1/0", "2/0"]  # ids = row numbers
     for r, msgs in zip(rows, messages):
         text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
         assert r["prompt_ids"] == tok(text, add_special_tokens=False)["input_ids"]
@@ -405,10 +477,20 @@ def test_parquet_messages_and_plain_rendering(tmp_path, tiny_student, tiny_teach
 
 # ------------------------------------------------------------------------------------------ models
 
+
 def test_teacher_offpolicy_rows(tmp_path, tiny_student, tiny_teacher):
     prompts = write_prompts(tmp_path / "p.jsonl", 6)
-    run, cfg = make_run(tmp_path, "run", tiny_student, tiny_teacher, prompts, lmbda=0.0,
-                        offpolicy_source="teacher", temperature=0.8, max_new_tokens=12)
+    run, cfg = make_run(
+        tmp_path,
+        "run",
+        tiny_student,
+        tiny_teacher,
+        prompts,
+        lmbda=0.0,
+        offpolicy_source="teacher",
+        temperature=0.8,
+        max_new_tokens=12,
+    )
     summary = rollout.run(cfg, run, 0)
     rows = read_rows(run)
     assert summary["on_policy_prompts"] == 0 and len(rows) == 12 and {r["source"] for r in rows} == {"teacher"}
@@ -423,8 +505,9 @@ def _lora_student(run: RunDir, tiny_student) -> torch.nn.Module:
 
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_pretrained(str(tiny_student), dtype=torch.float32)
-    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                            init_lora_weights=False))
+    model = get_peft_model(
+        base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
     folder = Path(run.stage_dir(0, "student"))
     model.save_pretrained(folder)
     AutoTokenizer.from_pretrained(str(tiny_student)).save_pretrained(folder)

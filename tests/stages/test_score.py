@@ -17,19 +17,18 @@ import torch
 from click.testing import CliRunner
 
 from opd.cache import storage
+from opd.cache.config import OpdConfig, RolloutConfig, RunConfig, ScoreConfig, dumps_config, load_run_config
 from opd.cache.errors import FingerprintMismatch, OpdError
+from opd.cache.rundir import Manifest, RunDir, ShardSpec, finalize_stage, parquet_rows, read_manifest, write_manifest
 from opd.cache.shards import ScoreShard, write_rollout_shard
 from opd.pipeline.cli import main
-from opd.cache.config import OpdConfig, RolloutConfig, RunConfig, ScoreConfig, dumps_config
-from opd.cache.config import load_run_config
-from opd.cache.rundir import (Manifest, RunDir, ShardSpec, finalize_stage, parquet_rows, read_manifest,
-                                 write_manifest)
 from opd.stages import score
 
 VOCAB = 260  # the tiny models' byte-level tokenizer
 
 
 # ------------------------------------------------------------------------------------------ helpers
+
 
 def rollout_rows(seed: int, n: int, prompt_len=(1, 12), completion_len=(0, 20), prefix="q"):
     """Ragged rollout rows with random prompt and completion ids from the tiny vocabulary."""
@@ -38,25 +37,45 @@ def rollout_rows(seed: int, n: int, prompt_len=(1, 12), completion_len=(0, 20), 
     for i in range(n):
         P = int(rng.integers(prompt_len[0], prompt_len[1] + 1))
         T = int(rng.integers(completion_len[0], completion_len[1] + 1))
-        rows.append(dict(sample_id=f"{prefix}{i}/0", prompt_id=f"{prefix}{i}", sample_index=0, source="student",
-                         prompt_ids=rng.integers(0, VOCAB, P).tolist(), completion_ids=rng.integers(0, VOCAB, T).tolist(),
-                         sampling_logprobs=[-5.0] * T, finish_reason="length", sampling_hash="h" * 64,
-                         prompt_messages=None))
+        rows.append(
+            dict(
+                sample_id=f"{prefix}{i}/0",
+                prompt_id=f"{prefix}{i}",
+                sample_index=0,
+                source="student",
+                prompt_ids=rng.integers(0, VOCAB, P).tolist(),
+                completion_ids=rng.integers(0, VOCAB, T).tolist(),
+                sampling_logprobs=[-5.0] * T,
+                finish_reason="length",
+                sampling_hash="h" * 64,
+                prompt_messages=None,
+            )
+        )
     return rows
 
 
 def make_run(root: Path, teacher, student, shards: list[list[dict]] | None, **score_cfg) -> tuple[RunDir, OpdConfig]:
     """A run folder with opd.toml and (unless `shards` is None) a finished round-0 rollouts stage."""
-    cfg = OpdConfig(run=RunConfig(student=str(student), teacher=str(teacher)),
-                    rollout=RolloutConfig(prompts=str(root / "prompts.jsonl")), score=ScoreConfig(**score_cfg))
+    cfg = OpdConfig(
+        run=RunConfig(student=str(student), teacher=str(teacher)),
+        rollout=RolloutConfig(prompts=str(root / "prompts.jsonl")),
+        score=ScoreConfig(**score_cfg),
+    )
     run = RunDir(root / "run")
     storage.makedirs(run.fs, run.root)
     storage.atomic_write_bytes(run.fs, run.config_path, dumps_config(cfg).encode())
     if shards is not None:
         for s, rows in enumerate(shards):
             write_rollout_shard(run.fs, run.shard_path(0, "rollouts", s), rows, producer={"stage": "rollout"})
-        finalize_stage(run, run.stage_dir(0, "rollouts"), stage="rollouts", round_index=0, num_shards=len(shards),
-                       producer={"stage": "rollout"}, row_count=lambda p: parquet_rows(run, p))
+        finalize_stage(
+            run,
+            run.stage_dir(0, "rollouts"),
+            stage="rollouts",
+            round_index=0,
+            num_shards=len(shards),
+            producer={"stage": "rollout"},
+            row_count=lambda p: parquet_rows(run, p),
+        )
     return run, load_run_config(run)
 
 
@@ -74,7 +93,7 @@ def reference_logp(model, prompt, completion, tau: float) -> torch.Tensor:
     ids = torch.tensor([list(prompt) + list(completion)])
     with torch.no_grad():
         logits = model(ids).logits[0].double()
-    return torch.log_softmax(logits[len(prompt) - 1: len(prompt) + len(completion) - 1] / tau, -1)
+    return torch.log_softmax(logits[len(prompt) - 1 : len(prompt) + len(completion) - 1] / tau, -1)
 
 
 def check_against_reference(sample, logp_TV: torch.Tensor, completion, K: int, lp_tol: float, tol: float = 1e-5):
@@ -104,11 +123,11 @@ def teacher_model(tiny_teacher):
 
 # ------------------------------------------------------------------------------------------ correctness
 
+
 def test_cache_matches_full_vocabulary_forward_at_temperature(tmp_path, tiny_teacher, tiny_student, teacher_model):
     shards = [rollout_rows(0, 9, completion_len=(0, 25)), rollout_rows(1, 7, prompt_len=(1, 3))]
     tau, K = 0.7, 16
-    run, cfg = make_run(tmp_path, tiny_teacher, tiny_student, shards, top_k=K, temperature=tau,
-                        max_tokens_per_batch=64)
+    run, cfg = make_run(tmp_path, tiny_teacher, tiny_student, shards, top_k=K, temperature=tau, max_tokens_per_batch=64)
     summary = score.run(cfg, run, 0)
 
     positions = sum(len(r["completion_ids"]) for rows in shards for r in rows)
@@ -198,15 +217,18 @@ def test_batching_and_padding_do_not_change_the_cache(tmp_path, tiny_teacher, ti
         summary = score.run(cfg, run, 0)
         caches.append(score_shards(run))
         padded.append(summary["padded_tokens"])
-    assert padded[0] == sum(len(r["prompt_ids"]) + len(r["completion_ids"]) - 1
-                            for r in shards[0] if r["completion_ids"])  # one unpadded sequence per batch
+    assert padded[0] == sum(
+        len(r["prompt_ids"]) + len(r["completion_ids"]) - 1 for r in shards[0] if r["completion_ids"]
+    )  # one unpadded sequence per batch
     assert padded[1] > padded[0]  # everything in one padded batch
-    (small_table, _), = caches[0].values()
-    (large_table, _), = caches[1].values()
+    ((small_table, _),) = caches[0].values()
+    ((large_table, _),) = caches[1].values()
     for col in ("sample_id", "num_positions", "topk_ids"):
         assert small_table.column(col).equals(large_table.column(col))
-    small, large = (ScoreShard(r.fs, r.shard_path(0, "scores", 0))
-                    for r in (RunDir(tmp_path / "1" / "run"), RunDir(tmp_path / "100000" / "run")))
+    small, large = (
+        ScoreShard(r.fs, r.shard_path(0, "scores", 0))
+        for r in (RunDir(tmp_path / "1" / "run"), RunDir(tmp_path / "100000" / "run"))
+    )
     # float32 results may differ in the last bit between batch shapes (BLAS blocking), never more
     for a, b in zip(small, large):
         np.testing.assert_array_equal(a.topk_ids_TK, b.topk_ids_TK)
@@ -216,6 +238,7 @@ def test_batching_and_padding_do_not_change_the_cache(tmp_path, tiny_teacher, ti
 
 
 # ------------------------------------------------------------------------------------------ errors
+
 
 def test_vocabulary_mismatch_is_a_one_line_error(tmp_path, tiny_teacher, tiny_student):
     from transformers import AutoTokenizer
@@ -242,16 +265,19 @@ def test_missing_rollouts_is_a_one_line_error(tmp_path, tiny_teacher, tiny_stude
 
 
 def test_render_teacher_template_without_messages_is_an_error(tmp_path, tiny_teacher, tiny_student):
-    run, cfg = make_run(tmp_path, tiny_teacher, tiny_student, [rollout_rows(0, 2, completion_len=(1, 3))],
-                        render="teacher_template")
+    run, cfg = make_run(
+        tmp_path, tiny_teacher, tiny_student, [rollout_rows(0, 2, completion_len=(1, 3))], render="teacher_template"
+    )
     with pytest.raises(OpdError, match="no prompt_messages"):
         score.run(cfg, run, 0)
 
 
 # ------------------------------------------------------------------------------------------ rendering
 
-def test_teacher_template_changes_the_prompt_but_keeps_completion_alignment(tmp_path, tiny_teacher, tiny_student,
-                                                                           teacher_model):
+
+def test_teacher_template_changes_the_prompt_but_keeps_completion_alignment(
+    tmp_path, tiny_teacher, tiny_student, teacher_model
+):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_teacher)
@@ -276,6 +302,7 @@ def test_teacher_template_changes_the_prompt_but_keeps_completion_alignment(tmp_
 
 # ------------------------------------------------------------------------------------------ sharding, resume, skip
 
+
 def test_two_workers_produce_the_single_worker_shards(tmp_path, tiny_teacher, tiny_student):
     shards = [rollout_rows(10 + s, 4) for s in range(5)]
     single, cfg1 = make_run(tmp_path / "single", tiny_teacher, tiny_student, shards)
@@ -295,7 +322,9 @@ def test_two_workers_produce_the_single_worker_shards(tmp_path, tiny_teacher, ti
     assert [e.sha256 for e in ma.shards] == [e.sha256 for e in mb.shards] and ma.summary == mb.summary
 
 
-def test_finished_stage_is_skipped_refused_with_another_config_and_redone_with_force(tmp_path, tiny_teacher, tiny_student):
+def test_finished_stage_is_skipped_refused_with_another_config_and_redone_with_force(
+    tmp_path, tiny_teacher, tiny_student
+):
     run, cfg = make_run(tmp_path, tiny_teacher, tiny_student, [rollout_rows(0, 3)])
     score.run(cfg, run, 0)
     path = run.shard_path(0, "scores", 0)
@@ -321,8 +350,12 @@ def test_kill_and_rerun_completes_every_shard_once(tmp_path, tiny_teacher, tiny_
     shards = [rollout_rows(100 + s, 4, prompt_len=(8, 12), completion_len=(30, 36)) for s in range(n_shards)]
     run, cfg = make_run(tmp_path / "killed", tiny_teacher, tiny_student, shards, max_tokens_per_batch=48)
     scores_dir = Path(run.stage_dir(0, "scores"))
-    proc = subprocess.Popen([sys.executable, "-m", "opd.pipeline.cli", "score", run.url, "--round", "0"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "opd.pipeline.cli", "score", run.url, "--round", "0"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=os.environ.copy(),
+    )
     try:
         deadline = time.monotonic() + 60
         while not (scores_dir.is_dir() and any(p.name.startswith("part-") for p in scores_dir.iterdir())):
@@ -356,6 +389,7 @@ def test_kill_and_rerun_completes_every_shard_once(tmp_path, tiny_teacher, tiny_
 
 # ------------------------------------------------------------------------------------------ CLI
 
+
 def test_cli_score(tmp_path, tiny_teacher, tiny_student):
     run, _ = make_run(tmp_path, tiny_teacher, tiny_student, [rollout_rows(0, 3), rollout_rows(1, 2)])
     runner = CliRunner()
@@ -379,13 +413,20 @@ def test_later_rounds_check_the_previous_rounds_student(tmp_path, tiny_teacher, 
     run, cfg = make_run(tmp_path, tiny_teacher, tiny_student, [rollout_rows(0, 2)])
     rows = rollout_rows(1, 3)
     write_rollout_shard(run.fs, run.shard_path(1, "rollouts", 0), rows, producer={"stage": "rollout"})
-    finalize_stage(run, run.stage_dir(1, "rollouts"), stage="rollouts", round_index=1, num_shards=1,
-                   producer={"stage": "rollout"}, row_count=lambda p: parquet_rows(run, p))
+    finalize_stage(
+        run,
+        run.stage_dir(1, "rollouts"),
+        stage="rollouts",
+        round_index=1,
+        num_shards=1,
+        producer={"stage": "rollout"},
+        row_count=lambda p: parquet_rows(run, p),
+    )
     with pytest.raises(OpdError, match=f"run `opd train {run.url} --round 0` first"):
         score.run(cfg, run, 1)
     # what the learner leaves: an HF checkpoint (without `opd models`' own marker file)
     shutil.copytree(tiny_student, run.stage_dir(0, "student"), ignore=shutil.ignore_patterns("_DONE.json"))
-    with pytest.raises(OpdError, match="round 0 student is not finished"):   # ...but not before its manifest
+    with pytest.raises(OpdError, match="round 0 student is not finished"):  # ...but not before its manifest
         score.run(cfg, run, 1)
     write_manifest(run, run.stage_dir(0, "student"), Manifest(stage="student", round=0, shards=[], producer={}))
     summary = score.run(cfg, run, 1)
@@ -413,8 +454,12 @@ def test_follow_scores_rollout_shards_as_they_appear(tmp_path, tiny_teacher, tin
     shards = [rollout_rows(0, 3), rollout_rows(1, 2), rollout_rows(2, 4)]
     run, cfg = make_run(tmp_path, tiny_teacher, tiny_student, None, top_k=8)
     write_rollout_shard(run.fs, run.shard_path(0, "rollouts", 0), shards[0], producer={"stage": "rollout"})
-    proc = subprocess.Popen([sys.executable, "-m", "opd.pipeline.cli", "score", run.url, "--round", "0", "--follow",
-                             "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "opd.pipeline.cli", "score", run.url, "--round", "0", "--follow", "--device", "cpu"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
     def wait_for(shard):
         t0 = time.time()
@@ -423,14 +468,21 @@ def test_follow_scores_rollout_shards_as_they_appear(tmp_path, tiny_teacher, tin
             assert time.time() - t0 < 120, "the follower never scored the shard"
             time.sleep(0.05)
 
-    wait_for(0)                               # scored with no rollout manifest anywhere
+    wait_for(0)  # scored with no rollout manifest anywhere
     assert read_manifest(run, run.stage_dir(0, "rollouts")) is None
     write_rollout_shard(run.fs, run.shard_path(0, "rollouts", 1), shards[1], producer={"stage": "rollout"})
     wait_for(1)
-    assert proc.poll() is None                # still following: the rollout stage has not finished
+    assert proc.poll() is None  # still following: the rollout stage has not finished
     write_rollout_shard(run.fs, run.shard_path(0, "rollouts", 2), shards[2], producer={"stage": "rollout"})
-    finalize_stage(run, run.stage_dir(0, "rollouts"), stage="rollouts", round_index=0, num_shards=3,
-                   producer={"stage": "rollout"}, row_count=lambda p: parquet_rows(run, p))
+    finalize_stage(
+        run,
+        run.stage_dir(0, "rollouts"),
+        stage="rollouts",
+        round_index=0,
+        num_shards=3,
+        producer={"stage": "rollout"},
+        row_count=lambda p: parquet_rows(run, p),
+    )
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     assert "3 shards scored" in out and "stage done" in out

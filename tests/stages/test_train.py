@@ -19,23 +19,30 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from opd.cache import storage
-from opd.cache.shards import ScoreShard, read_rollout_shard, write_rollout_shard
-from opd.cache import fingerprint
-from opd.pipeline.cli import main as cli_main
-from opd.cache.config import OpdConfig, RolloutConfig, RunConfig, ScoreConfig, TrainConfig, dumps_config
-from opd.cache.config import load_run_config
+from opd.cache import fingerprint, storage
+from opd.cache.config import (
+    OpdConfig,
+    RolloutConfig,
+    RunConfig,
+    ScoreConfig,
+    TrainConfig,
+    dumps_config,
+    load_run_config,
+)
 from opd.cache.errors import OpdError
 from opd.cache.rundir import RunDir, finalize_stage, parquet_rows, read_manifest
+from opd.cache.shards import ScoreShard, read_rollout_shard, write_rollout_shard
+from opd.pipeline.cli import main as cli_main
 from opd.stages import score, train
 from opd.stages.losses import jsd_loss, sampled_rkl_loss
 
-VOCAB = 260   # the tiny models' byte-level tokenizer
+VOCAB = 260  # the tiny models' byte-level tokenizer
 BASE_TRAIN = dict(lr=1e-3, lr_schedule="constant", max_tokens_per_batch=64, device="cpu", max_grad_norm=1.0)
 SOURCES = ("student", "student", "dataset", "teacher")
 
 
 # ------------------------------------------------------------------------------------------ helpers
+
 
 def rollout_rows(seed: int, n: int, prefix: str) -> list[dict]:
     """Rows with random prompts and completions, every source, one empty completion."""
@@ -44,26 +51,46 @@ def rollout_rows(seed: int, n: int, prefix: str) -> list[dict]:
     for i in range(n):
         P, T = int(rng.integers(2, 10)), (0 if i == 5 else int(rng.integers(1, 15)))
         source = SOURCES[i % 4]
-        rows.append(dict(sample_id=f"{prefix}{i}/0", prompt_id=f"{prefix}{i}", sample_index=0, source=source,
-                         prompt_ids=rng.integers(0, VOCAB, P).tolist(), completion_ids=rng.integers(0, VOCAB, T).tolist(),
-                         sampling_logprobs=None if source == "dataset" else (-rng.uniform(0.5, 6.0, T)).tolist(),
-                         finish_reason="length", sampling_hash="h" * 64, prompt_messages=None))
+        rows.append(
+            dict(
+                sample_id=f"{prefix}{i}/0",
+                prompt_id=f"{prefix}{i}",
+                sample_index=0,
+                source=source,
+                prompt_ids=rng.integers(0, VOCAB, P).tolist(),
+                completion_ids=rng.integers(0, VOCAB, T).tolist(),
+                sampling_logprobs=None if source == "dataset" else (-rng.uniform(0.5, 6.0, T)).tolist(),
+                finish_reason="length",
+                sampling_hash="h" * 64,
+                prompt_messages=None,
+            )
+        )
     return rows
 
 
 def write_rollouts(run: RunDir, round_index: int, shards: list[list[dict]]) -> None:
     for s, rows in enumerate(shards):
         write_rollout_shard(run.fs, run.shard_path(round_index, "rollouts", s), rows, producer={"stage": "rollout"})
-    finalize_stage(run, run.stage_dir(round_index, "rollouts"), stage="rollouts", round_index=round_index,
-                   num_shards=len(shards), producer={"stage": "rollout"}, row_count=lambda p: parquet_rows(run, p))
+    finalize_stage(
+        run,
+        run.stage_dir(round_index, "rollouts"),
+        stage="rollouts",
+        round_index=round_index,
+        num_shards=len(shards),
+        producer={"stage": "rollout"},
+        row_count=lambda p: parquet_rows(run, p),
+    )
 
 
 @pytest.fixture(scope="module")
 def source(tmp_path_factory, tiny_teacher, tiny_student) -> RunDir:
     """A run whose round 0 has 2 rollout shards (24 samples, every source) scored by stages.score.run."""
     root = tmp_path_factory.mktemp("train_source")
-    cfg = OpdConfig(run=RunConfig(student=str(tiny_student), teacher=str(tiny_teacher)),
-                    rollout=RolloutConfig(prompts=str(root / "prompts.jsonl")), score=ScoreConfig(top_k=16))
+    cfg = OpdConfig(
+        run=RunConfig(student=str(tiny_student), teacher=str(tiny_teacher)),
+        rollout=RolloutConfig(prompts=str(root / "prompts.jsonl")),
+        score=ScoreConfig(top_k=16),
+    )
     run = RunDir(root / "run")
     storage.atomic_write_bytes(run.fs, run.config_path, dumps_config(cfg).encode())
     write_rollouts(run, 0, [rollout_rows(0, 12, "a"), rollout_rows(1, 12, "b")])
@@ -116,7 +143,7 @@ def naive_metrics(model_dir, run: RunDir, tc: TrainConfig) -> dict[str, float]:
             if not comp:
                 continue
             with torch.no_grad():
-                z = model(torch.tensor([prompt + comp[:-1]])).logits[0, len(prompt) - 1:].double()
+                z = model(torch.tensor([prompt + comp[:-1]])).logits[0, len(prompt) - 1 :].double()
             t = scores.by_id(row["sample_id"])
             p = torch.softmax(z / tc.temperature, -1).numpy()
             for i in range(len(comp)):
@@ -125,7 +152,7 @@ def naive_metrics(model_dir, run: RunDir, tc: TrainConfig) -> dict[str, float]:
                 t_b = np.append(np.exp(t.topk_logprobs_TK[i].astype(np.float64)), np.exp(float(t.tail_logprobs_T[i])))
                 t_b = t_b / t_b.sum()
                 kls.append(float((s_b * (np.log(s_b) - np.log(t_b))).sum()))
-                student_top = set(np.argsort(-z[i].numpy())[:len(ids)].tolist())
+                student_top = set(np.argsort(-z[i].numpy())[: len(ids)].tolist())
                 overlaps.append(len(student_top & set(ids.tolist())) / len(ids))
     return {"rkl_bucket": float(np.mean(kls)), "topk_overlap": float(np.mean(overlaps))}
 
@@ -144,15 +171,27 @@ def naive_loss(model_dir, run: RunDir, tc: TrainConfig) -> tuple[float, int]:
             if not comp:
                 continue
             with torch.no_grad():
-                logits = model(torch.tensor([prompt + comp[:-1]])).logits[0, len(prompt) - 1:]
+                logits = model(torch.tensor([prompt + comp[:-1]])).logits[0, len(prompt) - 1 :]
             t = scores.by_id(row["sample_id"])
             on = row["source"] == "student"
             if tc.loss == "sampled_rkl" and on:
-                loss = sampled_rkl_loss(logits, torch.tensor(comp), torch.tensor(t.taken_logprobs_T),
-                                        torch.tensor(row["sampling_logprobs"]), tc.temperature, tc.ratio_clip)
+                loss = sampled_rkl_loss(
+                    logits,
+                    torch.tensor(comp),
+                    torch.tensor(t.taken_logprobs_T),
+                    torch.tensor(row["sampling_logprobs"]),
+                    tc.temperature,
+                    tc.ratio_clip,
+                )
             else:
-                loss = jsd_loss(logits, torch.tensor(t.topk_ids_TK), torch.tensor(t.topk_logprobs_TK),
-                                torch.tensor(t.tail_logprobs_T), tc.beta if on else tc.beta_offpolicy, tc.temperature)
+                loss = jsd_loss(
+                    logits,
+                    torch.tensor(t.topk_ids_TK),
+                    torch.tensor(t.topk_logprobs_TK),
+                    torch.tensor(t.tail_logprobs_T),
+                    tc.beta if on else tc.beta_offpolicy,
+                    tc.temperature,
+                )
             total += float(loss.double().sum())
             tokens += len(comp)
     return total / tokens, tokens
@@ -164,14 +203,23 @@ def subprocess_env() -> dict:
 
 # ------------------------------------------------------------------------------------------ the loss
 
+
 @pytest.mark.parametrize("loss", ["jsd", "sampled_rkl"])
 def test_step_loss_equals_naive_reference(tmp_path, source, tiny_student, loss):
     """One micro-batch holding the whole round: the logged step-1 loss (before the update) is the token
     mean of the per-token losses of unpadded forwards, with β on student rows and β_offpolicy on others."""
-    run, cfg = make_run(tmp_path, source, loss=loss, beta=0.7, beta_offpolicy=0.2, temperature=0.8,
-                        ratio_clip=0.2, max_tokens_per_batch=100_000)
+    run, cfg = make_run(
+        tmp_path,
+        source,
+        loss=loss,
+        beta=0.7,
+        beta_offpolicy=0.2,
+        temperature=0.8,
+        ratio_clip=0.2,
+        max_tokens_per_batch=100_000,
+    )
     with pytest.raises(OpdError, match="scored at temperature 1, but train.temperature = 0.8") as e:
-        train.run(cfg, run, 0)                 # the cache's scoring temperature must be the learner's
+        train.run(cfg, run, 0)  # the cache's scoring temperature must be the learner's
     assert "\n" not in str(e.value)
     score.run(cfg.replace("score", temperature=0.8), run, 0, device="cpu", split="train", force=True)
     summary = train.run(cfg, run, 0)
@@ -192,7 +240,7 @@ def test_step_loss_equals_naive_reference(tmp_path, source, tiny_student, loss):
                 diffs += (np.asarray(row["sampling_logprobs"]) - t.taken_logprobs_T).tolist()
     assert rec["rkl_sampled"] == pytest.approx(np.mean(diffs), rel=1e-5)
     assert rec["teacher_topk_mass"] == pytest.approx(np.mean(masses), rel=1e-4)
-    want = naive_metrics(tiny_student, run, cfg.train)     # step 1's figures are of the starting student
+    want = naive_metrics(tiny_student, run, cfg.train)  # step 1's figures are of the starting student
     assert rec["rkl_bucket"] == pytest.approx(want["rkl_bucket"], rel=2e-3, abs=1e-6)
     assert rec["topk_overlap"] == pytest.approx(want["topk_overlap"], abs=1e-6)
     assert rec["grad_norm"] > 0
@@ -201,13 +249,25 @@ def test_step_loss_equals_naive_reference(tmp_path, source, tiny_student, loss):
 
 # ------------------------------------------------------------------------------------------ invariances
 
+
 def test_two_process_torchrun_equals_one_process(tmp_path, source):
     """`torchrun --nproc-per-node 2 -m opd.stages.train` (gloo, grad_accum 1) and one process with
     grad_accum 2 run the same global batches: same losses, grad norms and weights."""
     two, _ = make_run(tmp_path, source, "two", grad_accum=1)
     one, one_cfg = make_run(tmp_path, source, "one", grad_accum=2)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "opd.stages.train", two.url, "--round", "0"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "opd.stages.train",
+        two.url,
+        "--round",
+        "0",
+    ]
     proc = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "train round 0:" in proc.stdout and "2 × cpu (ddp)" in proc.stdout
@@ -222,8 +282,10 @@ def test_two_process_torchrun_equals_one_process(tmp_path, source):
         assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-4)
     assert max_diff(student_weights(two), student_weights(one)) <= 1e-5
     # same math, same producer: world size × grad_accum is what the fingerprint records
-    assert (read_manifest(two, two.stage_dir(0, "student")).producer
-            == read_manifest(one, one.stage_dir(0, "student")).producer)
+    assert (
+        read_manifest(two, two.stage_dir(0, "student")).producer
+        == read_manifest(one, one.stage_dir(0, "student")).producer
+    )
 
 
 def _children(pid: int) -> list[int]:
@@ -243,9 +305,24 @@ def test_fsdp_lora_two_processes_killed_and_resumed_equal_one_process(tmp_path, 
     knobs = dict(lora_rank=4, lora_alpha=8, lr=1e-2, max_tokens_per_batch=20, epochs=4, checkpoint_every_steps=3)
     two, _ = make_run(tmp_path, source, "two", grad_accum=1, fsdp=True, **knobs)
     one, one_cfg = make_run(tmp_path, source, "one", grad_accum=2, **knobs)
-    launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                                 "-m", "opd.stages.train", two.url, "--round", "0"], env=subprocess_env(),
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    launcher = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "opd.stages.train",
+            two.url,
+            "--round",
+            "0",
+        ],
+        env=subprocess_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     latest = Path(two.round_dir(0)) / train.CKPT_DIR / "latest.json"
     deadline = time.time() + 180
     while not latest.exists() and launcher.poll() is None and time.time() < deadline:
@@ -267,7 +344,7 @@ def test_fsdp_lora_two_processes_killed_and_resumed_equal_one_process(tmp_path, 
     assert max_diff(student_weights(two), student_weights(one)) <= 1e-5
     adapter = "adapter/adapter_model.safetensors"
     assert max_diff(student_weights(two, name=adapter), student_weights(one, name=adapter)) <= 1e-5
-    for x, y in zip(step_records(two), step_records(one), strict=True):   # killed steps replaced, not repeated
+    for x, y in zip(step_records(two), step_records(one), strict=True):  # killed steps replaced, not repeated
         assert x["step"] == y["step"] and x["loss"] == pytest.approx(y["loss"], rel=1e-5)
 
 
@@ -288,10 +365,11 @@ def test_gradient_accumulation_and_logits_chunking_do_not_change_training(tmp_pa
             assert x["loss"] == pytest.approx(y["loss"], rel=1e-5)
             assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-4)
         assert max_diff(student_weights(other[0]), student_weights(big[0])) <= 1e-5
-    assert max(r["padding"] for r in step_records(accum[0])) > 0   # really several padded micro-batches
+    assert max(r["padding"] for r in step_records(accum[0])) > 0  # really several padded micro-batches
 
 
 # ------------------------------------------------------------------------------------------ training
+
 
 @pytest.mark.parametrize("mode", ["full", "lora"])
 def test_training_lowers_the_loss_and_writes_a_loadable_student(tmp_path, source, tiny_student, mode):
@@ -310,9 +388,9 @@ def test_training_lowers_the_loss_and_writes_a_loadable_student(tmp_path, source
     base, new = load_file(Path(tiny_student) / "model.safetensors"), student_weights(run)
     changed = {k for k in base if not torch.equal(base[k], new[k])}
     if mode == "full":
-        assert changed == set(base)          # every weight moved
+        assert changed == set(base)  # every weight moved
         assert not (student / "adapter").exists()
-    else:                                    # LoRA merged into q/k/v/o only; adapter kept beside it
+    else:  # LoRA merged into q/k/v/o only; adapter kept beside it
         assert changed and all(k.split(".")[-2] in ("q_proj", "k_proj", "v_proj", "o_proj") for k in changed)
         assert (student / "adapter" / "adapter_config.json").is_file()
         assert not (student / "adapter_config.json").exists()
@@ -330,7 +408,9 @@ def test_training_lowers_the_loss_and_writes_a_loadable_student(tmp_path, source
     manifest = read_manifest(run, str(student))
     assert manifest.stage == "student" and manifest.producer["stage"] == "train"
     listed = {e.name for e in manifest.shards}
-    assert listed == {p.relative_to(student).as_posix() for p in student.rglob("*") if p.is_file() and p.name != "_DONE.json"}
+    assert listed == {
+        p.relative_to(student).as_posix() for p in student.rglob("*") if p.is_file() and p.name != "_DONE.json"
+    }
     result = CliRunner().invoke(cli_main, ["verify", run.url])
     assert result.exit_code == 0 and f"rounds/0000/student: ok ({len(listed)} files checked)" in result.output
     assert not Path(run.round_dir(0), train.CKPT_DIR).exists()
@@ -351,8 +431,16 @@ def test_training_lowers_the_loss_and_writes_a_loadable_student(tmp_path, source
 def test_kill_and_resume_matches_an_uninterrupted_run(tmp_path, source):
     """SIGKILL after the first in-round checkpoint; the restarted learner resumes from it (weights, AdamW
     state, LoRA-dropout RNG, data position) and ends with the uninterrupted run's weights."""
-    knobs = dict(lora_rank=4, lora_dropout=0.1, lr=1e-2, max_tokens_per_batch=20, epochs=6,
-                 checkpoint_every_steps=3, lr_schedule="cosine", warmup_steps=2)
+    knobs = dict(
+        lora_rank=4,
+        lora_dropout=0.1,
+        lr=1e-2,
+        max_tokens_per_batch=20,
+        epochs=6,
+        checkpoint_every_steps=3,
+        lr_schedule="cosine",
+        warmup_steps=2,
+    )
     killed, _ = make_run(tmp_path, source, "killed", **knobs)
     ref, _ = make_run(tmp_path, source, "ref", **knobs)
     cmd = [sys.executable, "-m", "opd.stages.train", "--round", "0"]
@@ -384,6 +472,7 @@ def test_kill_and_resume_matches_an_uninterrupted_run(tmp_path, source):
 
 # ------------------------------------------------------------------------------------------ re-run, errors
 
+
 def test_retrain_from_cache_without_a_teacher(tmp_path, source):
     """`opd train --from RUN/rounds/1 --out NEWRUN --set train.beta=0.5` with run.teacher pointing
     nowhere: NEWRUN gets RUN's config + the override, round 1's caches and round 0's student, and
@@ -391,11 +480,13 @@ def test_retrain_from_cache_without_a_teacher(tmp_path, source):
     nowhere = str(tmp_path / "no-such-teacher")
     src, cfg = make_run(tmp_path, source, "src", teacher=nowhere)
     train.run(cfg, src, 0)
-    for stage in ("rollouts", "scores"):       # round 1's caches (as if sampled by round 0's student)
+    for stage in ("rollouts", "scores"):  # round 1's caches (as if sampled by round 0's student)
         shutil.copytree(src.stage_dir(0, stage), src.stage_dir(1, stage))
     new = tmp_path / "new"
-    result = CliRunner().invoke(cli_main, ["train", "--from", str(Path(src.root) / "rounds" / "0001"), "--out", str(new),
-                                           "--set", "train.beta=0.5"])
+    result = CliRunner().invoke(
+        cli_main,
+        ["train", "--from", str(Path(src.root) / "rounds" / "0001"), "--out", str(new), "--set", "train.beta=0.5"],
+    )
     assert result.exit_code == 0, result.output
     assert "train round 1:" in result.output
     new_run = RunDir(new)
@@ -406,8 +497,10 @@ def test_retrain_from_cache_without_a_teacher(tmp_path, source):
     assert done.producer["model_hash"] == fingerprint.model_hash(src.stage_dir(0, "student"))
     assert done.producer["rollouts_sha256"] == read_manifest(src, src.stage_dir(1, "rollouts")).digest()
     for stage in ("rollouts", "scores"):
-        assert (read_manifest(new_run, new_run.stage_dir(1, stage)).to_json()
-                == read_manifest(src, src.stage_dir(1, stage)).to_json())
+        assert (
+            read_manifest(new_run, new_run.stage_dir(1, stage)).to_json()
+            == read_manifest(src, src.stage_dir(1, stage)).to_json()
+        )
 
 
 def test_mismatched_or_missing_caches_are_one_line_errors(tmp_path, source):
@@ -421,7 +514,9 @@ def test_mismatched_or_missing_caches_are_one_line_errors(tmp_path, source):
         return result.output
 
     # a rollout shard changed after its manifest was written
-    write_rollout_shard(run.fs, run.shard_path(0, "rollouts", 1), rollout_rows(2, 12, "b"), producer={"stage": "rollout"})
+    write_rollout_shard(
+        run.fs, run.shard_path(0, "rollouts", 1), rollout_rows(2, 12, "b"), producer={"stage": "rollout"}
+    )
     assert "differs from the sha256" in error()
 
     # scores computed from other rollouts: the rollouts were re-sampled (and finished) after scoring

@@ -1,0 +1,92 @@
+"""Helpers the benchmark scripts share: the machine record every JSON line carries, dtype resolution
+through opd.cache.devices (never a hard-coded bf16), and the tiny models of `--smoke` runs.
+
+`--smoke` (every benchmark has it): the same code path on tiny random Llamas built on the fly
+(opd.cache.models.build_tiny, about a second each) in a temporary folder, with the packaged
+configs/tiny_prompts.jsonl as text, offline (HF_HUB_OFFLINE=1). It prints the same JSON keys as a real
+run, in seconds; its figures mean nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+
+BF16_CAPS = ("avx512_bf16", "amx_bf16")  # the torch.cpu.get_capabilities() keys recorded
+
+
+def offline() -> None:
+    """No network: what a smoke run (and every benchmark here) expects."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo; else what platform or torch report)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith(("model name", "hardware", "cpu model")):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    name = platform.processor()
+    if name:
+        return name
+    try:
+        import torch
+
+        return str(torch.cpu.get_capabilities().get("cpu_name", "unknown"))
+    except Exception:  # noqa: BLE001 - best effort only
+        return "unknown"
+
+
+def machine() -> dict:
+    """CPU model, its bf16 capability as torch reports it, core/thread counts, versions, the GPU if any."""
+    import torch
+
+    from opd.cache.devices import native_bf16
+
+    caps = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
+    out = {
+        "cpu_model": cpu_model(),
+        "cpu_native_bf16": native_bf16("cpu"),
+        "cpu_bf16_caps": {k: bool(caps.get(k)) for k in BF16_CAPS},
+        "cpus": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+    if torch.cuda.is_available():
+        out["gpu"] = torch.cuda.get_device_name(0)
+        out["gpu_native_bf16"] = native_bf16("cuda")
+    return out
+
+
+def resolve(device: str, dtype: str, what: str = "device"):
+    """opd's Placement (device + dtype; "auto" = bf16 only where it runs natively) for a benchmark side."""
+    from opd.cache.devices import placement
+
+    return placement(device, dtype, what)
+
+
+def dtype_record(requested: str, pl) -> dict:
+    """What a JSON line says about precision: asked for, resolved, why."""
+    return {"dtype": pl.dtype_name, "dtype_requested": requested, "dtype_reason": pl.reason}
+
+
+def tiny_models(root: str | os.PathLike) -> tuple[Path, Path]:
+    """(teacher, student) folders of tiny random Llamas built under `root` (same tokenizer)."""
+    from opd.cache.models import build_tiny
+
+    root = Path(root)
+    return build_tiny(root / "tiny-teacher", role="teacher"), build_tiny(root / "tiny-student", role="student")
+
+
+def tiny_prompts() -> Path:
+    """The packaged prompt set (fields: id, prompt, reference) smoke runs use as text."""
+    from opd.cache.config import PACKAGED_CONFIGS
+
+    return PACKAGED_CONFIGS / "tiny_prompts.jsonl"

@@ -84,6 +84,9 @@ def _measure(engine_name: str, model_dir: str, prompts, sampling, seed: int, arg
     startup = time.perf_counter() - t0
     try:
         engine.generate(prompts[:2], Sampling(n=1, max_new_tokens=8), seed=seed)  # warm-up
+        import torch
+
+        torch_threads = torch.get_num_threads()  # while this engine generates
         t0 = time.perf_counter()
         out = engine.generate(prompts, sampling, seed=seed)
         seconds = time.perf_counter() - t0
@@ -104,6 +107,7 @@ def _measure(engine_name: str, model_dir: str, prompts, sampling, seed: int, arg
         "tokens_per_s": round(tokens / seconds, 1),
         "startup_s": round(startup, 1),
         "logprobs_finite": finite,
+        "torch_threads": torch_threads,
         "smoke": args.smoke,
         **_common.dtype_record(args.dtype, pl),
         **_env(),
@@ -157,7 +161,9 @@ def main() -> None:
     from opd.stages.engine import Sampling
 
     if args.engines is None:
-        args.engines = "vllm,transformers" if _vllm_importable() else "transformers"
+        # transformers first: vLLM's CPU worker cuts torch to one thread for the rest of the process
+        # ("Reducing Torch threads from 2 to 1 for serving"), which would slow an engine measured after it
+        args.engines = "transformers,vllm" if _vllm_importable() else "transformers"
     pl = _common.resolve("auto", args.dtype, "rollout")  # as the stage: its device, this dtype
     with tempfile.TemporaryDirectory(prefix="opd-bench-rollout-") as tmp:
         model_dir = str(_common.tiny_models(tmp)[1] if args.smoke else resolve_model(args.model))

@@ -156,18 +156,21 @@ def _eval_line(what: str, ev: dict) -> str:
     return f"[opd run] {what}: held-out reverse KL {ev['heldout_rkl']:.4f} nats/token{acc}"
 
 
-def _overlap_pays(rollout: Pool, score: Pool) -> bool:
+def _overlap_pays(rollout: Pool, score: Pool, cuda_visible: bool | None = None) -> bool:
     """run.overlap = "auto": overlap when the pools are disjoint GPUs, or when both run on CPU. On one
     shared GPU the teacher and vLLM would compete for its memory; on CPU the stage processes' single-
     threaded phases (imports, model loading, vLLM's start) leave cores idle, and scoring the first shards
-    then costs little: one SmolLM2 round of the smollm2 preset on 2 cores took 65 s overlapped, 78 s not."""
+    then costs little: one SmolLM2 round of the smollm2 preset on 2 cores took 65 s overlapped, 78 s not.
+    An unset pool ("auto") is the CPU unless a GPU is visible (`cuda_visible`; asked of torch when None)."""
     if rollout.disjoint(score):
         return True
     on_cpu = {rollout.kind, score.kind} <= {"cpu", "auto"}
     if on_cpu and "auto" in (rollout.kind, score.kind):
-        import torch
+        if cuda_visible is None:
+            import torch
 
-        on_cpu = not torch.cuda.is_available()
+            cuda_visible = torch.cuda.is_available()
+        on_cpu = not cuda_visible
     return on_cpu
 
 

@@ -2,8 +2,11 @@
 
 import dataclasses
 import json
-import math
+import os
+import subprocess
+import sys
 import tomllib
+import typing
 from pathlib import Path
 
 import pytest
@@ -343,9 +346,16 @@ def test_section_hash():
     cfg = load_config("tiny")
     h = cfg.section_hash("score")
     assert len(h) == 64 and int(h, 16) >= 0
-    assert cfg.section_hash("score") == load_config("tiny").section_hash("score")  # deterministic
+    # the same in another process with another str hash seed (a fingerprint must not depend on either)
+    code = "from opd.cache.config import load_config; print(load_config('tiny').section_hash('score'))"
+    env = {**os.environ, "PYTHONHASHSEED": "12345"}
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert other.returncode == 0, other.stderr
+    assert other.stdout.strip() == h
     assert cfg.replace("score", top_k=17).section_hash("score") != h
     assert cfg.replace("score", temperature=0.5).section_hash("score") != h
+    # its HOW keys (settings that change no byte of the output) do not move it
+    assert cfg.replace("score", max_tokens_per_batch=cfg.score.max_tokens_per_batch + 1).section_hash("score") == h
     # other sections do not move it
     assert cfg.replace("train", lr=0.5).section_hash("score") == h
     assert cfg.replace("train", lr=0.5).section_hash("train") != cfg.section_hash("train")
@@ -363,11 +373,26 @@ def test_lmbda_for_round():
     assert r.lmbda_for_round(0) == r.lmbda_for_round(100) == 0.3
 
 
-def test_dataclass_defaults_are_valid():
-    assert ScoreConfig().top_k == 64
-    assert TrainConfig().loss == "jsd"
-    assert not math.isnan(TrainConfig().lr)
-    assert RolloutConfig(prompts="x").n == 2
+def test_dataclass_defaults_survive_the_loader(tmp_path):
+    # a file naming only the required keys gets every other value from the dataclass defaults
+    cfg = loads_config(MINIMAL, base_dir=tmp_path)
+    built = OpdConfig(
+        run=C.RunConfig(student="tiny:student", teacher="tiny:teacher"),
+        rollout=RolloutConfig(prompts=str(tmp_path / "prompts.jsonl")),
+    )
+    assert cfg == built
+    # each default has its annotated type (an int default for a float key would hash as "1", not "1.0")
+    for section, cls in C._SECTION_TYPES.items():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            value, tp = getattr(getattr(built, section), f.name), hints[f.name]
+            origin = typing.get_origin(tp) or tp
+            assert isinstance(value, origin) and (origin is not int or not isinstance(value, bool)), (section, f.name)
+    # written out and read back, the defaults keep their values and their fingerprints
+    again = loads_config(dumps_config(built))
+    assert again == built
+    for section in C._SECTION_TYPES:
+        assert again.section_hash(section) == built.section_hash(section), section
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in PACKAGED_CONFIGS.glob("*.toml")))

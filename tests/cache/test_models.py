@@ -328,14 +328,17 @@ def test_model_hash_memo_and_change(opd_home, tmp_path, tiny_student):
     memo = json.loads((opd_home / "hashes.json").read_text())
     assert h in memo.values() and any(str(copy.resolve()) in k for k in memo)
     # a changed weight file is re-hashed
+    t = fingerprint.tokenizer_hash(copy)
     cfg = json.loads((copy / "config.json").read_text())
     cfg["rms_norm_eps"] = 1e-3
     (copy / "config.json").write_text(json.dumps(cfg))
-    assert fingerprint.model_hash(copy) != h
+    changed = fingerprint.model_hash(copy)
+    assert changed != h
     # the tokenizer is not part of the model hash, and vice versa
-    t = fingerprint.tokenizer_hash(copy)
+    assert fingerprint.tokenizer_hash(copy) == t
     (copy / "chat_template.jinja").write_text("{{ messages }}")
     assert fingerprint.tokenizer_hash(copy) != t
+    assert fingerprint.model_hash(copy) == changed
     with pytest.raises(FileNotFoundError):
         fingerprint.model_hash(tmp_path)
     with pytest.raises(FileNotFoundError):

@@ -339,6 +339,16 @@ def test_overlap_auto_rule():
 
     assert _overlap_pays(gpu("0"), gpu("1")) and not _overlap_pays(gpu("0,1"), gpu("1"))
     assert _overlap_pays(gpu("cpu"), gpu("cpu,cpu"))
-    import torch
-
-    assert _overlap_pays(gpu(""), gpu("")) == (not torch.cuda.is_available())
+    # unset pools ("auto") mean the CPU on a machine without CUDA, a shared GPU on one with it
+    assert _overlap_pays(gpu(""), gpu(""), cuda_visible=False) and _overlap_pays(
+        gpu(""), gpu("cpu"), cuda_visible=False
+    )
+    assert not _overlap_pays(gpu(""), gpu(""), cuda_visible=True)
+    assert not _overlap_pays(gpu("cpu"), gpu(""), cuda_visible=True)
+    assert not _overlap_pays(gpu("0"), gpu(""), cuda_visible=True) and not _overlap_pays(
+        gpu("0"), gpu("0"), cuda_visible=True
+    )
+    for visible in (False, True):
+        assert _overlap_pays(
+            gpu("cpu"), gpu("cpu"), cuda_visible=visible
+        )  # explicit CPU pools, whatever the machine has

@@ -90,3 +90,34 @@ def tiny_prompts() -> Path:
     from opd.cache.config import PACKAGED_CONFIGS
 
     return PACKAGED_CONFIGS / "tiny_prompts.jsonl"
+
+
+def gsm8k_rows(
+    tok, data: str, samples: int, q_field: str, a_field: str, *, source: str, finish_reason: str, tag: bytes
+) -> list[dict]:
+    """Rollout rows from a GSM8K-style JSONL file: the question under the tokenizer's chat template as the
+    prompt, the reference answer (+ <|im_end|>) as the completion, no sampling log-probs."""
+    import hashlib
+    import json
+
+    rows = []
+    with open(data) as f:
+        for i, line in zip(range(samples), f):
+            ex = json.loads(line)
+            messages = [{"role": "user", "content": ex[q_field]}]
+            text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            rows.append(
+                dict(
+                    sample_id=f"{i}/0",
+                    prompt_id=str(i),
+                    sample_index=0,
+                    source=source,
+                    prompt_ids=tok(text, add_special_tokens=False)["input_ids"],
+                    completion_ids=tok(ex[a_field] + "<|im_end|>", add_special_tokens=False)["input_ids"],
+                    sampling_logprobs=None,
+                    finish_reason=finish_reason,
+                    sampling_hash=hashlib.sha256(tag).hexdigest(),
+                    prompt_messages=json.dumps(messages),
+                )
+            )
+    return rows

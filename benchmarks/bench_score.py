@@ -40,7 +40,6 @@ Prints one JSON object per k.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import statistics
@@ -60,29 +59,9 @@ from opd.stages import score
 
 def write_rollouts(run: RunDir, tok, data: str, samples: int, shards: int, q_field: str, a_field: str) -> None:
     """GSM8K questions (teacher chat template) + reference answers as completions, as real rollout shards."""
-    rows = []
-    with open(data) as f:
-        for i, line in zip(range(samples), f):
-            ex = json.loads(line)
-            messages = [{"role": "user", "content": ex[q_field]}]
-            prompt = tok(
-                tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False), add_special_tokens=False
-            )["input_ids"]
-            completion = tok(ex[a_field] + "<|im_end|>", add_special_tokens=False)["input_ids"]
-            rows.append(
-                dict(
-                    sample_id=f"{i}/0",
-                    prompt_id=str(i),
-                    sample_index=0,
-                    source="dataset",
-                    prompt_ids=prompt,
-                    completion_ids=completion,
-                    sampling_logprobs=None,
-                    finish_reason="reference",
-                    sampling_hash=hashlib.sha256(b"reference").hexdigest(),
-                    prompt_messages=json.dumps(messages),
-                )
-            )
+    rows = _common.gsm8k_rows(
+        tok, data, samples, q_field, a_field, source="dataset", finish_reason="reference", tag=b"reference"
+    )
     per = -(-len(rows) // shards)
     parts = [rows[i : i + per] for i in range(0, len(rows), per)]
     for s, part in enumerate(parts):

@@ -44,7 +44,6 @@ Prints one JSON object (with the environment) per run.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import subprocess
@@ -104,29 +103,9 @@ def build_run(
     with run.fs.open_output_stream(run.config_path) as f:
         f.write(dumps_config(cfg).encode())
     tok = AutoTokenizer.from_pretrained(str(student))
-    rows = []
-    with open(data) as f:
-        for i, line in zip(range(samples), f):
-            ex = json.loads(line)
-            messages = [{"role": "user", "content": ex[q_field]}]
-            prompt = tok(
-                tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False), add_special_tokens=False
-            )["input_ids"]
-            completion = tok(ex[a_field] + "<|im_end|>", add_special_tokens=False)["input_ids"]
-            rows.append(
-                dict(
-                    sample_id=f"{i}/0",
-                    prompt_id=str(i),
-                    sample_index=0,
-                    source="student",
-                    prompt_ids=prompt,
-                    completion_ids=completion,
-                    sampling_logprobs=None,
-                    finish_reason="stop",
-                    sampling_hash=hashlib.sha256(b"bench").hexdigest(),
-                    prompt_messages=json.dumps(messages),
-                )
-            )
+    rows = _common.gsm8k_rows(
+        tok, data, samples, q_field, a_field, source="student", finish_reason="stop", tag=b"bench"
+    )
     write_rollout_shard(run.fs, run.shard_path(0, "rollouts", 0), rows, producer={"stage": "rollout", "bench": True})
     finalize_stage(
         run,

@@ -68,7 +68,8 @@ from opd.cache.models import resolve_model
 from opd.cache.rundir import RunDir, finalize_stage, parquet_rows
 from opd.cache.shards import read_rollout_shard, write_rollout_shard
 from opd.stages import learner as L
-from opd.stages import score, train
+from opd.stages import score
+from opd.stages.students import start_student
 from opd.stages.train_data import Item, MicroBatches, RoundData, plan_epoch
 
 TEACHER, STUDENT = "opd:smollm2-135m", "opd:smollm2-135m-L8"
@@ -134,7 +135,8 @@ class Setup:
         self.plan = plan_epoch(self.data.length_S, self.cfg.train.max_tokens_per_batch, self.cfg.run.seed, 0, 0)
         table, _ = read_rollout_shard(self.run.fs, self.data.paths[0].rollout)
         self.rows = table.select(["prompt_ids", "completion_ids"]).to_pylist()
-        self.pad_id = train._pad_id(self.student)  # the learner's padding id
+        with start_student(self.cfg, self.run, 0) as start:
+            self.pad_id = start.pad_id  # the learner's padding id
 
     def tokens(self, mb) -> int:
         return int(self.data.tokens_S[mb].sum())

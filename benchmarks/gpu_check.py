@@ -291,7 +291,6 @@ def learn(ctx: Ctx, mode: str, lora_rank: int = 0) -> dict:
 
     from opd.cache.devices import placement
     from opd.stages import learner as L
-    from opd.stages import train
     from opd.stages.distributed import Processes
     from opd.stages.export import export_student
     from opd.stages.students import start_student
@@ -320,7 +319,7 @@ def learn(ctx: Ctx, mode: str, lora_rank: int = 0) -> dict:
         steps = plan_steps(data, tc, cfg.run.seed, 0, procs.world)
         items = rank_items(steps, 0, procs.rank, procs.world, 1)
         loader = torch.utils.data.DataLoader(
-            MicroBatches(data, items, train._pad_id(start.base)), batch_size=None, collate_fn=L.count_on_policy
+            MicroBatches(data, items, start.pad_id), batch_size=None, collate_fn=L.count_on_policy
         )
         batches = iter(loader)
         autocast = L.autocast(dev, amp.dtype)

@@ -38,17 +38,27 @@ class StartStudent:
     tokenizer_dir: Path  # where its tokenizer files are
     label: str  # how messages name it: `run.student`, or the round R-1 student folder
 
-    @property
-    def vocab_rows(self) -> int:
-        """The output rows (`vocab_size`) of the checkpoint, from its config.json."""
+    def config(self) -> dict:
+        """The checkpoint's config.json (one-line error if it is unreadable)."""
         try:
-            config = json.loads((self.base / "config.json").read_text())
+            return json.loads((self.base / "config.json").read_text())
         except (OSError, ValueError) as e:
             raise OpdError(f"{self.base}/config.json: unreadable ({e}); is it an HF checkpoint?") from None
+
+    @property
+    def vocab_rows(self) -> int:
+        """The output rows (`vocab_size`) of the checkpoint."""
+        config = self.config()
         vocab = config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
         if not isinstance(vocab, int):
             raise OpdError(f"{self.base}/config.json: no vocab_size; is it a causal language model checkpoint?")
         return vocab
+
+    @property
+    def pad_id(self) -> int:
+        """The id the learner pads micro-batches with: the checkpoint's pad_token_id, else 0."""
+        pad = self.config().get("pad_token_id")
+        return pad if isinstance(pad, int) and pad >= 0 else 0
 
 
 @contextlib.contextmanager

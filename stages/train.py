@@ -40,7 +40,6 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -113,9 +112,10 @@ class _Round:
     def train(self, force: bool) -> dict[str, Any]:
         tc, procs = self.tc, self.procs
         self.data = RoundData(self.run, self.round_index, vocab_limit=self.start.vocab_rows)
-        self.steps = plan_steps(self.data, tc, self.cfg.run.seed, self.round_index, procs.world * tc.grad_accum)
+        micro_batches_per_step = procs.world * tc.grad_accum
+        self.steps = plan_steps(self.data, tc, self.cfg.run.seed, self.round_index, micro_batches_per_step)
         self.producer = producer(
-            self.cfg, self.start, self.data, self.round_index, procs.world * tc.grad_accum, self.placement.dtype_name
+            self.cfg, self.start, self.data, self.round_index, micro_batches_per_step, self.placement.dtype_name
         )
         if force:
             if procs.rank == 0:
@@ -161,10 +161,9 @@ class _Round:
     def _setup(self):
         """Model, optimizer, checkpoint state and this process's batches, resumed where a checkpoint is."""
         tc, procs = self.tc, self.procs
-        torch.manual_seed(fingerprint.derive_seed(self.cfg.run.seed, self.round_index, "train"))
-        model, head_only = L.load_student(
-            self.start.base, tc, procs.device, fingerprint.derive_seed(self.cfg.run.seed, self.round_index, "train")
-        )
+        seed = fingerprint.derive_seed(self.cfg.run.seed, self.round_index, "train")
+        torch.manual_seed(seed)
+        model, head_only = L.load_student(self.start.base, tc, procs.device, seed)
         self.learner = L.Learner(model, tc, head_only, self.data.top_k)
         self.use_fsdp = tc.fsdp and procs.world > 1
         self.wrapped = L.wrap(self.learner, procs.world, procs.device, self.use_fsdp, self.placement.dtype)
@@ -178,7 +177,7 @@ class _Round:
         self.totals = Totals(**self.resumed["totals"]) if self.resumed else Totals()
         items = rank_items(self.steps, first, procs.rank, procs.world, tc.grad_accum)
         loader = torch.utils.data.DataLoader(
-            MicroBatches(self.data, items, _pad_id(self.start.base)),
+            MicroBatches(self.data, items, self.start.pad_id),
             batch_size=None,
             shuffle=False,
             num_workers=tc.num_workers,
@@ -336,17 +335,6 @@ def _lr_at(step: int, total: int, tc: TrainConfig) -> float:
         return tc.lr
     progress = (step - tc.warmup_steps) / max(1, total - tc.warmup_steps)
     return tc.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def _pad_id(start_dir: Path) -> int:
-    import json
-
-    try:
-        config = json.loads((Path(start_dir) / "config.json").read_text())
-    except (OSError, ValueError):
-        return 0
-    pad = config.get("pad_token_id")
-    return pad if isinstance(pad, int) and pad >= 0 else 0
 
 
 def main(argv: list[str] | None = None) -> None:

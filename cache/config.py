@@ -93,6 +93,7 @@ class RolloutConfig:
     lmbda: float = 1.0  # λ: fraction of samples that are the student's own; the rest are off-policy
     lmbda_schedule: list[float] = field(default_factory=list)  # λ per round (last value repeats); [] = always `lmbda`
     offpolicy_source: str = "dataset"  # where off-policy rows come from: "dataset" (reference field) or "teacher"
+    offpolicy_rows: str = "lambda"  # "lambda": each prompt gets the student's samples or off-policy rows, chosen by λ here; "both": every prompt gets both (off-policy rows at sample_index n..), all scored in one pass, and the learner chooses by train.lmbda (λ sweeps from one cache)
     engine: str = "auto"  # "vllm", "transformers", or "auto" (vLLM where importable)
     prompts_per_shard: int = 256  # prompts per rollout shard (the unit of resume and of --shard i/N)
     gpu_memory_utilization: float = 0.5  # vLLM's share of device memory (on CPU: of the KV-cache budget)
@@ -116,6 +117,7 @@ class RolloutConfig:
         for v in self.lmbda_schedule:
             _require(0 <= v <= 1, "rollout.lmbda_schedule", self.lmbda_schedule, "every value must be in [0, 1]")
         _choice("rollout.offpolicy_source", self.offpolicy_source, ("dataset", "teacher"))
+        _choice("rollout.offpolicy_rows", self.offpolicy_rows, ("lambda", "both"))
         _choice("rollout.engine", self.engine, ("auto", "vllm", "transformers"))
         _require(self.prompts_per_shard >= 1, "rollout.prompts_per_shard", self.prompts_per_shard, "must be >= 1")
         _require(
@@ -227,6 +229,7 @@ class TrainConfig:
     )
     beta: float = 1.0  # JSD β for on-policy rows: 0 = forward KL(T‖S), 1 = reverse KL(S‖T)
     beta_offpolicy: float = 0.0  # JSD β for off-policy rows (dataset/teacher responses); 0 = forward KL
+    lmbda: float = -1.0  # λ chosen at train time: -1 = train on the rows the rollout wrote (its λ chose them, or, for rollout.offpolicy_rows = "both", the rollout's λ of the round chooses); 0..1 = per prompt, the student's samples if u(seed, round, prompt) < λ else its off-policy rows, the rollout's own rule (needs a "both" cache)
     temperature: float = 1.0  # τ applied to the student's logits in the loss
     ratio_clip: float = 0.0  # sampled_rkl: clip the importance ratio to [1-c, 1+c]; 0 = off
     lr: float = 1e-5  # peak AdamW learning rate
@@ -273,6 +276,12 @@ class TrainConfig:
         _choice("train.loss", self.loss, ("jsd", "sampled_rkl"))
         _require(0 <= self.beta <= 1, "train.beta", self.beta, "must be in [0, 1]")
         _require(0 <= self.beta_offpolicy <= 1, "train.beta_offpolicy", self.beta_offpolicy, "must be in [0, 1]")
+        _require(
+            self.lmbda == -1 or 0 <= self.lmbda <= 1,
+            "train.lmbda",
+            self.lmbda,
+            "must be -1 (the rollout's choice) or in [0, 1]",
+        )
         _require(self.temperature > 0, "train.temperature", self.temperature, "must be > 0")
         _require(self.ratio_clip >= 0, "train.ratio_clip", self.ratio_clip, "must be >= 0")
         _require(self.lr > 0, "train.lr", self.lr, "must be > 0")

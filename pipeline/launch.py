@@ -69,7 +69,7 @@ def launch(
         return train.run(cfg, rd, round_index, force=force)
 
     with start_student(cfg, rd, round_index) as start:  # one-line errors before spawning
-        RoundData(rd, round_index, vocab_limit=start.vocab_rows)
+        RoundData(rd, round_index, vocab_limit=start.vocab_rows, lmbda=cfg.train.lmbda, seed=cfg.run.seed)
     env = dict(os.environ, OPD_TRAIN_LAUNCHED="1")  # the processes leave the summary line to this one
     if kind == "cuda":
         env["CUDA_VISIBLE_DEVICES"] = ",".join(ids)

@@ -44,10 +44,11 @@ class Prompt:
 def load_prompts(rc: RolloutConfig, lmbda: float) -> list[Prompt]:
     """The first `max_prompts` rows of the prompt set, checked (one-line errors naming file + line)."""
     path = rc.prompts
-    need_reference = lmbda < 1 and rc.offpolicy_source == "dataset"
+    need_reference = (lmbda < 1 or rc.offpolicy_rows == "both") and rc.offpolicy_source == "dataset"
     if need_reference and not rc.reference_field:
+        why = "offpolicy_rows = 'both'" if rc.offpolicy_rows == "both" else f"λ={lmbda} < 1"
         raise OpdError(
-            f"rollout.reference_field is empty, but λ={lmbda} < 1 with offpolicy_source='dataset' "
+            f"rollout.reference_field is empty, but {why} with offpolicy_source='dataset' "
             f"needs reference responses: set rollout.reference_field (or lmbda = 1, or "
             f"offpolicy_source = 'teacher')"
         )
@@ -215,3 +216,15 @@ def prompts_hash(path: str) -> str:
         h.update(str(f.relative_to(p) if p.is_dir() else f.name).encode() + b"\0")
         storage.sha256_file(storage.LOCAL, str(f), into=h)
     return h.hexdigest()
+
+
+def on_policy(seed: int, round_index: int, prompt_id: str, lmbda: float) -> bool:
+    """Prompt-level λ choice: u(seed, round, prompt id) ∈ [0, 1) from sha256, on-policy iff u < λ. The
+    rollout stage uses it to decide what to sample, the learner (train.lmbda) to choose from a cache
+    that holds both kinds of rows (rollout.offpolicy_rows = "both"): the same rows either way."""
+    if lmbda >= 1:
+        return True
+    if lmbda <= 0:
+        return False
+    digest = hashlib.sha256(f"opd-lambda/{seed}/{round_index}/{prompt_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64 < lmbda

@@ -93,7 +93,7 @@ from opd.cache.rundir import (
 )
 from opd.cache.shards import FORMAT_VERSION, SOURCES, check_producer, read_shard_meta, write_rollout_shard
 from opd.stages.engine import Engine, Sampling, load_engine, resolve_engine_name
-from opd.stages.prompts import Prompt, load_prompts, prompts_hash, render
+from opd.stages.prompts import Prompt, load_prompts, on_policy, prompts_hash, render
 from opd.stages.students import StartStudent, start_student
 
 STAGE = "rollouts"  # the run-directory folder (and manifest stage name)
@@ -133,7 +133,7 @@ def _run(
     student: StartStudent,
 ) -> dict:
     teacher_dir = None
-    if "train" in splits and cfg.rollout.lmbda_for_round(round_index) < 1 and cfg.rollout.offpolicy_source == "teacher":
+    if "train" in splits and _wants_offpolicy(cfg.rollout, round_index) and cfg.rollout.offpolicy_source == "teacher":
         teacher_dir = resolve_model(cfg.run.teacher, cfg.run.models_dir or None)
     longest = max(split_config(cfg, sp).rollout.max_new_tokens for sp in splits)
     engines = _Engines(cfg.replace("rollout", max_new_tokens=longest), round_index, student, teacher_dir, engine)
@@ -179,6 +179,7 @@ def split_config(cfg: OpdConfig, split: str) -> OpdConfig:
         lmbda=1.0,
         lmbda_schedule=[],
         offpolicy_source="dataset",
+        offpolicy_rows="lambda",
     )
 
 
@@ -226,7 +227,7 @@ def _run_split(
             f"rollout.max_prompt_tokens={rc.max_prompt_tokens}"
         )
     for p in kept:
-        p.on_policy = _on_policy(cfg.run.seed, round_index, p.id, lmbda)
+        p.on_policy = on_policy(cfg.run.seed, round_index, p.id, lmbda)
     if teacher_dir is not None:
         _check_same_vocab(tokenizer, teacher_dir)
 
@@ -291,7 +292,9 @@ def _run_split(
         bar.close()
 
     on = sum(p.on_policy for p in kept)
-    done_summary = _stage_summary(run, round_index, folder, num_shards, len(prompts), len(kept), skipped, on, lmbda)
+    done_summary = _stage_summary(
+        run, round_index, folder, num_shards, len(prompts), len(kept), skipped, on, lmbda, rc.offpolicy_rows
+    )
     manifest = (
         finalize_stage(
             run,
@@ -335,16 +338,6 @@ def _run_split(
     run.append_metrics(round_index, {"stage": "rollout", "time": time.time(), **summary})
     summary["line"] = _summary_line(summary, rc, what)
     return summary
-
-
-def _on_policy(seed: int, round_index: int, prompt_id: str, lmbda: float) -> bool:
-    """Prompt-level λ choice: u(seed, round, prompt id) ∈ [0, 1) from sha256, on-policy iff u < λ."""
-    if lmbda >= 1:
-        return True
-    if lmbda <= 0:
-        return False
-    digest = hashlib.sha256(f"opd-lambda/{seed}/{round_index}/{prompt_id}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2.0**64 < lmbda
 
 
 # ------------------------------------------------------------------------------------------ models
@@ -501,9 +494,10 @@ def _shard_rows(job: _ShardJob, items: list[Prompt], shard: int) -> list[dict]:
         job.stats,
     )
     role = "student" if split == "train" else f"student-{split}"  # held-out draws its own random stream
-    on = [p for p in items if p.on_policy]
-    off = [p for p in items if not p.on_policy]
-    generated: dict[str, tuple[str, list]] = {}
+    both = rc.offpolicy_rows == "both"  # every prompt: the student's samples and its off-policy rows
+    on = items if both else [p for p in items if p.on_policy]
+    off = items if both else [p for p in items if not p.on_policy]
+    generated: dict[str, list] = {}
     if on:
         outs = engines.student_engine().generate(
             [p.prompt_ids for p in on],
@@ -511,7 +505,8 @@ def _shard_rows(job: _ShardJob, items: list[Prompt], shard: int) -> list[dict]:
             seed=fingerprint.derive_seed(seed, round_index, role, shard),
             progress=progress,
         )
-        generated.update({p.id: ("student", o) for p, o in zip(on, outs)})
+        generated.update({p.id: o for p, o in zip(on, outs)})
+    teacher_outs: dict[str, list] = {}
     if off and rc.offpolicy_source == "teacher":
         outs = engines.teacher_engine().generate(
             [p.prompt_ids for p in off],
@@ -519,9 +514,11 @@ def _shard_rows(job: _ShardJob, items: list[Prompt], shard: int) -> list[dict]:
             seed=fingerprint.derive_seed(seed, round_index, "teacher", shard),
             progress=progress,
         )
-        generated.update({p.id: ("teacher", o) for p, o in zip(off, outs)})
-    elif off:
+        teacher_outs.update({p.id: o for p, o in zip(off, outs)})
+    elif off and not both:
         progress(len(off), 0)
+    off_ids = {p.id for p in off}
+    first_off = sampling.n if both else 0  # off-policy rows follow the student's in "both" mode
     rows = []
     for p in items:
         messages = json.dumps(p.messages, ensure_ascii=False)
@@ -531,27 +528,27 @@ def _shard_rows(job: _ShardJob, items: list[Prompt], shard: int) -> list[dict]:
             "sampling_hash": sampling_hash,
             "prompt_messages": messages,
         }
-        if p.id in generated:
-            source, completions = generated[p.id]
-            for i, c in enumerate(completions):
-                rows.append(
-                    {
-                        **base,
-                        "sample_id": f"{p.id}/{i}",
-                        "sample_index": i,
-                        "source": source,
-                        "completion_ids": c.token_ids,
-                        "sampling_logprobs": c.logprobs,
-                        "finish_reason": c.finish_reason,
-                    }
-                )
-            stats["student" if source == "student" else "offpolicy"] += len(completions)
-        else:
+        sampled = [("student", i, c) for i, c in enumerate(generated.get(p.id, []))]
+        sampled += [("teacher", first_off + i, c) for i, c in enumerate(teacher_outs.get(p.id, []))]
+        for source, i, c in sampled:
             rows.append(
                 {
                     **base,
-                    "sample_id": f"{p.id}/0",
-                    "sample_index": 0,
+                    "sample_id": f"{p.id}/{i}",
+                    "sample_index": i,
+                    "source": source,
+                    "completion_ids": c.token_ids,
+                    "sampling_logprobs": c.logprobs,
+                    "finish_reason": c.finish_reason,
+                }
+            )
+            stats["student" if source == "student" else "offpolicy"] += 1
+        if p.id in off_ids and rc.offpolicy_source == "dataset":
+            rows.append(
+                {
+                    **base,
+                    "sample_id": f"{p.id}/{first_off}",
+                    "sample_index": first_off,
                     "source": "dataset",
                     "completion_ids": _reference_ids(tokenizer, p.reference or ""),
                     "sampling_logprobs": None,
@@ -560,6 +557,11 @@ def _shard_rows(job: _ShardJob, items: list[Prompt], shard: int) -> list[dict]:
             )
             stats["offpolicy"] += 1
     return rows
+
+
+def _wants_offpolicy(rc: RolloutConfig, round_index: int) -> bool:
+    """Does round R's rollout write off-policy rows (λ < 1, or every prompt's in "both" mode)?"""
+    return rc.offpolicy_rows == "both" or rc.lmbda_for_round(round_index) < 1
 
 
 def _reference_ids(tokenizer, text: str) -> list[int]:
@@ -580,6 +582,7 @@ def _stage_summary(
     skipped: int,
     on: int,
     lmbda: float,
+    offpolicy_rows: str = "lambda",
 ) -> dict | None:
     """Figures for `_DONE.json`, computed from the shards (equal whichever worker computes them);
     None while some shard is missing."""
@@ -600,6 +603,7 @@ def _stage_summary(
         "prompts": kept,
         "skipped_long_prompts": skipped,
         "lmbda": lmbda,
+        "offpolicy_rows": offpolicy_rows,
         "on_policy_prompts": on,
         "off_policy_prompts": kept - on,
         "samples": sum(rows_by_path.values()),

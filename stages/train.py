@@ -111,7 +111,9 @@ class _Round:
 
     def train(self, force: bool) -> dict[str, Any]:
         tc, procs = self.tc, self.procs
-        self.data = RoundData(self.run, self.round_index, vocab_limit=self.start.vocab_rows)
+        self.data = RoundData(
+            self.run, self.round_index, vocab_limit=self.start.vocab_rows, lmbda=tc.lmbda, seed=self.cfg.run.seed
+        )
         micro_batches_per_step = procs.world * tc.grad_accum
         self.steps = plan_steps(self.data, tc, self.cfg.run.seed, self.round_index, micro_batches_per_step)
         self.producer = producer(

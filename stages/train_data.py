@@ -31,6 +31,7 @@ from opd.cache.config import TrainConfig
 from opd.cache.errors import FormatError, OpdError
 from opd.cache.rundir import MANIFEST, RunDir, read_manifest, shard_index
 from opd.cache.shards import ScoreShard, check_producer, read_rollout_shard, read_shard_meta
+from opd.stages.prompts import on_policy
 
 PLAN_WINDOW = 256  # samples sorted by length together before packing (less padding, still shuffled)
 
@@ -49,11 +50,13 @@ class RoundData:
     `rollout_sha256`, the rollout shard it is read with (so a cache scored from other rollouts is
     refused); every rollout sample has scores with one position per completion token; token ids lie in
     the student's vocabulary. Arrays over the S samples kept (samples with an empty completion carry no
-    loss and are left out) are `shard_S`, `rollout_row_S`, `score_row_S`, `length_S` (fed tokens,
+    loss and are left out, and so are the rows `lmbda` leaves out of a cache with both kinds: _lambda_choice) are `shard_S`, `rollout_row_S`, `score_row_S`, `length_S` (fed tokens,
     P + T - 1), `tokens_S` (T), `on_policy_S` (source == "student") and `has_sampling_S`.
     """
 
-    def __init__(self, run: RunDir, round_index: int, vocab_limit: int | None = None):
+    def __init__(
+        self, run: RunDir, round_index: int, vocab_limit: int | None = None, lmbda: float = -1.0, seed: int = 0
+    ):
         self.fs = run.fs
         rollouts_dir = run.stage_dir(round_index, "rollouts")
         scores_dir = run.stage_dir(round_index, "scores")
@@ -69,6 +72,7 @@ class RoundData:
                 f"{storage.join(scores_dir, MANIFEST)} not found (round {round_index} has no finished "
                 f"scores): run `opd score {run.url} --round {round_index}` first"
             )
+        self.choose = self._lambda_choice(run, rollouts_dir, lmbda, seed)
         r_names = [e.name for e in self.rollouts.shards]
         s_names = [e.name for e in self.scores.shards]
         if r_names != s_names or [shard_index(n) for n in r_names] != list(range(len(r_names))):
@@ -102,6 +106,33 @@ class RoundData:
         if not len(self.tokens_S):
             raise OpdError(f"{rollouts_dir}: no sample has a completion token to train on")
 
+    def _lambda_choice(self, run: RunDir, rollouts_dir: str, lmbda: float, seed: int):
+        """None (train on every row), or prompt id → on-policy? for a cache with both kinds of rows per
+        prompt (rollout.offpolicy_rows = "both"): λ = train.lmbda, else the rollout's λ of the round,
+        through the rollout's own rule (stages/prompts.on_policy), so the rows kept are the rows a
+        rollout at that λ writes."""
+        both = self.rollouts.summary.get("offpolicy_rows") == "both"
+        if not both:
+            if lmbda >= 0:
+                raise OpdError(
+                    f"train.lmbda = {lmbda} chooses between each prompt's own samples and its off-policy rows, "
+                    f"but {storage.join(rollouts_dir, MANIFEST)} holds one kind per prompt (rolled out at "
+                    f"λ = {self.rollouts.summary.get('lmbda')}); roll out with --set rollout.offpolicy_rows=both, "
+                    f"or leave train.lmbda = -1"
+                )
+            self.lmbda = self.rollouts.summary.get("lmbda")
+            return None
+        self.lmbda = lmbda if lmbda >= 0 else float(self.rollouts.summary.get("lmbda", 1.0))
+        memo: dict[str, bool] = {}
+        round_index, chosen = self.rollouts.round, self.lmbda
+
+        def choose(prompt_id: str) -> bool:
+            if prompt_id not in memo:
+                memo[prompt_id] = on_policy(seed, round_index, prompt_id, chosen)
+            return memo[prompt_id]
+
+        return choose
+
     def _join(self, s: int, r_path: str, c_path: str, vocab_limit: int | None, cols: dict) -> None:
         table, _ = read_rollout_shard(self.fs, r_path)
         scores = ScoreShard(self.fs, c_path)  # full checks: page checksums, content totals
@@ -126,6 +157,7 @@ class RoundData:
         prompt_len = pc.list_value_length(table.column("prompt_ids")).to_numpy(zero_copy_only=False)
         comp_len = pc.list_value_length(table.column("completion_ids")).to_numpy(zero_copy_only=False)
         sources = table.column("source").to_pylist()
+        prompt_ids = table.column("prompt_id").to_pylist() if self.choose is not None else None
         has_samp = table.column("sampling_logprobs").is_valid().to_numpy(zero_copy_only=False)
         if vocab_limit is not None:
             for name in ("prompt_ids", "completion_ids"):
@@ -147,8 +179,8 @@ class RoundData:
                     f"{c_path}: sample {sid!r} has {int(positions[j])} scored positions but "
                     f"{T} completion tokens in {r_path}; re-run score with --force"
                 )
-            if T == 0:
-                continue
+            if T == 0 or (prompt_ids is not None and (sources[i] == "student") != self.choose(prompt_ids[i])):
+                continue  # nothing to learn, or a row train.lmbda leaves out
             if P == 0:
                 raise FormatError(
                     f"{r_path}: sample {sid!r} has an empty prompt, so its first completion "

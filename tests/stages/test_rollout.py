@@ -253,6 +253,65 @@ def test_vllm_engine_writes_valid_shards(tmp_path, tiny_student, tiny_teacher, v
 # ------------------------------------------------------------------------------------------ λ
 
 
+def test_lambda_from_one_cache_keeps_the_rows_a_lambda_rollout_writes(tmp_path, tiny_student, tiny_teacher):
+    """rollout.offpolicy_rows = "both": every prompt gets its n samples (0..n-1) and its reference (n),
+    all scored once; train.lmbda then keeps, per prompt, exactly the kind a rollout at that λ writes."""
+    from opd.stages import score
+    from opd.stages.train_data import RoundData
+
+    prompts = write_prompts(tmp_path / "p.jsonl", 24)
+    run, cfg = make_run(
+        tmp_path,
+        "both",
+        tiny_student,
+        tiny_teacher,
+        prompts,
+        max_new_tokens=4,
+        reference_field="reference",
+        offpolicy_rows="both",
+    )
+    rollout.run(cfg, run, 0)
+    rows = read_rows(run)
+    by_prompt: dict[str, list] = {}
+    for r in rows:
+        by_prompt.setdefault(r["prompt_id"], []).append((r["sample_index"], r["source"]))
+    assert len(by_prompt) == 24
+    assert all(sorted(v) == [(0, "student"), (1, "student"), (2, "dataset")] for v in by_prompt.values())
+    score.run(cfg, run, 0, device="cpu")
+
+    def kept(data: RoundData) -> set:
+        tables = {s: read_rollout_shard(FS, p.rollout)[0].to_pylist() for s, p in enumerate(data.paths)}
+        return {(tables[s][i]["prompt_id"], tables[s][i]["source"]) for s, i in zip(data.shard_S, data.rollout_row_S)}
+
+    def nonempty(rs) -> set:
+        return {(r["prompt_id"], r["source"]) for r in rs if r["completion_ids"]}
+
+    assert {src for _, src in kept(RoundData(run, 0, lmbda=0.0, seed=cfg.run.seed))} == {"dataset"}
+    assert {src for _, src in kept(RoundData(run, 0, lmbda=1.0, seed=cfg.run.seed))} == {"student"}
+    assert kept(RoundData(run, 0, seed=cfg.run.seed)) == nonempty(r for r in rows if r["source"] == "student")
+    chosen = kept(RoundData(run, 0, lmbda=0.3, seed=cfg.run.seed))
+    single, cfg_single = make_run(
+        tmp_path,
+        "lambda",
+        tiny_student,
+        tiny_teacher,
+        prompts,
+        max_new_tokens=4,
+        reference_field="reference",
+        lmbda=0.3,
+    )
+    rollout.run(cfg_single, single, 0)
+    assert chosen == nonempty(read_rows(single)) and 0 < len({p for p, s in chosen if s == "student"}) < 24
+    score.run(cfg_single, single, 0, device="cpu")
+    with pytest.raises(OpdError, match="holds one kind per prompt"):
+        RoundData(single, 0, lmbda=0.5, seed=cfg.run.seed)
+    # the learner trains on the λ = 0.3 rows of the "both" cache
+    from opd.stages import train
+
+    summary = train.run(cfg.replace("train", lmbda=0.3, device="cpu"), run, 0)
+    assert summary["samples"] == sum(1 for r in read_rows(single) if r["completion_ids"])
+
+
 def test_lambda_mix_is_deterministic_and_monotone(tmp_path, tiny_student, tiny_teacher):
     from transformers import AutoTokenizer
 

@@ -320,6 +320,7 @@ def _run_split(
         "on_policy_prompts": on,
         "off_policy_prompts": len(kept) - on,
         "offpolicy_source": rc.offpolicy_source,
+        "offpolicy_rows": rc.offpolicy_rows,
         "shards_total": num_shards,
         "shards_owned": len(owned),
         "shards_written": len(todo),
@@ -663,5 +664,10 @@ def _summary_line(s: dict, rc: RolloutConfig, what: str) -> str:
         f"({s['student_samples_written']} student, {s['offpolicy_samples_written']} {rc.offpolicy_source}), "
         f"{s['completion_tokens_generated']} tokens at {s['tokens_per_s']:.0f} tok/s; "
         f"{s['skipped_long_prompts']} prompts skipped (> {rc.max_prompt_tokens} tokens); "
-        f"λ={s['lmbda']:g}: {s['on_policy_prompts']}/{s['prompts']} prompts on-policy; {state}"
+        + (
+            "every prompt has both kinds of rows (train.lmbda chooses); "
+            if rc.offpolicy_rows == "both"
+            else f"λ={s['lmbda']:g}: {s['on_policy_prompts']}/{s['prompts']} prompts on-policy; "
+        )
+        + state
     )

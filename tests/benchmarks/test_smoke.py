@@ -2,7 +2,8 @@
 offline, seconds), as a subprocess from the repository root, must exit 0 and print at least one JSON
 line with the keys a real run prints. No figure is checked: smoke figures mean nothing.
 
-vLLM starts once here (bench_rollout.py; the e2e smoke uses opd's transformers engine). About 3 minutes
+vLLM starts twice here (bench_rollout.py, and bench_score.py --engine both; the e2e smoke uses opd's
+transformers engine). About 3 minutes
 on 2 cores in all. `benchmarks/gpu_check.py` is run too: without CUDA it must say so in one line and exit
 0; with CUDA it runs every check (a few minutes) and must pass.
 """
@@ -15,6 +16,8 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 HAS_TRL = importlib.util.find_spec("trl") is not None and importlib.util.find_spec("datasets") is not None
@@ -131,6 +134,20 @@ def test_bench_score_smoke(tmp_path):
             },
         )
         assert r["stage_dtype"] == r["dtype"]
+
+
+@pytest.mark.skipif(not HAS_VLLM, reason="the engine comparison needs vLLM")
+def test_bench_score_engines_smoke(tmp_path):
+    """--engine both: one line per engine variant (the same rollouts) and the ratio line."""
+    records, _ = _run(["benchmarks/bench_score.py", "--smoke", "--engine", "both", "--per-prompt", "4"], tmp_path)
+    variants = {r["engine"]: r for r in records if r.get("bench") == "score" and "engine" in r}
+    assert set(variants) == {"transformers", "vllm", "vllm_no_prefix_cache"}
+    for r in variants.values():
+        _has(r, MACHINE | {"tokens_per_s", "input_tokens", "per_prompt", "walls_s", "load_s"})
+        assert r["input_tokens"] == variants["transformers"]["input_tokens"] and r["per_prompt"] == 4
+    assert {"prefix_cached_tokens", "rescored_without_prefix_cache"} <= set(variants["vllm"])
+    (ratio,) = [r for r in records if "ratio_vllm_over_transformers" in r]
+    assert ratio["ratio_vllm_prefix_cache_on_over_off"] > 0
 
 
 def test_bench_train_smoke(tmp_path):

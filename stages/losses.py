@@ -22,7 +22,7 @@ import math
 import torch
 
 
-def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
     """log(1 - exp(x)) for x < 0, stable on both sides of -log 2 (Mächler 2012)."""
     return torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
@@ -43,7 +43,7 @@ def bucket_logprobs(student_logits_NV, topk_ids_NK, topk_logprobs_NK, tail_logpr
     s_topk, _ = student_logprobs_at(student_logits_NV, topk_ids_NK, temperature)
     no_tail_N = torch.isneginf(tail_logprobs_N)
     lse_N = torch.logsumexp(s_topk, dim=-1).clamp(max=-1e-6)  # top-k mass < 1; rounding can push it past
-    s_tail = torch.where(no_tail_N, torch.full_like(lse_N, -math.inf), _log1mexp(lse_N))
+    s_tail = torch.where(no_tail_N, torch.full_like(lse_N, -math.inf), log1mexp(lse_N))
     s_topk = torch.where(no_tail_N[:, None], s_topk - torch.logsumexp(s_topk, -1, keepdim=True), s_topk)
     s = torch.cat([s_topk, s_tail[:, None]], dim=-1)
     t = torch.log_softmax(torch.cat([topk_logprobs_NK.float(), tail_logprobs_N.float()[:, None]], -1), -1)

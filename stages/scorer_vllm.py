@@ -47,14 +47,15 @@ import math
 from typing import Iterator, Sequence
 
 import numpy as np
+import torch
 
 from opd.cache.devices import Placement
 from opd.cache.errors import OpdError
 from opd.stages.engine_vllm import cpu_kv_cache_bytes, engine_core_in_process, shutdown
+from opd.stages.losses import log1mexp
 from opd.stages.scorer import BatchOut, Seq, scored_vocab
 
 _PADDED_EXTRA = 16  # extra ids requested per position where the output layer has padded rows
-_LN2 = math.log(2.0)
 
 
 class VLLMScorer:
@@ -167,17 +168,16 @@ class VLLMScorer:
             # the first sample of each prompt first: the others, in a second call, find its prompt's
             # KV blocks cached (requests prefilled in the same engine step cannot share them)
             leaders = [r for i, r in enumerate(rows) if i == 0 or not _same_prompt(seqs[rows[i - 1]], seqs[r])]
-            followers = [r for r in rows if r not in set(leaders)]
+            led = set(leaders)
+            followers = [r for r in rows if r not in led]
             outs = dict(zip(leaders, self._generate(seqs, leaders, read_cache=True)))
             if followers:
                 outs.update(zip(followers, self._generate(seqs, followers, read_cache=True)))
             # a cached position has no log-prob: re-score samples whose cache hit covers a needed row
-            again = [
-                r
-                for r in rows
-                if outs[r].num_cached_tokens is None or outs[r].num_cached_tokens > seqs[r].prompt_len - 1
-            ]
-            self.counters["prefix_cached_tokens"] += sum(outs[r].num_cached_tokens for r in rows if r not in again)
+            cached = {r: outs[r].num_cached_tokens for r in rows}
+            again = [r for r in rows if cached[r] is None or cached[r] > seqs[r].prompt_len - 1]
+            redo = set(again)
+            self.counters["prefix_cached_tokens"] += sum(cached[r] for r in rows if r not in redo)
             if again:
                 self.counters["rescored_without_prefix_cache"] += len(again)
                 outs.update(zip(again, self._generate(seqs, again, read_cache=False)))
@@ -257,7 +257,7 @@ def _same_prompt(a: Seq, b: Seq) -> bool:
 
 def topk_mass_and_tail(topk_lp_TK: np.ndarray, next_T: np.ndarray | None, V: int) -> tuple[np.ndarray, np.ndarray]:
     """(log of the top-k mass s, tail log(1 − e^s)) per position, float64, from float32 log-probs.
-    log1mexp: log(−expm1(s)) for s > −ln 2, log1p(−exp(s)) below; then clipped to [ℓ, ℓ + log(V − K)],
+    log1mexp (stages/losses.py: log(−expm1(s)) for s > −ln 2, log1p(−exp(s)) below); then clipped to [ℓ, ℓ + log(V − K)],
     ℓ = `next_T` the (K+1)-th log-prob, where the rounding of the top-k values leaves the difference
     meaningless (mass within ~1e-7 of 1). `next_T` None: K = V, nothing outside, tail −inf."""
     lp = topk_lp_TK.astype(np.float64)
@@ -265,7 +265,6 @@ def topk_mass_and_tail(topk_lp_TK: np.ndarray, next_T: np.ndarray | None, V: int
     s = (mx + np.log(np.exp(lp - mx).sum(1, keepdims=True)))[:, 0]
     if next_T is None:
         return s, np.full(lp.shape[0], -np.inf)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        raw = np.where(s > -_LN2, np.log(-np.expm1(np.minimum(s, 0.0))), np.log1p(-np.exp(s)))
+    raw = log1mexp(torch.from_numpy(np.minimum(s, 0.0))).numpy()  # s = 0 (rounding): −inf, clipped below
     low = np.asarray(next_T, dtype=np.float64)
-    return s, np.clip(np.nan_to_num(raw, nan=-np.inf), low, low + math.log(V - lp.shape[1]))
+    return s, np.clip(raw, low, low + math.log(V - lp.shape[1]))

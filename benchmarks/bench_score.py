@@ -157,7 +157,7 @@ def compare_engines(args, model_dir, tok, tmp: str, env: dict) -> None:
     producers = {s: {"stage": "score", "bench": True, "rollout_sha256": e.sha256} for s, e in entries.items()}
     results = {}
     for engine in engines:
-        teacher = score._Teacher(configs[engine], None)
+        teacher = score.Teacher(configs[engine], None)
         t0 = time.perf_counter()
         scorer = teacher.scorer()
         load_s = time.perf_counter() - t0
@@ -322,7 +322,7 @@ def main():
             entries = score._rollout_entries(read_manifest(run, run.stage_dir(0, "rollouts")), "")
             producers = {s: ScoreShard(run.fs, run.shard_path(0, "scores", s)).meta["producer"] for s in entries}
             # the stage's teacher (same loading, device and dtype); the bare side runs the same model object
-            teacher = score._Teacher(cfg, None)
+            teacher = score.Teacher(cfg, None)
             scorer = teacher.scorer()
             model = scorer.model
             job = score._Job(run, 0, "train", cfg, teacher, score._Totals())

@@ -228,7 +228,7 @@ class TrainConfig:
         "jsd"  # "jsd" (generalized JSD on the top-k + tail buckets) or "sampled_rkl" (policy-gradient reverse KL)
     )
     beta: float = 1.0  # JSD β for on-policy rows: 0 = forward KL(T‖S), 1 = reverse KL(S‖T)
-    beta_offpolicy: float = 0.0  # JSD β for off-policy rows (dataset/teacher responses); 0 = forward KL
+    beta_offpolicy: float = 0.0  # JSD β for off-policy rows (dataset/teacher responses); 0 = forward KL; -1 = train.beta (GKD's one β for every row: what a λ × β sweep compares)
     lmbda: float = -1.0  # λ chosen at train time: -1 = train on the rows the rollout wrote (its λ chose them, or, for rollout.offpolicy_rows = "both", the rollout's λ of the round chooses); 0..1 = per prompt, the student's samples if u(seed, round, prompt) < λ else its off-policy rows, the rollout's own rule (needs a "both" cache)
     temperature: float = 1.0  # τ applied to the student's logits in the loss
     ratio_clip: float = 0.0  # sampled_rkl: clip the importance ratio to [1-c, 1+c]; 0 = off
@@ -272,10 +272,20 @@ class TrainConfig:
         "grad_accum",
     )
 
+    @property
+    def offpolicy_beta(self) -> float:
+        """β on off-policy rows: beta_offpolicy, or beta where beta_offpolicy = -1."""
+        return self.beta if self.beta_offpolicy < 0 else self.beta_offpolicy
+
     def __post_init__(self):
         _choice("train.loss", self.loss, ("jsd", "sampled_rkl"))
         _require(0 <= self.beta <= 1, "train.beta", self.beta, "must be in [0, 1]")
-        _require(0 <= self.beta_offpolicy <= 1, "train.beta_offpolicy", self.beta_offpolicy, "must be in [0, 1]")
+        _require(
+            self.beta_offpolicy == -1 or 0 <= self.beta_offpolicy <= 1,
+            "train.beta_offpolicy",
+            self.beta_offpolicy,
+            "must be in [0, 1], or -1 (= train.beta)",
+        )
         _require(
             self.lmbda == -1 or 0 <= self.lmbda <= 1,
             "train.lmbda",

@@ -235,6 +235,61 @@ def train(run_dir, round_index, devices, from_round, out, force, overrides):
     click.echo(summary["line"])
 
 
+@main.command()
+@click.argument("run_dir")
+@click.option(
+    "--round", "round_index", type=int, required=True, help="The round whose rollouts and scores to train on."
+)
+@click.option(
+    "--grid",
+    "grids",
+    multiple=True,
+    metavar="train.KEY=V1,V2,...",
+    help="Values of one train.* key (repeatable; the settings are the cartesian product), e.g. "
+    '--grid train.beta=0,0.5,1 --grid train.lmbda=0,1 (λ needs a rollout.offpolicy_rows = "both" round).',
+)
+@click.option("--name", default=None, help="Sweep name: RUN/sweeps/NAME/ (default: round{R}-<grid keys>).")
+@click.option("--devices", default=None, help="cpu, cpu,cpu, or GPU indices 0,1: several start one worker per entry.")
+@click.option("--shard", default=None, metavar="i/N", help="Train settings k with k % N == i only (array jobs).")
+@click.option(
+    "--eval",
+    "eval_mode",
+    type=click.Choice(["auto", "none", "cache", "heldout"]),
+    default="auto",
+    show_default=True,
+    help="none; cache: teacher-forced on round R's held-out cache, no teacher; heldout: each student samples "
+    "the held-out prompts and one teacher load scores them all; auto: cache where round R has a held-out cache.",
+)
+@click.option("--metric", default=None, help="Sort the table by this (default: heldout_rkl, cache_rkl or last_loss).")
+@click.option("--force", is_flag=True, help="Train and evaluate every setting again.")
+@click.option(
+    "--set", "overrides", multiple=True, metavar="train.KEY=VALUE", help="A train.* value every setting shares."
+)
+@_user_errors
+def sweep(run_dir, round_index, grids, name, devices, shard, eval_mode, metric, force, overrides):
+    """Train a grid of settings from round R's cached rollouts and teacher scores (no teacher load for
+    training) into RUN_DIR/sweeps/NAME/<setting>/, evaluate each, and print the table (also written as
+    table.csv, table.md and table.png there). Resumable; `opd inspect RUN_DIR` lists sweeps."""
+    from opd.pipeline.sweep import sweep as run_sweep
+
+    with _stage_process(run_dir, round_index, _log_name("sweep", shard)):
+        result = run_sweep(
+            run_dir,
+            round_index,
+            grids,
+            name=name,
+            devices=devices,
+            shard=shard,
+            eval_mode=eval_mode,
+            metric=metric,
+            force=force,
+            overrides=overrides,
+        )
+    if result["table"]:
+        click.echo(result["table"])
+    click.echo(result["line"])
+
+
 @main.command("run")
 @click.argument("run_dir")
 @click.option(

@@ -25,6 +25,7 @@ import polars as pl
 from opd.cache import storage
 from opd.cache.errors import OpdError
 from opd.cache.rundir import HELDOUT, RunDir, read_manifest
+from opd.pipeline.sweep_table import list_sweeps
 
 # (column, dtype) in table order; `round_table` always returns exactly these.
 SCHEMA: dict[str, Any] = {
@@ -286,6 +287,9 @@ def inspect(run_dir: str, plot_path: str | None = None) -> str:
     trained = df.filter(pl.col("status") == "done").height
     header = f"run {name} ({run.url}): {df.height} round folder{'s' if df.height != 1 else ''}, {trained} trained"
     text = header + "\n" + format_table(df)
+    sweeps = list_sweeps(run)
+    if sweeps:
+        text += "\n" + "\n".join(sweeps)
     if plot_path:
         plot(df, plot_path, title=f"opd run {name}")
         text += f"\nplot: {plot_path}"

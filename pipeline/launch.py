@@ -128,7 +128,14 @@ def _from_cache(source: str, out: str, round_index: int | None, overrides: list[
     R = int(parts[2])
     if round_index is not None and round_index != R:
         raise OpdError(f"--round {round_index} disagrees with --from {source!r} (round {R}); leave --round out")
-    src = RunDir(parts[0])
+    from_cache(RunDir(parts[0]), R, out, overrides, force)
+    return out, R
+
+
+def from_cache(src: RunDir, R: int, out: str, overrides: list[str], force: bool = False) -> RunDir:
+    """NEWRUN = `out`: RUN's config + overrides as its opd.toml, and links to RUN's round R rollouts and
+    scores (and the round R-1 student they were sampled from). Idempotent; also what `opd sweep`
+    makes for each setting."""
     src.require_initialised()
     with tempfile.TemporaryDirectory(prefix="opd-from-") as tmp:
         config_file = Path(tmp) / "opd.toml"
@@ -137,7 +144,7 @@ def _from_cache(source: str, out: str, round_index: int | None, overrides: list[
     dst = RunDir(out)
     for r, stage in [(R, "rollouts"), (R, "scores")] + ([(R - 1, train.STAGE)] if R > 0 else []):
         _copy_stage(src, dst, r, stage)
-    return out, R
+    return dst
 
 
 def _copy_stage(src: RunDir, dst: RunDir, r: int, stage: str) -> None:

@@ -5,7 +5,8 @@ Loss, per completion token t of the micro-batch, student logits z_t at temperatu
 top-k K_t, their log-probs, the log tail mass outside K_t, the exact log-prob of the taken token):
     jsd          generalized JSD_β on the K+1 buckets {v ∈ K_t} ∪ {tail} (stages/losses.py): β = train.beta
                  on on-policy rows (source "student"), β = train.beta_offpolicy on off-policy rows
-                 (source "dataset" / "teacher"); β = 0 forward KL(T‖S), β = 1 reverse KL(S‖T).
+                 (source "dataset" / "teacher"; train.beta where beta_offpolicy = -1); β = 0 forward
+                 KL(T‖S), β = 1 reverse KL(S‖T).
     sampled_rkl  on on-policy rows: -ratio_t · (log p_T(x_t) − log p_sample(x_t)), ratio_t =
                  exp(log p_θ(x_t) − log p_sample(x_t)) (optionally clipped, train.ratio_clip); needs the
                  rollout's sampling log-probs. Off-policy rows use jsd with train.beta_offpolicy.
@@ -129,11 +130,11 @@ class Learner(torch.nn.Module):
             if mode == "on":
                 loss = generalized_jsd(s, t, tc.beta).sum()
             elif mode == "off":
-                loss = generalized_jsd(s, t, tc.beta_offpolicy).sum()
+                loss = generalized_jsd(s, t, tc.offpolicy_beta).sum()
             else:
                 loss = (
                     generalized_jsd(s[on], t[on], tc.beta).sum()
-                    + generalized_jsd(s[~on], t[~on], tc.beta_offpolicy).sum()
+                    + generalized_jsd(s[~on], t[~on], tc.offpolicy_beta).sum()
                 )
         else:  # sampled_rkl on the student's own rows, jsd(β_offpolicy) on the others
             taken_ids, taken_lp, samp = batch["target_N"][sl], batch["taken_N"][sl], batch["sampling_N"][sl]
@@ -144,7 +145,7 @@ class Learner(torch.nn.Module):
                     sampled_rkl_loss(
                         logits_NV[on], taken_ids[on], taken_lp[on], samp[on], tc.temperature, tc.ratio_clip
                     ).sum()
-                    + jsd_loss(logits_NV[~on], ids[~on], lps[~on], tail[~on], tc.beta_offpolicy, tc.temperature).sum()
+                    + jsd_loss(logits_NV[~on], ids[~on], lps[~on], tail[~on], tc.offpolicy_beta, tc.temperature).sum()
                 )
         metrics_2 = torch.zeros(2, dtype=torch.float64, device=logits_NV.device)
         if need_metrics:

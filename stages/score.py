@@ -89,20 +89,25 @@ def run(
     split: str = "all",
     follow: bool = False,
     poll_s: float = 1.0,
+    teacher: "Teacher | None" = None,
 ) -> dict[str, Any]:
     """Score round `round_index`'s rollout shards owned by `shard`; returns the summary (key `line`: one line).
 
     `split`: "train", "heldout" (the validation samples, RUN/rounds/R/heldout/) or "all" (both that
     are configured; the teacher loads once). `follow`: do not require the rollout manifest yet;
     score rollout shards as they appear (each is renamed into place whole) until the rollout stage
-    writes its manifest: how `opd run` overlaps scoring with rollout.
+    writes its manifest: how `opd run` overlaps scoring with rollout. `teacher`: a Teacher the caller
+    owns and releases, shared by runs of one [score] config (`opd sweep --eval heldout`: one load for
+    every setting's held-out samples).
     """
     splits = choose_splits(split, cfg.eval.enabled)
-    teacher = _Teacher(cfg, device)
+    owned = teacher is None
+    teacher = Teacher(cfg, device) if owned else teacher
     try:
         summaries = [_run_split(cfg, run, round_index, shard, teacher, force, sp, follow, poll_s) for sp in splits]
     finally:
-        teacher.release()
+        if owned:
+            teacher.release()
     return combine_splits(summaries)
 
 
@@ -111,9 +116,9 @@ def _folders(split: str) -> tuple[str, str]:
     return split_folder(split, "rollouts"), split_folder(split, "scores")
 
 
-class _Teacher:
+class Teacher:
     """The teacher and its scorer (engine resolved here), loaded on first use and shared by the splits
-    of one invocation."""
+    of one invocation (or by the runs of a sweep); `loads` counts its loads."""
 
     def __init__(self, cfg: OpdConfig, device: str | None):
         self.cfg = cfg
@@ -123,9 +128,11 @@ class _Teacher:
         self.placement = placement(device or cfg.score.device, cfg.score.dtype, "score.device")
         self.dev, self.dtype = self.placement.device, self.placement.dtype
         self._scorer: Scorer | None = None
+        self.loads = 0
 
     def scorer(self) -> "Scorer":
         if self._scorer is None:
+            self.loads += 1
             console.say(self.placement.describe("score") + f"; engine {self.engine}")
             self._scorer = load_scorer(self.engine, self.dir, self.cfg.score, self.placement, len(self.tokenizer))
         return self._scorer
@@ -145,7 +152,7 @@ def _run_split(
     run: RunDir,
     round_index: int,
     shard: ShardSpec,
-    teacher: _Teacher,
+    teacher: Teacher,
     force: bool,
     split: str,
     follow: bool,
@@ -459,7 +466,7 @@ class _Job:
     round_index: int
     split: str
     cfg: OpdConfig
-    teacher: _Teacher
+    teacher: Teacher
     stats: _Totals
 
 

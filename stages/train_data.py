@@ -19,6 +19,7 @@ holds the same samples whatever the number of processes.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,17 +30,45 @@ import torch
 from opd.cache import storage
 from opd.cache.config import TrainConfig
 from opd.cache.errors import FormatError, OpdError
-from opd.cache.rundir import MANIFEST, RunDir, read_manifest, shard_index
+from opd.cache.rundir import MANIFEST, RunDir, read_manifest, shard_index, split_folder
 from opd.cache.shards import ScoreShard, check_producer, read_rollout_shard, read_shard_meta
 from opd.stages.prompts import on_policy
 
 PLAN_WINDOW = 256  # samples sorted by length together before packing (less padding, still shuffled)
+
+_DECODED: dict | None = None  # while decode_once() is active: (kind, content sha256) → decoded shard data
+
+
+@contextlib.contextmanager
+def decode_once():
+    """Keep every shard this process reads decoded for the block, keyed by its content sha256 (from the
+    manifests, already checked): `opd sweep` trains several settings from one round's cache, and the
+    settings' folders hold links to the same files, so each shard is opened, checked and decoded once
+    per process instead of once per setting. Holds the round's decoded cache in memory."""
+    global _DECODED
+    outer = _DECODED
+    _DECODED = {} if outer is None else outer
+    try:
+        yield
+    finally:
+        _DECODED = outer
+
+
+def _memo(kind: str, sha: str, make):
+    if _DECODED is None:
+        return make()
+    key = (kind, sha)
+    if key not in _DECODED:
+        _DECODED[key] = make()
+    return _DECODED[key]
 
 
 @dataclass(frozen=True)
 class ShardPaths:
     rollout: str
     score: str
+    rollout_sha256: str = ""
+    score_sha256: str = ""
 
 
 class RoundData:
@@ -55,11 +84,17 @@ class RoundData:
     """
 
     def __init__(
-        self, run: RunDir, round_index: int, vocab_limit: int | None = None, lmbda: float = -1.0, seed: int = 0
+        self,
+        run: RunDir,
+        round_index: int,
+        vocab_limit: int | None = None,
+        lmbda: float = -1.0,
+        seed: int = 0,
+        split: str = "train",
     ):
         self.fs = run.fs
-        rollouts_dir = run.stage_dir(round_index, "rollouts")
-        scores_dir = run.stage_dir(round_index, "scores")
+        rollouts_dir = run.stage_dir(round_index, split_folder(split, "rollouts"))
+        scores_dir = run.stage_dir(round_index, split_folder(split, "scores"))
         self.rollouts = read_manifest(run, rollouts_dir)
         if self.rollouts is None:
             raise OpdError(
@@ -94,8 +129,8 @@ class RoundData:
             _check_sha(run, c_path, s_entry.sha256, f"opd score {run.url} --round {round_index} --force")
             meta = read_shard_meta(run.fs, c_path)
             check_producer(c_path, meta.get("producer", {}), {"rollout_sha256": r_entry.sha256})
-            self.paths.append(ShardPaths(r_path, c_path))
-            self._join(s, r_path, c_path, vocab_limit, cols)
+            self.paths.append(ShardPaths(r_path, c_path, r_entry.sha256, s_entry.sha256))
+            self._join(s, self.paths[-1], vocab_limit, cols)
         self.shard_S = np.asarray(cols["shard"], dtype=np.int32)
         self.rollout_row_S = np.asarray(cols["rrow"], dtype=np.int64)
         self.score_row_S = np.asarray(cols["srow"], dtype=np.int64)
@@ -133,9 +168,11 @@ class RoundData:
 
         return choose
 
-    def _join(self, s: int, r_path: str, c_path: str, vocab_limit: int | None, cols: dict) -> None:
-        table, _ = read_rollout_shard(self.fs, r_path)
-        scores = ScoreShard(self.fs, c_path)  # full checks: page checksums, content totals
+    def _join(self, s: int, paths: ShardPaths, vocab_limit: int | None, cols: dict) -> None:
+        r_path, c_path = paths.rollout, paths.score
+        table = _memo("rollout_table", paths.rollout_sha256, lambda: read_rollout_shard(self.fs, r_path)[0])
+        # full checks: page checksums, content totals
+        scores = _memo("score_shard", paths.score_sha256, lambda: ScoreShard(self.fs, c_path))
         for key, value in (
             ("top_k", scores.top_k),
             ("vocab_size", scores.vocab_size),
@@ -309,22 +346,37 @@ class MicroBatches(torch.utils.data.Dataset):
 
     def _rollout(self, s: int) -> dict[str, Any]:
         if s not in self._rollouts:
-            table, _ = read_rollout_shard(self.fs, self.paths[s].rollout)
-            out = {}
-            for name in ("prompt_ids", "completion_ids", "sampling_logprobs"):
-                col = table.column(name).combine_chunks()
-                out[name] = (
-                    col.offsets.to_numpy(),
-                    col.values.to_numpy(zero_copy_only=False),
-                    col.is_valid().to_numpy(zero_copy_only=False),
-                )
-            self._rollouts[s] = out
+            self._rollouts[s] = _memo("rollout_arrays", self.paths[s].rollout_sha256, lambda: self._decode_rollout(s))
         return self._rollouts[s]
+
+    def _decode_rollout(self, s: int) -> dict[str, Any]:
+        table = _memo(
+            "rollout_table", self.paths[s].rollout_sha256, lambda: read_rollout_shard(self.fs, self.paths[s].rollout)[0]
+        )
+        out = {}
+        for name in ("prompt_ids", "completion_ids", "sampling_logprobs"):
+            col = table.column(name).combine_chunks()
+            out[name] = (
+                col.offsets.to_numpy(),
+                col.values.to_numpy(zero_copy_only=False),
+                col.is_valid().to_numpy(zero_copy_only=False),
+            )
+        return out
 
     def _score(self, s: int) -> ScoreShard:
         if s not in self._scores:
-            self._scores[s] = ScoreShard(self.fs, self.paths[s].score)
+            sha = self.paths[s].score_sha256
+            self._scores[s] = _memo("score_shard", sha, lambda: ScoreShard(self.fs, self.paths[s].score))
         return self._scores[s]
+
+    def _teacher(self, s: int, row: int):
+        """The teacher's decoded top-k of one score row (decoded once per process under decode_once)."""
+        if _DECODED is None:
+            return self._score(s)[row]
+        rows = _memo("score_rows", self.paths[s].score_sha256, dict)
+        if row not in rows:
+            rows[row] = self._score(s)[row]
+        return rows[row]
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         item = self.items[index]
@@ -343,7 +395,7 @@ class MicroBatches(torch.utils.data.Dataset):
             P, T = len(prompt), len(comp)
             input_ids_BL[b, :P] = prompt
             input_ids_BL[b, P : P + T - 1] = comp[:-1]
-            teacher = self._score(s)[int(self.srow_S[i])]
+            teacher = self._teacher(s, int(self.srow_S[i]))
             parts["gather"].append(b * L + P - 1 + np.arange(T))
             parts["target"].append(comp)
             parts["ids"].append(teacher.topk_ids_TK)

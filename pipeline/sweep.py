@@ -1,0 +1,520 @@
+"""`opd sweep`: a grid of training settings (λ × β × lr, any `train.*` key) from one round's rollouts and
+teacher scores, the teacher never loaded for training; every setting evaluated; one table at the end.
+
+    opd sweep RUN --round 0 --grid train.beta=0,0.5,1 --grid train.lmbda=0,1 [--name NAME]
+              [--devices cpu,cpu | 0,1] [--shard i/N] [--eval auto|none|cache|heldout] [--metric M] [--force]
+
+RUN/sweeps/NAME/ (NAME defaults to "round{R}-" + the grid's keys):
+  sweep.json     the sweep's manifest: source run and round, grid, settings (folder → overrides), eval
+                 mode; written first, and a later sweep of that name with another grid is refused
+  <setting>/     one run folder per setting, named from its values (beta0.5_lmbda1): exactly what
+                 `opd train --from RUN/rounds/R --out <setting> --set ...` makes (launch.from_cache:
+                 RUN's config + the overrides, links to RUN's round R shards), with rounds/R/student/
+                 trained by the train stage; `--eval cache` adds <setting>/sweep_eval.json, `--eval
+                 heldout` the held-out round <setting>/rounds/R+1/heldout/ with its eval.json
+  table.csv, table.md, table.png, results.json   once every setting is trained and evaluated
+
+Settings train one after another in one process, which decodes the round's shards once for all of
+them (stages/train_data.decode_once). `--shard i/N` takes settings k with k % N == i (array jobs; the
+worker that finds every setting finished writes the table); `--devices` with several entries starts one
+such worker per device. Resume is the train stage's: a finished setting is skipped, an interrupted one
+restarts from its checkpoint (train.checkpoint_every_steps) or from scratch, with the same result.
+
+Evaluation (`--eval`): `none`; `cache` (pipeline/sweep_eval.py: teacher-forced on round R's held-out
+samples and their cached scores, no teacher); `heldout`: each student samples the held-out prompts
+(`opd rollout <setting> --round R+1 --split heldout`, a process each), then one teacher load scores
+all of them and evaluate.py computes held-out reverse KL and checker accuracy as `opd run` reports
+them. `auto` = cache where round R has a held-out cache, else none.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from opd.cache import console, storage
+from opd.cache.config import ConfigError, TrainConfig, load_run_config, parse_override
+from opd.cache.devices import resolve_device
+from opd.cache.errors import OpdError
+from opd.cache.rundir import MANIFEST, RunDir, ShardSpec, read_manifest, split_folder
+from opd.pipeline import sweep_table
+from opd.pipeline.evaluate import evaluate, read_eval
+from opd.pipeline.launch import from_cache
+from opd.pipeline.loop import Pool, die_with_parent
+from opd.pipeline.sweep_eval import cache_figures, heldout_data
+from opd.pipeline.sweep_table import CACHE_EVAL_FILE, RESULTS_FILE, SWEEP_FILE, SWEEP_FORMAT, SWEEP_VERSION, read_json
+from opd.stages import train
+from opd.stages.students import start_student
+from opd.stages.train_data import decode_once
+
+EVAL_MODES = ("auto", "none", "cache", "heldout")
+_TRAIN_KEYS = {f.name for f in TrainConfig.__dataclass_fields__.values()}
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One point of the grid: its folder name and its (key, value as typed) pairs in grid order."""
+
+    name: str
+    values: tuple[tuple[str, str], ...]
+    common: tuple[str, ...] = ()  # --set overrides every setting shares
+
+    @property
+    def overrides(self) -> list[str]:
+        return [*self.common, *(f"{k}={v}" for k, v in self.values)]
+
+    def row(self) -> dict[str, Any]:
+        return {"setting": self.name, **{_short(k): parse_override(f"{k}={v}")[2] for k, v in self.values}}
+
+
+def parse_grid(items: list[str] | tuple[str, ...]) -> list[tuple[str, list[str]]]:
+    """`--grid train.key=v1,v2,...` → [(key, [values])]; one-line errors naming the bad item."""
+    if not items:
+        raise OpdError("give at least one --grid train.KEY=V1,V2 (e.g. --grid train.beta=0,0.5,1)")
+    grid: list[tuple[str, list[str]]] = []
+    for item in items:
+        if "=" not in item:
+            raise OpdError(f"--grid {item!r} is invalid: expected train.KEY=V1,V2,... (e.g. train.beta=0,0.5,1)")
+        key, raw = (s.strip() for s in item.split("=", 1))
+        section, _, name = key.partition(".")
+        if section != "train" or not name:
+            raise OpdError(
+                f"--grid {item!r}: only train.* keys can be swept from one cache "
+                f"(rollout and score settings change the data: run another round instead)"
+            )
+        if name not in _TRAIN_KEYS:
+            import difflib
+
+            close = difflib.get_close_matches(name, sorted(_TRAIN_KEYS), n=1)
+            raise OpdError(
+                f"--grid {item!r}: unknown key train.{name}" + (f" (did you mean train.{close[0]}?)" if close else "")
+            )
+        if name in TrainConfig.HOW or name == "device":
+            raise OpdError(
+                f"--grid {item!r}: train.{name} chooses how to compute, not what; it cannot make settings differ"
+            )
+        values = [v.strip() for v in raw.split(",")]
+        if not raw.strip() or any(not v for v in values):
+            raise OpdError(f"--grid {item!r}: empty value list (give train.{name}=V1,V2,...)")
+        if len(set(values)) != len(values):
+            raise OpdError(f"--grid {item!r}: a value appears twice")
+        if any(k == key for k, _ in grid):
+            raise OpdError(f"--grid {item!r}: train.{name} is given twice; put all its values in one --grid")
+        grid.append((key, values))
+    return grid
+
+
+def make_settings(grid: list[tuple[str, list[str]]], common: tuple[str, ...] = ()) -> list[Setting]:
+    """The cartesian product, first key slowest; each named from its values."""
+    for item in common:
+        key = item.split("=", 1)[0].strip()
+        if not key.startswith("train."):
+            raise OpdError(f"--set {item!r}: a sweep's settings differ only in train.* keys (the data is round R's)")
+        if any(key == k for k, _ in grid):
+            raise OpdError(f"--set {item!r}: {key} is also swept by --grid")
+    settings = []
+    for combo in itertools.product(*[[(k, v) for v in vs] for k, vs in grid]):
+        settings.append(Setting(_folder_name(combo), tuple(combo), tuple(common)))
+    names = [s.name for s in settings]
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise OpdError(f"--grid: two settings would share the folder {dup!r}; give the values differently")
+    return settings
+
+
+def _short(key: str) -> str:
+    return key.split(".", 1)[1]
+
+
+def _folder_name(combo) -> str:
+    parts = []
+    for k, v in combo:
+        value = parse_override(f"{k}={v}")[2]
+        text = f"{value:g}" if isinstance(value, float) else str(value)
+        parts.append(_short(k) + re.sub(r"[^A-Za-z0-9.+-]", "-", text))
+    return "_".join(parts)
+
+
+# ------------------------------------------------------------------------------------------ the command
+
+
+@dataclass
+class _Sweep:
+    """One sweep invocation: the source run, the spec and where things go."""
+
+    src: RunDir
+    round_index: int
+    name: str
+    settings: list[Setting]
+    grid: list[tuple[str, list[str]]]
+    eval_mode: str
+    metric: str
+
+    @property
+    def folder(self) -> str:
+        return storage.join(self.src.root, "sweeps", self.name)
+
+    def url(self, s: Setting) -> str:
+        return f"{self.src.url.rstrip('/')}/sweeps/{self.name}/{s.name}"
+
+    def spec(self) -> dict[str, Any]:
+        return {
+            "format": SWEEP_FORMAT,
+            "version": SWEEP_VERSION,
+            "name": self.name,
+            "source": self.src.url,
+            "round": self.round_index,
+            "grid": {k: vs for k, vs in self.grid},
+            "set": list(self.settings[0].common) if self.settings else [],
+            "settings": [{"name": s.name, "overrides": s.overrides} for s in self.settings],
+            "eval": self.eval_mode,
+        }
+
+
+def sweep(
+    run_url: str,
+    round_index: int,
+    grid_items,
+    name: str | None = None,
+    devices: str | None = None,
+    shard: str | None = None,
+    eval_mode: str = "auto",
+    metric: str | None = None,
+    force: bool = False,
+    overrides=(),
+) -> dict[str, Any]:
+    """Train (this worker's share of) the grid, evaluate, and return {"line", "table", ...}.
+    `overrides`: train.* values every setting shares (--set)."""
+    t0 = time.perf_counter()
+    src = RunDir(run_url)
+    src.require_initialised()
+    cfg = load_run_config(src)
+    grid = parse_grid(grid_items)
+    settings = make_settings(grid, tuple(overrides))
+    for s in settings:  # every setting must be a valid config before anything trains
+        try:
+            load_run_config(src, s.overrides)
+        except ConfigError as e:
+            raise OpdError(f"--grid setting {s.name}: {e}") from None
+    rollouts = _check_round(src, round_index, grid)
+    _note_offpolicy_beta(src, settings, grid, rollouts)
+    mode = _eval_mode(src, round_index, eval_mode, cfg)
+    sw = _Sweep(src, round_index, name or _default_name(round_index, grid), settings, grid, mode, "")
+    sw.metric = sweep_table.check_metric(metric or "", mode)
+    _write_spec(sw, force)
+    pool = Pool.parse(devices, "--devices")
+    spec = ShardSpec.parse(shard)
+    if pool.workers > 1:
+        if spec.count > 1:
+            raise OpdError("give --devices with several entries or --shard i/N, not both")
+        _pool_workers(sw, pool, grid_items, force)
+    else:
+        own = [s for k, s in enumerate(settings) if spec.owns(k)]
+        console.say(
+            f"sweep {sw.name}: {len(settings)} settings of round {round_index}"
+            + (f", this worker ({spec}) {len(own)}" if spec.count > 1 else "")
+            + f"; eval {mode}; {rollouts.summary.get('samples', '?')} samples, no teacher for training"
+        )
+        dev = _device_overrides(pool)
+        with decode_once():
+            for s in own:
+                _train_setting(sw, s, dev, force)
+            if mode == "cache":
+                _cache_evals(sw, own, dev, force)
+        if mode == "heldout":
+            _heldout_evals(sw, own, pool, dev, force)
+    return _finish(sw, time.perf_counter() - t0)
+
+
+def _default_name(round_index: int, grid) -> str:
+    return f"round{round_index}-" + "-".join(_short(k) for k, _ in grid)
+
+
+def _check_round(src: RunDir, R: int, grid) -> Any:
+    for stage in ("rollouts", "scores"):
+        if read_manifest(src, src.stage_dir(R, stage)) is None:
+            raise OpdError(
+                f"{src.stage_dir(R, stage)}/{MANIFEST} not found: round {R} has no finished {stage}; "
+                f"run `opd rollout` and `opd score {src.url} --round {R}` first"
+            )
+    rollouts = read_manifest(src, src.stage_dir(R, "rollouts"))
+    if any(k == "train.lmbda" for k, _ in grid) and rollouts.summary.get("offpolicy_rows") != "both":
+        raise OpdError(
+            f"--grid train.lmbda: {src.stage_dir(R, 'rollouts')} holds one kind of row per prompt (rolled out at "
+            f"λ = {rollouts.summary.get('lmbda')}); sweeping λ needs a rollout with --set rollout.offpolicy_rows=both"
+        )
+    return rollouts
+
+
+def _note_offpolicy_beta(src: RunDir, settings: list[Setting], grid, rollouts) -> None:
+    """β swept over a cache with off-policy rows: say that those rows train with train.beta_offpolicy
+    unless it is -1 (then each setting's β applies to every row, as GKD's one β does)."""
+    if not any(k == "train.beta" for k, _ in grid):
+        return
+    has_off = rollouts.summary.get("offpolicy_rows") == "both" or (rollouts.summary.get("lmbda") or 1.0) < 1
+    beta_off = load_run_config(src, settings[0].overrides).train.beta_offpolicy
+    if has_off and beta_off != -1:
+        console.say(
+            f"sweep: note: off-policy rows train with train.beta_offpolicy = {beta_off:g} in every setting; "
+            f"add --set train.beta_offpolicy=-1 to apply each setting's β to them too (GKD's one β)"
+        )
+
+
+def _eval_mode(src: RunDir, R: int, mode: str, cfg) -> str:
+    if mode not in EVAL_MODES:
+        raise OpdError(f"--eval {mode!r} is invalid (one of: {', '.join(EVAL_MODES)})")
+    has_cache = all(
+        read_manifest(src, src.stage_dir(R, split_folder("heldout", st))) is not None for st in ("rollouts", "scores")
+    )
+    if mode == "auto":
+        return "cache" if has_cache else "none"
+    if mode == "cache" and not has_cache:
+        raise OpdError(
+            f"--eval cache needs round {R}'s held-out samples and scores ({src.stage_dir(R, 'heldout/scores')}/"
+            f"{MANIFEST} not found): run `opd rollout` and `opd score {src.url} --round {R} --split heldout`, "
+            f"or use --eval heldout / none"
+        )
+    if mode == "heldout" and not cfg.eval.enabled:
+        raise OpdError(f"--eval heldout needs a held-out prompt set: set eval.prompts in {src.config_path}")
+    return mode
+
+
+def _write_spec(sw: _Sweep, force: bool) -> None:
+    path = storage.join(sw.folder, SWEEP_FILE)
+    want = sw.spec()
+    if storage.exists(sw.src.fs, path) and not force:
+        try:
+            have = json.loads(storage.read_bytes(sw.src.fs, path))
+        except ValueError:
+            raise OpdError(f"{path}: unreadable; delete it or pass --force") from None
+        if have == want:
+            return
+        raise OpdError(
+            f"{path}: a sweep named {sw.name!r} with another grid or eval exists; "
+            f"use another --name, or --force to replace it"
+        )
+    storage.makedirs(sw.src.fs, sw.folder)
+    storage.atomic_write_bytes(sw.src.fs, path, json.dumps(want, indent=2).encode())
+
+
+def _device_overrides(pool: Pool) -> list[str]:
+    if pool.kind == "cpu":
+        return ["train.device=cpu", "score.device=cpu"]
+    if pool.kind == "cuda":
+        return [f"train.device=cuda:{pool.devices[0]}", f"score.device=cuda:{pool.devices[0]}"]
+    return []
+
+
+def _train_setting(sw: _Sweep, s: Setting, dev: list[str], force: bool) -> dict:
+    out = from_cache(sw.src, sw.round_index, sw.url(s), s.overrides, force=force)
+    summary = train.run(load_run_config(out, dev), out, sw.round_index, force=force)
+    console.say(f"[{s.name}] {summary['line']}")
+    return summary
+
+
+def _cache_evals(sw: _Sweep, own: list[Setting], dev: list[str], force: bool) -> None:
+    """--eval cache: each trained student (and the start student, once) on round R's held-out cache."""
+    R = sw.round_index
+    cfg = load_run_config(sw.src, dev)
+    device = resolve_device(cfg.train.device, "train.device")
+    targets = [(s.name, RunDir(sw.url(s)), storage.join(sw.folder, s.name, CACHE_EVAL_FILE)) for s in own]
+    targets.append((sweep_table.START, sw.src, storage.join(sw.folder, f"start-{CACHE_EVAL_FILE}")))
+    data = None
+    for label, run, path in targets:
+        key = _student_key(sw, run)
+        have = read_json(sw.src.fs, path)
+        if have and have.get("student") == key and not force:
+            continue
+        student_round = R if run is sw.src else R + 1  # a setting's trained student is the one round R+1 starts from
+        with start_student(load_run_config(run, dev), run, student_round) as student:
+            if data is None:
+                data = heldout_data(sw.src, R, student.vocab_rows)
+            figures = cache_figures(data, student, device, cfg.train.temperature, cfg.train.max_tokens_per_batch)
+        storage.atomic_write_bytes(sw.src.fs, path, json.dumps({"student": key, **figures}, indent=2).encode())
+        console.say(
+            f"[{label}] cache eval: reverse KL {figures['cache_rkl']:.4f}, forward KL {figures['cache_fkl']:.4f}, "
+            f"NLL {figures['cache_nll']:.4f} (teacher-forced, {figures['cache_tokens']} tokens)"
+        )
+
+
+def _student_key(sw: _Sweep, run: RunDir) -> str:
+    """What a cached evaluation belongs to: the student (its manifest digest; the start student's
+    folder or name) and the held-out cache (its manifest digest)."""
+    R = sw.round_index
+    held = read_manifest(sw.src, sw.src.stage_dir(R, "heldout/scores"))
+    if run is sw.src:
+        prev = read_manifest(sw.src, sw.src.stage_dir(R - 1, train.STAGE)) if R > 0 else None
+        who = prev.digest() if prev else f"run.student={load_run_config(sw.src).run.student}"
+    else:
+        m = read_manifest(run, run.stage_dir(R, train.STAGE))
+        who = m.digest() if m else ""
+    return f"{who}:{held.digest() if held else ''}"
+
+
+def _heldout_evals(sw: _Sweep, own: list[Setting], pool: Pool, dev: list[str], force: bool) -> None:
+    """--eval heldout: each student samples the held-out prompts (a process each: a vLLM engine per
+    student), then one teacher load scores every setting's samples and evaluate.py computes the figures."""
+    from opd.stages import score
+
+    R1 = sw.round_index + 1
+    env = pool.env(0 if pool.kind == "cuda" else None)
+    for s in own:
+        run = RunDir(sw.url(s))
+        if read_manifest(run, run.stage_dir(R1, "heldout/rollouts")) is not None and not force:
+            continue
+        cmd = [sys.executable, "-m", "opd.pipeline.cli", "rollout", run.url, "--round", str(R1), "--split", "heldout"]
+        cmd += ["--force"] if force else []
+        console.say(f"[{s.name}] held-out rollout: opd rollout {run.url} --round {R1} --split heldout")
+        out, err = console.streams()
+        code = subprocess.run(cmd, env=env, stdout=out, stderr=err, preexec_fn=die_with_parent).returncode
+        if code != 0:
+            raise OpdError(
+                f"[{s.name}] `opd rollout {run.url} --round {R1} --split heldout` exited with status {code} "
+                f"(log: {run.log_path(R1, 'rollout')}); run `opd sweep` again to resume"
+            )
+    teacher = None
+    try:
+        for s in own:
+            run = RunDir(sw.url(s))
+            cfg = load_run_config(run, dev)
+            done = read_manifest(run, run.stage_dir(R1, "heldout/scores")) is not None
+            if done and read_eval(run, R1) is not None and not force:
+                continue
+            if teacher is None:
+                teacher = score.Teacher(cfg, None)
+            summary = score.run(cfg, run, R1, split="heldout", force=force, teacher=teacher)
+            ev = evaluate(cfg, run, R1)
+            console.say(f"[{s.name}] {summary['line']}\n[{s.name}] {ev['line']}")
+    finally:
+        if teacher is not None:
+            teacher.release()
+    if teacher is not None:
+        _add_counter(sw, "teacher_loads", teacher.loads)
+
+
+def _add_counter(sw: _Sweep, key: str, n: int) -> None:
+    """Counts kept across invocations and workers (one small file per worker run, summed)."""
+    path = storage.join(sw.folder, "counters", f"{key}-{time.time_ns()}.json")
+    storage.makedirs(sw.src.fs, storage.join(sw.folder, "counters"))
+    storage.atomic_write_bytes(sw.src.fs, path, json.dumps({key: n}).encode())
+
+
+def _counter(sw: _Sweep, key: str) -> int:
+    folder = storage.join(sw.folder, "counters")
+    total = 0
+    for name in storage.listdir(sw.src.fs, folder) if storage.exists(sw.src.fs, folder) else []:
+        if name.startswith(key + "-") and name.endswith(".json"):
+            total += int((read_json(sw.src.fs, storage.join(folder, name)) or {}).get(key, 0))
+    return total
+
+
+def _pool_workers(sw: _Sweep, pool: Pool, grid_items, force: bool) -> None:
+    """One `opd sweep --shard i/N --devices d` worker per pool entry, all at once."""
+    n = pool.workers
+    procs = []
+    for i in range(n):
+        cmd = [sys.executable, "-m", "opd.pipeline.cli", "sweep", sw.src.url, "--round", str(sw.round_index)]
+        for g in grid_items:
+            cmd += ["--grid", g]
+        for o in sw.settings[0].common:
+            cmd += ["--set", o]
+        cmd += ["--name", sw.name, "--eval", sw.eval_mode, "--shard", f"{i}/{n}", "--metric", sw.metric]
+        cmd += ["--devices", "cpu" if pool.kind == "cpu" else "0"]
+        cmd += ["--force"] if force else []
+        console.say(f"sweep {sw.name}: worker {i}/{n} on {pool.devices[i]}")
+        out, err = console.streams()
+        procs.append(subprocess.Popen(cmd, env=pool.env(i), stdout=out, stderr=err, preexec_fn=die_with_parent))
+    codes = [p.wait() for p in procs]
+    bad = [i for i, c in enumerate(codes) if c != 0]
+    if bad:
+        raise OpdError(
+            f"sweep {sw.name}: worker {bad[0]}/{n} exited with status {codes[bad[0]]} (its error is above); "
+            f"run the same `opd sweep` again to resume"
+        )
+
+
+# ------------------------------------------------------------------------------------------ the table
+
+
+def setting_rows(sw: _Sweep) -> tuple[list[dict], int]:
+    """A row per setting (values, train summary, eval figures where present); how many are complete."""
+    rows, complete = [], 0
+    R = sw.round_index
+    for s in sw.settings:
+        run = RunDir(sw.url(s))
+        row = s.row()
+        m = read_manifest(run, run.stage_dir(R, train.STAGE)) if storage.exists(run.fs, run.root) else None
+        ev_ok = False
+        if m is not None:
+            row.update({k: m.summary.get(k) for k in ("first_loss", "last_loss", "train_s", "wall_s", "steps")})
+            if sw.eval_mode == "none":
+                ev_ok = True
+            elif sw.eval_mode == "cache":
+                ev = read_json(sw.src.fs, storage.join(sw.folder, s.name, CACHE_EVAL_FILE))
+                if ev and ev.get("student") == _student_key(sw, run):
+                    row.update({k: ev.get(k) for k in sweep_table.FIGURES if k in ev})
+                    ev_ok = True
+            else:
+                ev = read_eval(run, R + 1) if read_manifest(run, run.stage_dir(R + 1, "heldout/scores")) else None
+                if ev is not None:
+                    row.update(
+                        heldout_rkl=ev["heldout_rkl"],
+                        accuracy=ev.get("accuracy"),
+                        heldout_teacher_nll=ev.get("heldout_teacher_nll"),
+                    )
+                    ev_ok = True
+        complete += m is not None and ev_ok
+        rows.append(row)
+    return rows, complete
+
+
+def _start_row(sw: _Sweep) -> dict | None:
+    """The start student's figures, from the same evaluation as the settings'."""
+    if sw.eval_mode == "cache":
+        ev = read_json(sw.src.fs, storage.join(sw.folder, f"start-{CACHE_EVAL_FILE}"))
+        return {k: ev.get(k) for k in sweep_table.FIGURES if k in ev} if ev else None
+    if sw.eval_mode == "heldout":
+        ev = read_eval(sw.src, sw.round_index)
+        return {"heldout_rkl": ev["heldout_rkl"], "accuracy": ev.get("accuracy")} if ev else None
+    return None
+
+
+def _finish(sw: _Sweep, wall_s: float) -> dict[str, Any]:
+    rows, complete = setting_rows(sw)
+    n = len(sw.settings)
+    if complete < n:
+        line = (
+            f"sweep {sw.name}: {complete}/{n} settings trained and evaluated; the table is written when all are "
+            f"(run the other --shard workers, or this command again)"
+        )
+        return {"line": line, "table": "", "complete": False, "settings": n, "done": complete}
+    keys = [_short(k) for k, _ in sw.grid]
+    df = sweep_table.build(rows, keys, sw.metric, _start_row(sw))
+    title = (
+        f"opd sweep {sw.name}: round {sw.round_index} of {sw.src.url}, {n} settings, eval {sw.eval_mode}, "
+        f"sorted by {sw.metric}"
+    )
+    paths = sweep_table.write(sw.src.fs, sw.folder, df, sw.metric, title)
+    best = next((r for r in df.iter_rows(named=True) if r["best"] == "*"), None)
+    results = {
+        **sw.spec(),
+        "metric": sw.metric,
+        "best": best["setting"] if best else None,
+        "rows": df.to_dicts(),
+        "teacher_loads": _counter(sw, "teacher_loads"),
+    }
+    storage.atomic_write_bytes(sw.src.fs, storage.join(sw.folder, RESULTS_FILE), json.dumps(results, indent=2).encode())
+    best_text = (
+        f"; best {best['setting']} ({sw.metric} {best[sw.metric]:.4g})"
+        if best and best.get(sw.metric) is not None
+        else ""
+    )
+    loads = f"; teacher loads for held-out scoring: {results['teacher_loads']}" if sw.eval_mode == "heldout" else ""
+    line = f"sweep {sw.name}: {n} settings done in {wall_s:.0f} s{best_text}{loads}; table {paths['md']} (+ .csv, .png)"
+    return {"line": line, "table": sweep_table.to_text(df), "complete": True, "results": results, "paths": paths}

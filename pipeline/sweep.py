@@ -197,11 +197,7 @@ def sweep(
     cfg = load_run_config(src)
     grid = parse_grid(grid_items)
     settings = make_settings(grid, tuple(overrides))
-    for s in settings:  # every setting must be a valid config before anything trains
-        try:
-            load_run_config(src, s.overrides)
-        except ConfigError as e:
-            raise OpdError(f"--grid setting {s.name}: {e}") from None
+    _validate(src, grid, tuple(overrides), settings)
     rollouts = _check_round(src, round_index, grid)
     _note_offpolicy_beta(src, settings, grid, rollouts)
     mode = _eval_mode(src, round_index, eval_mode, cfg)
@@ -230,6 +226,25 @@ def sweep(
         if mode == "heldout":
             _heldout_evals(sw, own, pool, dev, force)
     return _finish(sw, time.perf_counter() - t0)
+
+
+def _validate(src: RunDir, grid, common: tuple[str, ...], settings: list[Setting]) -> None:
+    """Every value, then every setting, must make a valid config before anything trains."""
+
+    def check(overrides, what: str) -> None:
+        try:
+            load_run_config(src, list(overrides))
+        except ConfigError as e:
+            msg = str(e).removeprefix(f"{src.config_path}: ")
+            raise OpdError(f"{what}: {msg}") from None
+
+    for item in common:
+        check([item], f"--set {item}")
+    for key, values in grid:
+        for v in values:
+            check([*common, f"{key}={v}"], f"--grid {key}={','.join(values)}")
+    for s in settings:
+        check(s.overrides, f"--grid setting {s.name}")
 
 
 def _default_name(round_index: int, grid) -> str:
@@ -371,8 +386,10 @@ def _heldout_evals(sw: _Sweep, own: list[Setting], pool: Pool, dev: list[str], f
         cmd = [sys.executable, "-m", "opd.pipeline.cli", "rollout", run.url, "--round", str(R1), "--split", "heldout"]
         cmd += ["--force"] if force else []
         console.say(f"[{s.name}] held-out rollout: opd rollout {run.url} --round {R1} --split heldout")
-        out, err = console.streams()
-        code = subprocess.run(cmd, env=env, stdout=out, stderr=err, preexec_fn=die_with_parent).returncode
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, preexec_fn=die_with_parent)
+        for line in (done.stdout + done.stderr).splitlines():
+            console.say(f"[{s.name}] {line}")  # the child's own lines (its log has the rest)
+        code = done.returncode
         if code != 0:
             raise OpdError(
                 f"[{s.name}] `opd rollout {run.url} --round {R1} --split heldout` exited with status {code} "
@@ -414,6 +431,15 @@ def _counter(sw: _Sweep, key: str) -> int:
     return total
 
 
+def _fd_or_inherit(stream):
+    """A console stream for a child process, or None (inherit) where it has no file descriptor."""
+    try:
+        stream.fileno()
+        return stream
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
 def _pool_workers(sw: _Sweep, pool: Pool, grid_items, force: bool) -> None:
     """One `opd sweep --shard i/N --devices d` worker per pool entry, all at once."""
     n = pool.workers
@@ -428,7 +454,7 @@ def _pool_workers(sw: _Sweep, pool: Pool, grid_items, force: bool) -> None:
         cmd += ["--devices", "cpu" if pool.kind == "cpu" else "0"]
         cmd += ["--force"] if force else []
         console.say(f"sweep {sw.name}: worker {i}/{n} on {pool.devices[i]}")
-        out, err = console.streams()
+        out, err = (_fd_or_inherit(x) for x in console.streams())
         procs.append(subprocess.Popen(cmd, env=pool.env(i), stdout=out, stderr=err, preexec_fn=die_with_parent))
     codes = [p.wait() for p in procs]
     bad = [i for i, c in enumerate(codes) if c != 0]

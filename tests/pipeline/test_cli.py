@@ -16,7 +16,7 @@ from opd.cache import shards, storage
 from opd.cache.config import load_config, loads_config
 from opd.pipeline.cli import main
 
-COMMANDS = ["init", "rollout", "score", "train", "run", "demo", "inspect", "verify", "models", "config"]
+COMMANDS = ["init", "rollout", "score", "train", "sweep", "run", "demo", "inspect", "verify", "models", "config"]
 PRODUCER = {"stage": "rollout", "model_hash": "a" * 64, "config_hash": "c1", "format_version": 1}
 
 

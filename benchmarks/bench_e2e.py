@@ -30,10 +30,18 @@ Cases (each prints one JSON object with the environment):
          it fails; its time is not in `trl_s`). `--repeats R` runs both R times, alternating which goes
          first, and reports each side's lower median (R = 2: the faster of two; every wall is in
          `opd_s_all` / `trl_s_all`).
-  sweep  4 training settings (β ∈ {0, 0.5, 1} at the base lr, β = 1 at 4× the base lr). opd: rollouts and teacher
-         scores once (the round case's, when run in the same invocation), then `opd train --from RUN/rounds/0
-         --out SWEEP_i --set ...` four times (no teacher). TRL: DistillationTrainer four times (each samples and
-         runs the teacher again: it has no cache to re-train from).
+  sweep  6 training settings, λ ∈ {0, 1} × β ∈ {0, 0.5, 1} at the base lr. opd: one rollout with
+         rollout.offpolicy_rows = "both" (every prompt: its n samples and its reference row) and one teacher
+         pass, then one `opd sweep RUN --round 0 --grid train.lmbda=0,1 --grid train.beta=0,0.5,1 --set
+         train.beta_offpolicy=-1 --eval none` process (no teacher). TRL: GKDTrainer (trl.experimental.gkd:
+         λ, β; full-vocabulary JSD against the online teacher) once per setting, same prompts, rows
+         (λ = 1: n per prompt, sampled on-policy; λ = 0: the reference once per prompt), completion length
+         and optimizer steps, each samples and runs the teacher again (no cache to re-train from).
+         Figures: ratio_sweep = TRL's wall ÷ opd's (its rollout + score included); ratio_ceiling = TRL's
+         mean seconds per setting ÷ opd's learner-only seconds per setting (train_s: the optimizer steps,
+         no start-up, load or export): what the ratio tends to with many settings; overhead_per_setting =
+         opd's wall seconds per setting inside the sweep (folder, load, steps, export: the "sweep" line of
+         each setting's metrics.jsonl) ÷ its learner-only seconds.
   demo   `opd demo --out DIR` wall time, the held-out reverse KL per round (DIR/rounds/R/heldout/eval.json) and the
          stage times of round 0 (DIR/rounds/0000/metrics.jsonl).
 
@@ -173,14 +181,14 @@ def _train_summary(records: list[dict]) -> dict:
     return finals[-1] if finals else {}
 
 
-def _prompts(count: int) -> list[str]:
+def _prompts(count: int, field: str = "prompt") -> list[str]:
     from opd.cache.config import PACKAGED_CONFIGS
 
     rows = []
     with open(PACKAGED_CONFIGS / "tiny_prompts.jsonl") as f:
         for line in f:
             if line.strip():
-                rows.append(json.loads(line)["prompt"])
+                rows.append(json.loads(line)[field])
             if len(rows) == count:
                 break
     if len(rows) < count:
@@ -207,9 +215,9 @@ class Opd:
         self.base: Path | None = None  # the run whose round 0 rollouts + scores the sweep reuses
         self.base_stage_s: dict = {}  # wall seconds of init / rollout / score / train of that run
 
-    def overrides(self, beta: float | None = None, lr: float | None = None) -> list[str]:
+    def overrides(self, beta: float | None = None, lr: float | None = None, both: bool = False) -> list[str]:
         a = self.args
-        sets = [
+        sets = [f"rollout.offpolicy_rows={'both' if both else 'lambda'}"] + [
             f"rollout.prompts={self.prompts_file}",
             "rollout.prompt_field=prompt",
             "rollout.id_field=id",
@@ -244,15 +252,17 @@ class Opd:
             out += ["--set", s]
         return out
 
-    def round(self, with_train: bool = True, tag: str = "") -> dict:
-        """One round: init + rollout + score (+ train); wall seconds per command."""
+    def round(self, with_train: bool = True, tag: str = "", both: bool = False) -> dict:
+        """One round: init + rollout + score (+ train); wall seconds per command. `both`: every prompt
+        gets its samples and its reference row (rollout.offpolicy_rows = "both": λ sweeps from one cache)."""
         run = self.root / f"opd-round{tag}"
         logs = self.root / "logs"
         logs.mkdir(exist_ok=True)
         walls = {}
         preset = "tiny" if self.args.smoke else "smollm2"
-        walls["init"], _, _ = _sh(_opd("init", str(run), "--config", preset, *self.overrides()), logs / "opd-init.log")
-        if with_train and self.use_run:
+        sets = self.overrides(both=both)
+        walls["init"], _, _ = _sh(_opd("init", str(run), "--config", preset, *sets), logs / f"opd-init{tag}.log")
+        if with_train and self.use_run and not both:
             walls["run"], _, _ = _sh(_opd("run", str(run), "--rounds", "1"), logs / f"opd-run{tag}.log")
         else:
             for stage in STAGES if with_train else STAGES[:2]:
@@ -260,16 +270,36 @@ class Opd:
         self.base, self.base_stage_s = run, walls
         return walls
 
-    def retrain(self, i: int, beta: float, lr: float) -> tuple[float, dict]:
-        out = self.root / f"opd-sweep-{i}"
-        sets = []
-        for s in (f"train.beta={beta}", f"train.lr={lr}"):
-            sets += ["--set", s]
+    def sweep(self, grid: dict[str, list], name: str = "bench") -> tuple[float, list[dict]]:
+        """`opd sweep` of the grid over the base run's round 0 (one process, --eval none); (its wall
+        seconds, per setting: its values, train summary and the "sweep" metrics line)."""
+        args = []
+        for key, values in grid.items():
+            args += ["--grid", f"train.{key}=" + ",".join(f"{v:g}" for v in values)]
         wall, _, _ = _sh(
-            _opd("train", "--from", str(self.base / "rounds" / "0"), "--out", str(out), *sets),
-            self.root / "logs" / f"opd-sweep-{i}.log",
+            _opd(
+                "sweep",
+                str(self.base),
+                "--round",
+                "0",
+                *args,
+                "--set",
+                "train.beta_offpolicy=-1",
+                "--eval",
+                "none",
+                "--name",
+                name,
+            ),
+            self.root / "logs" / f"opd-sweep-{name}.log",
         )
-        return wall, _train_summary(_metrics(out))
+        spec = json.loads((self.base / "sweeps" / name / "sweep.json").read_text())
+        out = []
+        for st in spec["settings"]:
+            records = _metrics(self.base / "sweeps" / name / st["name"])
+            inside = next((r for r in records if r.get("stage") == "sweep"), {})
+            values = {o.split("=", 1)[0].split(".", 1)[1]: float(o.split("=", 1)[1]) for o in st["overrides"][1:]}
+            out.append({"name": st["name"], **values, "summary": _train_summary(records), "inside": inside})
+        return wall, out
 
 
 # ------------------------------------------------------------------------------------------ TRL
@@ -370,6 +400,86 @@ def trl_worker(spec_path: str) -> None:
     )
 
 
+def trl_gkd_worker(spec_path: str) -> None:
+    """(subprocess) One GKDTrainer run (TRL's λ/β trainer: with probability λ a batch is the student's own
+    samples, else the dataset's reference answers; full-vocabulary generalized JSD_β against the online
+    teacher) as a user would write it; prints a JSON line."""
+    t_start = time.perf_counter()
+    spec = json.loads(Path(spec_path).read_text())
+    sys.modules["vllm"] = None  # as in trl_worker: GKD generates with transformers
+    import torch
+    from datasets import Dataset
+    from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+    t_import = time.perf_counter() - t_start
+    copies = 1 if spec["lmbda"] == 0 else spec["n"]  # λ = 0: one reference row per prompt (what opd trains on)
+    rows = [
+        {"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": ref}]}
+        for p, ref in zip(spec["prompts"], spec["references"])
+        for _ in range(copies)
+    ]
+    args = GKDConfig(
+        output_dir=spec["out"],
+        seed=spec["seed"],
+        per_device_train_batch_size=spec["batch_size"],
+        gradient_accumulation_steps=1,
+        num_train_epochs=1,
+        learning_rate=spec["lr"],
+        lr_scheduler_type="cosine",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        lmbda=spec["lmbda"],
+        beta=spec["beta"],
+        temperature=1.0,
+        max_new_tokens=spec["max_new_tokens"],
+        model_init_kwargs={"dtype": "float32"},
+        teacher_model_init_kwargs={"dtype": "bfloat16" if spec["precision"] == "bf16" else "float32"},
+        use_cpu=True,
+        bf16=spec["precision"] == "bf16",
+        fp16=False,
+        gradient_checkpointing=False,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=False,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+    )
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(spec["student"])  # GKD's collator needs it before the trainer loads one
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    trainer = GKDTrainer(
+        model=spec["student"],
+        teacher_model=spec["teacher"],
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+    )
+    t_init = time.perf_counter() - t_start - t_import
+    t0 = time.perf_counter()
+    trainer.train()
+    t_train = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    trainer.save_model(str(Path(spec["out"]) / "student"))
+    t_save = time.perf_counter() - t0
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    result = {
+        "import_s": round(t_import, 2),
+        "init_s": round(t_init, 2),
+        "train_s": round(t_train, 2),
+        "save_s": round(t_save, 2),
+        "steps": trainer.state.global_step,
+        "rows": len(rows),
+        "first_loss": losses[0] if losses else None,
+        "last_loss": losses[-1] if losses else None,
+        "threads": torch.get_num_threads(),
+    }
+    print("TRL_RESULT " + json.dumps(result), flush=True)
+
+
 class Trl:
     def __init__(self, args, root: Path):
         from opd.cache.models import resolve_model
@@ -380,11 +490,19 @@ class Trl:
         else:
             self.teacher, self.student = str(resolve_model(TEACHER)), str(resolve_model(STUDENT))
         self.prompts = _prompts(args.prompts)
+        self.references = _prompts(args.prompts, "reference")
         self.runs = 0
 
     def run(
-        self, batch_size: int, beta: float, lr: float, use_vllm: bool = False, timeout: float | None = None
+        self,
+        batch_size: int,
+        beta: float,
+        lr: float,
+        use_vllm: bool = False,
+        timeout: float | None = None,
+        lmbda: float | None = None,
     ) -> dict:
+        """DistillationTrainer (λ = 1), or GKDTrainer when `lmbda` is given; a fresh process each."""
         self.runs += 1
         out = self.root / f"trl-{self.runs}"
         out.mkdir(parents=True, exist_ok=True)
@@ -402,10 +520,13 @@ class Trl:
             "use_vllm": use_vllm,
             "max_model_len": 512 if use_vllm else None,
             "precision": self.args.precision,
+            "lmbda": lmbda,
+            "references": self.references,
         }
         (out / "spec.json").write_text(json.dumps(spec))
+        worker = "--trl-worker" if lmbda is None else "--trl-gkd-worker"
         wall, rc, tail = _sh(
-            [sys.executable, __file__, "--trl-worker", str(out / "spec.json")],
+            [sys.executable, __file__, worker, str(out / "spec.json")],
             self.root / "logs" / f"trl-{self.runs}.log",
             timeout=timeout,
             check=not use_vllm,
@@ -526,62 +647,74 @@ def case_round(args, opd: Opd, trl: Trl, state: dict) -> dict:
     }
 
 
+SWEEP_GRID = {"lmbda": [0.0, 1.0], "beta": [0.0, 0.5, 1.0]}  # 6 settings, one learning rate
+
+
 def case_sweep(args, opd: Opd, trl: Trl, state: dict) -> dict:
-    settings = [
-        {"beta": 0.0, "lr": args.lr},
-        {"beta": 0.5, "lr": args.lr},
-        {"beta": 1.0, "lr": args.lr},
-        {"beta": 1.0, "lr": args.lr * args.sweep_lr_factor},
-    ]
-    if opd.base is None:
-        opd.round(with_train=False)
-    base = opd.base_stage_s
-    shared_s = sum(base.get(k, 0.0) for k in ("init", "rollout", "score"))
-    if "run" in base:  # `opd run` did rollout + score + train in one go
-        loop = _loop_walls(_metrics(opd.base))  # everything but the train process counts as rollout + score
-        shared_s = base["init"] + base["run"] - loop.get("train", 0.0)
-    train_walls, finals = [], []
-    for i, s in enumerate(settings):
-        wall, summary = opd.retrain(i, s["beta"], s["lr"])
-        train_walls.append(wall)
-        finals.append(summary)
-    steps = state.get("steps") or int(finals[0].get("steps", 1))
-    samples = int(finals[0].get("samples", args.prompts * args.n))
-    batch = state.get("batch") or _batch_for_steps(samples, steps)
-    trl_walls, trl_res = [], []
-    for s in settings:
-        res = trl.run(batch, s["beta"], s["lr"]) if trl is not None else {"wall_s": None}
-        trl_walls.append(res["wall_s"])
-        trl_res.append(res)
+    """opd: one rollout with both kinds of rows per prompt + one teacher pass, then one `opd sweep`
+    process of the 6 λ × β settings (no teacher); TRL: GKDTrainer once per setting (each samples and
+    runs the teacher again). Three figures: ratio_sweep (wall ÷ wall), ratio_ceiling (TRL seconds per
+    setting ÷ opd learner-only seconds per setting) and overhead_per_setting (opd's wall per setting
+    inside the sweep ÷ its learner-only seconds)."""
+    walls = opd.round(with_train=False, tag="-sweep", both=True)
+    shared_s = sum(walls[k] for k in ("init", "rollout", "score"))
+    sweep_s, settings = opd.sweep(SWEEP_GRID)
+    trl_runs = []
+    for st in settings:
+        steps = int(st["summary"].get("steps", 1))
+        rows = args.prompts * (1 if st["lmbda"] == 0 else args.n)
+        res = (
+            trl.run(_batch_for_steps(rows, steps), st["beta"], args.lr, lmbda=st["lmbda"])
+            if trl is not None
+            else {"wall_s": None}
+        )
+        trl_runs.append(res)
+    learner = [float(st["summary"].get("train_s") or 0.0) for st in settings]
+    inside = [float(st["inside"].get("wall_s") or 0.0) for st in settings]
+    trl_walls = [r["wall_s"] for r in trl_runs]
     trl_s = sum(trl_walls) if trl is not None else None
-    opd_s = shared_s + sum(train_walls)
+    opd_s = shared_s + sweep_s
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     return {
         "bench": "e2e",
         "case": "sweep",
+        "settings_count": len(settings),
         "opd_s": _r(opd_s),
-        "opd_train_only_s": _r(sum(train_walls)),
         "opd_rollout_score_s": _r(shared_s),
+        "opd_sweep_process_s": _r(sweep_s),
         "trl_s": _r(trl_s),
         "ratio_sweep": _r(trl_s / opd_s, 3) if trl_s else None,
+        "ratio_ceiling": _r(mean(trl_walls) / mean(learner), 3) if trl_s and mean(learner) else None,
+        "overhead_per_setting": _r(mean(inside) / mean(learner), 3) if mean(learner) else None,
+        "overhead_per_setting_with_process_start": _r(sweep_s / len(settings) / mean(learner), 3)
+        if mean(learner)
+        else None,
         "settings": [
             {
-                **s,
-                "opd_train_s": _r(w),
-                "opd_last_loss": _r(f.get("last_loss"), 4),
-                "trl_s": _r(t),
+                "lmbda": st["lmbda"],
+                "beta": st["beta"],
+                "opd_samples": st["summary"].get("samples"),
+                "opd_steps": st["summary"].get("steps"),
+                "opd_learner_s": _r(lr_s),
+                "opd_inside_sweep_s": _r(w),
+                "opd_last_loss": _r(st["summary"].get("last_loss"), 4),
+                "trl_s": _r(r.get("wall_s")),
+                "trl_steps": r.get("steps"),
+                "trl_rows": r.get("rows"),
+                "trl_breakdown_s": {k: r.get(k) for k in ("import_s", "init_s", "train_s", "save_s")},
                 "trl_last_loss": _r(r.get("last_loss"), 4),
+                "trl_error": r.get("error"),
             }
-            for s, w, f, t, r in zip(settings, train_walls, finals, trl_walls, trl_res)
+            for st, lr_s, w, r in zip(settings, learner, inside, trl_runs)
         ],
-        "rollouts_reused_from_round_case": "train" in base or "run" in base,
-        "samples": samples,
-        "opd_steps": steps,
-        "trl_batch_size": batch,
+        "opd_stage_s": {k: _r(v) for k, v in walls.items()},
+        "trl_trainer": "trl.experimental.gkd.GKDTrainer",
         "trl_generation": "transformers",
         "precision": args.precision,
         "prompts": args.prompts,
         "n": args.n,
         "max_new_tokens": args.max_new_tokens,
+        "lr": args.lr,
         **_env(),
     }
 
@@ -632,7 +765,6 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--beta", type=float, default=1.0, help="β of the round case (1 = reverse KL)")
     ap.add_argument("--lr", type=float, default=5e-5, help="base learning rate (the smollm2 preset's)")
-    ap.add_argument("--sweep-lr-factor", type=float, default=4.0, help="the sweep's 4th setting: β=1 at this × lr")
     ap.add_argument(
         "--opd-engine",
         choices=["auto", "vllm", "transformers"],
@@ -665,10 +797,14 @@ def main() -> None:
         "4 prompts × 2 × 16 tokens (figures meaningless)",
     )
     ap.add_argument("--trl-worker", help=argparse.SUPPRESS)
+    ap.add_argument("--trl-gkd-worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     _common.offline()
     if args.trl_worker:
         trl_worker(args.trl_worker)
+        return
+    if args.trl_gkd_worker:
+        trl_gkd_worker(args.trl_gkd_worker)
         return
     if args.smoke:
         if args.case not in ("round", "sweep"):

@@ -327,8 +327,16 @@ def _device_overrides(pool: Pool) -> list[str]:
 
 
 def _train_setting(sw: _Sweep, s: Setting, dev: list[str], force: bool) -> dict:
+    """The setting's folder (links to round R's shards) and its trained student; when it trained, one
+    `"stage": "sweep"` line in its metrics.jsonl with the setting's wall seconds inside the sweep
+    (folder, load, learner steps, export) next to the learner's own (train_s)."""
+    t0 = time.perf_counter()
     out = from_cache(sw.src, sw.round_index, sw.url(s), s.overrides, force=force)
     summary = train.run(load_run_config(out, dev), out, sw.round_index, force=force)
+    if not summary.get("skipped"):
+        record = {"stage": "sweep", "sweep": sw.name, "setting": s.name, "time": time.time()}
+        record.update(wall_s=round(time.perf_counter() - t0, 3), train_s=summary.get("train_s"))
+        out.append_metrics(sw.round_index, record)
     console.say(f"[{s.name}] {summary['line']}")
     return summary
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import re
 import subprocess
 import sys
@@ -50,6 +51,7 @@ from opd.pipeline.loop import Pool, die_with_parent
 from opd.pipeline.sweep_eval import cache_figures, heldout_data
 from opd.pipeline.sweep_table import CACHE_EVAL_FILE, RESULTS_FILE, SWEEP_FILE, SWEEP_FORMAT, SWEEP_VERSION, read_json
 from opd.stages import train
+from opd.stages.learner import keep_loaded
 from opd.stages.students import start_student
 from opd.stages.train_data import decode_once
 
@@ -218,7 +220,8 @@ def sweep(
             + f"; eval {mode}; {rollouts.summary.get('samples', '?')} samples, no teacher for training"
         )
         dev = _device_overrides(pool)
-        with decode_once():
+        _warm_imports()
+        with decode_once(), keep_loaded():
             for s in own:
                 _train_setting(sw, s, dev, force)
             if mode == "cache":
@@ -245,6 +248,13 @@ def _validate(src: RunDir, grid, common: tuple[str, ...], settings: list[Setting
             check([*common, f"{key}={v}"], f"--grid {key}={','.join(values)}")
     for s in settings:
         check(s.overrides, f"--grid setting {s.name}")
+
+
+def _warm_imports() -> None:
+    """transformers imports its model classes lazily on first use (~6 s here); do it once, before the
+    first setting, so each setting's recorded wall is its own cost (the process start is counted apart)."""
+    from transformers import AutoModelForCausalLM  # noqa: F401
+    from transformers.models.auto import modeling_auto  # noqa: F401
 
 
 def _default_name(round_index: int, grid) -> str:
@@ -386,7 +396,7 @@ def _heldout_evals(sw: _Sweep, own: list[Setting], pool: Pool, dev: list[str], f
     from opd.stages import score
 
     R1 = sw.round_index + 1
-    env = pool.env(0 if pool.kind == "cuda" else None)
+    env = _rollout_env(pool)
     for s in own:
         run = RunDir(sw.url(s))
         if read_manifest(run, run.stage_dir(R1, "heldout/rollouts")) is not None and not force:
@@ -421,6 +431,19 @@ def _heldout_evals(sw: _Sweep, own: list[Setting], pool: Pool, dev: list[str], f
             teacher.release()
     if teacher is not None:
         _add_counter(sw, "teacher_loads", teacher.loads)
+
+
+def _rollout_env(pool: Pool) -> dict[str, str]:
+    """The held-out rollout process's environment: this worker's GPU (an index into the GPUs this process
+    sees, which a pool worker's CUDA_VISIBLE_DEVICES already narrowed), or the CPU."""
+    env = dict(os.environ)
+    if pool.kind == "cuda":
+        visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+        gpu = pool.devices[0]
+        env["CUDA_VISIBLE_DEVICES"] = visible[int(gpu)] if visible and int(gpu) < len(visible) else gpu
+    elif pool.kind == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    return env
 
 
 def _add_counter(sw: _Sweep, key: str, n: int) -> None:

@@ -29,6 +29,7 @@ Shape legend: B rows, L padded length, N completion positions, V vocabulary, K t
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import os
 from typing import Any
@@ -44,18 +45,56 @@ _CHUNK_ELEMENTS = 1 << 27  # auto logits chunk: positions × V ≤ this many flo
 MODEL_METRICS = ("rkl_bucket", "topk_overlap")
 
 
+_LOADED: dict | None = None  # while keep_loaded() is active: (folder, its files' sizes and mtimes) → pristine model
+
+
+@contextlib.contextmanager
+def keep_loaded():
+    """Keep each starting checkpoint this process loads, as loaded, for the block: `opd sweep` trains
+    several settings from one student, and a deep copy of the loaded model (a memory copy) replaces a
+    from_pretrained per setting. Keyed by the folder and its files' sizes and mtimes."""
+    global _LOADED
+    outer = _LOADED
+    _LOADED = {} if outer is None else outer
+    try:
+        yield
+    finally:
+        _LOADED = outer
+
+
+def _checkpoint(start_dir: str | os.PathLike) -> tuple[Any, tuple | None]:
+    """(the float32 model, its keep_loaded key or None)."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        if _LOADED is None:
+            return AutoModelForCausalLM.from_pretrained(str(start_dir), dtype=torch.float32), None
+        files = sorted(os.scandir(start_dir), key=lambda e: e.name)
+        key = (os.path.realpath(start_dir), tuple((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in files))
+        if key not in _LOADED:
+            _LOADED[key] = AutoModelForCausalLM.from_pretrained(str(start_dir), dtype=torch.float32)
+        return copy.deepcopy(_LOADED[key]), key
+    except (OSError, ValueError) as e:
+        raise OpdError(f"cannot load the student from {start_dir} ({first_line(e)})") from None
+
+
+def _head_only(model, device: torch.device, key: tuple | None) -> bool:
+    """head_path_matches, asked once per kept checkpoint and device."""
+    if key is None or _LOADED is None:
+        return head_path_matches(model, device)
+    memo = (key, "head_only", str(device))
+    if memo not in _LOADED:
+        _LOADED[memo] = head_path_matches(model, device)
+    return _LOADED[memo]
+
+
 def load_student(start_dir: str | os.PathLike, tc: TrainConfig, device: torch.device, seed: int):
     """(model — a PEFT model when train.lora_rank > 0 —, whether lm_head(base_model(x)) gives its logits).
 
     Weights are float32 (the master copy; autocast picks the compute dtype)."""
-    from transformers import AutoModelForCausalLM
-
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(start_dir), dtype=torch.float32)
-    except (OSError, ValueError) as e:
-        raise OpdError(f"cannot load the student from {start_dir} ({first_line(e)})") from None
+    model, key = _checkpoint(start_dir)
     model.to(device)
-    head_only = head_path_matches(model, device)
+    head_only = _head_only(model, device, key)
     model.config.use_cache = False
     if tc.lora_rank > 0:
         from peft import LoraConfig, get_peft_model

@@ -658,7 +658,8 @@ def case_sweep(args, opd: Opd, trl: Trl, state: dict) -> dict:
     inside the sweep ÷ its learner-only seconds)."""
     walls = opd.round(with_train=False, tag="-sweep", both=True)
     shared_s = sum(walls[k] for k in ("init", "rollout", "score"))
-    sweep_s, settings = opd.sweep(SWEEP_GRID)
+    grid = {"lmbda": [0.0, 1.0], "beta": [1.0]} if args.smoke else SWEEP_GRID  # smoke: 2 settings, plumbing only
+    sweep_s, settings = opd.sweep(grid)
     trl_runs = []
     for st in settings:
         steps = int(st["summary"].get("steps", 1))

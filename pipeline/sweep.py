@@ -203,8 +203,8 @@ def sweep(
     rollouts = _check_round(src, round_index, grid)
     _note_offpolicy_beta(src, settings, grid, rollouts)
     mode = _eval_mode(src, round_index, eval_mode, cfg)
-    sw = _Sweep(src, round_index, name or _default_name(round_index, grid), settings, grid, mode, "")
-    sw.metric = sweep_table.check_metric(metric or "", mode)
+    metric = sweep_table.check_metric(metric or "", mode)
+    sw = _Sweep(src, round_index, name or _default_name(round_index, grid), settings, grid, mode, metric)
     _write_spec(sw, force)
     pool = Pool.parse(devices, "--devices")
     spec = ShardSpec.parse(shard)
@@ -406,7 +406,8 @@ def _heldout_evals(sw: _Sweep, own: list[Setting], pool: Pool, dev: list[str], f
         console.say(f"[{s.name}] held-out rollout: opd rollout {run.url} --round {R1} --split heldout")
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, preexec_fn=die_with_parent)
         for line in (done.stdout + done.stderr).splitlines():
-            console.say(f"[{s.name}] {line}")  # the child's own lines (its log has the rest)
+            if line.strip():
+                console.say(f"[{s.name}] {line}")  # the child's own lines (its log has the rest)
         code = done.returncode
         if code != 0:
             raise OpdError(

@@ -217,3 +217,22 @@ def test_gpu_check(tmp_path):
     assert len(records) == 1
     assert records[0]["path"] == "cuda" and records[0]["skipped"] is True and records[0]["ok"] is False
     assert "no CUDA" in records[0]["reason"]
+
+
+def test_bench_e2e_sweep_smoke(tmp_path):
+    """The sweep case end to end on tiny models: one rollout with both kinds of rows, one score, one
+    `opd sweep` process of 2 settings (λ = 0 and 1), TRL's GKDTrainer once per setting."""
+    args = ["benchmarks/bench_e2e.py", "--smoke", "--case", "sweep", "--workdir", str(tmp_path / "work")]
+    records, _ = _run(args + ([] if HAS_TRL else ["--skip-trl"]), tmp_path, timeout=400)
+    lines = [r for r in records if r.get("bench") == "e2e" and r.get("case") == "sweep"]
+    assert len(lines) == 1
+    rec = lines[0]
+    _has(rec, MACHINE | {"opd_s", "trl_s", "ratio_sweep", "ratio_ceiling", "overhead_per_setting", "settings"})
+    assert rec["settings_count"] == 2 and [s["lmbda"] for s in rec["settings"]] == [0.0, 1.0]
+    assert all(s["opd_learner_s"] > 0 and s["opd_inside_sweep_s"] >= s["opd_learner_s"] for s in rec["settings"])
+    assert rec["overhead_per_setting"] >= 1.0
+    if HAS_TRL:
+        assert rec["ratio_sweep"] > 0 and all(s["trl_error"] is None for s in rec["settings"])
+        # λ = 0: one reference row per prompt, as opd trains on; λ = 1: n rows per prompt, sampled on-policy
+        assert rec["settings"][0]["trl_rows"] == rec["settings"][0]["opd_samples"] == rec["prompts"]
+        assert rec["settings"][1]["trl_rows"] == rec["prompts"] * rec["n"]

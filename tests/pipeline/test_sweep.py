@@ -236,3 +236,31 @@ def test_grid_parsing_names_settings_from_their_values():
         "lr0.0002_losssampled-rkl",
     ]
     assert settings[1].overrides == ["train.lr=5e-5", "train.loss=sampled_rkl"]
+
+
+def test_one_process_decodes_and_loads_once_for_all_settings(base, monkeypatch):
+    """Under a sweep, every score shard is opened and checked once and the student loaded from disk once,
+    however many settings train (counted at the library calls; the training itself is real)."""
+    import transformers
+
+    from opd.stages import train_data
+
+    opened, loaded = [], []
+    real_shard, real_load = train_data.ScoreShard, transformers.AutoModelForCausalLM.from_pretrained
+
+    class Counting(real_shard):
+        def __init__(self, fs, path, *a, **kw):
+            opened.append(path)
+            super().__init__(fs, path, *a, **kw)
+
+    def counting_load(*a, **kw):
+        loaded.append(a[0])
+        return real_load(*a, **kw)
+
+    monkeypatch.setattr(train_data, "ScoreShard", Counting)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", counting_load)
+    r = invoke("sweep", base, "--round", 0, "--grid", "train.lr=1e-3,2e-3,4e-3", "--name", "once", "--eval", "none")
+    assert r.exit_code == 0, r.output
+    shards = len(read_manifest(RunDir(str(base)), str(base / "rounds" / "0000" / "scores")).shards)
+    assert len(opened) == shards and len(loaded) == 1, (opened, loaded)
+    assert len({weights(student(base, "once", s)) for s in ("lr0.001", "lr0.002", "lr0.004")}) == 3

@@ -391,15 +391,22 @@ def _student_key(sw: _Sweep, run: RunDir) -> str:
 
 
 def _heldout_evals(sw: _Sweep, own: list[Setting], pool: Pool, dev: list[str], force: bool) -> None:
-    """--eval heldout: each student samples the held-out prompts (a process each: a vLLM engine per
-    student), then one teacher load scores every setting's samples and evaluate.py computes the figures."""
-    from opd.stages import score
+    """--eval heldout: each student samples the held-out prompts (with vLLM a process each: a fresh
+    engine per student; the transformers engine in this process), then one teacher load scores every
+    setting's samples and evaluate.py computes the figures."""
+    from opd.stages import rollout, score
+    from opd.stages.engine import resolve_engine_name
 
     R1 = sw.round_index + 1
     env = _rollout_env(pool)
     for s in own:
         run = RunDir(sw.url(s))
         if read_manifest(run, run.stage_dir(R1, "heldout/rollouts")) is not None and not force:
+            continue
+        cfg = load_run_config(run, dev)
+        if resolve_engine_name(cfg.rollout.engine) == "transformers":
+            summary = rollout.run(cfg, run, R1, engine="transformers", force=force, split="heldout")
+            console.say(f"[{s.name}] {summary['line']}")
             continue
         cmd = [sys.executable, "-m", "opd.pipeline.cli", "rollout", run.url, "--round", str(R1), "--split", "heldout"]
         cmd += ["--force"] if force else []

@@ -147,7 +147,7 @@ def test_shards_together_equal_one_worker(base):
 
 
 def test_sweep_resumes_after_sigkill_with_the_same_students(base):
-    grid = ["--grid", "train.beta=0,1", "--set", "train.epochs=12", "--set", "train.checkpoint_every_steps=1"]
+    grid = ["--grid", "train.beta=0,1", "--set", "train.epochs=5", "--set", "train.checkpoint_every_steps=1"]
     ref = invoke("sweep", base, "--round", 0, *grid[:4], "--name", "ref", "--eval", "none")  # no checkpoints
     assert ref.exit_code == 0, ref.output
     cmd = [sys.executable, "-m", "opd.pipeline.cli", "sweep", str(base), "--round", "0", *grid, "--name", "killed"]

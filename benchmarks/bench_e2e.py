@@ -305,6 +305,35 @@ class Opd:
 # ------------------------------------------------------------------------------------------ TRL
 
 
+def _trainer_args(spec: dict) -> dict:
+    """The training arguments both TRL trainers get: the optimizer, schedule and clipping opd uses, one
+    epoch, temperature 1, and TRL's fastest CPU settings (see the module docstring). bf16: fp32 master
+    weights under bf16 autocast for the student, bf16 teacher weights (what opd's learner and scorer do
+    with dtype = "bfloat16"); fp32: everything in float32."""
+    return dict(
+        gradient_accumulation_steps=1,
+        num_train_epochs=1,
+        learning_rate=spec["lr"],
+        lr_scheduler_type="cosine",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        temperature=1.0,
+        model_init_kwargs={"dtype": "float32"},
+        teacher_model_init_kwargs={"dtype": "bfloat16" if spec["precision"] == "bf16" else "float32"},
+        use_cpu=True,
+        bf16=spec["precision"] == "bf16",
+        fp16=False,
+        gradient_checkpointing=False,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=False,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+    )
+
+
 def trl_worker(spec_path: str) -> None:
     """(subprocess) One DistillationTrainer run as a user would write it; prints a JSON line."""
     t_start = time.perf_counter()
@@ -337,32 +366,11 @@ def trl_worker(spec_path: str) -> None:
         output_dir=spec["out"],
         seed=spec["seed"],
         per_device_train_batch_size=spec["batch_size"],
-        gradient_accumulation_steps=1,
-        num_train_epochs=1,
-        learning_rate=spec["lr"],
-        lr_scheduler_type="cosine",
-        warmup_steps=0,
-        weight_decay=0.0,
-        max_grad_norm=1.0,
         beta=spec["beta"],
-        temperature=1.0,
         top_p=1.0,
         top_k=0,
         max_completion_length=spec["max_new_tokens"],
-        # bf16: fp32 master weights under bf16 autocast for the student, bf16 teacher weights (what opd's
-        # learner and scorer do with dtype = "bfloat16"); fp32: everything in float32
-        model_init_kwargs={"dtype": "float32"},
-        teacher_model_init_kwargs={"dtype": "bfloat16" if spec["precision"] == "bf16" else "float32"},
-        use_cpu=True,
-        bf16=spec["precision"] == "bf16",
-        fp16=False,
-        gradient_checkpointing=False,
-        dataloader_num_workers=0,
-        dataloader_pin_memory=False,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
+        **_trainer_args(spec),
         use_vllm=vllm,
         vllm_mode="colocate",
         vllm_gpu_memory_utilization=0.1,
@@ -422,29 +430,10 @@ def trl_gkd_worker(spec_path: str) -> None:
         output_dir=spec["out"],
         seed=spec["seed"],
         per_device_train_batch_size=spec["batch_size"],
-        gradient_accumulation_steps=1,
-        num_train_epochs=1,
-        learning_rate=spec["lr"],
-        lr_scheduler_type="cosine",
-        warmup_steps=0,
-        weight_decay=0.0,
-        max_grad_norm=1.0,
         lmbda=spec["lmbda"],
         beta=spec["beta"],
-        temperature=1.0,
         max_new_tokens=spec["max_new_tokens"],
-        model_init_kwargs={"dtype": "float32"},
-        teacher_model_init_kwargs={"dtype": "bfloat16" if spec["precision"] == "bf16" else "float32"},
-        use_cpu=True,
-        bf16=spec["precision"] == "bf16",
-        fp16=False,
-        gradient_checkpointing=False,
-        dataloader_num_workers=0,
-        dataloader_pin_memory=False,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
+        **_trainer_args(spec),
     )
     from transformers import AutoTokenizer
 

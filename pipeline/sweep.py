@@ -22,7 +22,8 @@ restarts from its checkpoint (train.checkpoint_every_steps) or from scratch, wit
 
 Evaluation (`--eval`): `none`; `cache` (pipeline/sweep_eval.py: teacher-forced on round R's held-out
 samples and their cached scores, no teacher); `heldout`: each student samples the held-out prompts
-(`opd rollout <setting> --round R+1 --split heldout`, a process each), then one teacher load scores
+(the rollout stage of <setting> round R+1, split heldout: with vLLM `opd rollout` in a process of its
+own per student, a fresh engine each; with transformers in this process), then one teacher load scores
 all of them and evaluate.py computes held-out reverse KL and checker accuracy as `opd run` reports
 them. `auto` = cache where round R has a held-out cache, else none.
 """

@@ -103,40 +103,19 @@ def test_every_setting_trains_from_the_cache_and_equals_train_from(base, tmp_pat
 
 
 def test_shards_together_equal_one_worker(base):
-    one = invoke("sweep", base, "--round", 0, "--grid", "train.lr=1e-3,3e-3", "--name", "whole", "--eval", "none")
-    assert one.exit_code == 0, one.output
-    first = invoke(
-        "sweep",
-        base,
-        "--round",
-        0,
-        "--grid",
-        "train.lr=1e-3,3e-3",
-        "--name",
-        "split",
-        "--shard",
-        "0/2",
-        "--eval",
-        "none",
-    )
-    assert first.exit_code == 0 and "1/2 settings trained" in first.stdout, first.output
+    def lr_sweep(name: str, *extra):
+        r = invoke(
+            "sweep", base, "--round", 0, "--grid", "train.lr=1e-3,3e-3", "--name", name, "--eval", "none", *extra
+        )
+        assert r.exit_code == 0, r.output
+        return r
+
+    lr_sweep("whole")
+    first = lr_sweep("split", "--shard", "0/2")
+    assert "1/2 settings trained" in first.stdout
     assert (student(base, "split", "lr0.001") / "_DONE.json").is_file()
     assert not (student(base, "split", "lr0.003")).exists() and not (base / "sweeps" / "split" / "table.csv").exists()
-    second = invoke(
-        "sweep",
-        base,
-        "--round",
-        0,
-        "--grid",
-        "train.lr=1e-3,3e-3",
-        "--name",
-        "split",
-        "--shard",
-        "1/2",
-        "--eval",
-        "none",
-    )
-    assert second.exit_code == 0 and "2 settings done" in second.stdout, second.output
+    assert "2 settings done" in lr_sweep("split", "--shard", "1/2").stdout
     for s in ("lr0.001", "lr0.003"):
         assert weights(student(base, "split", s)) == weights(student(base, "whole", s))
     assert weights(student(base, "whole", "lr0.001")) != weights(student(base, "whole", "lr0.003"))

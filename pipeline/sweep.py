@@ -518,7 +518,7 @@ def setting_rows(sw: _Sweep) -> tuple[list[dict], int]:
         m = read_manifest(run, run.stage_dir(R, train.STAGE)) if storage.exists(run.fs, run.root) else None
         ev_ok = False
         if m is not None:
-            row.update({k: m.summary.get(k) for k in ("first_loss", "last_loss", "train_s", "wall_s", "steps")})
+            row.update({k: m.summary.get(k) for k in ("first_loss", "last_loss", "train_s")})
             if sw.eval_mode == "none":
                 ev_ok = True
             elif sw.eval_mode == "cache":

@@ -334,6 +334,18 @@ def _trainer_args(spec: dict) -> dict:
     )
 
 
+def _train_and_save(trainer, out: str) -> tuple[float, float, list[float]]:
+    """(train seconds, save seconds, logged losses) of a TRL trainer run as a user would: train, then
+    save_model."""
+    t0 = time.perf_counter()
+    trainer.train()
+    t_train = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    trainer.save_model(str(Path(out) / "student"))
+    t_save = time.perf_counter() - t0
+    return t_train, t_save, [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+
 def trl_worker(spec_path: str) -> None:
     """(subprocess) One DistillationTrainer run as a user would write it; prints a JSON line."""
     t_start = time.perf_counter()
@@ -380,13 +392,7 @@ def trl_worker(spec_path: str) -> None:
         model=spec["student"], teacher_model=spec["teacher"], args=args, train_dataset=Dataset.from_list(rows)
     )
     t_init = time.perf_counter() - t_start - t_import
-    t0 = time.perf_counter()
-    trainer.train()
-    t_train = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    trainer.save_model(str(Path(spec["out"]) / "student"))
-    t_save = time.perf_counter() - t0
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    t_train, t_save, losses = _train_and_save(trainer, spec["out"])
     print(
         "TRL_RESULT "
         + json.dumps(
@@ -448,13 +454,7 @@ def trl_gkd_worker(spec_path: str) -> None:
         processing_class=tokenizer,
     )
     t_init = time.perf_counter() - t_start - t_import
-    t0 = time.perf_counter()
-    trainer.train()
-    t_train = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    trainer.save_model(str(Path(spec["out"]) / "student"))
-    t_save = time.perf_counter() - t0
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    t_train, t_save, losses = _train_and_save(trainer, spec["out"])
     result = {
         "import_s": round(t_import, 2),
         "init_s": round(t_init, 2),

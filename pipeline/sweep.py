@@ -49,12 +49,12 @@ from opd.pipeline import sweep_table
 from opd.pipeline.evaluate import evaluate, read_eval
 from opd.pipeline.launch import from_cache
 from opd.pipeline.loop import Pool, die_with_parent
-from opd.pipeline.sweep_eval import cache_figures, heldout_data
+from opd.pipeline.sweep_eval import cache_figures
 from opd.pipeline.sweep_table import CACHE_EVAL_FILE, RESULTS_FILE, SWEEP_FILE, SWEEP_FORMAT, SWEEP_VERSION, read_json
 from opd.stages import train
 from opd.stages.learner import keep_loaded
 from opd.stages.students import start_student
-from opd.stages.train_data import decode_once
+from opd.stages.train_data import RoundData, decode_once
 
 EVAL_MODES = ("auto", "none", "cache", "heldout")
 _TRAIN_KEYS = {f.name for f in TrainConfig.__dataclass_fields__.values()}
@@ -368,7 +368,7 @@ def _cache_evals(sw: _Sweep, own: list[Setting], dev: list[str], force: bool) ->
         student_round = R if run is sw.src else R + 1  # a setting's trained student is the one round R+1 starts from
         with start_student(load_run_config(run, dev), run, student_round) as student:
             if data is None:
-                data = heldout_data(sw.src, R, student.vocab_rows)
+                data = RoundData(sw.src, R, vocab_limit=student.vocab_rows, split="heldout")
             figures = cache_figures(data, student, device, cfg.train.temperature, cfg.train.max_tokens_per_batch)
         storage.atomic_write_bytes(sw.src.fs, path, json.dumps({"student": key, **figures}, indent=2).encode())
         console.say(

@@ -24,7 +24,6 @@ import numpy as np
 import torch
 
 from opd.cache.errors import OpdError, first_line
-from opd.cache.rundir import RunDir
 from opd.stages.heads import apply_head, gather_positions, head_path_matches
 from opd.stages.losses import bucket_logprobs, generalized_jsd, student_logprobs_at
 from opd.stages.students import StartStudent
@@ -79,8 +78,3 @@ def cache_figures(
     if not all(math.isfinite(v) for v in out.values()):
         raise OpdError(f"student {student.label}: non-finite held-out figures {out}; did training diverge?")
     return {**out, "cache_tokens": n, "cache_samples": len(data)}
-
-
-def heldout_data(run: RunDir, round_index: int, vocab_limit: int) -> RoundData:
-    """RUN/rounds/R/heldout/{rollouts,scores}, joined and checked as the learner's data is."""
-    return RoundData(run, round_index, vocab_limit=vocab_limit, split="heldout")

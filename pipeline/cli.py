@@ -421,7 +421,7 @@ def verify(run_dir):
 
 @main.group()
 def models():
-    """Make models offline: pull the real SmolLM2 teacher, prune students, build tiny models."""
+    """Make models offline: pull the real SmolLM2 teacher, prune and quantise students, build tiny models."""
 
 
 @models.command("pull")
@@ -456,6 +456,32 @@ def models_prune(src, dst, keep, keep_layers):
     n = json.loads((Path(src_dir) / "config.json").read_text())["num_hidden_layers"]
     layers = parse_layer_list(keep) if keep is not None else evenly_spaced_layers(n, keep_layers)
     click.echo(prune(src_dir, dst, layers))
+
+
+@models.command("quantize")
+@click.argument("src")
+@click.argument("dst")
+@click.option("--bits", type=int, default=4, show_default=True, help="Integer bits per weight: 4 or 8.")
+@click.option("--group-size", type=int, default=32, show_default=True, help="Weights per scale along each row.")
+@click.option("--asymmetric", is_flag=True, help="A zero point per group (default: symmetric, zero point 0).")
+@click.option("--embeddings", is_flag=True, help="Also quantise the input embedding table.")
+@click.option("--lm-head", is_flag=True, help="Also quantise the output head (tied embeddings: with --embeddings).")
+@click.option(
+    "--method",
+    default="rtn",
+    show_default=True,
+    help="Post-training quantiser; opd makes rtn (round to nearest) students, the grid QAT trains on.",
+)
+@_user_errors
+def models_quantize(src, dst, bits, group_size, asymmetric, embeddings, lm_head, method):
+    """Make the post-training quantised copy of SRC (a folder or opd:/tiny: name): the INT4/INT8 start
+    student of a train.quantize run, and the "PTQ only" baseline. DST holds the dequantised weights
+    (any engine loads them), the float masters QAT starts from, and packed/ (compressed-tensors)."""
+    from opd.cache.models import quantize, resolve_model
+    from opd.cache.quant import QuantSpec
+
+    spec = QuantSpec(bits=bits, group_size=group_size, symmetric=not asymmetric, embeddings=embeddings, lm_head=lm_head)
+    click.echo(quantize(resolve_model(src), dst, spec, method))
 
 
 @models.command("tiny")

@@ -18,7 +18,7 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import torch
 
-from opd.cache import storage
+from opd.cache import quant, storage
 from opd.cache.config import TrainConfig
 from opd.cache.errors import OpdError
 from opd.cache.fingerprint import TOKENIZER_FILES
@@ -75,8 +75,17 @@ def export_student(
 
 
 def save_checkpoint(model, tc: TrainConfig, start_dir: Path, out: Path) -> None:
-    """HF checkpoint in `out` (LoRA merged, adapter in out/adapter), tokenizer files copied verbatim."""
+    """HF checkpoint in `out` (LoRA merged, adapter in out/adapter; a quantised student folder under
+    train.quantize), tokenizer files copied verbatim."""
     dtype = _checkpoint_dtype(start_dir)
+    if tc.quantize:  # ŵ, the masters and the packed copy (cache/quant.py); float32, whatever the start's dtype
+        model.config.use_cache = True
+        start = quant.read_record(start_dir) or {}
+        quant.save_quantized(
+            model, tc.quant_spec, quant.quantized_names(model), out, method="qat", source=start.get("source", "")
+        )
+        quant.copy_tokenizer(Path(start_dir), out, TOKENIZER_FILES)
+        return
     if tc.lora_rank > 0:
         model.save_pretrained(str(out / "adapter"))
         model = model.merge_and_unload()

@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 
+from opd.cache import quant
 from opd.cache.config import TrainConfig
 from opd.cache.errors import OpdError, first_line
 from opd.stages.heads import apply_head, gather_positions, head_path_matches
@@ -91,9 +92,13 @@ def _head_only(model, device: torch.device, key: tuple | None) -> bool:
 def load_student(start_dir: str | os.PathLike, tc: TrainConfig, device: torch.device, seed: int):
     """(model — a PEFT model when train.lora_rank > 0 —, whether lm_head(base_model(x)) gives its logits).
 
-    Weights are float32 (the master copy; autocast picks the compute dtype)."""
+    Weights are float32 (the master copy; autocast picks the compute dtype). With train.quantize the
+    quantised layers run fake-quantised (cache/quant.py) and start from the folder's master weights."""
     model, key = _checkpoint(start_dir)
     model.to(device)
+    if tc.quantize:
+        names = quant.prepare_qat(model, tc.quant_spec, str(start_dir))
+        quant.load_masters(model, start_dir, names, tc.quant_spec)
     head_only = _head_only(model, device, key)
     model.config.use_cache = False
     if tc.lora_rank > 0:

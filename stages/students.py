@@ -22,7 +22,7 @@ from typing import Iterator
 
 import pyarrow.fs as pafs
 
-from opd.cache import storage
+from opd.cache import quant, storage
 from opd.cache.config import OpdConfig
 from opd.cache.errors import OpdError
 from opd.cache.fingerprint import TOKENIZER_FILES
@@ -63,26 +63,36 @@ class StartStudent:
 
 @contextlib.contextmanager
 def start_student(cfg: OpdConfig, run: RunDir, round_index: int, files: str = "all") -> Iterator[StartStudent]:
-    """The student round `round_index` starts from, as local folders (see the module docstring)."""
+    """The student round `round_index` starts from, as local folders (see the module docstring). With
+    train.quantize it must be a quantised student of the same grid (one-line error otherwise), so no
+    stage samples or scores a student the learner would not train."""
     if round_index == 0:
-        yield _describe(Path(resolve_model(cfg.run.student, cfg.run.models_dir or None)), cfg, cfg.run.student)
+        yield _checked(
+            _describe(Path(resolve_model(cfg.run.student, cfg.run.models_dir or None)), cfg, cfg.run.student), cfg
+        )
         return
     folder = previous_student(run, round_index)
     if isinstance(run.fs, pafs.LocalFileSystem):
-        yield _describe(Path(folder), cfg, folder)
+        yield _checked(_describe(Path(folder), cfg, folder), cfg)
         return
     tmp = Path(tempfile.mkdtemp(prefix="opd-start-student-"))
     try:
         if files == "tokenizer":
-            for name in TOKENIZER_FILES + ("config.json", "adapter_config.json"):
+            for name in TOKENIZER_FILES + ("config.json", "adapter_config.json", quant.QUANT_FILE):
                 src = storage.join(folder, name)
                 if storage.exists(run.fs, src):
                     (tmp / name).write_bytes(storage.read_bytes(run.fs, src))
         else:
             pafs.copy_files(folder, str(tmp), source_filesystem=run.fs, destination_filesystem=storage.LOCAL)
-        yield _describe(tmp, cfg, folder)
+        yield _checked(_describe(tmp, cfg, folder), cfg)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _checked(start: StartStudent, cfg: OpdConfig) -> StartStudent:
+    if cfg.train.quantize:
+        quant.check_start(start.base, cfg.train.quant_spec, start.label)
+    return start
 
 
 def _describe(folder: Path, cfg: OpdConfig, label: str) -> StartStudent:

@@ -1,0 +1,384 @@
+"""Weight-only integer students: the grid, the fake quantiser that quantisation-aware training (QAT)
+runs through, and the quantised checkpoint folder (cache/SPEC.md, "Quantised students").
+
+The grid, per group of `group_size` consecutive input weights w of one output row, b bits,
+[qmin, qmax] = [-2^(b-1), 2^(b-1) - 1] (torchao's affine primitives compute it):
+    symmetric   s = max(max(w, 0) / qmax, min(w, 0) / qmin), z = 0   (torchao SYMMETRIC_NO_CLIPPING_ERR)
+    asymmetric  s = (max(w, 0) - min(w, 0)) / (qmax - qmin), z = qmin - round(min(w, 0) / s)   (ASYMMETRIC)
+    q = clamp(round(w · (1/s)) + z, qmin, qmax),   ŵ = (q - z) · s
+The forward uses ŵ; the backward is straight-through (∂ŵ/∂w = 1 where q is not clamped; s and z are
+constants of the step). The symmetric grid is a fixed point bit for bit (fake-quantising ŵ gives ŵ) and
+clips no weight; the asymmetric one is a fixed point to within 1 ulp.
+
+Why not torchao's `IntxFakeQuantizer` (measured with torchao 0.18): its symmetric scale max|w| / 7.5
+clips each group's largest weight and is not a fixed point (fake-quantising a dequantised checkpoint
+moves weights by a whole grid step), and its asymmetric path takes zero points meant for [0, 15] and
+clamps to [-8, 7] (relative weight error 0.17 at int4 and 0.12 at int8, against 0.073 and 0.004 here).
+The modules are torchao's `FakeQuantizedLinear` / `FakeQuantizedEmbedding` with this quantiser.
+
+A quantised student folder: config.json and model.safetensors hold ŵ (float32), so vLLM and
+transformers load it as a plain model and sample exactly what the learner trained; quantization.json
+the settings; qat/master.safetensors the float master weights QAT continues from (their fake
+quantisation is ŵ exactly, checked on load); packed/ the same model as compressed-tensors
+"pack-quantized" (W4A16 / W8A16) for GPU inference engines.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from opd.cache.errors import OpdError
+
+QUANT_FILE = "quantization.json"
+MASTER_FILE = "qat/master.safetensors"
+PACKED_DIR = "packed"
+FORMAT_VERSION = 1
+BITS = (4, 8)
+METHODS = ("rtn",)
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    bits: int = 4  # 4 or 8
+    group_size: int = 32  # weights per scale along each row's input dimension
+    symmetric: bool = True  # z = 0 (symmetric) or a zero point per group (asymmetric)
+    embeddings: bool = False  # also quantise the input embedding table
+    lm_head: bool = False  # also quantise the output head
+
+    def __post_init__(self):
+        if self.bits not in BITS:
+            raise OpdError(f"quantisation bits = {self.bits} is invalid: must be 4 or 8")
+        if self.group_size < 2:
+            raise OpdError(f"quantisation group size = {self.group_size} is invalid: must be >= 2")
+
+    @property
+    def qrange(self) -> tuple[int, int]:
+        return -(1 << (self.bits - 1)), (1 << (self.bits - 1)) - 1
+
+    def label(self) -> str:
+        return f"int{self.bits} group {self.group_size} {'symmetric' if self.symmetric else 'asymmetric'}"
+
+
+@contextlib.contextmanager
+def _quiet():
+    """torchao's import logs warnings about CUDA-only extensions it cannot load on CPU; not ours to show."""
+    loggers = [logging.getLogger(n) for n in ("torchao", "torch.utils._pytree")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _torchao():
+    with _quiet():
+        try:
+            from torchao.quantization import quant_primitives
+            from torchao.quantization.qat.embedding import FakeQuantizedEmbedding
+            from torchao.quantization.qat.linear import FakeQuantizedLinear
+        except ImportError:
+            raise OpdError("quantised students need torchao: `pip install 'opd[quant]'` (torchao>=0.18)") from None
+    return quant_primitives, FakeQuantizedLinear, FakeQuantizedEmbedding
+
+
+def qparams(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero point), each [rows, columns / group_size] (see the module docstring)."""
+    qp, _, _ = _torchao()
+    qmin, qmax = spec.qrange
+    mapping = qp.MappingType.SYMMETRIC_NO_CLIPPING_ERR if spec.symmetric else qp.MappingType.ASYMMETRIC
+    with torch.no_grad():
+        scale, zero = qp.choose_qparams_affine(
+            w.detach().float(),
+            mapping,
+            (1, spec.group_size),
+            torch.int8,
+            qmin,
+            qmax,
+            eps=torch.finfo(torch.float32).eps,
+            scale_dtype=torch.float32,
+            zero_point_dtype=torch.int32,
+        )
+    return scale.reshape(w.shape[0], -1), zero.reshape(w.shape[0], -1)
+
+
+def fake_quantize(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """ŵ, with the straight-through gradient to w."""
+    qp, _, _ = _torchao()
+    qmin, qmax = spec.qrange
+    scale, zero = qparams(w, spec)
+    return qp._fake_quantize_affine(w, (1, spec.group_size), scale, zero, torch.int32, qmin, qmax)
+
+
+def quantize_ints(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(q as int8, scale, zero point as int8): the integers whose (q - z) · s is `fake_quantize(w)`."""
+    qmin, qmax = spec.qrange
+    scale, zero = qparams(w, spec)
+    g = spec.group_size
+    s, z = scale.repeat_interleave(g, 1), zero.repeat_interleave(g, 1)
+    with torch.no_grad():
+        q = torch.clamp(torch.round(w.detach().float() * (1.0 / s)) + z, qmin, qmax)
+    return q.to(torch.int8), scale, zero.to(torch.int8)
+
+
+class WeightFakeQuantizer(torch.nn.Module):
+    """The `weight_fake_quantizer` of torchao's fake-quantised modules, on this module's grid."""
+
+    def __init__(self, spec: QuantSpec):
+        super().__init__()
+        self.spec = spec
+        self.enabled = True
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return fake_quantize(w, self.spec) if self.enabled else w
+
+    def extra_repr(self) -> str:
+        return self.spec.label()
+
+
+def target_modules(model, spec: QuantSpec, where: str) -> dict[str, torch.nn.Module]:
+    """{name: module} of the layers `spec` quantises: every Linear of the decoder, plus the embedding
+    table and the output head where asked. One-line errors for a group size that does not divide a
+    layer's input and for tied embeddings quantised on one side only."""
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = head is not None and emb is not None and head.weight is emb.weight
+    if tied and spec.embeddings != spec.lm_head:
+        raise OpdError(
+            f"{where} ties its embeddings and lm_head (one weight): quantise both or neither "
+            f"(embeddings = {spec.embeddings}, lm_head = {spec.lm_head})"
+        )
+    out = {}
+    for name, mod in model.named_modules():
+        if mod is head:
+            take = spec.lm_head
+        elif mod is emb:
+            take = spec.embeddings
+        else:
+            take = isinstance(mod, torch.nn.Linear)
+        if not take or not isinstance(mod, (torch.nn.Linear, torch.nn.Embedding)):
+            continue
+        columns = mod.weight.shape[1]
+        if columns % spec.group_size:
+            raise OpdError(
+                f"group size {spec.group_size} does not divide the {columns} inputs of {name} in {where}; "
+                f"choose a group size that divides every quantised layer (e.g. 32)"
+            )
+        out[name] = mod
+    if not out:
+        raise OpdError(f"{where} has no Linear layers to quantise")
+    return out
+
+
+def prepare_qat(model, spec: QuantSpec, where: str) -> list[str]:
+    """Swap the target layers for torchao's fake-quantised modules in place (same Parameters, so tied
+    weights stay tied and the state dict keeps its names); returns their names."""
+    _, FakeQuantizedLinear, FakeQuantizedEmbedding = _torchao()
+    names = list(target_modules(model, spec, where))
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        mod = getattr(parent, child)
+        with _quiet():
+            if isinstance(mod, torch.nn.Embedding):
+                new = FakeQuantizedEmbedding.from_embedding(mod)
+            else:
+                new = FakeQuantizedLinear.from_linear(mod)
+        new.weight_fake_quantizer = WeightFakeQuantizer(spec)
+        setattr(parent, child, new)
+    return names
+
+
+def quantized_names(model) -> list[str]:
+    """Names of the layers `prepare_qat` made fake-quantised."""
+    return [
+        n
+        for n, m in model.named_modules()
+        if isinstance(getattr(m, "weight_fake_quantizer", None), WeightFakeQuantizer)
+    ]
+
+
+# ------------------------------------------------------------------------------------------ the folder
+
+
+def read_record(folder: str | os.PathLike) -> dict | None:
+    """The folder's quantization.json, or None where it is not a quantised student."""
+    path = Path(folder) / QUANT_FILE
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+        QuantSpec(**record["spec"])
+    except (ValueError, KeyError, TypeError, OpdError) as e:
+        raise OpdError(
+            f"{path}: not a valid quantisation record ({e}); remake the student with `opd models quantize`"
+        ) from None
+    if record.get("version") != FORMAT_VERSION:
+        raise OpdError(f"{path}: quantisation format version {record.get('version')} is not {FORMAT_VERSION}")
+    return record
+
+
+def spec_of(folder: str | os.PathLike) -> QuantSpec | None:
+    record = read_record(folder)
+    return None if record is None else QuantSpec(**record["spec"])
+
+
+def check_start(folder: str | os.PathLike, spec: QuantSpec, label: str) -> None:
+    """One-line error unless `folder` is a quantised student made with `spec`."""
+    have = spec_of(folder)
+    if have is None:
+        raise OpdError(
+            f"train.quantize is on but the start student {label} is not quantised (no {QUANT_FILE}); make it with "
+            f"`opd models quantize SRC DST --bits {spec.bits} --group-size {spec.group_size}` and set run.student = DST"
+        )
+    if have != spec:
+        raise OpdError(
+            f"the start student {label} is quantised as {asdict(have)} but train.quantize_* says {asdict(spec)}; "
+            f"make them agree"
+        )
+
+
+def load_masters(model, folder: str | os.PathLike, names: list[str], spec: QuantSpec) -> None:
+    """Put the folder's master weights into the (prepared) model's quantised layers, after checking that
+    their fake quantisation is the checkpoint's ŵ exactly (no drift across rounds). A folder without
+    masters (symmetric grids only) starts from ŵ itself, which is a fixed point of the grid."""
+    from safetensors.torch import load_file
+
+    path = Path(folder) / MASTER_FILE
+    masters = load_file(str(path)) if path.is_file() else {}
+    for name in names:
+        weight = model.get_submodule(name).weight
+        master = masters.get(f"{name}.weight")
+        if master is None:
+            if spec.symmetric:
+                master = weight.detach()
+            else:
+                raise OpdError(f"{path}: no master weight for {name}; remake the student with `opd models quantize`")
+        with torch.no_grad():
+            master = master.to(weight.device, torch.float32)
+            if not torch.equal(fake_quantize(master, spec), weight.float()):
+                raise OpdError(
+                    f"{folder}: the master weights of {name} do not quantise to the checkpoint's weights "
+                    f"(another grid or a corrupt folder); remake the student with `opd models quantize`"
+                )
+            weight.copy_(master)
+
+
+def dequantised_state(model, names: list[str], spec: QuantSpec) -> dict[str, torch.Tensor]:
+    """{name.weight: ŵ} of the quantised layers (float32, CPU)."""
+    with torch.no_grad():
+        return {f"{n}.weight": fake_quantize(model.get_submodule(n).weight, spec).float().cpu() for n in names}
+
+
+def save_quantized(model, spec: QuantSpec, names: list[str], out: Path, *, method: str, source: str) -> None:
+    """Write the quantised student folder into `out` (see the module docstring): model weights ŵ,
+    masters, quantization.json and packed/. Tokenizer files are the caller's."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    deq = dequantised_state(model, names, spec)
+    state = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
+    masters = {k: state[k].clone() for k in deq}
+    state.update(deq)
+    model.save_pretrained(out, state_dict=state)
+    _config_dtype_float32(out / "config.json")
+    (out / "qat").mkdir(exist_ok=True)
+    save_file(masters, str(out / MASTER_FILE), metadata={"format": "pt"})
+    _save_packed(model, state, masters, spec, names, out / PACKED_DIR)
+    record = {
+        "version": FORMAT_VERSION,
+        "spec": asdict(spec),
+        "method": method,
+        "source": source,
+        "modules": names,
+        "weights": "model.safetensors holds the dequantised values (q - z) * s, float32",
+        "masters": MASTER_FILE,
+        "packed": f"{PACKED_DIR}/ (compressed-tensors pack-quantized, W{spec.bits}A16)",
+    }
+    (out / QUANT_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+
+
+def _config_dtype_float32(path: Path) -> None:
+    """ŵ is float32 (q · s is not a 16-bit number): the config says so, so an engine's "auto" dtype keeps it."""
+    config = json.loads(path.read_text())
+    for key in ("dtype", "torch_dtype"):
+        if key in config:
+            config[key] = "float32"
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _save_packed(model, state: dict, masters: dict, spec: QuantSpec, names: list[str], out: Path) -> None:
+    """compressed-tensors "pack-quantized": per layer weight_packed (int32, 32/bits values each),
+    weight_scale, weight_shape and (asymmetric) weight_zero_point; the other tensors as they are."""
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    packed = {k: v for k, v in state.items() if k not in masters}
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    for name in names:
+        key = f"{name}.weight"
+        q, scale, zero = quantize_ints(masters[key], spec)
+        packed[f"{name}.weight_packed"] = pack_to_int32(q, spec.bits)
+        packed[f"{name}.weight_scale"] = scale.contiguous()
+        packed[f"{name}.weight_shape"] = torch.tensor(list(state[key].shape), dtype=torch.int64)
+        if not spec.symmetric:
+            packed[f"{name}.weight_zero_point"] = pack_to_int32(zero, spec.bits, packed_dim=0).contiguous()
+    if tied:  # one stored copy, as save_pretrained writes tied models
+        head = [n for n, m in model.named_modules() if m is model.get_output_embeddings()]
+        for n in head:
+            packed.pop(f"{n}.weight", None)
+    save_file({k: v.contiguous() for k, v in packed.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config = model.config.to_dict()
+    config["quantization_config"] = compressed_tensors_config(spec, model, names)
+    config["dtype"] = "float32"
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(out)
+
+
+def compressed_tensors_config(spec: QuantSpec, model, names: list[str]) -> dict:
+    """The `quantization_config` of packed/config.json: one group of weight-only int schemes on the
+    quantised Linear layers; every other Linear is listed in `ignore`."""
+    linear = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    return {
+        "quant_method": "compressed-tensors",
+        "format": "pack-quantized",
+        "quantization_status": "compressed",
+        "config_groups": {
+            "group_0": {
+                "targets": ["Linear"],
+                "weights": {
+                    "num_bits": spec.bits,
+                    "type": "int",
+                    "symmetric": spec.symmetric,
+                    "strategy": "group",
+                    "group_size": spec.group_size,
+                    "dynamic": False,
+                    "observer": "minmax",
+                },
+                "input_activations": None,
+                "output_activations": None,
+            }
+        },
+        "ignore": [n for n in linear if n not in names],
+        "kv_cache_scheme": None,
+    }
+
+
+def copy_tokenizer(src: Path, dst: Path, names: tuple[str, ...]) -> None:
+    """Tokenizer files verbatim into the folder and into packed/ (the tokenizer hash never changes)."""
+    for name in names:
+        if (Path(src) / name).is_file():
+            shutil.copy2(Path(src) / name, Path(dst) / name)
+            if (Path(dst) / PACKED_DIR).is_dir():
+                shutil.copy2(Path(src) / name, Path(dst) / PACKED_DIR / name)

@@ -7,12 +7,12 @@ The grid, per group of `group_size` consecutive input weights w of one output ro
     asymmetric  s = (max(w, 0) - min(w, 0)) / (qmax - qmin), z = qmin - round(min(w, 0) / s)   (ASYMMETRIC)
     q = clamp(round(w · (1/s)) + z, qmin, qmax),   ŵ = (q - z) · s
 The forward uses ŵ; the backward is straight-through (∂ŵ/∂w = 1 where q is not clamped; s and z are
-constants of the step). The symmetric grid is a fixed point bit for bit (fake-quantising ŵ gives ŵ) and
-clips no weight; the asymmetric one is a fixed point to within 1 ulp.
+constants of the step). Re-quantising ŵ gives back the same integers (both grids; ŵ itself to within
+1 ulp), and the symmetric grid clips no weight.
 
 Why not torchao's `IntxFakeQuantizer` (measured with torchao 0.18): its symmetric scale max|w| / 7.5
-clips each group's largest weight and is not a fixed point (fake-quantising a dequantised checkpoint
-moves weights by a whole grid step), and its asymmetric path takes zero points meant for [0, 15] and
+clips each group's largest weight, and re-quantising its own output shrinks the scale (weights move by
+a whole grid step), and its asymmetric path takes zero points meant for [0, 15] and
 clamps to [-8, 7] (relative weight error 0.17 at int4 and 0.12 at int8, against 0.073 and 0.004 here).
 The modules are torchao's `FakeQuantizedLinear` / `FakeQuantizedEmbedding` with this quantiser.
 
@@ -249,27 +249,31 @@ def check_start(folder: str | os.PathLike, spec: QuantSpec, label: str) -> None:
 
 def load_masters(model, folder: str | os.PathLike, names: list[str], spec: QuantSpec) -> None:
     """Put the folder's master weights into the (prepared) model's quantised layers, after checking that
-    their fake quantisation is the checkpoint's ŵ exactly (no drift across rounds). A folder without
-    masters (symmetric grids only) starts from ŵ itself, which is a fixed point of the grid."""
+    their fake quantisation is the checkpoint's ŵ bit for bit (no drift across rounds)."""
     from safetensors.torch import load_file
 
     path = Path(folder) / MASTER_FILE
-    masters = load_file(str(path)) if path.is_file() else {}
-    for name in names:
+    try:
+        masters = load_file(str(path))
+    except (OSError, ValueError) as e:
+        raise OpdError(
+            f"{path}: cannot read the QAT master weights ({e}); remake the student with `opd models quantize`"
+        ) from None
+    pairs = []
+    for name in names:  # check every layer before writing any: tied layers share one weight
         weight = model.get_submodule(name).weight
         master = masters.get(f"{name}.weight")
         if master is None:
-            if spec.symmetric:
-                master = weight.detach()
-            else:
-                raise OpdError(f"{path}: no master weight for {name}; remake the student with `opd models quantize`")
-        with torch.no_grad():
-            master = master.to(weight.device, torch.float32)
-            if not torch.equal(fake_quantize(master, spec), weight.float()):
-                raise OpdError(
-                    f"{folder}: the master weights of {name} do not quantise to the checkpoint's weights "
-                    f"(another grid or a corrupt folder); remake the student with `opd models quantize`"
-                )
+            raise OpdError(f"{path}: no master weight for {name}; remake the student with `opd models quantize`")
+        master = master.to(weight.device, torch.float32)
+        if not torch.equal(fake_quantize(master, spec), weight.detach().float()):
+            raise OpdError(
+                f"{folder}: the master weights of {name} do not quantise to the checkpoint's weights "
+                f"(another grid or a corrupt folder); remake the student with `opd models quantize`"
+            )
+        pairs.append((weight, master))
+    with torch.no_grad():
+        for weight, master in pairs:
             weight.copy_(master)
 
 
@@ -317,15 +321,17 @@ def _config_dtype_float32(path: Path) -> None:
 
 
 def _save_packed(model, state: dict, masters: dict, spec: QuantSpec, names: list[str], out: Path) -> None:
-    """compressed-tensors "pack-quantized": per layer weight_packed (int32, 32/bits values each),
-    weight_scale, weight_shape and (asymmetric) weight_zero_point; the other tensors as they are."""
+    """compressed-tensors "pack-quantized": per quantised Linear weight_packed (int32, 32/bits values
+    each), weight_scale, weight_shape and (asymmetric) weight_zero_point; every other tensor as it is,
+    a quantised embedding table as its dequantised values (engines pack Linear layers only)."""
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
     from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)
-    packed = {k: v for k, v in state.items() if k not in masters}
+    linear = [n for n in names if isinstance(model.get_submodule(n), torch.nn.Linear)]
+    packed = {k: v for k, v in state.items() if k not in {f"{n}.weight" for n in linear}}
     tied = getattr(model.config, "tie_word_embeddings", False)
-    for name in names:
+    for name in linear:
         key = f"{name}.weight"
         q, scale, zero = quantize_ints(masters[key], spec)
         packed[f"{name}.weight_packed"] = pack_to_int32(q, spec.bits)
@@ -339,7 +345,7 @@ def _save_packed(model, state: dict, masters: dict, spec: QuantSpec, names: list
             packed.pop(f"{n}.weight", None)
     save_file({k: v.contiguous() for k, v in packed.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
     config = model.config.to_dict()
-    config["quantization_config"] = compressed_tensors_config(spec, model, names)
+    config["quantization_config"] = compressed_tensors_config(spec, model, linear)
     config["dtype"] = "float32"
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     if getattr(model, "generation_config", None) is not None:

@@ -1,4 +1,5 @@
-"""`opd run`: the round loop, for real (stage subprocesses, vLLM, torchrun on gloo, SIGKILL and resume)."""
+"""`opd run`: the round loop, for real (stage subprocesses, vLLM, torchrun on gloo, SIGKILL and resume), and
+a quantised (INT4) student through it."""
 
 from __future__ import annotations
 
@@ -12,12 +13,16 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
 
-from opd.cache import fingerprint
+from opd.cache import fingerprint, quant
 from opd.cache.config import load_config
 from opd.cache.errors import OpdError
 from opd.cache.rundir import RunDir, read_manifest
 from opd.cache.shards import ScoreShard, read_rollout_shard
+from opd.pipeline.cli import main as cli_main
 from opd.pipeline.evaluate import gsm8k_answer, gsm8k_correct, read_eval
 from opd.pipeline.loop import Pool, _stop_reason
 
@@ -157,7 +162,6 @@ def test_two_real_rounds_with_vllm(tmp_path, tiny_teacher, tiny_student):
     r1 = read_manifest(run, run.stage_dir(1, "rollouts")).producer["model_hash"]
     assert r1 == fingerprint.model_hash(run.stage_dir(0, "student")) != fingerprint.model_hash(tiny_student)
     # the trained students are loadable and differ from the base
-    import torch
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(str(tiny_student))
@@ -372,3 +376,104 @@ def test_overlap_auto_rule():
         assert _overlap_pays(
             gpu("cpu"), gpu("cpu"), cuda_visible=visible
         )  # explicit CPU pools, whatever the machine has
+
+
+# ------------------------------------------------------------------------------------------ quantised students
+
+QUANT_SETTINGS = {
+    "train.quantize": "true",
+    "train.checkpoint_every_steps": 1,
+    "train.max_tokens_per_batch": 256,
+    "eval.prompts": '""',
+}
+
+
+@pytest.fixture(scope="module")
+def int4_student(tiny_student, tmp_path_factory):
+    dst = tmp_path_factory.mktemp("int4") / "student"
+    res = CliRunner().invoke(cli_main, ["models", "quantize", str(tiny_student), str(dst), "--bits", "4"])
+    assert res.exit_code == 0, res.output
+    return dst
+
+
+def test_two_quantized_rounds_with_vllm_killed_in_train_and_resumed(tmp_path, tiny_teacher, int4_student):
+    run_dir = tmp_path / "run"
+    run = RunDir(str(run_dir))
+    args = [
+        "--config",
+        "tiny",
+        "--rounds",
+        "2",
+        "--engine",
+        "vllm",
+        *tiny_settings(tiny_teacher, int4_student, **QUANT_SETTINGS),
+    ]
+    latest = Path(run.round_dir(0)) / "train_ckpt" / "latest.json"
+    proc = subprocess.Popen(CLI + ["run", str(run_dir), *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait_for(latest.exists, proc, "round 0's first in-round checkpoint")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 20
+    while _stage_processes(run_dir) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not _stage_processes(run_dir)
+    assert read_manifest(run, run.stage_dir(0, "student")) is None, "train had finished before the kill"
+    res = opd_run(run_dir, *args[2:])
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert run.rounds() == [0, 1]
+
+    spec = quant.QuantSpec(bits=4, group_size=32)
+    previous = int4_student
+    for r in (0, 1):
+        student = Path(run.stage_dir(r, "student"))
+        assert read_manifest(run, str(student)) is not None
+        record = quant.read_record(student)
+        assert record["method"] == "qat" and quant.QuantSpec(**record["spec"]) == spec
+        weights = load_file(student / "model.safetensors")
+        masters = load_file(student / quant.MASTER_FILE)
+        before = load_file(Path(previous) / "model.safetensors")
+        moved = 0
+        for key, master in masters.items():  # on the grid: ŵ is the masters' fake quantisation, ≤ 16 values a group
+            assert torch.equal(quant.fake_quantize(master, spec), weights[key])
+            groups = weights[key].reshape(weights[key].shape[0], -1, 32)
+            assert max(len(torch.unique(g)) for g in groups.reshape(-1, 32)) <= 16
+            moved += int((weights[key] != before[key]).sum())
+        assert moved > 0, f"round {r} moved no weight across grid points"
+        assert (student / quant.PACKED_DIR / "model.safetensors").is_file()
+        # this round sampled with vLLM from the student it started from
+        table, meta = read_rollout_shard(run.fs, run.shard_path(r, "rollouts", 0))
+        assert meta["engine"] == "vllm" and table.num_rows > 0
+        producer = read_manifest(run, run.stage_dir(r, "rollouts")).producer
+        assert producer["model_hash"] == fingerprint.model_hash(previous)
+        previous = student
+
+    # round 1's vLLM samples are the exported INT4 function: their sampling log-probs match the learner's
+    # fake-quantised forward of round 0's masters (float rounding of two engines)
+    from opd.cache.config import TrainConfig
+    from opd.stages.learner import load_student
+
+    model, _ = load_student(
+        run.stage_dir(0, "student"), TrainConfig(quantize=True, device="cpu"), torch.device("cpu"), 0
+    )
+    model.eval()
+    table, _ = read_rollout_shard(run.fs, run.shard_path(1, "rollouts", 0))
+    row = table.slice(0, 1).to_pylist()[0]
+    ids = torch.tensor([row["prompt_ids"] + row["completion_ids"]])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(ids).logits[0].float(), -1)
+    P = len(row["prompt_ids"])
+    ours = [float(logp[P - 1 + t, tok]) for t, tok in enumerate(row["completion_ids"])]
+    assert ours == pytest.approx(row["sampling_logprobs"], abs=2e-3)
+
+    # the resumed round 0 equals an uninterrupted training from the same caches
+    ref = tmp_path / "ref"
+    res = subprocess.run(
+        CLI + ["train", "--from", run.round_dir(0), "--out", str(ref)], capture_output=True, text=True, timeout=300
+    )
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    ref_run = RunDir(str(ref))
+    for name in ("model.safetensors", quant.MASTER_FILE):
+        a = load_file(Path(run.stage_dir(0, "student")) / name)
+        b = load_file(Path(ref_run.stage_dir(0, "student")) / name)
+        assert sorted(a) == sorted(b)
+        assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6, name

@@ -1,5 +1,5 @@
-"""`opd run`: the round loop, for real (stage subprocesses, vLLM, torchrun on gloo, SIGKILL and resume), and
-a quantised (INT4) student through it."""
+"""`opd run`: the round loop, for real (stage subprocesses, vLLM sampling an INT4 student, torchrun on gloo,
+SIGKILL and resume)."""
 
 from __future__ import annotations
 
@@ -121,23 +121,45 @@ def test_bad_arguments_are_one_line_errors(tmp_path):
 # ------------------------------------------------------------------------------------------ real loops
 
 
-def test_two_real_rounds_with_vllm(tmp_path, tiny_teacher, tiny_student):
-    """Two rounds through `opd run` with the vLLM engine; every shard, manifest and checkpoint checked."""
+QUANT_SETTINGS = {"train.quantize": "true", "train.checkpoint_every_steps": 1, "train.max_tokens_per_batch": 256}
+
+
+@pytest.fixture(scope="module")
+def int4_student(tiny_student, tmp_path_factory):
+    """The tiny student's INT4 copy (group 32, symmetric), made by `opd models quantize`."""
+    dst = tmp_path_factory.mktemp("int4") / "student"
+    res = CliRunner().invoke(cli_main, ["models", "quantize", str(tiny_student), str(dst), "--bits", "4"])
+    assert res.exit_code == 0, res.output
+    return dst
+
+
+def test_two_real_int4_rounds_with_vllm_killed_in_train(tmp_path, tiny_teacher, int4_student):
+    """Two rounds through `opd run` with the vLLM engine on a quantised (INT4, train.quantize) student,
+    SIGKILLed during round 0's training and resumed: every shard, manifest and checkpoint checked, the
+    students on the INT4 grid, and the resumed round equal to an uninterrupted training."""
     run_dir = tmp_path / "run"
-    res = opd_run(
-        run_dir,
+    run = RunDir(str(run_dir))
+    args = [
         "--config",
         "tiny",
         "--rounds",
         "2",
         "--engine",
         "vllm",
-        "--plot",
-        str(tmp_path / "c.png"),
-        *tiny_settings(tiny_teacher, tiny_student, **{"eval.final": "false"}),
-    )
+        *tiny_settings(tiny_teacher, int4_student, **QUANT_SETTINGS, **{"eval.final": "false"}),
+    ]
+    latest = Path(run.round_dir(0)) / "train_ckpt" / "latest.json"
+    proc = subprocess.Popen(CLI + ["run", str(run_dir), *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait_for(latest.exists, proc, "round 0's first in-round checkpoint")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 20
+    while _stage_processes(run_dir) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not _stage_processes(run_dir), "stage processes outlived the killed loop"
+    assert read_manifest(run, run.stage_dir(0, "student")) is None, "train had finished before the kill"
+    res = opd_run(run_dir, *args[2:], "--plot", str(tmp_path / "c.png"))
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    run = RunDir(str(run_dir))
     assert run.rounds() == [0, 1]
     # a quiet console: opd's own lines only; what vLLM and the libraries print is in the per-stage logs
     console = res.stdout + res.stderr
@@ -148,6 +170,8 @@ def test_two_real_rounds_with_vllm(tmp_path, tiny_teacher, tiny_student):
         assert {p.name for p in logs.iterdir()} == {"rollout.log", "score.log", "train.log"}
         assert " INFO " in (logs / "rollout.log").read_text()  # vLLM's engine lines landed here
     found = layout(run, [0, 1])
+    spec = quant.QuantSpec(bits=4, group_size=32)
+    previous = int4_student
     for r in (0, 1):
         assert found[(r, "rollouts")] == {"part-00000.parquet": 16, "part-00001.parquet": 16}  # 16 prompts × n=2
         assert found[(r, "scores")] == found[(r, "rollouts")]
@@ -156,17 +180,38 @@ def test_two_real_rounds_with_vllm(tmp_path, tiny_teacher, tiny_student):
             table, meta = read_rollout_shard(run.fs, run.shard_path(r, "rollouts", name and int(name[5:10])))
             assert meta["engine"] == "vllm" and set(table.column("source").to_pylist()) == {"student"}
             assert len(ScoreShard(run.fs, run.shard_path(r, "scores", int(name[5:10])))) == table.num_rows
+        # each round sampled with the student it started from: the INT4 copy, then round 0's student
+        producer = read_manifest(run, run.stage_dir(r, "rollouts")).producer
+        assert producer["model_hash"] == fingerprint.model_hash(previous)
         student = Path(run.stage_dir(r, "student"))
-        assert (student / "model.safetensors").is_file() and read_manifest(run, str(student)) is not None
-    # round 1 sampled with round 0's student, not the base
-    r1 = read_manifest(run, run.stage_dir(1, "rollouts")).producer["model_hash"]
-    assert r1 == fingerprint.model_hash(run.stage_dir(0, "student")) != fingerprint.model_hash(tiny_student)
-    # the trained students are loadable and differ from the base
-    from transformers import AutoModelForCausalLM
+        assert read_manifest(run, str(student)) is not None
+        record = quant.read_record(student)
+        assert record["method"] == "qat" and quant.QuantSpec(**record["spec"]) == spec
+        assert (student / quant.PACKED_DIR / "model.safetensors").is_file()
+        weights = load_file(student / "model.safetensors")
+        before = load_file(Path(previous) / "model.safetensors")
+        moved = 0
+        for key, master in load_file(student / quant.MASTER_FILE).items():
+            assert torch.equal(quant.fake_quantize(master, spec), weights[key])  # ŵ is the masters' INT4 value
+            groups = weights[key].reshape(-1, 32)
+            assert max(len(torch.unique(g)) for g in groups) <= 16
+            moved += int((weights[key] != before[key]).sum())
+        assert moved > 0, f"round {r} moved no weight across grid points"
+        previous = student
+    # round 1's vLLM samples come from the exported INT4 function: their sampling log-probs are the
+    # learner's fake-quantised forward of round 0's masters (to the float rounding of two engines)
+    from opd.cache.config import TrainConfig
+    from opd.stages.learner import load_student
 
-    base = AutoModelForCausalLM.from_pretrained(str(tiny_student))
-    trained = AutoModelForCausalLM.from_pretrained(run.stage_dir(1, "student"))
-    assert any(not torch.equal(a, b) for a, b in zip(base.parameters(), trained.parameters()))
+    model, _ = load_student(
+        run.stage_dir(0, "student"), TrainConfig(quantize=True, device="cpu"), torch.device("cpu"), 0
+    )
+    row = read_rollout_shard(run.fs, run.shard_path(1, "rollouts", 0))[0].slice(0, 1).to_pylist()[0]
+    with torch.no_grad():
+        logp = torch.log_softmax(model.eval()(torch.tensor([row["prompt_ids"] + row["completion_ids"]])).logits[0], -1)
+    P = len(row["prompt_ids"])
+    ours = [float(logp[P - 1 + t, tok]) for t, tok in enumerate(row["completion_ids"])]
+    assert ours == pytest.approx(row["sampling_logprobs"], abs=2e-3)
     # held-out figures: recomputed here from the shards, straight from the definition
     for r in (0, 1):
         ev = read_eval(run, r)
@@ -187,6 +232,15 @@ def test_two_real_rounds_with_vllm(tmp_path, tiny_teacher, tiny_student):
     again = opd_run(run_dir, "--rounds", "2", "--engine", "vllm")
     assert again.returncode == 0 and "opd rollout" not in again.stdout and "already done" in again.stdout
     assert layout(run, [0, 1]) == found
+    # the killed and resumed round 0 equals an uninterrupted training from the same caches
+    ref = tmp_path / "ref"
+    res = CliRunner().invoke(cli_main, ["train", "--from", run.round_dir(0), "--out", str(ref)])
+    assert res.exit_code == 0, res.output
+    for name in ("model.safetensors", quant.MASTER_FILE):
+        a = load_file(Path(run.stage_dir(0, "student")) / name)
+        b = load_file(Path(RunDir(str(ref)).stage_dir(0, "student")) / name)
+        assert sorted(a) == sorted(b)
+        assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6, name
 
 
 @pytest.fixture(scope="module")
@@ -376,104 +430,3 @@ def test_overlap_auto_rule():
         assert _overlap_pays(
             gpu("cpu"), gpu("cpu"), cuda_visible=visible
         )  # explicit CPU pools, whatever the machine has
-
-
-# ------------------------------------------------------------------------------------------ quantised students
-
-QUANT_SETTINGS = {
-    "train.quantize": "true",
-    "train.checkpoint_every_steps": 1,
-    "train.max_tokens_per_batch": 256,
-    "eval.prompts": '""',
-}
-
-
-@pytest.fixture(scope="module")
-def int4_student(tiny_student, tmp_path_factory):
-    dst = tmp_path_factory.mktemp("int4") / "student"
-    res = CliRunner().invoke(cli_main, ["models", "quantize", str(tiny_student), str(dst), "--bits", "4"])
-    assert res.exit_code == 0, res.output
-    return dst
-
-
-def test_two_quantized_rounds_with_vllm_killed_in_train_and_resumed(tmp_path, tiny_teacher, int4_student):
-    run_dir = tmp_path / "run"
-    run = RunDir(str(run_dir))
-    args = [
-        "--config",
-        "tiny",
-        "--rounds",
-        "2",
-        "--engine",
-        "vllm",
-        *tiny_settings(tiny_teacher, int4_student, **QUANT_SETTINGS),
-    ]
-    latest = Path(run.round_dir(0)) / "train_ckpt" / "latest.json"
-    proc = subprocess.Popen(CLI + ["run", str(run_dir), *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _wait_for(latest.exists, proc, "round 0's first in-round checkpoint")
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    deadline = time.time() + 20
-    while _stage_processes(run_dir) and time.time() < deadline:
-        time.sleep(0.1)
-    assert not _stage_processes(run_dir)
-    assert read_manifest(run, run.stage_dir(0, "student")) is None, "train had finished before the kill"
-    res = opd_run(run_dir, *args[2:])
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    assert run.rounds() == [0, 1]
-
-    spec = quant.QuantSpec(bits=4, group_size=32)
-    previous = int4_student
-    for r in (0, 1):
-        student = Path(run.stage_dir(r, "student"))
-        assert read_manifest(run, str(student)) is not None
-        record = quant.read_record(student)
-        assert record["method"] == "qat" and quant.QuantSpec(**record["spec"]) == spec
-        weights = load_file(student / "model.safetensors")
-        masters = load_file(student / quant.MASTER_FILE)
-        before = load_file(Path(previous) / "model.safetensors")
-        moved = 0
-        for key, master in masters.items():  # on the grid: ŵ is the masters' fake quantisation, ≤ 16 values a group
-            assert torch.equal(quant.fake_quantize(master, spec), weights[key])
-            groups = weights[key].reshape(weights[key].shape[0], -1, 32)
-            assert max(len(torch.unique(g)) for g in groups.reshape(-1, 32)) <= 16
-            moved += int((weights[key] != before[key]).sum())
-        assert moved > 0, f"round {r} moved no weight across grid points"
-        assert (student / quant.PACKED_DIR / "model.safetensors").is_file()
-        # this round sampled with vLLM from the student it started from
-        table, meta = read_rollout_shard(run.fs, run.shard_path(r, "rollouts", 0))
-        assert meta["engine"] == "vllm" and table.num_rows > 0
-        producer = read_manifest(run, run.stage_dir(r, "rollouts")).producer
-        assert producer["model_hash"] == fingerprint.model_hash(previous)
-        previous = student
-
-    # round 1's vLLM samples are the exported INT4 function: their sampling log-probs match the learner's
-    # fake-quantised forward of round 0's masters (float rounding of two engines)
-    from opd.cache.config import TrainConfig
-    from opd.stages.learner import load_student
-
-    model, _ = load_student(
-        run.stage_dir(0, "student"), TrainConfig(quantize=True, device="cpu"), torch.device("cpu"), 0
-    )
-    model.eval()
-    table, _ = read_rollout_shard(run.fs, run.shard_path(1, "rollouts", 0))
-    row = table.slice(0, 1).to_pylist()[0]
-    ids = torch.tensor([row["prompt_ids"] + row["completion_ids"]])
-    with torch.no_grad():
-        logp = torch.log_softmax(model(ids).logits[0].float(), -1)
-    P = len(row["prompt_ids"])
-    ours = [float(logp[P - 1 + t, tok]) for t, tok in enumerate(row["completion_ids"])]
-    assert ours == pytest.approx(row["sampling_logprobs"], abs=2e-3)
-
-    # the resumed round 0 equals an uninterrupted training from the same caches
-    ref = tmp_path / "ref"
-    res = subprocess.run(
-        CLI + ["train", "--from", run.round_dir(0), "--out", str(ref)], capture_output=True, text=True, timeout=300
-    )
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
-    ref_run = RunDir(str(ref))
-    for name in ("model.safetensors", quant.MASTER_FILE):
-        a = load_file(Path(run.stage_dir(0, "student")) / name)
-        b = load_file(Path(ref_run.stage_dir(0, "student")) / name)
-        assert sorted(a) == sorted(b)
-        assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6, name

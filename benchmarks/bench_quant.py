@@ -6,6 +6,7 @@ group size 32, round-to-nearest), trained with fake quantisation (train.quantize
 
     python benchmarks/bench_quant.py                 # 2 rounds λ=1 β=1, 2 rounds λ=0 β=0, 7 evaluations
     python benchmarks/bench_quant.py --smoke --rounds 1   # the same steps on tiny random models (transformers engine)
+    python benchmarks/bench_quant.py --grids              # opd's INT4/INT8 grid against torchao's IntxFakeQuantizer
 
 Rows, every one evaluated the same way on the same held-out prompts (configs/demo_heldout.jsonl):
   teacher               the FP32 model itself
@@ -105,14 +106,46 @@ def reference_figures(models: dict[str, Path], teacher: Path, cfg, k: int) -> di
     return out
 
 
+def grid_check() -> dict:
+    """Why opd's grid and not torchao's IntxFakeQuantizer: on N(0.5, 1) weights [256, 512], group 32, the
+    relative weight error ‖ŵ − w‖ / ‖w‖ and how far fake-quantising ŵ again moves it (max |fq(ŵ) − ŵ|)."""
+    import torch
+    from torchao.quantization.qat import IntxFakeQuantizeConfig
+    from torchao.quantization.qat.fake_quantizer import IntxFakeQuantizer
+
+    from opd.cache.quant import QuantSpec, fake_quantize
+
+    torch.manual_seed(0)
+    w = torch.randn(256, 512) + 0.5
+    out = {}
+    for bits, dtype in ((4, torch.int4), (8, torch.int8)):
+        for symmetric in (True, False):
+            kind = f"int{bits}_{'sym' if symmetric else 'asym'}"
+            ao = IntxFakeQuantizer(IntxFakeQuantizeConfig(dtype, group_size=32, is_symmetric=symmetric))
+            spec = QuantSpec(bits=bits, group_size=32, symmetric=symmetric)
+            for name, fq in (("torchao", ao), ("opd", lambda x, spec=spec: fake_quantize(x, spec))):
+                with torch.no_grad():
+                    a = fq(w)
+                    again = fq(a.clone())
+                out[f"{name}_{kind}"] = {
+                    "rel_error": round(float((a - w).norm() / w.norm()), 4),
+                    "requantise_max_move": float((again - a).abs().max()),
+                }
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workdir", default=None, help="folder for the runs (default: a fresh temporary folder, kept)")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--eval-n", type=int, default=8, help="held-out samples per prompt (the recipe's is 4)")
     ap.add_argument("--smoke", action="store_true", help="tiny random models: the code path in ~2 minutes")
+    ap.add_argument("--grids", action="store_true", help="only the grid comparison with torchao's quantiser (a second)")
     args = ap.parse_args()
     _common.offline()
+    if args.grids:
+        print(json.dumps({"bench": "quant_grids", "grids": grid_check(), **_common.machine()}))
+        return
     work = Path(args.workdir or tempfile.mkdtemp(prefix="opd-bench-quant-"))
     work.mkdir(parents=True, exist_ok=True)
     log = work / "bench_quant.log"
@@ -183,6 +216,7 @@ def main() -> None:
         "rounds": args.rounds,
         "eval_n": args.eval_n,
         "rows": rows,
+        "grids": grid_check(),
         "ptq_gap_closed": on["gap_closed"],
         "lambda0_vs_lambda1_rkl_ratio": off["heldout_rkl"] / on["heldout_rkl"] if on["heldout_rkl"] else None,
         **walls,

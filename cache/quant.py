@@ -10,10 +10,12 @@ The forward uses ŵ; the backward is straight-through (∂ŵ/∂w = 1 where q is
 constants of the step). Re-quantising ŵ gives back the same integers (both grids; ŵ itself to within
 1 ulp), and the symmetric grid clips no weight.
 
-Why not torchao's `IntxFakeQuantizer` (measured with torchao 0.18): its symmetric scale max|w| / 7.5
-clips each group's largest weight, and re-quantising its own output shrinks the scale (weights move by
-a whole grid step), and its asymmetric path takes zero points meant for [0, 15] and
-clamps to [-8, 7] (relative weight error 0.17 at int4 and 0.12 at int8, against 0.073 and 0.004 here).
+Why not torchao's `IntxFakeQuantizer` (torchao 0.18, N(0.5, 1) weights, `benchmarks/bench_quant.py
+--grids`): its symmetric scale max|w| / 7.5 clips a group's largest weight when that is positive, and
+fake-quantising its own output shrinks the scale, moving weights by up to a whole grid step (0.32 at
+int4; here ≤ 1 ulp, for a relative weight error of 0.095 against its 0.093); its asymmetric path takes
+zero points meant for [0, 15] and clamps to [-8, 7] (relative error 0.17 at int4 and 0.11 at int8,
+against 0.072 and 0.004 here).
 The modules are torchao's `FakeQuantizedLinear` / `FakeQuantizedEmbedding` with this quantiser.
 
 A quantised student folder: config.json and model.safetensors hold ŵ (float32), so vLLM and

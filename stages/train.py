@@ -297,6 +297,7 @@ class _Round:
                 "dtype": self.placement.dtype_name,
                 "parallel": "fsdp" if self.use_fsdp else "ddp" if procs.world > 1 else "single",
                 "lora_rank": self.tc.lora_rank,
+                "quantization": dataclasses.asdict(self.tc.quant_spec) if self.tc.quantize else None,
                 "loss": self.tc.loss,
                 "wall_s": round(time.perf_counter() - self.t_start, 3),
             }

@@ -3,6 +3,7 @@ SIGKILL and resume)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -184,7 +185,7 @@ def test_two_real_int4_rounds_with_vllm_killed_in_train(tmp_path, tiny_teacher, 
         producer = read_manifest(run, run.stage_dir(r, "rollouts")).producer
         assert producer["model_hash"] == fingerprint.model_hash(previous)
         student = Path(run.stage_dir(r, "student"))
-        assert read_manifest(run, str(student)) is not None
+        assert read_manifest(run, str(student)).summary["quantization"] == dataclasses.asdict(spec)
         record = quant.read_record(student)
         assert record["method"] == "qat" and quant.QuantSpec(**record["spec"]) == spec
         assert (student / quant.PACKED_DIR / "model.safetensors").is_file()

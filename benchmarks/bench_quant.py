@@ -108,22 +108,30 @@ def reference_figures(models: dict[str, Path], teacher: Path, cfg, k: int) -> di
 
 def grid_check() -> dict:
     """Why opd's grid and not torchao's IntxFakeQuantizer: on N(0.5, 1) weights [256, 512], group 32, the
-    relative weight error ‖ŵ − w‖ / ‖w‖ and how far fake-quantising ŵ again moves it (max |fq(ŵ) − ŵ|)."""
+    relative weight error ‖ŵ − w‖ / ‖w‖ and how far fake-quantising ŵ again moves it (max |fq(ŵ) − ŵ|).
+    torchao's rows are there when torchao is installed (`pip install torchao==0.18.0`; opd does not need it)."""
     import torch
-    from torchao.quantization.qat import IntxFakeQuantizeConfig
-    from torchao.quantization.qat.fake_quantizer import IntxFakeQuantizer
 
     from opd.cache.quant import QuantSpec, fake_quantize
 
+    try:
+        from torchao.quantization.qat import IntxFakeQuantizeConfig
+        from torchao.quantization.qat.fake_quantizer import IntxFakeQuantizer
+    except ImportError:
+        IntxFakeQuantizer = None
     torch.manual_seed(0)
     w = torch.randn(256, 512) + 0.5
     out = {}
-    for bits, dtype in ((4, torch.int4), (8, torch.int8)):
+    for bits, dtype in ((4, getattr(torch, "int4", None)), (8, torch.int8)):
         for symmetric in (True, False):
             kind = f"int{bits}_{'sym' if symmetric else 'asym'}"
-            ao = IntxFakeQuantizer(IntxFakeQuantizeConfig(dtype, group_size=32, is_symmetric=symmetric))
             spec = QuantSpec(bits=bits, group_size=32, symmetric=symmetric)
-            for name, fq in (("torchao", ao), ("opd", lambda x, spec=spec: fake_quantize(x, spec))):
+            sides = {"opd": lambda x, spec=spec: fake_quantize(x, spec)}
+            if IntxFakeQuantizer is not None:
+                sides["torchao"] = IntxFakeQuantizer(
+                    IntxFakeQuantizeConfig(dtype, group_size=32, is_symmetric=symmetric)
+                )
+            for name, fq in sides.items():
                 with torch.no_grad():
                     a = fq(w)
                     again = fq(a.clone())

@@ -2,34 +2,35 @@
 runs through, and the quantised checkpoint folder (cache/SPEC.md, "Quantised students").
 
 The grid, per group of `group_size` consecutive input weights w of one output row, b bits,
-[qmin, qmax] = [-2^(b-1), 2^(b-1) - 1] (torchao's affine primitives compute it):
-    symmetric   s = max(max(w, 0) / qmax, min(w, 0) / qmin), z = 0   (torchao SYMMETRIC_NO_CLIPPING_ERR)
-    asymmetric  s = (max(w, 0) - min(w, 0)) / (qmax - qmin), z = qmin - round(min(w, 0) / s)   (ASYMMETRIC)
+[qmin, qmax] = [-2^(b-1), 2^(b-1) - 1] (torchao's SYMMETRIC_NO_CLIPPING_ERR and ASYMMETRIC rules):
+    symmetric   s = max(min(w, 0) / qmin, max(w, 0) / qmax), z = 0
+    asymmetric  s = (max(w, 0) - min(w, 0)) / (qmax - qmin), z = clamp(qmin - round(min(w, 0) / s), qmin, qmax)
     q = clamp(round(w · (1/s)) + z, qmin, qmax),   ŵ = (q - z) · s
 The forward uses ŵ; the backward is straight-through (∂ŵ/∂w = 1 where q is not clamped; s and z are
 constants of the step). Re-quantising ŵ gives back the same integers (both grids; ŵ itself to within
 1 ulp), and the symmetric grid clips no weight.
 
-Why not torchao's `IntxFakeQuantizer` (torchao 0.18, N(0.5, 1) weights, `benchmarks/bench_quant.py
---grids`): its symmetric scale max|w| / 7.5 clips a group's largest weight when that is positive, and
-fake-quantising its own output shrinks the scale, moving weights by up to a whole grid step (0.32 at
-int4; here ≤ 1 ulp, for a relative weight error of 0.095 against its 0.093); its asymmetric path takes
-zero points meant for [0, 15] and clamps to [-8, 7] (relative error 0.17 at int4 and 0.11 at int8,
-against 0.072 and 0.004 here).
-The modules are torchao's `FakeQuantizedLinear` / `FakeQuantizedEmbedding` with this quantiser.
+Hand-written, not torchao, for two measured reasons (`benchmarks/bench_quant.py --grids`, README):
+- torchao 0.18's QAT quantiser (`IntxFakeQuantizer`): its symmetric scale max|w| / 7.5 clips a group's
+  largest weight when that is positive, and fake-quantising its own output shrinks the scale, moving
+  weights by up to a whole grid step (0.32 at int4 on N(0.5, 1) weights; here ≤ 1 ulp, for a relative
+  weight error of 0.095 against its 0.093); its asymmetric path takes zero points meant for [0, 15]
+  and clamps to [-8, 7] (relative error 0.17 at int4, 0.11 at int8, against 0.072 and 0.004 here).
+- Installed, torchao is imported by peft and by transformers' from_pretrained in every process that
+  loads a model, and its import pulls in torch._dynamo: 4 s more per stage process on the 2-core
+  AVX2 machine (import torch 3.3 s, with torchao 7.2 s), 3 minutes more for the test suite.
+The grid is a dozen lines; its tests check it bit for bit against the export and the packed copy.
 
 A quantised student folder: config.json and model.safetensors hold ŵ (float32), so vLLM and
 transformers load it as a plain model and sample exactly what the learner trained; quantization.json
 the settings; qat/master.safetensors the float master weights QAT continues from (their fake
 quantisation is ŵ exactly, checked on load); packed/ the same model as compressed-tensors
-"pack-quantized" (W4A16 / W8A16) for GPU inference engines.
+"pack-quantized" (W4A16 / W8A16) for GPU inference engines, packed with compressed-tensors' own packer.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import logging
 import os
 import shutil
 from dataclasses import asdict, dataclass
@@ -39,6 +40,7 @@ import torch
 
 from opd.cache.errors import OpdError
 
+_EPS = torch.finfo(torch.float32).eps  # the smallest scale (an all-zero group)
 QUANT_FILE = "quantization.json"
 MASTER_FILE = "qat/master.safetensors"
 PACKED_DIR = "packed"
@@ -69,57 +71,40 @@ class QuantSpec:
         return f"int{self.bits} group {self.group_size} {'symmetric' if self.symmetric else 'asymmetric'}"
 
 
-@contextlib.contextmanager
-def _quiet():
-    """torchao's import logs warnings about CUDA-only extensions it cannot load on CPU; not ours to show."""
-    loggers = [logging.getLogger(n) for n in ("torchao", "torch.utils._pytree")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
+class _RoundSTE(torch.autograd.Function):
+    """round() forward, identity backward: the straight-through estimator."""
 
+    @staticmethod
+    def forward(ctx, x):
+        return torch.round(x)
 
-def _torchao():
-    with _quiet():
-        try:
-            from torchao.quantization import quant_primitives
-            from torchao.quantization.qat.embedding import FakeQuantizedEmbedding
-            from torchao.quantization.qat.linear import FakeQuantizedLinear
-        except ImportError:
-            raise OpdError("quantised students need torchao: `pip install 'opd[quant]'` (torchao>=0.18)") from None
-    return quant_primitives, FakeQuantizedLinear, FakeQuantizedEmbedding
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
 
 
 def qparams(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scale, zero point), each [rows, columns / group_size] (see the module docstring)."""
-    qp, _, _ = _torchao()
+    """(scale, zero point), float32, each [rows, columns / group_size] (see the module docstring)."""
     qmin, qmax = spec.qrange
-    mapping = qp.MappingType.SYMMETRIC_NO_CLIPPING_ERR if spec.symmetric else qp.MappingType.ASYMMETRIC
     with torch.no_grad():
-        scale, zero = qp.choose_qparams_affine(
-            w.detach().float(),
-            mapping,
-            (1, spec.group_size),
-            torch.int8,
-            qmin,
-            qmax,
-            eps=torch.finfo(torch.float32).eps,
-            scale_dtype=torch.float32,
-            zero_point_dtype=torch.int32,
-        )
-    return scale.reshape(w.shape[0], -1), zero.reshape(w.shape[0], -1)
+        x = w.detach().float().reshape(w.shape[0], -1, spec.group_size)
+        lo, hi = x.amin(-1).clamp(max=0), x.amax(-1).clamp(min=0)
+        if spec.symmetric:
+            scale = torch.maximum(lo / qmin, hi / qmax).clamp(min=_EPS)
+            zero = torch.zeros_like(scale)
+        else:
+            scale = ((hi - lo) / float(qmax - qmin)).clamp(min=_EPS)
+            zero = (qmin - torch.round(lo / scale)).clamp(qmin, qmax)
+    return scale, zero
 
 
 def fake_quantize(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """ŵ, with the straight-through gradient to w."""
-    qp, _, _ = _torchao()
+    """ŵ = (q - z) · s, with the straight-through gradient to w."""
     qmin, qmax = spec.qrange
     scale, zero = qparams(w, spec)
-    return qp._fake_quantize_affine(w, (1, spec.group_size), scale, zero, torch.int32, qmin, qmax)
+    s, z = scale[..., None], zero[..., None]
+    q = torch.clamp(_RoundSTE.apply(w.float().reshape(*s.shape[:2], -1) * (1.0 / s)) + z, qmin, qmax)
+    return ((q - z) * s).reshape(w.shape).to(w.dtype)
 
 
 def quantize_ints(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -133,8 +118,25 @@ def quantize_ints(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch
     return q.to(torch.int8), scale, zero.to(torch.int8)
 
 
+class QuantLinear(torch.nn.Linear):
+    """A Linear whose forward uses the fake quantisation of its weight (the Parameter is the master)."""
+
+    def forward(self, x):
+        return torch.nn.functional.linear(x, self.weight_fake_quantizer(self.weight), self.bias)
+
+
+class QuantEmbedding(torch.nn.Embedding):
+    """An Embedding that looks rows up in the fake quantisation of its table."""
+
+    def forward(self, x):
+        w = self.weight_fake_quantizer(self.weight)
+        return torch.nn.functional.embedding(
+            x, w, self.padding_idx, self.max_norm, self.norm_type, self.scale_grad_by_freq, self.sparse
+        )
+
+
 class WeightFakeQuantizer(torch.nn.Module):
-    """The `weight_fake_quantizer` of torchao's fake-quantised modules, on this module's grid."""
+    """The `weight_fake_quantizer` of QuantLinear / QuantEmbedding."""
 
     def __init__(self, spec: QuantSpec):
         super().__init__()
@@ -182,21 +184,18 @@ def target_modules(model, spec: QuantSpec, where: str) -> dict[str, torch.nn.Mod
 
 
 def prepare_qat(model, spec: QuantSpec, where: str) -> list[str]:
-    """Swap the target layers for torchao's fake-quantised modules in place (same Parameters, so tied
-    weights stay tied and the state dict keeps its names); returns their names."""
-    _, FakeQuantizedLinear, FakeQuantizedEmbedding = _torchao()
+    """Make the target layers fake-quantised in place: each becomes a QuantLinear / QuantEmbedding with
+    the same Parameters (tied weights stay tied, the state dict keeps its names); returns their names."""
     names = list(target_modules(model, spec, where))
     for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        mod = getattr(parent, child)
-        with _quiet():
-            if isinstance(mod, torch.nn.Embedding):
-                new = FakeQuantizedEmbedding.from_embedding(mod)
-            else:
-                new = FakeQuantizedLinear.from_linear(mod)
-        new.weight_fake_quantizer = WeightFakeQuantizer(spec)
-        setattr(parent, child, new)
+        mod = model.get_submodule(name)
+        kind = {torch.nn.Linear: QuantLinear, torch.nn.Embedding: QuantEmbedding}.get(type(mod))
+        if kind is None:
+            raise OpdError(
+                f"cannot quantise {name} of {where}: a {type(mod).__name__}, not a torch Linear or Embedding"
+            )
+        mod.__class__ = kind  # no new state: the subclass only changes forward
+        mod.weight_fake_quantizer = WeightFakeQuantizer(spec)
     return names
 
 
@@ -326,8 +325,12 @@ def _save_packed(model, state: dict, masters: dict, spec: QuantSpec, names: list
     """compressed-tensors "pack-quantized": per quantised Linear weight_packed (int32, 32/bits values
     each), weight_scale, weight_shape and (asymmetric) weight_zero_point; every other tensor as it is,
     a quantised embedding table as its dequantised values (engines pack Linear layers only)."""
-    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
     from safetensors.torch import save_file
+
+    try:
+        from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+    except ImportError:
+        raise OpdError("a quantised student's packed/ needs compressed-tensors: `pip install 'opd[quant]'`") from None
 
     out.mkdir(parents=True, exist_ok=True)
     linear = [n for n in names if isinstance(model.get_submodule(n), torch.nn.Linear)]

@@ -239,7 +239,7 @@ def test_bench_e2e_sweep_smoke(tmp_path):
 
 
 def test_bench_quant_grids(tmp_path):
-    """bench_quant.py's grid check (its `--smoke`, the whole INT4 benchmark on tiny models, takes 3.5
+    """bench_quant.py's grid check (with torchao's rows where it is installed; its `--smoke`, the whole INT4 benchmark on tiny models, takes 3.5
     minutes here, more than the suite can spend; the INT4 path it runs is tests/cache/test_quant.py's and
     test_loop.py's): opd's grid against torchao's IntxFakeQuantizer, every kind, both figures."""
     records, _ = _run(["benchmarks/bench_quant.py", "--grids"], tmp_path, timeout=120)
@@ -247,6 +247,9 @@ def test_bench_quant_grids(tmp_path):
     assert len(lines) == 1
     grids = lines[0]["grids"]
     kinds = [f"int{b}_{k}" for b in (4, 8) for k in ("sym", "asym")]
-    assert set(grids) == {f"{side}_{kind}" for side in ("opd", "torchao") for kind in kinds}
-    for kind in kinds:  # opd's grids are fixed points to within 1 ulp; torchao's move weights
-        assert grids[f"opd_{kind}"]["requantise_max_move"] < 1e-6 < grids[f"torchao_{kind}"]["requantise_max_move"]
+    sides = ("opd", "torchao") if importlib.util.find_spec("torchao") else ("opd",)  # torchao: optional
+    assert set(grids) == {f"{side}_{kind}" for side in sides for kind in kinds}
+    for kind in kinds:  # opd's grids are fixed points to within 1 ulp, at a few % relative error
+        assert grids[f"opd_{kind}"]["requantise_max_move"] < 1e-6 and grids[f"opd_{kind}"]["rel_error"] < 0.1
+        if "torchao" in sides:  # torchao's QAT quantiser is not
+            assert grids[f"torchao_{kind}"]["requantise_max_move"] > 1e-6

@@ -210,19 +210,11 @@ def test_bad_settings_are_one_line_errors(tiny_student, tmp_path):
         assert not (tmp_path / f"q{i}").exists()
 
 
-def test_tied_embeddings_are_quantised_both_or_neither(tmp_path):
+def test_tied_embeddings_are_quantised_both_or_neither(tmp_path, tiny_student):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(
-        vocab_size=260,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        head_dim=64,
-        tie_word_embeddings=True,
-    )
+    config = LlamaConfig.from_pretrained(tiny_student)  # the tiny student's shape, with one tied weight
+    config.tie_word_embeddings = True
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(tmp_path / "tied")
     with pytest.raises(OpdError, match="ties its embeddings and lm_head .* quantise both or neither"):

@@ -77,7 +77,6 @@ def export_student(
 def save_checkpoint(model, tc: TrainConfig, start_dir: Path, out: Path) -> None:
     """HF checkpoint in `out` (LoRA merged, adapter in out/adapter; a quantised student folder under
     train.quantize), tokenizer files copied verbatim."""
-    dtype = _checkpoint_dtype(start_dir)
     if tc.quantize:  # ŵ, the masters and the packed copy (cache/quant.py); float32, whatever the start's dtype
         model.config.use_cache = True
         start = quant.read_record(start_dir) or {}
@@ -90,7 +89,7 @@ def save_checkpoint(model, tc: TrainConfig, start_dir: Path, out: Path) -> None:
         model.save_pretrained(str(out / "adapter"))
         model = model.merge_and_unload()
     model.config.use_cache = True
-    model = model.to(device="cpu", dtype=dtype)
+    model = model.to(device="cpu", dtype=_checkpoint_dtype(start_dir))
     model.save_pretrained(str(out))
     for name in TOKENIZER_FILES:
         if (Path(start_dir) / name).is_file():

@@ -67,13 +67,11 @@ def start_student(cfg: OpdConfig, run: RunDir, round_index: int, files: str = "a
     train.quantize it must be a quantised student of the same grid (one-line error otherwise), so no
     stage samples or scores a student the learner would not train."""
     if round_index == 0:
-        yield _checked(
-            _describe(Path(resolve_model(cfg.run.student, cfg.run.models_dir or None)), cfg, cfg.run.student), cfg
-        )
+        yield _describe(Path(resolve_model(cfg.run.student, cfg.run.models_dir or None)), cfg, cfg.run.student)
         return
     folder = previous_student(run, round_index)
     if isinstance(run.fs, pafs.LocalFileSystem):
-        yield _checked(_describe(Path(folder), cfg, folder), cfg)
+        yield _describe(Path(folder), cfg, folder)
         return
     tmp = Path(tempfile.mkdtemp(prefix="opd-start-student-"))
     try:
@@ -84,23 +82,21 @@ def start_student(cfg: OpdConfig, run: RunDir, round_index: int, files: str = "a
                     (tmp / name).write_bytes(storage.read_bytes(run.fs, src))
         else:
             pafs.copy_files(folder, str(tmp), source_filesystem=run.fs, destination_filesystem=storage.LOCAL)
-        yield _checked(_describe(tmp, cfg, folder), cfg)
+        yield _describe(tmp, cfg, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _checked(start: StartStudent, cfg: OpdConfig) -> StartStudent:
+def _describe(folder: Path, cfg: OpdConfig, label: str) -> StartStudent:
+    if not (folder / "adapter_config.json").is_file():
+        start = StartStudent(folder, folder, None, folder, label)
+    else:
+        base = _adapter_base(folder, cfg)
+        has_tokenizer = any((folder / n).is_file() for n in TOKENIZER_FILES)
+        start = StartStudent(folder, base, folder, folder if has_tokenizer else base, label)
     if cfg.train.quantize:
         quant.check_start(start.base, cfg.train.quant_spec, start.label)
     return start
-
-
-def _describe(folder: Path, cfg: OpdConfig, label: str) -> StartStudent:
-    if not (folder / "adapter_config.json").is_file():
-        return StartStudent(folder, folder, None, folder, label)
-    base = _adapter_base(folder, cfg)
-    has_tokenizer = any((folder / n).is_file() for n in TOKENIZER_FILES)
-    return StartStudent(folder, base, folder, folder if has_tokenizer else base, label)
 
 
 def _adapter_base(adapter: Path, cfg: OpdConfig) -> Path:

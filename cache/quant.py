@@ -98,24 +98,27 @@ def qparams(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tenso
     return scale, zero
 
 
-def fake_quantize(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """ŵ = (q - z) · s, with the straight-through gradient to w."""
+def _grid(w: torch.Tensor, spec: QuantSpec, round_fn) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(q as [rows, groups, group_size] floats, s and z as [rows, groups, 1]): the one place q is computed."""
     qmin, qmax = spec.qrange
     scale, zero = qparams(w, spec)
     s, z = scale[..., None], zero[..., None]
-    q = torch.clamp(_RoundSTE.apply(w.float().reshape(*s.shape[:2], -1) * (1.0 / s)) + z, qmin, qmax)
+    q = torch.clamp(round_fn(w.float().reshape(*s.shape[:2], -1) * (1.0 / s)) + z, qmin, qmax)
+    return q, s, z
+
+
+def fake_quantize(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """ŵ = (q - z) · s, with the straight-through gradient to w."""
+    q, s, z = _grid(w, spec, _RoundSTE.apply)
     return ((q - z) * s).reshape(w.shape).to(w.dtype)
 
 
 def quantize_ints(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(q as int8, scale, zero point as int8): the integers whose (q - z) · s is `fake_quantize(w)`."""
-    qmin, qmax = spec.qrange
-    scale, zero = qparams(w, spec)
-    g = spec.group_size
-    s, z = scale.repeat_interleave(g, 1), zero.repeat_interleave(g, 1)
+    """(q as int8, scale, zero point as int8), q shaped like w, scale and zero point [rows, groups]: the
+    integers whose (q - z) · s is `fake_quantize(w)`."""
     with torch.no_grad():
-        q = torch.clamp(torch.round(w.detach().float() * (1.0 / s)) + z, qmin, qmax)
-    return q.to(torch.int8), scale, zero.to(torch.int8)
+        q, s, z = _grid(w.detach(), spec, torch.round)
+    return q.reshape(w.shape).to(torch.int8), s[..., 0], z[..., 0].to(torch.int8)
 
 
 class QuantLinear(torch.nn.Linear):
@@ -141,10 +144,9 @@ class WeightFakeQuantizer(torch.nn.Module):
     def __init__(self, spec: QuantSpec):
         super().__init__()
         self.spec = spec
-        self.enabled = True
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        return fake_quantize(w, self.spec) if self.enabled else w
+        return fake_quantize(w, self.spec)
 
     def extra_repr(self) -> str:
         return self.spec.label()

@@ -58,6 +58,15 @@ class RunConfig:
         ""  # `opd run`: devices of the learner; several launch torchrun (CPU: "cpu,cpu" = 2 gloo processes)
     )
     overlap: str = "auto"  # `opd run`: score finished rollout shards while rollout runs: "auto" (pools on disjoint GPUs, or both on CPU), "on", "off"
+    launcher: str = "local"  # `opd run`: where stage workers run: "local" (processes on this machine) or "ray" (Ray tasks on any node of a cluster; pip install 'opd[ray]')
+    ray_address: str = ""  # launcher "ray": the cluster to join ("HOST:PORT" of `ray start --head`); "" = $RAY_ADDRESS, else a new Ray instance on this machine
+    rollout_resource: str = ""  # launcher "ray": a custom resource every rollout worker asks one unit of (nodes started with `--resources '{"NAME": k}'` run k of them); "" = any node
+    score_resource: str = (
+        ""  # launcher "ray": the same for score workers, e.g. "teacher" for the nodes that hold the teacher
+    )
+    train_resource: str = ""  # launcher "ray": the same for the learner (one unit per learner node)
+    train_nodes: int = 1  # launcher "ray": machines the learner spans, each with `train_devices` (a placement group, one bundle per node; torchrun's c10d rendezvous at the first)
+    ray_max_retries: int = 3  # launcher "ray": times a stage task whose process was killed or whose node died is started again (it resumes its missing shards)
 
     def __post_init__(self):
         _require(bool(self.student), "run.student", self.student, "a model path or `opd:`/`tiny:` name is required")
@@ -72,6 +81,17 @@ class RunConfig:
                 'must be "" or a comma-separated list of GPU indices or "cpu", e.g. "0,1"',
             )
         _choice("run.overlap", self.overlap, ("auto", "on", "off"))
+        _choice("run.launcher", self.launcher, ("local", "ray"))
+        _require(self.train_nodes >= 1, "run.train_nodes", self.train_nodes, "must be >= 1")
+        _require(self.ray_max_retries >= 0, "run.ray_max_retries", self.ray_max_retries, "must be >= 0")
+        for key in ("rollout_resource", "score_resource", "train_resource"):
+            value = getattr(self, key)
+            _require(
+                value == "" or value.replace("_", "").replace("-", "").isalnum(),
+                f"run.{key}",
+                value,
+                "must be a Ray resource name (letters, digits, _ and -) or empty",
+            )
 
 
 @dataclass(frozen=True, kw_only=True)

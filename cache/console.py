@@ -43,6 +43,8 @@ def bar(**kwargs):
     """A tqdm progress bar on the console (never in the log)."""
     from tqdm import tqdm
 
+    if os.environ.get("OPD_NO_BARS"):  # a Ray task: its console is a pipe back to `opd run`
+        kwargs["disable"] = True
     kwargs.setdefault("dynamic_ncols", True)
     kwargs.setdefault("mininterval", 0.5)
     return tqdm(file=_err or sys.stderr, **kwargs)
@@ -99,7 +101,8 @@ class quiet:
         _err = _console_copy(sys.stderr, 2)
         _log_path = self.path
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        os.write(fd, f"\n===== {time.strftime('%Y-%m-%d %H:%M:%S')} pid {os.getpid()} {self.header}\n".encode())
+        node = f" node {os.environ['OPD_NODE']}" if os.environ.get("OPD_NODE") else ""
+        os.write(fd, f"\n===== {time.strftime('%Y-%m-%d %H:%M:%S')} pid {os.getpid()}{node} {self.header}\n".encode())
         os.dup2(fd, 1)
         os.dup2(fd, 2)
         os.close(fd)

@@ -20,6 +20,8 @@ import json
 import os
 import posixpath
 import re
+import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Mapping
 
@@ -173,7 +175,7 @@ class RunDir:
         from opd.cache.fingerprint import opd_home
 
         sub = ["logs"] if round_index is None else ["rounds", f"{round_index:04d}", "logs"]
-        if isinstance(self.fs, pafs.LocalFileSystem):
+        if self.local:
             return os.path.join(self.root, *sub, f"{name}.log")
         return os.path.join(opd_home(), "logs", *self.root.strip("/").split("/"), *sub, f"{name}.log")
 
@@ -192,12 +194,23 @@ class RunDir:
         names = storage.listdir(self.fs, self.stage_dir(round_index, stage))
         return sorted(i for i in (shard_index(n) for n in names) if i is not None)
 
+    @property
+    def local(self) -> bool:
+        """A folder on this machine's filesystem (or a shared one mounted here), not an object store."""
+        return isinstance(self.fs, pafs.LocalFileSystem)
+
+    def metrics_records_dir(self, round_index: int) -> str:
+        """Object stores: RUN/rounds/R/metrics/, one object per record (no appends there)."""
+        return storage.join(self.round_dir(round_index), "metrics")
+
     def append_metrics(self, round_index: int, record: Mapping[str, Any]) -> None:
-        """Append one JSON line. Locally: one O_APPEND write, so concurrent `--shard` workers never
-        lose or interleave lines. Object stores (no append): read-modify-rename, one writer at a time."""
-        path = self.metrics_path(round_index)
+        """Append one JSON record. Locally: one O_APPEND write to metrics.jsonl, so concurrent `--shard`
+        workers never lose or interleave lines. Object stores have no append and no locks, so each
+        record is its own object, rounds/R/metrics/<time ns>-<random>.json: no writer ever rewrites
+        another's."""
         line = json.dumps(dict(record), sort_keys=True).encode() + b"\n"
-        if isinstance(self.fs, pafs.LocalFileSystem):
+        if self.local:
+            path = self.metrics_path(round_index)
             storage.makedirs(self.fs, posixpath.dirname(path))
             fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
             try:
@@ -205,8 +218,56 @@ class RunDir:
             finally:
                 os.close(fd)
             return
-        old = storage.read_bytes(self.fs, path) if storage.exists(self.fs, path) else b""
-        storage.atomic_write_bytes(self.fs, path, old + line)
+        name = f"{time.time_ns():020d}-{uuid.uuid4().hex[:12]}.json"
+        storage.atomic_write_bytes(self.fs, storage.join(self.metrics_records_dir(round_index), name), line)
+
+    def read_metrics(self, round_index: int) -> list[dict]:
+        """The round's metrics records in the order written; a line that does not parse is skipped."""
+        if self.local:
+            path = self.metrics_path(round_index)
+            blobs = [storage.read_bytes(self.fs, path)] if storage.exists(self.fs, path) else []
+        else:
+            folder = self.metrics_records_dir(round_index)
+            names = [n for n in storage.listdir(self.fs, folder) if n.endswith(".json")]
+            blobs = [storage.read_bytes(self.fs, storage.join(folder, n)) for n in names]
+        out = []
+        for blob in blobs:
+            for line in blob.decode("utf-8", errors="replace").splitlines():
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(rec, dict):
+                    out.append(rec)
+        return out
+
+    def drop_metrics(self, round_index: int, stale) -> None:
+        """Remove the round's records for which `stale(record)` is true (a learner restarting its round)."""
+        if not self.local:
+            folder = self.metrics_records_dir(round_index)
+            for name in storage.listdir(self.fs, folder):
+                path = storage.join(folder, name)
+                try:
+                    rec = json.loads(storage.read_bytes(self.fs, path))
+                except ValueError:
+                    continue
+                if isinstance(rec, dict) and stale(rec):
+                    storage.remove(self.fs, path)
+            return
+        path = self.metrics_path(round_index)
+        if not storage.exists(self.fs, path):
+            return
+        lines = storage.read_bytes(self.fs, path).decode().splitlines(keepends=True)
+        kept = []
+        for line in lines:
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue  # a torn line cannot happen (atomic appends); skip it anyway
+            if not (isinstance(rec, dict) and stale(rec)):
+                kept.append(line)
+        if len(kept) != len(lines):
+            storage.atomic_write_bytes(self.fs, path, "".join(kept).encode())
 
 
 # ------------------------------------------------------------------------------------------ manifests

@@ -219,9 +219,13 @@ def evaluate_if_scored(cfg, run, round_index: int, summary: dict) -> dict | None
 @click.option("--from", "from_round", default=None, help="Re-train from another run's round (RUN/rounds/R).")
 @click.option("--out", default=None, help="With --from: the new run folder.")
 @click.option("--force", is_flag=True, help="Redo the stage even if its _DONE.json exists.")
+@click.option(
+    "--nnodes", type=int, default=1, help="Machines the learner spans (torchrun on each, one c10d rendezvous)."
+)
+@click.option("--rdzv-endpoint", default=None, help="With --nnodes > 1: HOST:PORT of the c10d rendezvous.")
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help=SET_HELP)
 @_user_errors
-def train(run_dir, round_index, devices, from_round, out, force, overrides):
+def train(run_dir, round_index, devices, from_round, out, force, nnodes, rdzv_endpoint, overrides):
     """Train round R's student from its rollouts and cached teacher scores into RUN_DIR/rounds/R/student/."""
     from opd.pipeline.launch import launch
 
@@ -230,7 +234,15 @@ def train(run_dir, round_index, devices, from_round, out, force, overrides):
         log_round = int(from_round.rstrip("/").rsplit("/", 1)[-1])
     with _stage_process(out or run_dir, log_round, "train") if run_dir or out else contextlib.nullcontext():
         summary = launch(
-            run_dir, round_index, devices=devices, from_round=from_round, out=out, force=force, overrides=overrides
+            run_dir,
+            round_index,
+            devices=devices,
+            from_round=from_round,
+            out=out,
+            force=force,
+            overrides=overrides,
+            nnodes=nnodes,
+            rdzv_endpoint=rdzv_endpoint,
         )
     click.echo(summary["line"])
 
@@ -318,6 +330,15 @@ def sweep(run_dir, round_index, grids, name, devices, shard, eval_mode, metric, 
     default=None,
     help="Rollout engine (default: rollout.engine).",
 )
+@click.option(
+    "--launcher",
+    type=click.Choice(["local", "ray"]),
+    default=None,
+    help="Where stage workers run: local processes, or Ray tasks on a cluster's nodes (default: run.launcher).",
+)
+@click.option(
+    "--ray-address", default=None, help="With --launcher ray: the cluster, HOST:PORT (default: run.ray_address)."
+)
 @click.option("--plot", default=None, help="Write the per-round curves to this PNG at the end.")
 @click.option(
     "--set",
@@ -328,19 +349,36 @@ def sweep(run_dir, round_index, grids, name, devices, shard, eval_mode, metric, 
 )
 @_user_errors
 def run_cmd(
-    run_dir, config_file, rounds, rollout_devices, score_devices, train_devices, overlap, engine, plot, overrides
+    run_dir,
+    config_file,
+    rounds,
+    rollout_devices,
+    score_devices,
+    train_devices,
+    overlap,
+    engine,
+    launcher,
+    ray_address,
+    plot,
+    overrides,
 ):
     """Run rounds of rollout → score → train, each stage a fresh process on its own devices.
 
     Resumes: finished stages are skipped, unfinished ones finish their missing shards. Evaluates the
-    held-out set ([eval]) every round and stops early on its reverse KL (eval.stop_*).
+    held-out set ([eval]) every round and stops early on its reverse KL (eval.stop_*). With
+    --launcher ray every stage worker is a Ray task on the node Ray picks (pools per node: run.*_resource).
     """
     _loop(
         run_dir,
         config_file,
         rounds,
         dict(
-            rollout_devices=rollout_devices, score_devices=score_devices, train_devices=train_devices, overlap=overlap
+            rollout_devices=rollout_devices,
+            score_devices=score_devices,
+            train_devices=train_devices,
+            overlap=overlap,
+            launcher=launcher,
+            ray_address=ray_address,
         ),
         engine,
         plot,

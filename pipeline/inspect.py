@@ -3,7 +3,7 @@
 Reads, for every round folder RUN/rounds/NNNN (nothing is written into the run):
     rollouts/_DONE.json, scores/_DONE.json, student/_DONE.json   manifests: the finished stages' summaries
     heldout/eval.json                                             the round's held-out figures (preferred)
-    metrics.jsonl                                                 per-invocation stage records, train steps,
+    metrics.jsonl (object stores: metrics/*.json)                 per-invocation stage records, train steps,
                                                                   "eval" records (fallback for eval.json)
 and RUN/opd.toml for the run's name. A round still being worked on shows nulls for what is not there yet,
 and a `status` naming the first unfinished stage. Lines of metrics.jsonl that do not parse (a process
@@ -92,7 +92,7 @@ def round_table(run_dir: str) -> pl.DataFrame:
 
 
 def _round_row(run: RunDir, r: int) -> list:
-    records = _read_metrics(run, run.metrics_path(r))
+    records = run.read_metrics(r)
     by_stage: dict[str, list[dict]] = {}
     for rec in records:
         by_stage.setdefault(rec.get("stage"), []).append(rec)
@@ -156,21 +156,6 @@ def _status(run: RunDir, r: int, rollouts, scores, student, by_stage: dict, ev: 
     if student is None:
         return "train"
     return "done"
-
-
-def _read_metrics(run: RunDir, path: str) -> list[dict]:
-    """The JSON objects of metrics.jsonl, in order; lines that do not parse are skipped (a killed writer)."""
-    if not storage.exists(run.fs, path):
-        return []
-    out = []
-    for line in storage.read_bytes(run.fs, path).decode("utf-8", errors="replace").splitlines():
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(rec, dict):
-            out.append(rec)
-    return out
 
 
 def _train_steps(records: list[dict]) -> list[dict]:

@@ -4,6 +4,7 @@ from another run's cache (`--from RUN/rounds/R --out NEWRUN`).
     opd train RUN --round 0 --devices 0,1          # torchrun: 2 processes, one GPU each (NCCL)
     opd train RUN --round 0 --devices cpu,cpu      # 2 CPU processes (gloo): tests and small runs
     opd train --from RUN/rounds/0 --out NEWRUN --set train.beta=0.5   # re-train from the cache, no teacher
+    opd train RUN --round 0 --devices 0,1 --nnodes 2 --rdzv-endpoint HOST:29400   # on each of 2 machines
 
 Re-run from cache: NEWRUN/opd.toml is written by `opd init`'s machinery from RUN's config plus the --set
 overrides; the round's rollouts and scores (and, for R > 0, the round R-1 student they were sampled
@@ -14,6 +15,7 @@ modified in place, so links are safe. The teacher is never resolved nor loaded.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -28,7 +30,7 @@ from opd.cache.config import load_run_config
 from opd.cache.errors import OpdError
 from opd.cache.rundir import MANIFEST, RunDir, clear_stage, read_manifest
 from opd.pipeline.init import init_run
-from opd.pipeline.loop import die_with_parent
+from opd.pipeline.launchers import die_with_parent
 from opd.stages import train
 from opd.stages.students import start_student
 from opd.stages.train_data import RoundData
@@ -43,9 +45,16 @@ def launch(
     out: str | None = None,
     force: bool = False,
     overrides=(),
+    nnodes: int = 1,
+    rdzv_endpoint: str | None = None,
 ) -> dict[str, Any]:
     """`opd train`: re-run from a cache (--from/--out) if asked, then train in this process (no or one
-    device) or under torchrun (several devices: "0,1" GPUs, "cpu,cpu" CPU processes)."""
+    device) or under torchrun (several devices: "0,1" GPUs, "cpu,cpu" CPU processes; with `nnodes` > 1
+    one torchrun per machine, all meeting at the c10d rendezvous `rdzv_endpoint`)."""
+    if nnodes < 1:
+        raise OpdError(f"--nnodes {nnodes} is invalid: must be >= 1")
+    if (nnodes > 1) != (rdzv_endpoint is not None):
+        raise OpdError("--nnodes N > 1 and --rdzv-endpoint HOST:PORT go together (the rendezvous all machines meet at)")
     overrides = list(overrides)
     if from_round is not None:
         if out is None:
@@ -62,10 +71,10 @@ def launch(
     if kind == "cpu":
         overrides.append("train.device=cpu")
     elif kind == "cuda":
-        overrides.append(f"train.device=cuda:{ids[0]}" if len(ids) == 1 else "train.device=cuda")
+        overrides.append(f"train.device=cuda:{ids[0]}" if len(ids) == 1 and nnodes == 1 else "train.device=cuda")
     rd = RunDir(run_dir)
     cfg = load_run_config(rd, overrides)
-    if len(ids) <= 1:
+    if len(ids) <= 1 and nnodes == 1:
         return train.run(cfg, rd, round_index, force=force)
 
     with start_student(cfg, rd, round_index) as start:  # one-line errors before spawning
@@ -77,9 +86,14 @@ def launch(
         sys.executable,
         "-m",
         "torch.distributed.run",
-        "--standalone",
+        *(
+            ["--standalone"]
+            if nnodes == 1
+            else ["--nnodes", str(nnodes), "--rdzv-backend", "c10d", "--rdzv-endpoint", rdzv_endpoint]
+            + ["--rdzv-id", f"opd-{round_index}-{hashlib.sha256(rd.url.encode()).hexdigest()[:12]}"]
+        ),
         "--nproc-per-node",
-        str(len(ids)),
+        str(max(1, len(ids))),
         "-m",
         "opd.stages.train",
         rd.url,
@@ -92,7 +106,9 @@ def launch(
     status = subprocess.run(cmd, env=env, preexec_fn=die_with_parent).returncode
     if status != 0:
         where = f" (its messages: {console.log_path()})" if console.log_path() else " (its messages are above)"
-        raise OpdError(f"torchrun with {len(ids)} processes exited with status {status}{where}")
+        raise OpdError(
+            f"torchrun with {max(1, len(ids))} process(es) on this machine exited with status {status}{where}"
+        )
     student_dir = rd.stage_dir(round_index, train.STAGE)
     done = read_manifest(rd, student_dir)
     if done is None:

@@ -32,21 +32,15 @@ pool in consecutive groups of t, one worker per group ("0,1,2,3" with t = 2: wor
 
 from __future__ import annotations
 
-import ctypes
 import os
-import signal
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from typing import Any
 
-from opd.cache import console
 from opd.cache.config import OpdConfig
 from opd.cache.errors import OpdError
 from opd.cache.rundir import RunDir, choose_splits, read_manifest, split_folder
-
-_PR_SET_PDEATHSIG = 1
+from opd.pipeline.launchers import Job, Worker, make_launcher
 
 
 @dataclass(frozen=True)
@@ -111,6 +105,8 @@ def run(
     overlap: str | None = None,
     overrides: tuple[str, ...] | list[str] = (),
     engine: str | None = None,
+    launcher: str | None = None,
+    ray_address: str | None = None,
     echo=print,
 ) -> dict[str, Any]:
     """Run rounds 0..N-1 (resuming what is finished); returns {"rounds_trained", "stopped", "evals", "line"}."""
@@ -129,8 +125,20 @@ def run(
     mode = overlap or cfg.run.overlap
     follow = mode == "on" or (mode == "auto" and _overlap_pays(pools["rollout"], pools["score"]))
     common = [x for o in overrides for x in ("--set", o)]
+    kind = launcher or cfg.run.launcher
+    if cfg.run.train_nodes > 1 and kind != "ray":
+        raise OpdError(f"run.train_nodes = {cfg.run.train_nodes} needs the Ray launcher (--launcher ray)")
     _materialise_models(cfg, echo)
-    ctx = _Ctx(run, pools, common, engine, echo, cfg.eval.enabled)
+    launch = make_launcher(
+        kind, ray_address if ray_address is not None else cfg.run.ray_address, cfg.run.ray_max_retries, echo
+    )
+    try:
+        return _rounds(cfg, run, n, _Ctx(run, pools, common, engine, echo, cfg, launch), follow, echo)
+    finally:
+        launch.close()
+
+
+def _rounds(cfg: OpdConfig, run: RunDir, n: int, ctx: "_Ctx", follow: bool, echo) -> dict[str, Any]:
     evals: dict[int, dict] = {}
     stopped = ""
     trained = 0
@@ -219,12 +227,12 @@ def _read_eval(run: RunDir, r: int) -> dict | None:
 
 
 class _Ctx:
-    """Launches the stage processes of one `opd run`."""
+    """Starts the stage workers of one `opd run` through its launcher (local processes or Ray tasks)."""
 
-    def __init__(self, run: RunDir, pools: dict[str, Pool], common: list[str], engine: str | None, echo, heldout: bool):
+    def __init__(self, run: RunDir, pools: dict[str, Pool], common: list[str], engine, echo, cfg: OpdConfig, launcher):
         self.run, self.pools, self.common, self.engine, self.echo = run, pools, common, engine, echo
-        self.heldout = heldout
-        self.cli = [sys.executable, "-m", "opd.pipeline.cli"]
+        self.heldout = cfg.eval.enabled
+        self.cfg, self.launcher = cfg, launcher
 
     def _done(self, r: int, folders: list[str]) -> bool:
         return all(read_manifest(self.run, self.run.stage_dir(r, f)) is not None for f in folders)
@@ -234,12 +242,13 @@ class _Ctx:
         rollout_done = self._done(r, [split_folder(sp, "rollouts") for sp in splits])
         score_done = self._done(r, [split_folder(sp, "scores") for sp in splits])
         rollout = self._workers(
+            r,
             "rollout",
             ["rollout", self.run.url, "--round", str(r), "--split", split]
             + (["--engine", self.engine] if self.engine else []),
         )
         score = self._workers(
-            "score", ["score", self.run.url, "--round", str(r), "--split", split] + (["--follow"] if follow else [])
+            r, "score", ["score", self.run.url, "--round", str(r), "--split", split] + (["--follow"] if follow else [])
         )
         if rollout_done and score_done:
             self.echo(f"[opd run] round {r}: rollout and score already done")
@@ -257,87 +266,86 @@ class _Ctx:
             self.echo(f"[opd run] round {r}: train already done")
             return
         pool = self.pools["train"]
-        cmd = ["train", self.run.url, "--round", str(r)]
-        if pool.devices:
-            cmd += ["--devices", ",".join(pool.devices)]
-        self._launch(r, {"train": [(cmd, pool.env() if pool.kind != "cuda" else dict(os.environ))]})
+        args = ["train", self.run.url, "--round", str(r)]
+        ray = self.launcher.name == "ray"
+        if pool.devices and not (ray and pool.kind == "cuda"):  # on Ray the task names the GPUs it was given
+            args += ["--devices", ",".join(pool.devices)]
+        env = pool.env() if pool.kind != "cuda" else dict(os.environ)
+        worker = Worker(
+            "train",
+            "train",
+            args,
+            env,
+            gpus=len(pool.devices) if pool.kind == "cuda" else 0,
+            resource=self.cfg.run.train_resource,
+            nodes=self.cfg.run.train_nodes,
+            log_name="train",
+            round_index=r,
+        )
+        self._launch(r, {"train": [worker]})
 
-    def _workers(self, stage: str, cmd: list[str]) -> list[tuple[list[str], dict]]:
+    def _workers(self, r: int, stage: str, args: list[str]) -> list[Worker]:
         pool = self.pools[stage]
         extra = ["--device", "cpu"] if stage == "score" and pool.kind == "cpu" else []
-        if pool.workers == 1:
-            return [(cmd + extra, pool.env(0 if pool.kind == "cuda" else None))]
+        resource = getattr(self.cfg.run, f"{stage}_resource")
         n = pool.workers
-        return [(cmd + extra + ["--shard", f"{i}/{n}"], pool.env(i)) for i in range(n)]
+        out = []
+        for i in range(n):
+            shard = ["--shard", f"{i}/{n}"] if n > 1 else []
+            gpus = len(pool.devices[i].split(",")) if pool.kind == "cuda" else 0
+            env = pool.env(i if pool.kind == "cuda" or n > 1 else None)
+            label = f"{stage} {i}/{n}" if n > 1 else stage
+            name = f"{stage}-{i}of{n}" if n > 1 else stage
+            out.append(Worker(stage, label, args + extra + shard, env, gpus, resource, 1, name, r))
+        return out
 
-    def _launch(self, r: int, groups: dict[str, list[tuple[list[str], dict]]]) -> None:
-        """Start every process of `groups` (stage → worker commands) together; wait for all; on the first
-        failure stop the rest and raise. One "loop" metrics line per stage."""
+    def _launch(self, r: int, groups: dict[str, list[Worker]]) -> None:
+        """Start every worker of `groups` (stage → workers) together; wait for all; on the first failure
+        stop the rest and raise. One "loop" metrics line per stage, with the node of each worker."""
         t0 = time.perf_counter()
-        procs: list[tuple[str, subprocess.Popen]] = []
+        jobs: list[Job] = []
         try:
             for stage, workers in groups.items():
-                for cmd, env in workers:
-                    self.echo(f"[opd run] round {r}: opd {' '.join(cmd[:1] + cmd[2:])}")
-                    out, err = console.streams()
-                    procs.append(
-                        (
-                            stage,
-                            subprocess.Popen(
-                                self.cli + cmd + self.common,
-                                env=env,
-                                stdout=out,
-                                stderr=err,
-                                preexec_fn=die_with_parent,
-                            ),
-                        )
-                    )
+                for w in workers:
+                    self.echo(f"[opd run] round {r}: opd {' '.join(w.args[:1] + w.args[2:])}")
+                    jobs += self.launcher.start(w, self.common)
             ended: dict[str, float] = {}
-            pending = list(procs)
+            pending = list(jobs)
             while pending:
-                for item in list(pending):
-                    stage, p = item
-                    code = p.poll()
+                self.launcher.drain()
+                for job in list(pending):
+                    code = job.poll()
                     if code is None:
                         continue
-                    pending.remove(item)
+                    pending.remove(job)
                     if code != 0:
+                        self.launcher.drain()
+                        stage = job.worker.stage
+                        where = f" on node {job.node}" if job.node not in ("local", "?") else ""
+                        why = f": {job.error}" if job.error else ""
                         raise OpdError(
-                            f"round {r}: `opd {stage}` exited with status {code} (its error is above; "
-                            f"logs in {os.path.dirname(self.run.log_path(r, stage))}/); "
+                            f"round {r}: `opd {job.worker.label}` exited with status {code}{where}{why} (its error "
+                            f"is above; logs in {os.path.dirname(self.run.log_path(r, stage))}/); "
                             f"fix it and run `opd run {self.run.url}` again to resume"
                         )
-                    if all(q.poll() is not None for s, q in procs if s == stage):
+                    stage = job.worker.stage
+                    if all(j.poll() is not None for j in jobs if j.worker.stage == stage):
                         ended.setdefault(stage, time.perf_counter() - t0)
                 time.sleep(0.2)
         finally:
-            for _, p in procs:
-                if p.poll() is None:
-                    p.terminate()
-            for _, p in procs:
-                try:
-                    p.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    p.kill()
+            for job in jobs:
+                job.stop()
+            for job in jobs:
+                job.wait_stopped()
         for stage, wall in ended.items():
-            self.run.append_metrics(
-                r,
-                {
-                    "stage": "loop",
-                    "step": stage,
-                    "round": r,
-                    "wall_s": round(wall, 3),
-                    "workers": len(groups[stage]),
-                    "time": time.time(),
-                },
-            )
-
-
-def die_with_parent() -> None:
-    """In the child before exec: get SIGKILL when the loop process dies (Linux), so a killed `opd run`
-    never leaves a stage writing into the run behind it."""
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except OSError:
-        pass
+            record = {
+                "stage": "loop",
+                "step": stage,
+                "round": r,
+                "wall_s": round(wall, 3),
+                "workers": len(groups[stage]),
+                "launcher": self.launcher.name,
+                "nodes": [j.node for j in jobs if j.worker.stage == stage],
+                "time": time.time(),
+            }
+            self.run.append_metrics(r, record)

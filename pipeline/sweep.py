@@ -48,7 +48,8 @@ from opd.cache.rundir import MANIFEST, RunDir, ShardSpec, read_manifest, split_f
 from opd.pipeline import sweep_table
 from opd.pipeline.evaluate import evaluate, read_eval
 from opd.pipeline.launch import from_cache
-from opd.pipeline.loop import Pool, die_with_parent
+from opd.pipeline.launchers import die_with_parent
+from opd.pipeline.loop import Pool
 from opd.pipeline.sweep_eval import cache_figures
 from opd.pipeline.sweep_table import CACHE_EVAL_FILE, RESULTS_FILE, SWEEP_FILE, SWEEP_FORMAT, SWEEP_VERSION, read_json
 from opd.stages import train

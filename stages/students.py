@@ -5,29 +5,29 @@ demand); round R > 0 from RUN/rounds/R-1/student/, once its `_DONE.json` says it
 folder is an HF checkpoint, or a PEFT LoRA adapter (adapter_config.json) whose base is the checkpoint
 it records (`base_model_name_or_path`) where that exists, else `run.student`.
 
-On an object-store run directory the round's student is downloaded into a temporary folder for the
-duration of the `with` block (`files="tokenizer"`: only the tokenizer and config files, which is all
-the score stage needs).
+On an object-store run directory the round's student is downloaded once per machine into
+$OPD_HOME/students/<its manifest's digest>/, every file checked against `_DONE.json` (vLLM and the
+learner load local folders). `files="tokenizer"` (the score stage) reads only the tokenizer and config
+files into a temporary folder when no cached copy exists.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-import pyarrow.fs as pafs
-
 from opd.cache import quant, storage
 from opd.cache.config import OpdConfig
-from opd.cache.errors import OpdError
-from opd.cache.fingerprint import TOKENIZER_FILES
+from opd.cache.errors import FormatError, OpdError
+from opd.cache.fingerprint import TOKENIZER_FILES, opd_home
 from opd.cache.models import resolve_model
-from opd.cache.rundir import RunDir, previous_student
+from opd.cache.rundir import MANIFEST, RunDir, previous_student, read_manifest
 
 
 @dataclass(frozen=True)
@@ -70,21 +70,67 @@ def start_student(cfg: OpdConfig, run: RunDir, round_index: int, files: str = "a
         yield _describe(Path(resolve_model(cfg.run.student, cfg.run.models_dir or None)), cfg, cfg.run.student)
         return
     folder = previous_student(run, round_index)
-    if isinstance(run.fs, pafs.LocalFileSystem):
+    if run.local:
         yield _describe(Path(folder), cfg, folder)
+        return
+    cached = cached_student(run, folder)
+    if cached is not None or files != "tokenizer":
+        yield _describe(cached or download_student(run, folder), cfg, folder)
         return
     tmp = Path(tempfile.mkdtemp(prefix="opd-start-student-"))
     try:
-        if files == "tokenizer":
-            for name in TOKENIZER_FILES + ("config.json", "adapter_config.json", quant.QUANT_FILE):
-                src = storage.join(folder, name)
-                if storage.exists(run.fs, src):
-                    (tmp / name).write_bytes(storage.read_bytes(run.fs, src))
-        else:
-            pafs.copy_files(folder, str(tmp), source_filesystem=run.fs, destination_filesystem=storage.LOCAL)
+        for name in TOKENIZER_FILES + ("config.json", "adapter_config.json", quant.QUANT_FILE):
+            src = storage.join(folder, name)
+            if storage.exists(run.fs, src):
+                (tmp / name).write_bytes(storage.read_bytes(run.fs, src))
         yield _describe(tmp, cfg, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _cache_dir(run: RunDir, folder: str) -> Path:
+    """$OPD_HOME/students/<digest of the student's _DONE.json>: a student's files are named by its
+    manifest, so a cached copy is never stale and two runs' students never collide."""
+    manifest = read_manifest(run, folder)
+    return opd_home() / "students" / manifest.digest()[:32]
+
+
+def cached_student(run: RunDir, folder: str) -> Path | None:
+    """The local copy of an object-store student folder, if this machine has one."""
+    path = _cache_dir(run, folder)
+    return path if path.is_dir() else None
+
+
+def download_student(run: RunDir, folder: str) -> Path:
+    """Download an object-store student into the local cache: every file its manifest lists, each
+    checked against the manifest's sha256 (a changed object is a one-line error), into a temporary
+    folder renamed into place, so concurrent stages on one machine and a killed download are safe."""
+    manifest = read_manifest(run, folder)
+    dst = _cache_dir(run, folder)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{storage.TMP_PREFIX}{dst.name}-", dir=dst.parent))
+    try:
+        for entry in manifest.shards:
+            src = storage.join(folder, entry.name)
+            if not storage.exists(run.fs, src):
+                raise FormatError(f"{src}: listed in {MANIFEST} but missing; re-run the train stage with --force")
+            out = tmp / entry.name
+            out.parent.mkdir(parents=True, exist_ok=True)
+            with run.fs.open_input_stream(src) as f, open(out, "wb") as g:
+                shutil.copyfileobj(f, g, 1 << 22)
+            digest, size = storage.sha256_file(storage.LOCAL, str(out))
+            if digest != entry.sha256 or size != entry.bytes:
+                raise FormatError(
+                    f"{src}: checksum differs from {MANIFEST} (corrupt or replaced); re-run the train stage with --force"
+                )
+        try:
+            os.replace(tmp, dst)
+        except OSError:  # another process on this machine finished the same download first
+            if not dst.is_dir():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dst
 
 
 def _describe(folder: Path, cfg: OpdConfig, label: str) -> StartStudent:

@@ -13,7 +13,6 @@ Per logged step (one JSON line in RUN/rounds/R/metrics.jsonl, `"stage": "train"`
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from dataclasses import dataclass
@@ -22,7 +21,6 @@ from typing import Any
 import pyarrow.fs as pafs
 import torch
 
-from opd.cache import storage
 from opd.cache.config import TrainConfig
 from opd.cache.errors import OpdError
 from opd.cache.rundir import RunDir
@@ -132,25 +130,12 @@ def trim_metrics(run: RunDir, round_index: int, keep_steps: int) -> None:
     """Drop the round's train lines that the run starting now replaces: steps after the checkpoint it
     resumes from (a killed learner may have logged some), or all of them (and an old summary) when
     it starts from scratch. Other stages' lines stay."""
-    path = run.metrics_path(round_index)
-    if not storage.exists(run.fs, path):
-        return
-    lines = storage.read_bytes(run.fs, path).decode().splitlines(keepends=True)
-    kept = []
-    for line in lines:
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue  # a torn line cannot happen (atomic appends); skip it anyway
-        stale = (
-            isinstance(rec, dict)
-            and rec.get("stage") == "train"
-            and (rec.get("final") or ("step" in rec and rec["step"] > keep_steps))
-        )
-        if not stale:
-            kept.append(line)
-    if len(kept) != len(lines):
-        storage.atomic_write_bytes(run.fs, path, "".join(kept).encode())
+    run.drop_metrics(
+        round_index,
+        lambda rec: (
+            rec.get("stage") == "train" and bool(rec.get("final") or ("step" in rec and rec["step"] > keep_steps))
+        ),
+    )
 
 
 class TensorBoard:

@@ -95,7 +95,7 @@ class RayLauncher:
             raise OpdError(f"cannot join the Ray cluster at {address or '$RAY_ADDRESS'} ({first})") from None
         self.address = info.address_info.get("gcs_address", address)
         self.queue = Queue(actor_options={"num_cpus": 0})
-        self.groups: list = []
+        self.groups: dict[int, object] = {}  # the learner's placement group, per worker, while it runs
         nodes = [n for n in ray.nodes() if n.get("Alive")]
         echo(f"[opd run] Ray cluster at {self.address}: {len(nodes)} node(s), {_totals(nodes)}")
 
@@ -125,7 +125,7 @@ class RayLauncher:
                 f"the Ray cluster has no {worker.nodes} distinct nodes with {bundle} each for the learner "
                 "(run.train_nodes, --train-devices, run.train_resource)"
             )
-        self.groups.append(pg)
+        self.groups[id(worker)] = pg
 
         def on(i):
             return PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i)
@@ -144,14 +144,18 @@ class RayLauncher:
             for label, node, line in self.queue.get_nowait_batch(n):
                 console.say(f"({label} @ {node}) {line}")
 
-    def close(self) -> None:
+    def finish(self, jobs: list[Job]) -> None:
+        """The stage's jobs ended: give back a learner's placement group (the next round needs it)."""
         from ray.util.placement_group import remove_placement_group
 
+        for job in jobs:
+            pg = self.groups.pop(id(job.worker), None)
+            if pg is not None:
+                remove_placement_group(pg)
+
+    def close(self) -> None:
         time.sleep(0.2)
         self.drain()
-        for pg in self.groups:
-            remove_placement_group(pg)
-        self.groups.clear()
 
 
 class _RayHandle:

@@ -96,6 +96,9 @@ class LocalLauncher:
     def drain(self) -> None:
         """Console lines of remote workers (none here: children write to the console themselves)."""
 
+    def finish(self, jobs: list[Job]) -> None:
+        """What a stage's jobs held, given back once they ended (nothing here)."""
+
     def close(self) -> None:
         pass
 

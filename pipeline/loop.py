@@ -337,6 +337,7 @@ class _Ctx:
                 job.stop()
             for job in jobs:
                 job.wait_stopped()
+            self.launcher.finish(jobs)
         for stage, wall in ended.items():
             record = {
                 "stage": "loop",

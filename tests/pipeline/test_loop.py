@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from click.testing import CliRunner
+from loop_helpers import CLI, KILL_SETTINGS, STAGE_FOLDERS, layout, opd_run, stage_processes, tiny_settings, wait_for
 from safetensors.torch import load_file
 
 from opd.cache import fingerprint, quant
@@ -26,31 +25,6 @@ from opd.cache.shards import ScoreShard, read_rollout_shard
 from opd.pipeline.cli import main as cli_main
 from opd.pipeline.evaluate import gsm8k_answer, gsm8k_correct, read_eval
 from opd.pipeline.loop import Pool, _stop_reason
-
-CLI = [sys.executable, "-m", "opd.pipeline.cli"]
-STAGE_FOLDERS = ("rollouts", "scores", "heldout/rollouts", "heldout/scores")
-
-
-def tiny_settings(teacher, student, **extra) -> list[str]:
-    """--set arguments: the tiny preset on the session's tiny models (no model building per process)."""
-    settings = {"run.teacher": f'"{teacher}"', "run.student": f'"{student}"', **extra}
-    return [x for k, v in settings.items() for x in ("--set", f"{k}={v}")]
-
-
-def opd_run(run_dir, *args, env=None, timeout=600) -> subprocess.CompletedProcess:
-    return subprocess.run(CLI + ["run", str(run_dir), *args], capture_output=True, text=True, timeout=timeout, env=env)
-
-
-def layout(run: RunDir, rounds: list[int]) -> dict:
-    """{(round, folder): {shard name: rows}} from the manifests, which must all exist."""
-    out = {}
-    for r in rounds:
-        for folder in STAGE_FOLDERS:
-            m = read_manifest(run, run.stage_dir(r, folder))
-            if m is not None:
-                out[(r, folder)] = {s.name: s.rows for s in m.shards}
-    return out
-
 
 # ------------------------------------------------------------------------------------------ units
 
@@ -151,13 +125,13 @@ def test_two_real_int4_rounds_with_vllm_killed_in_train(tmp_path, tiny_teacher, 
     ]
     latest = Path(run.round_dir(0)) / "train_ckpt" / "latest.json"
     proc = subprocess.Popen(CLI + ["run", str(run_dir), *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _wait_for(latest.exists, proc, "round 0's first in-round checkpoint")
+    wait_for(latest.exists, proc, "round 0's first in-round checkpoint")
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     deadline = time.time() + 20
-    while _stage_processes(run_dir) and time.time() < deadline:
+    while stage_processes(run_dir) and time.time() < deadline:
         time.sleep(0.1)
-    assert not _stage_processes(run_dir), "stage processes outlived the killed loop"
+    assert not stage_processes(run_dir), "stage processes outlived the killed loop"
     assert read_manifest(run, run.stage_dir(0, "student")) is None, "train had finished before the kill"
     res = opd_run(run_dir, *args[2:], "--plot", str(tmp_path / "c.png"))
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
@@ -244,42 +218,6 @@ def test_two_real_int4_rounds_with_vllm_killed_in_train(tmp_path, tiny_teacher, 
         assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6, name
 
 
-@pytest.fixture(scope="module")
-def reference_run(tmp_path_factory, tiny_teacher, tiny_student):
-    """One uninterrupted round + final evaluation, with every pool split in two on CPU: 2 rollout
-    workers, 2 score workers following them (overlap on), 2 gloo learners under torchrun."""
-    run_dir = tmp_path_factory.mktemp("loop") / "reference"
-    res = opd_run(
-        run_dir,
-        "--config",
-        "tiny",
-        "--rounds",
-        "1",
-        "--engine",
-        "transformers",
-        "--rollout-devices",
-        "cpu,cpu",
-        "--score-devices",
-        "cpu,cpu",
-        "--train-devices",
-        "cpu,cpu",
-        "--overlap",
-        "on",
-        *tiny_settings(tiny_teacher, tiny_student, **KILL_SETTINGS),
-    )
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    return RunDir(str(run_dir)), res
-
-
-KILL_SETTINGS = {
-    "rollout.max_prompts": 24,
-    "rollout.prompts_per_shard": 2,
-    "rollout.max_new_tokens": 32,
-    "train.max_tokens_per_batch": 128,
-    "eval.max_prompts": 4,
-}
-
-
 def test_pools_overlap_and_workers(reference_run):
     run, res = reference_run
     records = [json.loads(x) for x in Path(run.metrics_path(0)).read_text().splitlines()]
@@ -294,31 +232,6 @@ def test_pools_overlap_and_workers(reference_run):
     loop = {x["step"]: x for x in records if x["stage"] == "loop"}
     assert loop["rollout"]["workers"] == 2 and loop["score"]["workers"] == 2 and loop["train"]["workers"] == 1
     assert read_eval(run, 0)["samples"] == 4 and read_eval(run, 1)["samples"] == 4  # before and after training
-
-
-def _wait_for(predicate, proc, what, timeout=240):
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        if predicate():
-            return
-        if proc.poll() is not None:
-            raise AssertionError(f"opd run ended (status {proc.returncode}) before {what}")
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def _stage_processes(run_dir) -> list[int]:
-    """Live processes working on this run (stage children left behind would show up here)."""
-    pids = []
-    for p in Path("/proc").iterdir():
-        if p.name.isdigit() and int(p.name) != os.getpid():
-            try:
-                cmd = (p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
-            if str(run_dir) in cmd and "opd.pipeline.cli" in cmd:
-                pids.append(int(p.name))
-    return pids
 
 
 def test_sigkill_during_each_stage_resumes_to_the_same_run(tmp_path, reference_run, tiny_teacher, tiny_student):
@@ -351,14 +264,14 @@ def test_sigkill_during_each_stage_resumes_to_the_same_run(tmp_path, reference_r
         proc = subprocess.Popen(
             CLI + ["run", str(run_dir), *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
-        _wait_for(ready, proc, f"the {stage} stage to be under way")
+        wait_for(ready, proc, f"the {stage} stage to be under way")
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         assert read_manifest(run, run.stage_dir(0, folder)) is None, f"{stage} had finished before the kill"
         deadline = time.time() + 20
-        while _stage_processes(run_dir) and time.time() < deadline:
+        while stage_processes(run_dir) and time.time() < deadline:
             time.sleep(0.1)
-        assert not _stage_processes(run_dir), f"stage processes outlived the killed loop ({stage})"
+        assert not stage_processes(run_dir), f"stage processes outlived the killed loop ({stage})"
     res = opd_run(run_dir, *args[2:])  # resume (the config is in RUN/opd.toml now)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert layout(run, [0, 1]) == layout(ref, [0, 1])

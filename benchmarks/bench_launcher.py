@@ -76,10 +76,10 @@ def main() -> None:
     env = machine()
     records = {}
 
-    def case(name: str, url: str, extra: list[str], **more) -> None:
+    def case(name: str, url: str, extra: list[str], after=dict, **more) -> None:
         wall = opd_run(url, settings, extra, rounds)
         rec = {"case": name, "wall_s": round(wall, 2), "stage_s": stage_seconds(url, rounds), "rounds": rounds}
-        rec.update(more, smoke=args.smoke, **env)
+        rec.update(more, **after(), smoke=args.smoke, **env)
         records.setdefault(name, []).append(rec)
         print(json.dumps(rec), flush=True)
 

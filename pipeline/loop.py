@@ -2,7 +2,8 @@
 fresh processes on its own device pool, and evaluates the held-out set each round.
 
 Reads / writes only what the stages do (the run directory); the loop adds one `"stage": "loop"` line
-per stage it launched to RUN/rounds/R/metrics.jsonl (wall time including process start).
+per stage it launched to RUN/rounds/R/metrics.jsonl (wall time including process start, the launcher,
+the node of every worker).
 
     opd run RUN --rounds 3 --rollout-devices 0 --score-devices 1,2 --train-devices 3,4,5,6
 
@@ -19,7 +20,8 @@ Per round R:
 After the last round (eval.final) the final student is evaluated: held-out rollout + score of round N.
 
 Each stage is a fresh process, so GPU memory is freed between stages and a crash in one is contained.
-Children die with the loop (Linux PR_SET_PDEATHSIG), so a killed loop leaves no orphan writing into the
+Where the workers run is the launcher's business (launchers.py: local processes, or Ray tasks on any
+node of a cluster with `--launcher ray`); this file decides only what runs when. Children die with the loop (Linux PR_SET_PDEATHSIG), so a killed loop leaves no orphan writing into the
 run. Resume: the loop skips a stage whose `_DONE.json` files exist; an unfinished stage is started again
 and finishes its missing shards only (the stages' own resume rule). A stage finished under another
 config is not re-checked by the loop (the stage itself refuses it when run by hand; use --force there).
@@ -123,9 +125,10 @@ def run(
         "train": Pool.parse(train_devices if train_devices is not None else cfg.run.train_devices, "--train-devices"),
     }
     mode = overlap or cfg.run.overlap
-    follow = mode == "on" or (mode == "auto" and _overlap_pays(pools["rollout"], pools["score"]))
-    common = [x for o in overrides for x in ("--set", o)]
     kind = launcher or cfg.run.launcher
+    # on Ray every task holds GPUs of its own (a score task waits for free ones), so overlap always pays
+    follow = mode == "on" or (mode == "auto" and (kind == "ray" or _overlap_pays(pools["rollout"], pools["score"])))
+    common = [x for o in overrides for x in ("--set", o)]
     if cfg.run.train_nodes > 1 and kind != "ray":
         raise OpdError(f"run.train_nodes = {cfg.run.train_nodes} needs the Ray launcher (--launcher ray)")
     _materialise_models(cfg, echo)

@@ -91,6 +91,16 @@ def test_bad_arguments_are_one_line_errors(tmp_path):
     res = opd_run(tmp_path / "m", "--config", "tiny", "--set", f"run.student={tmp_path / 'missing'}")
     assert res.returncode == 1 and "missing' not found" in res.stderr and res.stderr.strip().count("\n") == 0
     assert not (tmp_path / "m" / "rounds").exists()  # failed before any stage started
+    for i, (setting, message) in enumerate(
+        [
+            ("run.train_nodes=2", "run.train_nodes = 2 needs the Ray launcher"),
+            ('run.launcher="slurm"', "run.launcher"),
+            ('run.score_resource="a b"', "run.score_resource"),
+            ("run.ray_max_retries=-1", "run.ray_max_retries"),
+        ]
+    ):
+        res = opd_run(tmp_path / f"l{i}", "--config", "tiny", "--set", setting)
+        assert res.returncode == 1 and message in res.stderr and res.stderr.strip().count("\n") == 0, res.stderr
 
 
 # ------------------------------------------------------------------------------------------ real loops

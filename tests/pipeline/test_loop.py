@@ -56,19 +56,22 @@ def test_device_pools():
 
 def test_tensor_parallel_score_workers_get_groups_of_gpus(tmp_path):
     """score.tensor_parallel_size = 2 on --score-devices 0,1,2,3: two `--shard i/2` workers on "0,1", "2,3"."""
+    from opd.pipeline.launchers import LocalLauncher
     from opd.pipeline.loop import _Ctx
 
     pool = Pool.parse("0,1,2,3", "--score-devices").grouped(2, "--score-devices")
     assert pool.workers == 2 and pool.gpus() == {"0", "1", "2", "3"}
-    ctx = _Ctx(RunDir(tmp_path / "run"), {"score": pool}, [], None, print, False)
-    workers = ctx._workers("score", ["score", "RUN"])
-    assert [cmd[-1] for cmd, _ in workers] == ["0/2", "1/2"]
-    assert [env["CUDA_VISIBLE_DEVICES"] for _, env in workers] == ["0,1", "2,3"]
+    cfg, local = load_config("tiny"), LocalLauncher()
+    ctx = _Ctx(RunDir(tmp_path / "run"), {"score": pool}, [], None, print, cfg, local)
+    workers = ctx._workers(0, "score", ["score", "RUN"])
+    assert [w.args[-1] for w in workers] == ["0/2", "1/2"]
+    assert [w.env["CUDA_VISIBLE_DEVICES"] for w in workers] == ["0,1", "2,3"]
+    assert [w.gpus for w in workers] == [2, 2]  # what each asks of a Ray cluster: a whole TP group
     assert pool.env()["CUDA_VISIBLE_DEVICES"] == "0,1,2,3"
     assert not pool.disjoint(Pool.parse("3", "x")) and pool.disjoint(Pool.parse("4,5", "x"))
-    one = _Ctx(RunDir(tmp_path / "r"), {"score": Pool.parse("4,5", "x").grouped(2, "x")}, [], None, print, False)
-    ((cmd, env),) = one._workers("score", ["score"])
-    assert "--shard" not in cmd and env["CUDA_VISIBLE_DEVICES"] == "4,5"
+    one = _Ctx(RunDir(tmp_path / "r"), {"score": Pool.parse("4,5", "x").grouped(2, "x")}, [], None, print, cfg, local)
+    (w,) = one._workers(0, "score", ["score"])
+    assert "--shard" not in w.args and w.env["CUDA_VISIBLE_DEVICES"] == "4,5" and w.gpus == 2
     assert Pool.parse("cpu", "x").grouped(2, "x").workers == 1 and Pool.parse("", "x").grouped(4, "x").kind == "auto"
     with pytest.raises(OpdError, match="cannot be split into groups of 2"):
         Pool.parse("0,1,2", "--score-devices").grouped(2, "--score-devices")

@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import psutil
@@ -61,13 +62,15 @@ def _loopback(ip) -> bool:
     return (ip.ipv4_mapped or ip).is_loopback if ip.version == 6 else ip.is_loopback
 
 
-def test_two_rounds_across_two_nodes_with_a_killed_score_task(
+def test_two_rounds_across_two_nodes_with_the_driver_and_a_score_task_killed(
     tmp_path, cluster, reference_run, tiny_teacher, tiny_student
 ):
     """Two rounds of the tiny preset through `opd run --launcher ray`: the rollout worker only on the head
     node (rollout_pool), the score worker only on the second (score_pool), the learner over both nodes
     (run.train_nodes = 2: a placement group, torchrun on each, c10d rendezvous). Round 1's score task
-    process is SIGKILLed half-way; Ray starts the task again and it finishes the missing shards.
+    process is SIGKILLed half-way; Ray starts the task again and it finishes the missing shards. Before
+    that the driver itself is SIGKILLed during round 0's rollout (its tasks' processes die with it) and
+    started again, resuming.
     Checked against the local launcher's run of the same settings (same shards, rows and sample ids)."""
     c, head, second = cluster
     ref, _ = reference_run
@@ -85,12 +88,21 @@ def test_two_rounds_across_two_nodes_with_a_killed_score_task(
     cmd = CLI + ["run", str(run_dir), "--config", "tiny", "--rounds", "2", "--engine", "transformers"]
     cmd += ["--launcher", "ray", "--ray-address", c.address, "--rollout-devices", "cpu"]
     cmd += ["--score-devices", "cpu", "--train-devices", "cpu", "--overlap", "on"]
-    proc = subprocess.Popen(
-        cmd + tiny_settings(tiny_teacher, tiny_student, **settings),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    cmd += tiny_settings(tiny_teacher, tiny_student, **settings)
+
+    # the driver SIGKILLed during round 0's rollout: its tasks and their stage processes go with it
+    driver = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(lambda: len(list(Path(run.stage_dir(0, "rollouts")).glob("part-*.parquet"))) >= 2, driver, "rollout")
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    deadline = time.time() + 30
+    while stage_processes(run_dir) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not stage_processes(run_dir), "stage processes outlived the killed driver"
+    assert read_manifest(run, run.stage_dir(0, "rollouts")) is None, "rollout had finished before the kill"
+
+    # started again: it resumes
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
     def round1_scores_under_way():
         folder = Path(run.stage_dir(1, "scores"))

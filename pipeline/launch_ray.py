@@ -38,11 +38,13 @@ def run_stage(worker: Worker, common: list[str], env: dict[str, str], queue, rdz
             args += ["--devices", ",".join(gpus)]
         if rdzv:
             args += ["--nnodes", str(worker.nodes), "--rdzv-endpoint", rdzv]
+    # this Ray worker runs only this job's tasks, which all carry the same variables: it takes them too,
+    # so that its own access to an object-store run (the log upload) uses the driver's endpoint
+    os.environ.update({k: v for k, v in env.items() if k != "CUDA_VISIBLE_DEVICES"})  # Ray's, per task
     child_env = {**os.environ, **env, "OPD_NODE": node, "OPD_NO_BARS": "1"}
-    run_url = args[1]
-    local_log = None
-    if not RunDir(run_url).local:  # the child's log is on this node; it is uploaded to the run below
-        local_log = RunDir(run_url).log_path(worker.round_index, worker.log_name)
+    run = RunDir(args[1])  # args: the stage, then the run directory
+    # an object-store run's logs are files on this node: the worker's is uploaded into the run below
+    local_log = None if run.local else run.log_path(worker.round_index, worker.log_name)
     proc = subprocess.Popen(
         [sys.executable, "-m", "opd.pipeline.cli", *args, *common],
         env=child_env,
@@ -56,7 +58,6 @@ def run_stage(worker: Worker, common: list[str], env: dict[str, str], queue, rdz
         queue.put((worker.label, node, line.rstrip("\n")))
     status = proc.wait()
     if local_log and os.path.isfile(local_log):
-        run = RunDir(run_url)
         name = f"{worker.log_name}.{node.replace('/', '-')}.log"
         path = storage.join(run.round_dir(worker.round_index), "logs", name)
         with open(local_log, "rb") as f:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -68,3 +69,14 @@ def stage_processes(run_dir, *words: str) -> list[int]:
             if str(run_dir) in cmd and "opd.pipeline.cli" in cmd and all(w in cmd for w in words):
                 pids.append(int(p.name))
     return pids
+
+
+def sigkill_loop(proc: subprocess.Popen, run_dir, timeout: float = 30) -> None:
+    """SIGKILL an `opd run` and wait until no stage process of the run is left: they get SIGKILL with
+    the loop (PR_SET_PDEATHSIG; under Ray, with the driver's tasks)."""
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + timeout
+    while stage_processes(run_dir) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not stage_processes(run_dir), "stage processes outlived the killed loop"

@@ -5,16 +5,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 import torch
 from click.testing import CliRunner
-from loop_helpers import CLI, KILL_SETTINGS, STAGE_FOLDERS, layout, opd_run, stage_processes, tiny_settings, wait_for
+from loop_helpers import CLI, KILL_SETTINGS, STAGE_FOLDERS, layout, opd_run, sigkill_loop, tiny_settings, wait_for
 from safetensors.torch import load_file
 
 from opd.cache import fingerprint, quant
@@ -139,12 +137,7 @@ def test_two_real_int4_rounds_with_vllm_killed_in_train(tmp_path, tiny_teacher, 
     latest = Path(run.round_dir(0)) / "train_ckpt" / "latest.json"
     proc = subprocess.Popen(CLI + ["run", str(run_dir), *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_for(latest.exists, proc, "round 0's first in-round checkpoint")
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    deadline = time.time() + 20
-    while stage_processes(run_dir) and time.time() < deadline:
-        time.sleep(0.1)
-    assert not stage_processes(run_dir), "stage processes outlived the killed loop"
+    sigkill_loop(proc, run_dir)
     assert read_manifest(run, run.stage_dir(0, "student")) is None, "train had finished before the kill"
     res = opd_run(run_dir, *args[2:], "--plot", str(tmp_path / "c.png"))
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
@@ -278,13 +271,8 @@ def test_sigkill_during_each_stage_resumes_to_the_same_run(tmp_path, reference_r
             CLI + ["run", str(run_dir), *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
         wait_for(ready, proc, f"the {stage} stage to be under way")
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        sigkill_loop(proc, run_dir)
         assert read_manifest(run, run.stage_dir(0, folder)) is None, f"{stage} had finished before the kill"
-        deadline = time.time() + 20
-        while stage_processes(run_dir) and time.time() < deadline:
-            time.sleep(0.1)
-        assert not stage_processes(run_dir), f"stage processes outlived the killed loop ({stage})"
     res = opd_run(run_dir, *args[2:])  # resume (the config is in RUN/opd.toml now)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert layout(run, [0, 1]) == layout(ref, [0, 1])

@@ -9,13 +9,21 @@ import json
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import psutil
 import pyarrow.parquet as pq
 import pytest
-from loop_helpers import CLI, KILL_SETTINGS, STAGE_FOLDERS, layout, stage_processes, tiny_settings, wait_for
+from loop_helpers import (
+    CLI,
+    KILL_SETTINGS,
+    STAGE_FOLDERS,
+    layout,
+    sigkill_loop,
+    stage_processes,
+    tiny_settings,
+    wait_for,
+)
 
 from opd.cache.rundir import RunDir, read_manifest
 from opd.pipeline.evaluate import read_eval
@@ -93,12 +101,7 @@ def test_two_rounds_across_two_nodes_with_the_driver_and_a_score_task_killed(
     # the driver SIGKILLed during round 0's rollout: its tasks and their stage processes go with it
     driver = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_for(lambda: len(list(Path(run.stage_dir(0, "rollouts")).glob("part-*.parquet"))) >= 2, driver, "rollout")
-    driver.send_signal(signal.SIGKILL)
-    driver.wait()
-    deadline = time.time() + 30
-    while stage_processes(run_dir) and time.time() < deadline:
-        time.sleep(0.1)
-    assert not stage_processes(run_dir), "stage processes outlived the killed driver"
+    sigkill_loop(driver, run_dir)
     assert read_manifest(run, run.stage_dir(0, "rollouts")) is None, "rollout had finished before the kill"
 
     # started again: it resumes

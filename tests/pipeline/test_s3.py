@@ -6,15 +6,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import subprocess
-import time
 
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 import torch
-from loop_helpers import CLI, KILL_SETTINGS, STAGE_FOLDERS, layout, opd_run, stage_processes, tiny_settings, wait_for
+from loop_helpers import CLI, KILL_SETTINGS, STAGE_FOLDERS, layout, opd_run, sigkill_loop, tiny_settings, wait_for
 from safetensors.torch import load
 
 from opd.cache import storage
@@ -82,13 +80,8 @@ def test_a_round_on_s3_killed_in_score_resumes_verifies_and_retrains(s3, referen
 
     proc = subprocess.Popen(CLI + ["run", url, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_for(score_under_way, proc, "the score stage to be under way")
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    sigkill_loop(proc, url)
     assert read_manifest(run, run.stage_dir(0, "scores")) is None, "score had finished before the kill"
-    deadline = time.time() + 20
-    while stage_processes(url) and time.time() < deadline:  # they get SIGKILL with the loop (PDEATHSIG)
-        time.sleep(0.1)
-    assert not stage_processes(url), "stage processes outlived the killed loop"
     res = opd_run(url, *args[2:])
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
 

@@ -118,12 +118,15 @@ def main() -> None:
 
         fs = pafs.S3FileSystem(endpoint_override=os.environ["AWS_ENDPOINT_URL"], allow_bucket_creation=True)
         fs.create_dir("bench")
-        case("s3", "s3://bench/run", [])
-        files = [
-            i for i in fs.get_file_info(pafs.FileSelector("bench/run", recursive=True)) if i.type == pafs.FileType.File
-        ]
-        records["s3"][-1]["objects"] = len(files)
-        records["s3"][-1]["object_bytes"] = sum(i.size for i in files)
+
+        def objects() -> dict:
+            """What the run left in the bucket: objects, bytes, and `.tmp-` leftovers (0 when the rules hold)."""
+            listing = fs.get_file_info(pafs.FileSelector("bench/run", recursive=True))
+            files = [i for i in listing if i.type == pafs.FileType.File]
+            tmp = sum(".tmp-" in i.path for i in files)
+            return {"objects": len(files), "object_bytes": sum(i.size for i in files), "tmp_objects": tmp}
+
+        case("s3", "s3://bench/run", [], after=objects)
     finally:
         server.stop()
 

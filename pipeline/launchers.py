@@ -18,7 +18,6 @@ is the stage's own, and the loop's state lives only in the run directory.
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -131,8 +130,3 @@ def forwarded_env(env: dict[str, str]) -> dict[str, str]:
     if "CUDA_VISIBLE_DEVICES" in env and env["CUDA_VISIBLE_DEVICES"] == "":
         keep["CUDA_VISIBLE_DEVICES"] = ""  # a CPU pool stays off the node's GPUs
     return keep
-
-
-def node_name() -> str:
-    """This machine as a log line names it (the Ray launcher sets OPD_NODE for its tasks)."""
-    return os.environ.get("OPD_NODE") or os.uname().nodename

@@ -21,7 +21,8 @@ After the last round (eval.final) the final student is evaluated: held-out rollo
 
 Each stage is a fresh process, so GPU memory is freed between stages and a crash in one is contained.
 Where the workers run is the launcher's business (launchers.py: local processes, or Ray tasks on any
-node of a cluster with `--launcher ray`); this file decides only what runs when. Children die with the loop (Linux PR_SET_PDEATHSIG), so a killed loop leaves no orphan writing into the
+node of a cluster with `--launcher ray`); this file decides only what runs when. Children die with
+the loop (Linux PR_SET_PDEATHSIG), so a killed loop leaves no orphan writing into the
 run. Resume: the loop skips a stage whose `_DONE.json` files exist; an unfinished stage is started again
 and finishes its missing shards only (the stages' own resume rule). A stage finished under another
 config is not re-checked by the loop (the stage itself refuses it when run by hand; use --force there).

@@ -1,8 +1,8 @@
 """Helpers the benchmark scripts share: the machine record every JSON line carries, dtype resolution
-through opd.cache.devices (never a hard-coded bf16), and the tiny models of `--smoke` runs.
+through opd.stages.devices (never a hard-coded bf16), and the tiny models of `--smoke` runs.
 
 `--smoke` (every benchmark has it): the same code path on tiny random Llamas built on the fly
-(opd.cache.models.build_tiny, about a second each) in a temporary folder, with the packaged
+(opd.stages.models.build_tiny, about a second each) in a temporary folder, with the packaged
 configs/tiny_prompts.jsonl as text, offline (HF_HUB_OFFLINE=1). It prints the same JSON keys as a real
 run, in seconds; its figures mean nothing.
 """
@@ -47,7 +47,7 @@ def machine() -> dict:
     """CPU model, its bf16 capability as torch reports it, core/thread counts, versions, the GPU if any."""
     import torch
 
-    from opd.cache.devices import native_bf16
+    from opd.stages.devices import native_bf16
 
     caps = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
     out = {
@@ -67,7 +67,7 @@ def machine() -> dict:
 
 def resolve(device: str, dtype: str, what: str = "device"):
     """opd's Placement (device + dtype; "auto" = bf16 only where it runs natively) for a benchmark side."""
-    from opd.cache.devices import placement
+    from opd.stages.devices import placement
 
     return placement(device, dtype, what)
 
@@ -79,7 +79,7 @@ def dtype_record(requested: str, pl) -> dict:
 
 def tiny_models(root: str | os.PathLike) -> tuple[Path, Path]:
     """(teacher, student) folders of tiny random Llamas built under `root` (same tokenizer)."""
-    from opd.cache.models import build_tiny
+    from opd.stages.models import build_tiny
 
     root = Path(root)
     return build_tiny(root / "tiny-teacher", role="teacher"), build_tiny(root / "tiny-student", role="student")
@@ -87,7 +87,7 @@ def tiny_models(root: str | os.PathLike) -> tuple[Path, Path]:
 
 def tiny_prompts() -> Path:
     """The packaged prompt set (fields: id, prompt, reference) smoke runs use as text."""
-    from opd.cache.config import PACKAGED_CONFIGS
+    from opd.configs.schema import PACKAGED_CONFIGS
 
     return PACKAGED_CONFIGS / "tiny_prompts.jsonl"
 

@@ -11,7 +11,7 @@ score-shard file (every column, exact taken-token log-prob, tail, Parquet overhe
 `mean_kl` is the mean over positions of KL(exact ‖ decoded) on the (k+1)-bucket distribution.
 
 The teacher runs on the CPU in `--dtype` (default "auto", as the presets' score.dtype: bf16 only where
-this CPU runs it natively, opd.cache.devices); its log-softmax is taken in float32. Each line records
+this CPU runs it natively, opd.stages.devices); its log-softmax is taken in float32. Each line records
 the resolved dtype, the CPU model and whether torch reports native bf16.
 
     python benchmarks/bench_cache.py --smoke     # seconds: a tiny random teacher, the packaged tiny prompts
@@ -43,7 +43,7 @@ def teacher_distributions(
     """Per sample: full-vocab log-probs at each answer position [T, V] and the taken ids [T]."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from opd.cache.models import resolve_model
+    from opd.stages.models import resolve_model
 
     model_dir = resolve_model(model_ref)
     tok = AutoTokenizer.from_pretrained(model_dir)

@@ -5,7 +5,7 @@ Same teacher (SmolLM2-135M-Instruct, `opd:smollm2-135m`), same student (its 8-la
 samples per prompt, 64 new tokens, fully on-policy (λ = 1), reverse KL (β = 1), same learning rate,
 schedule (cosine to 0, no warmup), AdamW, clipping at 1.0, the same number of optimizer steps and the same
 precision on both sides (`--precision auto`, the default, resolved as the presets' dtype = "auto" is, by
-opd.cache.devices: bf16 — bf16 autocast over fp32 master weights for the student, a bf16 teacher, bf16
+opd.stages.devices: bf16 — bf16 autocast over fp32 master weights for the student, a bf16 teacher, bf16
 rollout weights — only where this CPU runs bf16 natively (avx512_bf16 / AMX; there bf16 was measured
 2.3× faster for a learner step and 3.2× for a teacher forward than float32), else float32, since
 emulated bf16 is far slower; `--precision bf16` / `fp32` force one). Every record holds the resolved
@@ -83,7 +83,7 @@ STAGES = ("rollout", "score", "train")
 
 
 def resolve_precision(args) -> None:
-    """`--precision auto` → "bf16" or "fp32" as opd.cache.devices resolves dtype "auto" on this CPU
+    """`--precision auto` → "bf16" or "fp32" as opd.stages.devices resolves dtype "auto" on this CPU
     (`args.precision` becomes the resolved one, `args.precision_requested` keeps what was asked)."""
     args.precision_requested = args.precision
     pl = _common.resolve("cpu", "auto" if args.precision == "auto" else _DTYPE[args.precision])
@@ -182,7 +182,7 @@ def _train_summary(records: list[dict]) -> dict:
 
 
 def _prompts(count: int, field: str = "prompt") -> list[str]:
-    from opd.cache.config import PACKAGED_CONFIGS
+    from opd.configs.schema import PACKAGED_CONFIGS
 
     rows = []
     with open(PACKAGED_CONFIGS / "tiny_prompts.jsonl") as f:
@@ -207,7 +207,7 @@ class Opd:
     """opd runs of one benchmark invocation (all under `root`)."""
 
     def __init__(self, args, root: Path):
-        from opd.cache.config import PACKAGED_CONFIGS
+        from opd.configs.schema import PACKAGED_CONFIGS
 
         self.args, self.root = args, root
         self.prompts_file = str(PACKAGED_CONFIGS / "tiny_prompts.jsonl")
@@ -471,7 +471,7 @@ def trl_gkd_worker(spec_path: str) -> None:
 
 class Trl:
     def __init__(self, args, root: Path):
-        from opd.cache.models import resolve_model
+        from opd.stages.models import resolve_model
 
         self.args, self.root = args, root
         if args.smoke:
@@ -766,7 +766,7 @@ def main() -> None:
         "--precision",
         choices=["auto", "bf16", "fp32"],
         default="auto",
-        help="both sides: auto (bf16 where this CPU runs it natively, else fp32: opd.cache.devices), "
+        help="both sides: auto (bf16 where this CPU runs it natively, else fp32: opd.stages.devices), "
         "bf16 (bf16 autocast learner, bf16 teacher: 2-3× faster than fp32 on a CPU with "
         "avx512_bf16, far slower without) or fp32",
     )

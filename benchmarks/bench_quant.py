@@ -112,7 +112,7 @@ def grid_check() -> dict:
     torchao's rows are there when torchao is installed (`pip install torchao==0.18.0`; opd does not need it)."""
     import torch
 
-    from opd.cache.quant import QuantSpec, fake_quantize
+    from opd.stages.quant import QuantSpec, fake_quantize
 
     try:
         from torchao.quantization.qat import IntxFakeQuantizeConfig
@@ -158,9 +158,9 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     log = work / "bench_quant.log"
 
-    from opd.cache.config import load_config
-    from opd.cache.models import quantize, resolve_model
-    from opd.cache.quant import QuantSpec
+    from opd.configs.schema import load_config
+    from opd.stages.models import quantize, resolve_model
+    from opd.stages.quant import QuantSpec
 
     t0 = time.perf_counter()
     if args.smoke:  # the tiny teacher and its own INT4 copies

@@ -8,7 +8,7 @@ the model's chat template, with the sampling log-probs the stage stores:
     python benchmarks/bench_rollout.py --smoke       # seconds (vLLM start ~20 s): a tiny random model
 
 Precision: `--dtype auto` (the default, as rollout.dtype in the presets) is resolved once, as the stage
-resolves it (opd.cache.devices: bf16 only where this CPU/GPU runs it natively, else float32), and the
+resolves it (opd.stages.devices: bf16 only where this CPU/GPU runs it natively, else float32), and the
 resolved name is passed explicitly to both engines, so they compute in the same dtype. Each line
 records it, the CPU model and whether torch reports native bf16. Where vLLM does not import, only the
 transformers engine runs (and no ratio is printed).
@@ -157,8 +157,8 @@ def main() -> None:
 
     from transformers import AutoTokenizer
 
-    from opd.cache.models import resolve_model
     from opd.stages.engine import Sampling
+    from opd.stages.models import resolve_model
 
     if args.engines is None:
         # transformers first: vLLM's CPU worker cuts torch to one thread for the rest of the process

@@ -29,7 +29,7 @@ inflates wall time at random, CPU time much less.
 Tokens per second count the tokens fed to the teacher (prompt + completion minus its last token,
 unpadded), the same for both.
 Precision: `--dtype auto` (the default, as the presets): bf16 only where this CPU/GPU runs it natively
-(opd.cache.devices), else float32; both sides use the teacher the stage loads, in that dtype. Each line
+(opd.stages.devices), else float32; both sides use the teacher the stage loads, in that dtype. Each line
 records the resolved dtype, the CPU model and whether torch reports native bf16 on it.
 
     python benchmarks/bench_score.py --smoke     # seconds: tiny random teacher, the packaged tiny prompts
@@ -60,11 +60,11 @@ from pathlib import Path
 import _common
 import torch
 
-from opd.cache.config import OpdConfig, RolloutConfig, RunConfig, ScoreConfig, dumps_config, load_run_config
-from opd.cache.models import resolve_model
 from opd.cache.rundir import RunDir, finalize_stage, parquet_rows, read_manifest
 from opd.cache.shards import ScoreShard, read_rollout_shard, write_rollout_shard
+from opd.configs.schema import OpdConfig, RolloutConfig, RunConfig, ScoreConfig, dumps_config, load_run_config
 from opd.stages import score
+from opd.stages.models import resolve_model
 from opd.stages.scorer_hf import batch_arrays, plan_batches
 
 

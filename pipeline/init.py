@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from opd.cache import storage
-from opd.cache.config import dumps_config, load_config
 from opd.cache.errors import OpdError
 from opd.cache.rundir import RunDir
+from opd.configs.schema import dumps_config, load_config
 
 
 def init_run(run_url: str, config_file: str, overrides=(), force: bool = False) -> tuple[str, bool]:

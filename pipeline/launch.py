@@ -25,13 +25,13 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-from opd.cache import console, storage
-from opd.cache.config import load_run_config
+from opd.cache import storage
 from opd.cache.errors import OpdError
 from opd.cache.rundir import MANIFEST, RunDir, clear_stage, read_manifest
+from opd.configs.schema import load_run_config
 from opd.pipeline.init import init_run
 from opd.pipeline.launchers import die_with_parent
-from opd.stages import train
+from opd.stages import console, train
 from opd.stages.students import start_student
 from opd.stages.train_data import RoundData
 from opd.stages.train_metrics import summary_line

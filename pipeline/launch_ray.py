@@ -15,10 +15,11 @@ import subprocess
 import sys
 import time
 
-from opd.cache import console, storage
+from opd.cache import storage
 from opd.cache.errors import OpdError
 from opd.cache.rundir import RunDir
 from opd.pipeline.launchers import Job, Worker, die_with_parent, forwarded_env
+from opd.stages import console
 
 
 class StageInterrupted(Exception):

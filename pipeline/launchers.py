@@ -23,8 +23,8 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 
-from opd.cache import console
 from opd.cache.errors import OpdError
+from opd.stages import console
 
 # the variables of this process a Ray task's child gets on its node (the node's own environment otherwise)
 FORWARDED_ENV = ("OPD_", "HF_", "AWS_", "VLLM_", "TRANSFORMERS_", "TOKENIZERS_", "OMP_", "PYTORCH_", "RAY_")

@@ -40,9 +40,9 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from opd.cache.config import OpdConfig
 from opd.cache.errors import OpdError
 from opd.cache.rundir import RunDir, choose_splits, read_manifest, split_folder
+from opd.configs.schema import OpdConfig
 from opd.pipeline.launchers import Job, Worker, make_launcher
 
 
@@ -177,7 +177,7 @@ def _materialise_models(cfg: OpdConfig, echo) -> None:
     """Resolve the base models once, here, before any stage process starts: a missing folder fails in one
     line at once, and `opd:`/`tiny:` models are made once (overlapped stages would otherwise both convert
     the teacher at the same time on a fresh machine)."""
-    from opd.cache.models import resolve_model
+    from opd.stages.models import resolve_model
 
     for ref in (cfg.run.teacher, cfg.run.student):
         resolve_model(ref, cfg.run.models_dir or None)

@@ -40,11 +40,10 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from opd.cache import console, storage
-from opd.cache.config import ConfigError, TrainConfig, load_run_config, parse_override
-from opd.cache.devices import resolve_device
+from opd.cache import storage
 from opd.cache.errors import OpdError
 from opd.cache.rundir import MANIFEST, RunDir, ShardSpec, read_manifest, split_folder
+from opd.configs.schema import ConfigError, TrainConfig, load_run_config, parse_override
 from opd.pipeline import sweep_table
 from opd.pipeline.evaluate import evaluate, read_eval
 from opd.pipeline.launch import from_cache
@@ -52,7 +51,8 @@ from opd.pipeline.launchers import die_with_parent
 from opd.pipeline.loop import Pool
 from opd.pipeline.sweep_eval import cache_figures
 from opd.pipeline.sweep_table import CACHE_EVAL_FILE, RESULTS_FILE, SWEEP_FILE, SWEEP_FORMAT, SWEEP_VERSION, read_json
-from opd.stages import train
+from opd.stages import console, train
+from opd.stages.devices import resolve_device
 from opd.stages.learner import keep_loaded
 from opd.stages.students import start_student
 from opd.stages.train_data import RoundData, decode_once

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from opd.cache.devices import resolve_device
 from opd.cache.errors import OpdError
+from opd.stages.devices import resolve_device
 
 
 @dataclass

@@ -91,8 +91,8 @@ def load_engine(
     dtype: str = "auto",
 ) -> Engine:
     """Build the engine `name` ("auto", "vllm", "transformers") serving `model_dir` (+ a LoRA adapter).
-    `dtype` "auto" is resolved by opd's rule (cache/devices.py), never left to the engine's own default."""
-    from opd.cache.devices import placement
+    `dtype` "auto" is resolved by opd's rule (stages/devices.py), never left to the engine's own default."""
+    from opd.stages.devices import placement
 
     name = resolve_engine_name(name)
     dtype = placement("auto", dtype, "rollout").dtype_name

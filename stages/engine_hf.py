@@ -23,7 +23,7 @@ from typing import Sequence
 import torch
 from transformers import LogitsProcessor, StoppingCriteria
 
-from opd.cache.devices import placement
+from opd.stages.devices import placement
 from opd.stages.engine import Completion, Progress, Sampling
 
 

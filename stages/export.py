@@ -18,11 +18,12 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import torch
 
-from opd.cache import quant, storage
-from opd.cache.config import TrainConfig
+from opd.cache import storage
 from opd.cache.errors import OpdError
 from opd.cache.fingerprint import TOKENIZER_FILES
 from opd.cache.rundir import RunDir, ShardEntry, clear_stage
+from opd.configs.schema import TrainConfig
+from opd.stages import quant
 from opd.stages.distributed import Processes
 from opd.stages.learner import load_student
 
@@ -77,11 +78,11 @@ def export_student(
 def save_checkpoint(model, tc: TrainConfig, start_dir: Path, out: Path) -> None:
     """HF checkpoint in `out` (LoRA merged, adapter in out/adapter; a quantised student folder under
     train.quantize), tokenizer files copied verbatim."""
-    if tc.quantize:  # ŵ, the masters and the packed copy (cache/quant.py); float32, whatever the start's dtype
+    if tc.quantize:  # ŵ, the masters and the packed copy (stages/quant.py); float32, whatever the start's dtype
         model.config.use_cache = True
         start = quant.read_record(start_dir) or {}
         quant.save_quantized(
-            model, tc.quant_spec, quant.quantized_names(model), out, method="qat", source=start.get("source", "")
+            model, quant.train_spec(tc), quant.quantized_names(model), out, method="qat", source=start.get("source", "")
         )
         quant.copy_tokenizer(Path(start_dir), out, TOKENIZER_FILES)
         return

@@ -17,7 +17,7 @@ Memory: the decoder runs for hidden states; `lm_head` runs only on the completio
 (stages/heads.py), in chunks of `train.logits_chunk_tokens` positions (auto: ~512 MiB of float32
 logits; a chunk's logits are recomputed in backward when there are several), and the losses gather at
 the K ids without a [N, V] log-softmax copy. Weights and AdamW state are float32; `train.dtype` picks
-the autocast dtype (cache/devices.py: "auto" is bf16 only where the hardware runs it natively).
+the autocast dtype (stages/devices.py: "auto" is bf16 only where the hardware runs it natively).
 
 Metrics computed with the loss (no gradient, on logged steps): `rkl_bucket` Σ_t KL(S‖T) on the K+1
 buckets, and `topk_overlap` Σ_t |K_t ∩ top-k(z_t)| / K, the fraction of the teacher's top-k ids among
@@ -36,9 +36,9 @@ from typing import Any
 
 import torch
 
-from opd.cache import quant
-from opd.cache.config import TrainConfig
 from opd.cache.errors import OpdError, first_line
+from opd.configs.schema import TrainConfig
+from opd.stages import quant
 from opd.stages.heads import apply_head, gather_positions, head_path_matches
 from opd.stages.losses import bucket_logprobs, generalized_jsd, jsd_loss, sampled_rkl_loss
 
@@ -93,12 +93,12 @@ def load_student(start_dir: str | os.PathLike, tc: TrainConfig, device: torch.de
     """(model — a PEFT model when train.lora_rank > 0 —, whether lm_head(base_model(x)) gives its logits).
 
     Weights are float32 (the master copy; autocast picks the compute dtype). With train.quantize the
-    quantised layers run fake-quantised (cache/quant.py) and start from the folder's master weights."""
+    quantised layers run fake-quantised (stages/quant.py) and start from the folder's master weights."""
     model, key = _checkpoint(start_dir)
     model.to(device)
     if tc.quantize:
-        names = quant.prepare_qat(model, tc.quant_spec, str(start_dir))
-        quant.load_masters(model, start_dir, names, tc.quant_spec)
+        names = quant.prepare_qat(model, quant.train_spec(tc), str(start_dir))
+        quant.load_masters(model, start_dir, names, quant.train_spec(tc))
     head_only = _head_only(model, device, key)
     model.config.use_cache = False
     if tc.lora_rank > 0:

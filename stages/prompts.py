@@ -24,8 +24,8 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from opd.cache import storage
-from opd.cache.config import RolloutConfig
 from opd.cache.errors import OpdError, first_line
+from opd.configs.schema import RolloutConfig
 
 
 @dataclass

@@ -73,11 +73,8 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from opd.cache import console, fingerprint, storage
-from opd.cache.config import OpdConfig, RolloutConfig
-from opd.cache.devices import placement
+from opd.cache import fingerprint, storage
 from opd.cache.errors import OpdError
-from opd.cache.models import resolve_model
 from opd.cache.rundir import (
     MANIFEST,
     RunDir,
@@ -92,7 +89,11 @@ from opd.cache.rundir import (
     split_folder,
 )
 from opd.cache.shards import FORMAT_VERSION, SOURCES, check_producer, read_shard_meta, write_rollout_shard
+from opd.configs.schema import OpdConfig, RolloutConfig
+from opd.stages import console
+from opd.stages.devices import placement
 from opd.stages.engine import Engine, Sampling, load_engine, resolve_engine_name
+from opd.stages.models import resolve_model
 from opd.stages.prompts import Prompt, load_prompts, on_policy, prompts_hash, render
 from opd.stages.students import StartStudent, start_student
 

@@ -50,11 +50,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from opd.cache import console, fingerprint, storage
-from opd.cache.config import OpdConfig
-from opd.cache.devices import placement
+from opd.cache import fingerprint, storage
 from opd.cache.errors import FingerprintMismatch, FormatError, OpdError
-from opd.cache.models import resolve_model
 from opd.cache.rundir import (
     MANIFEST,
     Manifest,
@@ -73,6 +70,10 @@ from opd.cache.rundir import (
     split_folder,
 )
 from opd.cache.shards import ScoreShard, ScoreShardWriter, check_producer, read_rollout_shard, read_shard_meta
+from opd.configs.schema import OpdConfig
+from opd.stages import console
+from opd.stages.devices import placement
+from opd.stages.models import resolve_model
 from opd.stages.scorer import BatchOut, Scorer, Seq, load_scorer, resolve_score_engine
 from opd.stages.students import load_tokenizer, start_student
 

@@ -29,8 +29,8 @@ from typing import Any, Iterator, Protocol, Sequence
 import numpy as np
 import torch
 
-from opd.cache.devices import Placement
 from opd.cache.errors import OpdError
+from opd.stages.devices import Placement
 from opd.stages.engine import vllm_available
 
 SCORE_ENGINES = ("transformers", "vllm")

@@ -27,8 +27,8 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from opd.cache.devices import Placement
 from opd.cache.errors import OpdError
+from opd.stages.devices import Placement
 from opd.stages.heads import gather_positions, head_path_matches
 from opd.stages.scorer import BatchOut, Seq, scored_vocab
 

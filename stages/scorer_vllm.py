@@ -49,8 +49,8 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from opd.cache.devices import Placement
 from opd.cache.errors import OpdError
+from opd.stages.devices import Placement
 from opd.stages.engine_vllm import cpu_kv_cache_bytes, engine_core_in_process, shutdown
 from opd.stages.losses import log1mexp
 from opd.stages.scorer import BatchOut, Seq, scored_vocab

@@ -22,12 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from opd.cache import quant, storage
-from opd.cache.config import OpdConfig
+from opd.cache import storage
 from opd.cache.errors import FormatError, OpdError
 from opd.cache.fingerprint import TOKENIZER_FILES, opd_home
-from opd.cache.models import resolve_model
 from opd.cache.rundir import MANIFEST, RunDir, previous_student, read_manifest
+from opd.configs.schema import OpdConfig
+from opd.stages import quant
+from opd.stages.models import resolve_model
 
 
 @dataclass(frozen=True)
@@ -141,7 +142,7 @@ def _describe(folder: Path, cfg: OpdConfig, label: str) -> StartStudent:
         has_tokenizer = any((folder / n).is_file() for n in TOKENIZER_FILES)
         start = StartStudent(folder, base, folder, folder if has_tokenizer else base, label)
     if cfg.train.quantize:
-        quant.check_start(start.base, cfg.train.quant_spec, start.label)
+        quant.check_start(start.base, quant.train_spec(cfg.train), start.label)
     return start
 
 

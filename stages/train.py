@@ -44,13 +44,14 @@ from typing import Any
 
 import torch
 
-from opd.cache import console, fingerprint, storage
-from opd.cache.config import OpdConfig, TrainConfig, load_run_config
-from opd.cache.devices import Placement, choose_dtype, native_bf16
+from opd.cache import fingerprint, storage
 from opd.cache.errors import FingerprintMismatch, OpdError, short_value
 from opd.cache.rundir import MANIFEST, Manifest, RunDir, check_done, clear_stage, read_manifest, write_manifest
+from opd.configs.schema import OpdConfig, TrainConfig, load_run_config
+from opd.stages import console, quant
 from opd.stages import learner as L
 from opd.stages.checkpoints import CKPT_DIR, Checkpoints
+from opd.stages.devices import Placement, choose_dtype, native_bf16
 from opd.stages.distributed import Processes
 from opd.stages.export import export_student
 from opd.stages.students import StartStudent, start_student
@@ -297,7 +298,7 @@ class _Round:
                 "dtype": self.placement.dtype_name,
                 "parallel": "fsdp" if self.use_fsdp else "ddp" if procs.world > 1 else "single",
                 "lora_rank": self.tc.lora_rank,
-                "quantization": dataclasses.asdict(self.tc.quant_spec) if self.tc.quantize else None,
+                "quantization": dataclasses.asdict(quant.train_spec(self.tc)) if self.tc.quantize else None,
                 "loss": self.tc.loss,
                 "wall_s": round(time.perf_counter() - self.t_start, 3),
             }

@@ -28,10 +28,10 @@ import pyarrow.compute as pc
 import torch
 
 from opd.cache import storage
-from opd.cache.config import TrainConfig
 from opd.cache.errors import FormatError, OpdError
 from opd.cache.rundir import MANIFEST, RunDir, read_manifest, shard_index, split_folder
 from opd.cache.shards import ScoreShard, check_producer, read_rollout_shard, read_shard_meta
+from opd.configs.schema import TrainConfig
 from opd.stages.prompts import on_policy
 
 PLAN_WINDOW = 256  # samples sorted by length together before packing (less padding, still shuffled)

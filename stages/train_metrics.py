@@ -21,9 +21,9 @@ from typing import Any
 import pyarrow.fs as pafs
 import torch
 
-from opd.cache.config import TrainConfig
 from opd.cache.errors import OpdError
 from opd.cache.rundir import RunDir
+from opd.configs.schema import TrainConfig
 
 TENSORBOARD_KEYS = (
     "loss",

@@ -24,13 +24,13 @@ def opd_home(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_teacher(opd_home):
-    from opd.cache.models import build_tiny
+    from opd.stages.models import build_tiny
 
     return build_tiny(opd_home / "models" / "tiny-teacher", role="teacher")
 
 
 @pytest.fixture(scope="session")
 def tiny_student(opd_home):
-    from opd.cache.models import build_tiny
+    from opd.stages.models import build_tiny
 
     return build_tiny(opd_home / "models" / "tiny-student", role="student")

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from opd.cache import rundir as R
 from opd.cache import shards, storage
-from opd.cache.config import load_config, loads_config
+from opd.configs.schema import load_config, loads_config
 from opd.pipeline.cli import main
 
 COMMANDS = ["init", "rollout", "score", "train", "sweep", "run", "demo", "inspect", "verify", "models", "config"]

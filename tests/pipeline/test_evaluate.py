@@ -8,10 +8,18 @@ import pytest
 from transformers import AutoTokenizer
 
 from opd.cache import storage
-from opd.cache.config import EvalConfig, OpdConfig, RolloutConfig, RunConfig, ScoreConfig, dumps_config, load_run_config
 from opd.cache.errors import OpdError
 from opd.cache.rundir import RunDir, finalize_stage, parquet_rows
 from opd.cache.shards import ScoreShard, write_rollout_shard
+from opd.configs.schema import (
+    EvalConfig,
+    OpdConfig,
+    RolloutConfig,
+    RunConfig,
+    ScoreConfig,
+    dumps_config,
+    load_run_config,
+)
 from opd.pipeline.cli import evaluate_if_scored
 from opd.pipeline.evaluate import evaluate, read_eval
 from opd.stages import score

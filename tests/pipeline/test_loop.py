@@ -15,14 +15,15 @@ from click.testing import CliRunner
 from loop_helpers import CLI, KILL_SETTINGS, STAGE_FOLDERS, layout, opd_run, sigkill_loop, tiny_settings, wait_for
 from safetensors.torch import load_file
 
-from opd.cache import fingerprint, quant
-from opd.cache.config import load_config
+from opd.cache import fingerprint
 from opd.cache.errors import OpdError
 from opd.cache.rundir import RunDir, read_manifest
 from opd.cache.shards import ScoreShard, read_rollout_shard
+from opd.configs.schema import load_config
 from opd.pipeline.cli import main as cli_main
 from opd.pipeline.evaluate import gsm8k_answer, gsm8k_correct, read_eval
 from opd.pipeline.loop import Pool, _stop_reason
+from opd.stages import quant
 
 # ------------------------------------------------------------------------------------------ units
 
@@ -181,7 +182,7 @@ def test_two_real_int4_rounds_with_vllm_killed_in_train(tmp_path, tiny_teacher, 
         previous = student
     # round 1's vLLM samples come from the exported INT4 function: their sampling log-probs are the
     # learner's fake-quantised forward of round 0's masters (to the float rounding of two engines)
-    from opd.cache.config import TrainConfig
+    from opd.configs.schema import TrainConfig
     from opd.stages.learner import load_student
 
     model, _ = load_student(

@@ -19,10 +19,10 @@ import torch
 from click.testing import CliRunner
 
 from opd.cache import storage
-from opd.cache.config import load_run_config
 from opd.cache.errors import FingerprintMismatch, OpdError
 from opd.cache.rundir import Manifest, RunDir, ShardSpec, write_manifest
 from opd.cache.shards import read_rollout_shard
+from opd.configs.schema import load_run_config
 from opd.pipeline.cli import main as cli_main
 from opd.pipeline.init import init_run
 from opd.stages import rollout

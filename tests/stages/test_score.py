@@ -17,10 +17,10 @@ import torch
 from click.testing import CliRunner
 
 from opd.cache import storage
-from opd.cache.config import OpdConfig, RolloutConfig, RunConfig, ScoreConfig, dumps_config, load_run_config
 from opd.cache.errors import FingerprintMismatch, OpdError
 from opd.cache.rundir import Manifest, RunDir, ShardSpec, finalize_stage, parquet_rows, read_manifest, write_manifest
 from opd.cache.shards import ScoreShard, write_rollout_shard
+from opd.configs.schema import OpdConfig, RolloutConfig, RunConfig, ScoreConfig, dumps_config, load_run_config
 from opd.pipeline.cli import main
 from opd.stages import score
 

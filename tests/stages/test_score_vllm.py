@@ -26,10 +26,10 @@ import pytest
 import torch
 from test_score import make_run as make_score_run  # tests/stages/ is on sys.path under pytest
 
-from opd.cache.config import ConfigError, ScoreConfig
 from opd.cache.errors import OpdError
 from opd.cache.rundir import RunDir, read_manifest
 from opd.cache.shards import ScoreShard
+from opd.configs.schema import ConfigError, ScoreConfig
 from opd.stages import losses
 from opd.stages.engine import vllm_available
 

@@ -20,7 +20,10 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from opd.cache import fingerprint, storage
-from opd.cache.config import (
+from opd.cache.errors import OpdError
+from opd.cache.rundir import RunDir, finalize_stage, parquet_rows, read_manifest
+from opd.cache.shards import ScoreShard, read_rollout_shard, write_rollout_shard
+from opd.configs.schema import (
     OpdConfig,
     RolloutConfig,
     RunConfig,
@@ -29,9 +32,6 @@ from opd.cache.config import (
     dumps_config,
     load_run_config,
 )
-from opd.cache.errors import OpdError
-from opd.cache.rundir import RunDir, finalize_stage, parquet_rows, read_manifest
-from opd.cache.shards import ScoreShard, read_rollout_shard, write_rollout_shard
 from opd.pipeline.cli import main as cli_main
 from opd.stages import score, train
 from opd.stages.losses import jsd_loss, sampled_rkl_loss

@@ -1,4 +1,4 @@
-"""The quiet console (cache/console.py): opd's lines on the console, everything else in the log, and a
+"""The quiet console (stages/console.py): opd's lines on the console, everything else in the log, and a
 crash shown as the log's last lines and its path. Run in fresh processes so the descriptors are theirs."""
 
 import os
@@ -18,7 +18,7 @@ def _run(code: str, env_extra: dict | None = None) -> subprocess.CompletedProces
 
 QUIET = """
     import logging, os, sys, warnings
-    from opd.cache import console
+    from opd.stages import console
     with console.quiet({log!r}, header="probe"):
         print("python-level noise")
         os.write(1, b"C-level noise on fd 1\\n")

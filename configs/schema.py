@@ -21,10 +21,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from opd.cache.devices import DTYPES
 from opd.cache.errors import OpdError
 
-PACKAGED_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+PACKAGED_CONFIGS = Path(__file__).resolve().parent  # the presets and prompt sets beside this schema
+DTYPES = (
+    "auto",
+    "float32",
+    "bfloat16",
+    "float16",
+)  # what a stage's `dtype` may say (opd.stages.devices resolves "auto")
 
 
 class ConfigError(OpdError):
@@ -119,7 +124,7 @@ class RolloutConfig:
     gpu_memory_utilization: float = 0.5  # vLLM's share of device memory (on CPU: of the KV-cache budget)
     enforce_eager: bool = True  # vLLM without graph capture: much faster start for short jobs
     merge_lora: bool = True  # serve a LoRA student merged (True) or as base + adapter (False)
-    dtype: str = "auto"  # engine weights and compute: "auto" (bf16 where the GPU/CPU runs it natively, else float32; cache/devices.py), "float32", "bfloat16", "float16"
+    dtype: str = "auto"  # engine weights and compute: "auto" (bf16 where the GPU/CPU runs it natively, else float32; stages/devices.py), "float32", "bfloat16", "float16"
 
     # keys that choose only how to sample, not what: outside the stage's config hash (OpdConfig.section_hash)
     HOW: ClassVar[tuple[str, ...]] = ("engine", "gpu_memory_utilization", "enforce_eager")
@@ -161,7 +166,7 @@ class ScoreConfig:
     temperature: float = 1.0  # scoring temperature (teacher logits / τ before log-softmax); stored in the shard; the vllm engine needs 1.0
     logprob_bits: int = 8  # top-k log-prob precision in the cache: 8 (±1/32 nat), 16 (±1/4096 nat), 32 (exact)
     zstd_level: int = 3  # Parquet zstd level of score shards
-    dtype: str = "auto"  # teacher weights: "auto" (bf16 where the GPU/CPU runs it natively, else float32; cache/devices.py), "float32", "bfloat16", "float16"
+    dtype: str = "auto"  # teacher weights: "auto" (bf16 where the GPU/CPU runs it natively, else float32; stages/devices.py), "float32", "bfloat16", "float16"
     device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:N" (the vllm engine: "auto"/"cpu"/"cuda"; it uses CUDA_VISIBLE_DEVICES)
     max_tokens_per_batch: int = 8192  # token budget of one teacher forward: transformers' length-sorted padded batch; vLLM's max_num_batched_tokens, which bounds its [tokens × vocab] prompt-log-prob buffers (vLLM's memory profiler does not count them)
     render: str = "student_ids"  # "student_ids": teacher sees the student's ids; "teacher_template": re-render the prompt with the teacher's chat template
@@ -260,7 +265,7 @@ class TrainConfig:
     epochs: int = 1  # passes over the round's data
     max_tokens_per_batch: int = 4096  # tokens per micro-batch per process (prompt + completion, padded)
     grad_accum: int = 1  # micro-batches per optimizer step
-    dtype: str = "auto"  # compute dtype: "auto" (bf16 autocast where the GPU/CPU runs bf16 natively, else float32; cache/devices.py), "float32", "bfloat16"
+    dtype: str = "auto"  # compute dtype: "auto" (bf16 autocast where the GPU/CPU runs bf16 natively, else float32; stages/devices.py), "float32", "bfloat16"
     lora_rank: int = 0  # LoRA rank; 0 = full fine-tune
     lora_alpha: int = 16  # LoRA alpha
     lora_dropout: float = 0.0  # LoRA dropout
@@ -268,7 +273,7 @@ class TrainConfig:
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
     )  # modules LoRA wraps
     fsdp: bool = False  # shard the model with FSDP2 (GPU, models that do not fit one device)
-    quantize: bool = False  # quantisation-aware training of a weight-only integer student (cache/quant.py): the start student must be a quantised folder (`opd models quantize`) made with the quantize_* settings below; each round exports the dequantised weights, the float masters and a packed compressed-tensors copy
+    quantize: bool = False  # quantisation-aware training of a weight-only integer student (stages/quant.py): the start student must be a quantised folder (`opd models quantize`) made with the quantize_* settings below; each round exports the dequantised weights, the float masters and a packed compressed-tensors copy
     quantize_bits: int = 4  # train.quantize: integer bits per weight, 4 or 8
     quantize_group_size: int = 32  # train.quantize: weights per scale along each row's input dimension; must divide every quantised layer's input size
     quantize_symmetric: bool = True  # train.quantize: symmetric grid (zero point 0, a fixed point of the quantiser) or asymmetric (a zero point per group)
@@ -299,21 +304,6 @@ class TrainConfig:
         "fsdp",
         "grad_accum",
     )
-
-    @property
-    def quant_spec(self):
-        """The grid train.quantize trains on (cache/quant.QuantSpec), or None when it is off."""
-        if not self.quantize:
-            return None
-        from opd.cache.quant import QuantSpec
-
-        return QuantSpec(
-            bits=self.quantize_bits,
-            group_size=self.quantize_group_size,
-            symmetric=self.quantize_symmetric,
-            embeddings=self.quantize_embeddings,
-            lm_head=self.quantize_lm_head,
-        )
 
     @property
     def offpolicy_beta(self) -> float:

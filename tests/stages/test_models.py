@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from opd.cache import fingerprint
-from opd.cache import models as M
 from opd.cache.errors import OpdError
+from opd.stages import models as M
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2? ü 🎉"}]
 CHATML = "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n2+2? ü 🎉<|im_end|>\n<|im_start|>assistant\n"

@@ -1,9 +1,9 @@
-"""The dtype rule (cache/devices.py), for both answers of the bf16 capability check on any machine."""
+"""The dtype rule (stages/devices.py), for both answers of the bf16 capability check on any machine."""
 
 import pytest
 
-from opd.cache.devices import choose_dtype, placement
 from opd.cache.errors import OpdError
+from opd.stages.devices import choose_dtype, placement
 
 
 @pytest.mark.parametrize("device_type", ["cpu", "cuda"])

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from opd.cache.errors import OpdError
+from opd.configs.schema import DTYPES
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")
 _CPU_BF16_FEATURES = ("avx512_bf16", "amx_bf16", "bf16", "sve_bf16")  # keys of torch.cpu.get_capabilities()
 
 
@@ -40,8 +40,19 @@ def choose_dtype(requested: str, device_type: str, native_bf16: bool) -> tuple[s
 
 
 def native_bf16(device_type: str) -> bool:
-    """Does this machine's `device_type` device compute in bf16 natively (as torch reports it)?"""
+    """Does this machine's `device_type` device compute in bf16 natively (as torch reports it)?
+
+    `OPD_NATIVE_BF16=1` / `0` answers instead of torch: "auto" then chooses as it would on a machine
+    with / without native bf16 (to reproduce another machine's choice; the suite runs under both)."""
+    import os
+
     import torch
+
+    forced = os.environ.get("OPD_NATIVE_BF16", "")
+    if forced in ("0", "1"):
+        return forced == "1"
+    if forced:
+        raise OpdError(f"OPD_NATIVE_BF16={forced!r} is invalid: use 1, 0, or leave it unset")
 
     if device_type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()

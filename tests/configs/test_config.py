@@ -13,8 +13,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from opd.cache import config as C
-from opd.cache.config import (
+from opd.cache.errors import OpdError
+from opd.configs import schema as C
+from opd.configs.schema import (
     PACKAGED_CONFIGS,
     ConfigError,
     OpdConfig,
@@ -26,9 +27,8 @@ from opd.cache.config import (
     loads_config,
     parse_override,
 )
-from opd.cache.errors import OpdError
 
-CONFIGS = Path(C.__file__).resolve().parent.parent / "configs"
+CONFIGS = Path(C.__file__).resolve().parent
 
 MINIMAL = """
 [run]
@@ -347,7 +347,7 @@ def test_section_hash():
     h = cfg.section_hash("score")
     assert len(h) == 64 and int(h, 16) >= 0
     # the same in another process with another str hash seed (a fingerprint must not depend on either)
-    code = "from opd.cache.config import load_config; print(load_config('tiny').section_hash('score'))"
+    code = "from opd.configs.schema import load_config; print(load_config('tiny').section_hash('score'))"
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert other.returncode == 0, other.stderr

@@ -1,4 +1,4 @@
-"""The run directory contract (DESIGN.md): layout, `_DONE.json` manifests, skip/--force, --shard i/N.
+"""The run directory contract (docs/design.md): layout, `_DONE.json` manifests, skip/--force, --shard i/N.
 
     RUN/opd.toml                         resolved config (written once by `opd init`)
     RUN/rounds/0000/rollouts/part-00000.parquet, _DONE.json

@@ -1,25 +1,38 @@
 """Run configuration: one frozen dataclass per stage plus the run-level table, loaded from TOML.
 
-A config file has one table per section ([run], [rollout], [score], [train]); every key is a field
-below, with the same name in TOML, in `--set section.key=value` overrides and in the code. Loading
-checks types, ranges and choices, and an unknown key names the closest valid one. Relative paths in
-a file are resolved against the file's folder; paths given with `--set` against the current folder.
-Model references may also be `opd:NAME` (a model opd makes offline, e.g. `opd:smollm2-135m`) or
-`tiny:ROLE` (a tiny random model built on the fly, for tests and quick runs).
+A config file has one table per section ([run], [rollout], [score], [train], [eval]); every key is a
+field below, with the same name in TOML, in `--set section.key=value` overrides and in the code. A
+field may hold a small record of its own, written as a table inside its section's ([eval.stop]); a
+list of records is an array of tables ([[section.name]]). `--set` reaches into a record by its dotted
+path (`--set eval.stop.patience=3`), into the N-th record of a list by index
+(`--set 'section.name[1].key=x'`), or replaces a whole record or list with an inline TOML value
+(`--set 'eval.stop={metric="heldout_rkl", patience=2}'`).
+
+Loading checks types strictly (an integer is accepted where a number is expected; nothing else is
+converted: "8" is not an integer, 1 is not true), ranges and choices; an unknown key names the closest
+valid one, and every message names the value's full path (`eval.stop.patience = 0 is invalid: ...`).
+Relative paths in a file are resolved against the file's folder; paths given with `--set` against the
+current folder. Model references may also be `opd:NAME` (a model opd makes offline, e.g.
+`opd:smollm2-135m`) or `tiny:ROLE` (a tiny random model built on the fly, for tests and quick runs).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import hashlib
 import json
 import os
+import re
 import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
+
+import pydantic
+import tomli_w
 
 from opd.cache.errors import OpdError
 
@@ -30,6 +43,8 @@ DTYPES = (
     "bfloat16",
     "float16",
 )  # what a stage's `dtype` may say (opd.stages.devices resolves "auto")
+STOP_METRICS = ("heldout_rkl", "heldout_teacher_nll", "accuracy")  # what eval.stop.metric may watch
+Config = TypeVar("Config")
 
 
 class ConfigError(OpdError):
@@ -43,6 +58,27 @@ def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
 
 def _choice(key: str, value: Any, choices: tuple) -> None:
     _require(value in choices, key, value, "must be one of " + ", ".join(repr(c) for c in choices))
+
+
+def check_records(obj: Any, at: str) -> None:
+    """Check the records a section (or the root, or a record) holds, in a field or a list field: each
+    must be of its declared type, and its `check(path)`, where it has one, is called with its full path
+    (`eval.stop`, `teachers[1]`). A record's own checks live in `check` because only its holder knows
+    where it sits; its holder's `__post_init__` calls this, so they run on load and on `replace`."""
+    for name, tp in _hints(type(obj)).items():
+        value, where = getattr(obj, name), _join(at, name)
+        if dataclasses.is_dataclass(tp):
+            _check_record(value, tp, where)
+        elif dataclasses.is_dataclass(_list_item(tp)):
+            _require(isinstance(value, list), where, value, f"must be a list of {_list_item(tp).__name__} records")
+            for i, item in enumerate(value):
+                _check_record(item, _list_item(tp), f"{where}[{i}]")
+
+
+def _check_record(value: Any, tp: type, at: str) -> None:
+    _require(isinstance(value, tp), at, value, f"must be a {tp.__name__} record")
+    if hasattr(value, "check"):
+        value.check(at)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -385,6 +421,22 @@ class TrainConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class StopRule:
+    """A stop rule on a held-out figure: `opd run` stops once `patience` held-out evaluations in a row
+    have not improved `metric` by at least `min_delta` on the best value before them (lower is better,
+    except for accuracy)."""
+
+    metric: str = ""  # held-out figure watched: "heldout_rkl", "heldout_teacher_nll" (nats/token), "accuracy" (needs eval.checker); "" = off
+    min_delta: float = 0.0  # smallest change toward better that counts as an improvement (in the metric's unit)
+    patience: int = 1  # held-out evaluations in a row without an improvement before the run stops
+
+    def check(self, at: str) -> None:
+        _choice(f"{at}.metric", self.metric, ("", *STOP_METRICS))
+        _require(self.min_delta >= 0, f"{at}.min_delta", self.min_delta, "must be >= 0")
+        _require(self.patience >= 1, f"{at}.patience", self.patience, "must be >= 1")
+
+
+@dataclass(frozen=True, kw_only=True)
 class EvalConfig:
     """Validation: a held-out prompt set sampled by each round's starting student and scored by the
     teacher (never trained on), in RUN/rounds/R/heldout/. Its samples are drawn at `temperature` with
@@ -404,6 +456,7 @@ class EvalConfig:
     stop_rkl_below: float = 0.0  # `opd run` stops once the held-out reverse KL (nats/token) is below this; 0 = off
     stop_patience: int = 0  # `opd run` stops after this many rounds without a drop of at least stop_min_delta; 0 = off
     stop_min_delta: float = 0.0  # the smallest drop in held-out reverse KL that counts as an improvement
+    stop: StopRule = field(default_factory=StopRule)  # stop rule on a held-out figure: metric, min_delta, patience
     final: bool = True  # `opd run` also evaluates the last round's student (RUN/rounds/N/heldout/, no training data)
 
     def __post_init__(self):
@@ -421,6 +474,13 @@ class EvalConfig:
             self.checker,
             "needs eval.reference_field (the column with the answers)",
         )
+        check_records(self, "eval")
+        _require(
+            self.stop.metric != "accuracy" or bool(self.checker),
+            "eval.stop.metric",
+            self.stop.metric,
+            "'accuracy' needs eval.checker",
+        )
 
     @property
     def enabled(self) -> bool:
@@ -435,6 +495,12 @@ class OpdConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
+    # keys holding file paths: a relative one resolves against the config file's folder (a --set one
+    # against the current folder)
+    PATH_KEYS: ClassVar[frozenset[tuple[str, ...]]] = frozenset(
+        {("run", "student"), ("run", "teacher"), ("run", "models_dir"), ("rollout", "prompts"), ("eval", "prompts")}
+    )
+
     def section_hash(self, section: str) -> str:
         """sha256 of one section's values, less its `HOW` keys (settings that change no byte of the
         stage's output): the stage's config fingerprint. The one rule every stage hashes by."""
@@ -447,18 +513,21 @@ class OpdConfig:
         return {f.name: dataclasses.asdict(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
     def replace(self, section: str, **changes: Any) -> "OpdConfig":
-        return dataclasses.replace(self, **{section: dataclasses.replace(getattr(self, section), **changes)})
+        """A copy with `changes` to one section, or to a record in one (`replace("eval.stop", patience=2)`),
+        checked again by the section it is in."""
+        return _replace_at(self, section, changes)
 
 
-SECTIONS: dict[str, type] = {f.name: f.type for f in dataclasses.fields(OpdConfig)}
-_SECTION_TYPES = {
-    "run": RunConfig,
-    "rollout": RolloutConfig,
-    "score": ScoreConfig,
-    "train": TrainConfig,
-    "eval": EvalConfig,
-}
-PATH_KEYS = {("run", "student"), ("run", "teacher"), ("run", "models_dir"), ("rollout", "prompts"), ("eval", "prompts")}
+def _replace_at(obj: Any, dotted: str, changes: dict[str, Any]) -> Any:
+    if not dotted:
+        return dataclasses.replace(obj, **changes)
+    head, _, rest = dotted.partition(".")
+    return dataclasses.replace(obj, **{head: _replace_at(getattr(obj, head), rest, changes)})
+
+
+SECTIONS: dict[str, type] = {f.name: typing.get_type_hints(OpdConfig)[f.name] for f in dataclasses.fields(OpdConfig)}
+_SECTION_TYPES = SECTIONS
+PATH_KEYS = OpdConfig.PATH_KEYS
 
 
 # ------------------------------------------------------------------------------------------ loading
@@ -476,62 +545,123 @@ def find_config(name_or_path: str | os.PathLike) -> Path:
     raise ConfigError(f"config file {str(name_or_path)!r} not found (packaged presets: {presets})")
 
 
-def load_config(name_or_path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> OpdConfig:
-    """Read a TOML config (or a packaged preset name), apply `section.key=value` overrides, validate."""
+def load_config(
+    name_or_path: str | os.PathLike,
+    overrides: list[str] | tuple[str, ...] = (),
+    *,
+    root: type[Config] = OpdConfig,
+) -> Config:
+    """Read a TOML config (or a packaged preset name), apply `--set` overrides, validate.
+    `root` is the schema (OpdConfig; tests pass a small one of their own)."""
     path = find_config(name_or_path)
     try:
         data = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML ({e})") from None
     try:
-        _resolve_paths(data, path.resolve().parent)
-        apply_overrides(data, overrides)
-        return config_from_dict(data)
+        _resolve_paths(data, path.resolve().parent, root)
+        apply_overrides(data, overrides, root=root)
+        return config_from_dict(data, root=root)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
 
 
-def loads_config(text: str, base_dir: str | os.PathLike = ".") -> OpdConfig:
+def loads_config(text: str, base_dir: str | os.PathLike = ".", *, root: type[Config] = OpdConfig) -> Config:
     """Like load_config, from TOML text (relative paths against `base_dir`)."""
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"not valid TOML ({e})") from None
-    _resolve_paths(data, Path(base_dir).resolve())
-    return config_from_dict(data)
+    _resolve_paths(data, Path(base_dir).resolve(), root)
+    return config_from_dict(data, root=root)
 
 
 def _is_plain_path(value: str) -> bool:
     return bool(value) and ":" not in value.split("/", 1)[0]
 
 
-def _resolve_paths(data: dict, base: Path) -> None:
-    for section, key in PATH_KEYS:
-        value = data.get(section, {}).get(key) if isinstance(data.get(section), dict) else None
+def _resolve_paths(data: dict, base: Path, root: type) -> None:
+    for keys in getattr(root, "PATH_KEYS", ()):
+        *tables, key = keys
+        node: Any = data
+        for name in tables:
+            node = node.get(name) if isinstance(node, dict) else None
+        value = node.get(key) if isinstance(node, dict) else None
         if isinstance(value, str) and _is_plain_path(value):
-            data[section][key] = str((base / os.path.expanduser(value)).resolve())
+            node[key] = str((base / os.path.expanduser(value)).resolve())
 
 
-def parse_override(item: str) -> tuple[str, str, Any]:
-    """`section.key=value` → (section, key, value); the value is read as TOML, else kept as a string."""
-    if "=" not in item or "." not in item.split("=", 1)[0]:
+_KEY_PART = re.compile(r"\s*([A-Za-z_][\w-]*)\s*((?:\[\s*\d+\s*\]\s*)*)")
+
+
+def _parse_set(item: str) -> tuple[tuple[str | int, ...], Any]:
+    """`a.b[1].c=value` → (("a", "b", 1, "c"), value); the value is read as TOML, else kept as a string."""
+    dotted, eq, raw = item.partition("=")
+    parts = [_KEY_PART.fullmatch(p) for p in dotted.split(".")]
+    if not eq or not all(parts):
         raise ConfigError(f"--set {item!r} is invalid: expected section.key=value, e.g. train.lr=1e-5")
-    dotted, raw = item.split("=", 1)
-    section, key = dotted.strip().split(".", 1)
+    path: list[str | int] = []
+    for m in parts:
+        path += [m.group(1), *(int(i) for i in re.findall(r"\d+", m.group(2)))]
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
         value = raw
-    return section, key, value
+    return tuple(path), value
 
 
-def apply_overrides(data: dict, overrides) -> None:
+def parse_override(item: str) -> tuple[str, str, Any]:
+    """`section.key=value` → (section, key, value); the value is read as TOML, else kept as a string.
+    The key may go deeper (`eval.stop.patience=3` → ("eval", "stop.patience", 3))."""
+    path, value = _parse_set(item)
+    if len(path) < 2 or not isinstance(path[1], str):
+        raise ConfigError(f"--set {item!r} is invalid: expected section.key=value, e.g. train.lr=1e-5")
+    return path[0], _show(path[1:]), value
+
+
+def apply_overrides(data: dict, overrides, *, root: type = OpdConfig) -> None:
+    """Apply `--set PATH=VALUE` items to a config's raw TOML dict: PATH names a key of a section
+    (`train.lr`), of a record in it (`eval.stop.patience`) or of the N-th record of a list
+    (`section.rules[1].key`), or a top-level field that is not a section; VALUE may be a whole record
+    or list as an inline TOML table or array."""
     for item in overrides:
-        section, key, value = parse_override(item)
-        _check_name(section, SECTIONS, "section", "")
-        if (section, key) in PATH_KEYS and isinstance(value, str) and _is_plain_path(value):
+        path, value = _parse_set(item)
+        if len(path) == 1 and (path[0] not in _hints(root) or dataclasses.is_dataclass(_hints(root)[path[0]])):
+            raise ConfigError(f"--set {item!r} is invalid: expected section.key=value, e.g. train.lr=1e-5")
+        if path in getattr(root, "PATH_KEYS", ()) and isinstance(value, str) and _is_plain_path(value):
             value = str(Path(os.path.expanduser(value)).resolve())
-        data.setdefault(section, {})[key] = value
+        _assign(data, root, path, value)
+
+
+def _assign(data: dict, root: type, path: tuple[str | int, ...], value: Any) -> None:
+    """Set one value in a raw config dict, walking the schema beside it: each name must be a field of
+    the record it is in, each index an existing entry of a list."""
+    node: Any = data
+    tp: Any = root
+    for i, part in enumerate(path):
+        where, here = _show(path[:i]), _show(path[: i + 1])
+        if isinstance(part, int):
+            if _list_item(tp) is None or not isinstance(node, list):
+                raise ConfigError(f"cannot set {here}: {where} is not a list")
+            if part >= len(node):
+                raise ConfigError(f"cannot set {here}: {where} has {len(node)} entries")
+            tp = _list_item(tp)
+        else:
+            if not dataclasses.is_dataclass(tp) or not isinstance(node, dict):
+                raise ConfigError(f"cannot set {here}: {where} is not a table")
+            _check_name(part, _hints(tp), "key" if i else "section", f"{where}." if i else "")
+            tp = _hints(tp)[part]
+        if i == len(path) - 1:
+            node[part] = value
+        elif isinstance(part, int):
+            node = node[part]
+        else:
+            node = node.setdefault(part, [] if isinstance(path[i + 1], int) else {})
+
+
+def _show(path: tuple[str | int, ...]) -> str:
+    """("a", "b", 1, "c") → "a.b[1].c"."""
+    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path).lstrip(".")
 
 
 def _check_name(name: str, valid, what: str, prefix: str) -> None:
@@ -541,59 +671,78 @@ def _check_name(name: str, valid, what: str, prefix: str) -> None:
         raise ConfigError(f"unknown {what} '{prefix}{name}'{hint}")
 
 
-def config_from_dict(data: dict[str, Any]) -> OpdConfig:
-    for section in data:
-        _check_name(section, SECTIONS, "section", "")
-    for required in ("run", "rollout"):
-        if required not in data:
-            raise ConfigError(f"missing section [{required}]")
-    built = {name: _build(cls, name, data.get(name, {})) for name, cls in _SECTION_TYPES.items()}
-    return OpdConfig(**built)
+def config_from_dict(data: dict[str, Any], *, root: type[Config] = OpdConfig) -> Config:
+    """Build and validate a config from its raw TOML dict (tables as dicts, arrays of tables as lists)."""
+    return _build(root, "", data)
 
 
-def _build(cls: type, section: str, table: Any) -> Any:
+def _build(cls: type, at: str, table: Any) -> Any:
+    """One record (the root config, a section, a record in a section) from its table; `at` is its
+    path ("" for the root), which every error names."""
     if not isinstance(table, dict):
-        raise ConfigError(f"[{section}] must be a table, got {table!r}")
+        if at.isidentifier():  # a section: a table of the root
+            raise ConfigError(f"[{at}] must be a table, got {table!r}")
+        raise ConfigError(f"{at} = {table!r} is invalid: must be a table")
+    hints = _hints(cls)
+    fields = [f for f in dataclasses.fields(cls) if f.init]
+    for key in table:
+        _check_name(key, hints, "key" if at else "section", f"{at}." if at else "")
+    for f in fields:
+        if f.name not in table and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            if not at and dataclasses.is_dataclass(hints[f.name]):
+                raise ConfigError(f"missing section [{f.name}]")
+            raise ConfigError(f"missing required key {_join(at, f.name)}")
+    return cls(**{key: _value(_join(at, key), value, hints[key]) for key, value in table.items()})
+
+
+def _value(at: str, value: Any, tp: Any) -> Any:
+    """A field's value from TOML: a record or a list of records is built key by key; anything else is
+    validated by pydantic in strict mode (no str→int, no int→bool; an int is accepted for a float)."""
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, at, value)
+    item_tp = _list_item(tp)
+    if item_tp is not None and dataclasses.is_dataclass(item_tp):
+        _require(isinstance(value, list), at, value, "must be a list of tables (an array of tables)")
+        return [_build(item_tp, f"{at}[{i}]", v) for i, v in enumerate(value)]
+    try:
+        return _adapter(tp).validate_python(value, strict=True)
+    except pydantic.ValidationError as e:
+        error = e.errors()[0]
+        raise ConfigError(f"{at} = {error['input']!r} is invalid: {_allowed(error, tp)}") from None
+
+
+_ALLOWED = {
+    "int_type": "must be an integer",
+    "float_type": "must be a number",
+    "bool_type": "must be true or false",
+    "string_type": "must be a string",
+}
+
+
+def _allowed(error: dict, tp: Any) -> str:
+    if error["type"] == "list_type" and _list_item(tp) is not None:
+        return f"must be a list of {_list_item(tp).__name__}"
+    return _ALLOWED.get(error["type"], error["msg"].replace("Input should be", "must be"))
+
+
+@functools.cache
+def _adapter(tp: Any) -> pydantic.TypeAdapter:
+    return pydantic.TypeAdapter(tp)
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    """A dataclass's init fields and their resolved types."""
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in table.items():
-        _check_name(key, fields, "key", f"{section}.")
-        kwargs[key] = _coerce(f"{section}.{key}", value, hints[key])
-    missing = [
-        n
-        for n, f in fields.items()
-        if n not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-    ]
-    if missing:
-        raise ConfigError(f"missing required key {section}.{missing[0]}")
-    return cls(**kwargs)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init}
 
 
-def _coerce(key: str, value: Any, tp: Any) -> Any:
-    origin = typing.get_origin(tp)
-    if origin is list:
-        (item_tp,) = typing.get_args(tp)
-        if not isinstance(value, list):
-            raise ConfigError(f"{key} = {value!r} is invalid: must be a list of {item_tp.__name__}")
-        return [_coerce(key, v, item_tp) for v in value]
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key} = {value!r} is invalid: must be true or false")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key} = {value!r} is invalid: must be an integer")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key} = {value!r} is invalid: must be a number")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key} = {value!r} is invalid: must be a string")
-        return value
-    raise TypeError(f"unsupported config field type {tp} for {key}")
+def _list_item(tp: Any) -> Any:
+    return typing.get_args(tp)[0] if typing.get_origin(tp) is list else None
+
+
+def _join(at: str, key: str) -> str:
+    return f"{at}.{key}" if at else key
 
 
 def load_run_config(run, overrides=()) -> OpdConfig:
@@ -617,24 +766,9 @@ def load_run_config(run, overrides=()) -> OpdConfig:
 # ------------------------------------------------------------------------------------------ writing
 
 
-def dumps_config(cfg: OpdConfig) -> str:
-    """TOML text of a config, every field written out (the run's resolved `opd.toml`)."""
-    lines = ["# Resolved opd config: every stage of this run reads this file.", ""]
-    for section, values in cfg.to_dict().items():
-        lines.append(f"[{section}]")
-        lines += [f"{k} = {_toml_value(v)}" for k, v in values.items()]
-        lines.append("")
-    return "\n".join(lines)
-
-
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    if isinstance(v, str):
-        # JSON string escapes are valid TOML basic-string escapes, except that TOML also forbids DEL raw.
-        return json.dumps(v, ensure_ascii=False).replace("\x7f", "\\u007f")
-    if isinstance(v, list):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    raise TypeError(f"cannot write {v!r} as TOML")
+def dumps_config(cfg: Any) -> str:
+    """TOML text of a config, every field written out (the run's resolved `opd.toml`): records as
+    tables ([eval.stop]), lists of records as arrays of tables."""
+    return "# Resolved opd config: every stage of this run reads this file.\n\n" + tomli_w.dumps(
+        dataclasses.asdict(cfg)
+    )

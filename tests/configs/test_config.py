@@ -7,6 +7,7 @@ import subprocess
 import sys
 import tomllib
 import typing
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ from opd.configs.schema import (
     OpdConfig,
     RolloutConfig,
     ScoreConfig,
+    StopRule,
     TrainConfig,
     dumps_config,
     load_config,
@@ -140,6 +142,7 @@ def test_quoted_string_override():
     assert load_config("tiny", ['run.name="a=b"']).run.name == "a=b"
     assert parse_override("train.lr=1e-5") == ("train", "lr", 1e-5)
     assert parse_override("run.name=x.y=z") == ("run", "name", "x.y=z")
+    assert parse_override("eval.stop.patience = 3") == ("eval", "stop.patience", 3)
 
 
 # ------------------------------------------------------------------------------------------ errors
@@ -289,6 +292,9 @@ def test_dumps_loads_roundtrip_tiny():
         ("train", TrainConfig),
     ):
         assert set(tomllib.loads(text)[section]) == {f.name for f in dataclasses.fields(cls)}
+    # the file holds exactly the config's values, records as tables
+    assert tomllib.loads(text) == cfg.to_dict()
+    assert "\n[eval.stop]\n" in text and text.startswith("# Resolved opd config")
 
 
 # any text but lone surrogates and DEL (see test_dumps_escapes_del), control characters included
@@ -305,11 +311,18 @@ printable = st.text(st.characters(exclude_categories=("Cs",), exclude_characters
     top_k=st.integers(1, 10**6),
     schedule=st.lists(st.floats(0, 1), max_size=4),
     chat=st.booleans(),
+    rule=st.builds(
+        StopRule,
+        metric=st.sampled_from(("", *C.STOP_METRICS)),
+        min_delta=st.floats(0, 1e3),
+        patience=st.integers(1, 2**63 - 1),
+    ),
 )
-def test_dumps_loads_roundtrip_any_values(name, stop, lr, beta, seed, top_k, schedule, chat):
+def test_dumps_loads_roundtrip_any_values(name, stop, lr, beta, seed, top_k, schedule, chat, rule):
     cfg = load_config("tiny")
     cfg = cfg.replace("run", name=name, seed=seed).replace("train", lr=lr, beta=beta)
     cfg = cfg.replace("score", top_k=top_k).replace("rollout", stop=stop, lmbda_schedule=schedule, chat_template=chat)
+    cfg = cfg.replace("eval", stop=rule)
     assert loads_config(dumps_config(cfg)) == cfg
 
 
@@ -399,6 +412,7 @@ def test_dataclass_defaults_survive_the_loader(tmp_path):
 def test_every_packaged_preset_loads(name):
     cfg = load_config(name)
     assert cfg.run.name == name or name == "smollm2"
+    assert loads_config(dumps_config(cfg)) == cfg
     if cfg.rollout.prompts.startswith(str(PACKAGED_CONFIGS)):  # shipped prompt sets exist and are disjoint
         train = {json.loads(x)["prompt"] for x in Path(cfg.rollout.prompts).read_text().splitlines() if x.strip()}
         assert len(train) >= 16
@@ -421,3 +435,261 @@ def test_tensor_parallel_recipe_splits_the_score_pool_into_teacher_groups():
     rollout, train = Pool.parse(cfg.run.rollout_devices, "r"), Pool.parse(cfg.run.train_devices, "t")
     assert score.disjoint(rollout) and score.disjoint(train) and _overlap_pays(rollout, score)
     assert cfg.score.max_model_len > cfg.rollout.max_new_tokens
+
+
+def test_importing_the_schema_does_not_import_torch():
+    code = "import sys, opd.configs.schema; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
+
+
+# ------------------------------------------------------------------------------------------ a record: [eval.stop]
+
+
+def test_stop_rule_defaults_to_off():
+    stop = load_config("tiny").eval.stop
+    assert stop == StopRule() and (stop.metric, stop.min_delta, stop.patience) == ("", 0.0, 1)
+
+
+@pytest.mark.parametrize(
+    "table",
+    [
+        '[eval.stop]\nmetric = "heldout_rkl"\nmin_delta = 1\npatience = 3\n',  # a table of tables
+        '[eval]\nstop = { metric = "heldout_rkl", min_delta = 1, patience = 3 }\n',  # an inline table
+    ],
+)
+def test_stop_rule_from_a_file(tmp_path, table):
+    cfg = load_config(write_config(tmp_path, MINIMAL + table))
+    assert cfg.eval.stop == StopRule(metric="heldout_rkl", min_delta=1.0, patience=3)
+    assert isinstance(cfg.eval.stop.min_delta, float)  # an int where a float is expected becomes a float
+
+
+def test_stop_rule_from_set():
+    cfg = load_config("tiny", ["eval.stop.metric=accuracy", "eval.stop.patience = 3", "eval.stop.min_delta=0.01"])
+    assert cfg.eval.stop == StopRule(metric="accuracy", min_delta=0.01, patience=3)
+    # a whole record as an inline table replaces the record: keys it does not name take their defaults
+    cfg = load_config("tiny", ["eval.stop.patience=3", 'eval.stop={metric="heldout_teacher_nll", min_delta=0.5}'])
+    assert cfg.eval.stop == StopRule(metric="heldout_teacher_nll", min_delta=0.5, patience=1)
+    # --set on top of a file's [eval.stop] changes only the key it names
+    cfg = load_config("tiny", ['eval.stop={metric="heldout_rkl", patience=4}', "eval.stop.min_delta=2"])
+    assert cfg.eval.stop == StopRule(metric="heldout_rkl", min_delta=2.0, patience=4)
+
+
+@pytest.mark.parametrize(
+    "items, expect",
+    [
+        (["eval.stop.patience=0"], "eval.stop.patience = 0 is invalid: must be >= 1"),
+        (["eval.stop.patience=-1"], "eval.stop.patience = -1 is invalid: must be >= 1"),
+        (["eval.stop.patience=1.5"], "eval.stop.patience = 1.5 is invalid: must be an integer"),
+        (["eval.stop.patience=true"], "eval.stop.patience = True is invalid: must be an integer"),
+        (["eval.stop.min_delta=-0.1"], "eval.stop.min_delta = -0.1 is invalid: must be >= 0"),
+        (["eval.stop.min_delta=small"], "eval.stop.min_delta = 'small' is invalid: must be a number"),
+        (["eval.stop.metric=loss"], "eval.stop.metric = 'loss' is invalid: must be one of '', 'heldout_rkl', "),
+        (["eval.stop.patiense=2"], "unknown key 'eval.stop.patiense' (did you mean 'eval.stop.patience'?)"),
+        (["eval.stop={patiense=2}"], "unknown key 'eval.stop.patiense' (did you mean 'eval.stop.patience'?)"),
+        (["eval.stop={patience=0}"], "eval.stop.patience = 0 is invalid: must be >= 1"),
+        (["eval.stop=3"], "eval.stop = 3 is invalid: must be a table"),
+        (["eval.stop.patience.x=1"], "cannot set eval.stop.patience.x: eval.stop.patience is not a table"),
+        (["eval.stop[0]=1"], "cannot set eval.stop[0]: eval.stop is not a list"),
+        (["eval=3"], "expected section.key=value"),
+        (
+            ["eval.checker=", "eval.stop.metric=accuracy"],
+            "eval.stop.metric = 'accuracy' is invalid: 'accuracy' needs eval.checker",
+        ),
+    ],
+)
+def test_stop_rule_errors_name_the_full_path(items, expect):
+    assert expect in _error(items)
+
+
+def test_stop_rule_error_in_a_file(tmp_path):
+    path = write_config(tmp_path, MINIMAL + "[eval.stop]\npatience = 0\n")
+    msg = _error([], path)
+    assert str(path) in msg and "eval.stop.patience = 0 is invalid: must be >= 1" in msg
+    path = write_config(tmp_path, MINIMAL + "[eval.stop]\nmetrc = 'heldout_rkl'\n")
+    assert "unknown key 'eval.stop.metrc' (did you mean 'eval.stop.metric'?)" in _error([], path)
+
+
+def test_replace_reaches_into_a_record():
+    cfg = load_config("tiny")
+    new = cfg.replace("eval.stop", metric="heldout_rkl", patience=2)
+    assert new.eval.stop == StopRule(metric="heldout_rkl", patience=2) and cfg.eval.stop == StopRule()
+    assert new.eval.n == cfg.eval.n
+    # the section checks the record it is given, by its full path
+    with pytest.raises(ConfigError, match=r"eval\.stop\.patience = 0 is invalid"):
+        cfg.replace("eval.stop", patience=0)
+    with pytest.raises(ConfigError, match=r"eval\.stop = \{'patience': 2\} is invalid: must be a StopRule record"):
+        cfg.replace("eval", stop={"patience": 2})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.eval.stop.patience = 5
+
+
+# ------------------------------------------------------------------------------------------ arrays of tables
+# A schema made for these tests runs through the same loader and writer: a top-level array of tables
+# ([[teachers]]), and a section holding a record and a list of records ([mix.stop], [[mix.rules]]).
+
+
+@dataclass(frozen=True, kw_only=True)
+class Teacher:
+    name: str  # label
+    model: str  # checkpoint
+    weight: float = 1.0  # share of the loss
+    layers: list[int] = field(default_factory=list)  # layers matched
+
+    def check(self, at: str) -> None:
+        if not self.model:
+            raise ConfigError(f"{at}.model = {self.model!r} is invalid: a model is required")
+        if self.weight <= 0:
+            raise ConfigError(f"{at}.weight = {self.weight!r} is invalid: must be > 0")
+
+
+@dataclass(frozen=True, kw_only=True)
+class MixSection:
+    temperature: float = 1.0  # τ
+    stop: StopRule = field(default_factory=StopRule)  # a record in a section
+    rules: list[StopRule] = field(default_factory=list)  # a list of records in a section
+
+    def __post_init__(self):
+        C.check_records(self, "mix")
+
+
+@dataclass(frozen=True, kw_only=True)
+class MixConfig:
+    teachers: list[Teacher]  # a top-level array of tables
+    mix: MixSection = field(default_factory=MixSection)  # a section
+
+    def __post_init__(self):
+        C.check_records(self, "")
+
+
+MIX = """
+[[teachers]]
+name = "a"
+model = "x"
+
+[[teachers]]
+name = "b"
+model = "y"
+weight = 2
+layers = [1, 2]
+
+[mix]
+temperature = 0.5
+
+[mix.stop]
+metric = "heldout_rkl"
+
+[[mix.rules]]
+patience = 2
+
+[[mix.rules]]
+metric = "accuracy"
+"""
+
+
+def _mix(tmp_path, text=MIX, overrides=()):
+    return load_config(write_config(tmp_path, text, "mix.toml"), overrides, root=MixConfig)
+
+
+def _mix_error(tmp_path, text=MIX, overrides=()):
+    with pytest.raises(ConfigError) as e:
+        _mix(tmp_path, text, overrides)
+    assert "\n" not in str(e.value)
+    return str(e.value)
+
+
+def test_arrays_of_tables_load(tmp_path):
+    cfg = _mix(tmp_path)
+    assert cfg.teachers == [
+        Teacher(name="a", model="x"),
+        Teacher(name="b", model="y", weight=2.0, layers=[1, 2]),
+    ]
+    assert isinstance(cfg.teachers[1].weight, float)
+    assert cfg.mix == MixSection(
+        temperature=0.5,
+        stop=StopRule(metric="heldout_rkl"),
+        rules=[StopRule(patience=2), StopRule(metric="accuracy")],
+    )
+    # the same written inline
+    inline = 'teachers = [{name = "a", model = "x"}]\n[mix]\nrules = [{patience = 2}]\n'
+    cfg = _mix(tmp_path, inline)
+    assert cfg.teachers == [Teacher(name="a", model="x")] and cfg.mix.rules == [StopRule(patience=2)]
+
+
+def test_arrays_of_tables_round_trip(tmp_path):
+    cfg = _mix(tmp_path)
+    text = dumps_config(cfg)
+    assert "\n[[teachers]]\n" in text and "\n[mix.stop]\n" in text
+    assert tomllib.loads(text) == dataclasses.asdict(cfg)
+    assert loads_config(text, root=MixConfig) == cfg
+    empty = MixConfig(teachers=[])
+    assert loads_config(dumps_config(empty), root=MixConfig) == empty
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    teachers=st.lists(
+        st.builds(
+            Teacher,
+            name=printable,
+            model=printable.filter(bool),
+            weight=st.floats(1e-6, 1e6),
+            layers=st.lists(st.integers(-(2**63), 2**63 - 1), max_size=3),
+        ),
+        max_size=4,
+    ),
+    rules=st.lists(st.builds(StopRule, patience=st.integers(1, 100), min_delta=st.floats(0, 1)), max_size=3),
+)
+def test_arrays_of_tables_round_trip_any_values(teachers, rules):
+    cfg = MixConfig(teachers=teachers, mix=MixSection(rules=rules))
+    assert loads_config(dumps_config(cfg), root=MixConfig) == cfg
+
+
+def test_arrays_of_tables_from_set(tmp_path):
+    # a whole array as an inline value
+    cfg = _mix(tmp_path, overrides=['teachers=[{name="c", model="z", weight=3}]'])
+    assert cfg.teachers == [Teacher(name="c", model="z", weight=3.0)]
+    # one key of the N-th table, by index
+    cfg = _mix(tmp_path, overrides=["teachers[1].model=w", "teachers[0].layers=[4]", "mix.rules[1].patience=5"])
+    assert [t.model for t in cfg.teachers] == ["x", "w"] and cfg.teachers[0].layers == [4]
+    assert cfg.mix.rules[1] == StopRule(metric="accuracy", patience=5)
+    # a whole table of an array, and a record of a section
+    cfg = _mix(tmp_path, overrides=['teachers[0]={name="d", model="v"}', "mix.stop.patience=7"])
+    assert cfg.teachers[0] == Teacher(name="d", model="v") and cfg.mix.stop.patience == 7
+
+
+@pytest.mark.parametrize(
+    "text, overrides, expect",
+    [
+        (MIX.replace('model = "y"', 'model = ""'), [], "teachers[1].model = '' is invalid: a model is required"),
+        (MIX.replace('model = "y"\n', ""), [], "missing required key teachers[1].model"),
+        (MIX.replace("weight = 2", 'weight = "2"'), [], "teachers[1].weight = '2' is invalid: must be a number"),
+        (MIX.replace("weight = 2", "weight = 0"), [], "teachers[1].weight = 0.0 is invalid: must be > 0"),
+        (MIX.replace("layers = [1, 2]", "layers = [1, 2.5]"), [], "teachers[1].layers = 2.5 is invalid: must be an"),
+        (MIX.replace('model = "x"', 'modle = "x"'), [], "unknown key 'teachers[0].modle' (did you mean"),
+        (MIX.replace("patience = 2", "patience = 0"), [], "mix.rules[0].patience = 0 is invalid: must be >= 1"),
+        ("teachers = 3\n", [], "teachers = 3 is invalid: must be a list of tables"),
+        ("teachers = [1]\n", [], "teachers[0] = 1 is invalid: must be a table"),
+        ("[mix]\n", [], "missing required key teachers"),
+        (MIX, ["teachers[1].model="], "teachers[1].model = '' is invalid: a model is required"),
+        (MIX, ["teachers[2].model=z"], "cannot set teachers[2]: teachers has 2 entries"),
+        (MIX, ["teachers[0].modle=z"], "unknown key 'teachers[0].modle' (did you mean 'teachers[0].model'?)"),
+        (MIX, ["teacher=[]"], "expected section.key=value"),
+        (MIX, ["mix=3"], "expected section.key=value"),
+        (MIX, ["mix.temperature[0]=1"], "cannot set mix.temperature[0]: mix.temperature is not a list"),
+        (MIX, ['mix.rules=[{metric="x"}]'], "mix.rules[0].metric = 'x' is invalid: must be one of"),
+        (MIX, ["mix.rules=[3]"], "mix.rules[0] = 3 is invalid: must be a table"),
+    ],
+)
+def test_arrays_of_tables_errors_name_the_full_path(tmp_path, text, overrides, expect):
+    assert expect in _mix_error(tmp_path, text, overrides)
+
+
+def test_records_are_checked_when_built_in_code():
+    with pytest.raises(ConfigError, match=r"^teachers\[1\]\.weight = -1 is invalid"):
+        MixConfig(teachers=[Teacher(name="a", model="x"), Teacher(name="b", model="y", weight=-1)])
+    with pytest.raises(ConfigError, match=r"^mix\.rules\[0\]\.patience = 0 is invalid"):
+        MixSection(rules=[StopRule(patience=0)])
+    with pytest.raises(ConfigError, match=r"must be a list of StopRule records"):
+        MixSection(rules=StopRule())

@@ -64,37 +64,21 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import shutil
-import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pyarrow.parquet as pq
 
 from opd.cache import fingerprint, storage
 from opd.cache.errors import OpdError
-from opd.cache.rundir import (
-    MANIFEST,
-    RunDir,
-    ShardSpec,
-    choose_splits,
-    combine_splits,
-    finalize_stage,
-    read_manifest,
-    shard_index,
-    shard_name,
-    should_skip,
-    split_folder,
-)
+from opd.cache.rundir import RunDir, ShardSpec, choose_splits, split_folder
 from opd.cache.shards import FORMAT_VERSION, SOURCES, check_producer, read_shard_meta, write_rollout_shard
 from opd.configs.schema import OpdConfig, RolloutConfig
-from opd.stages import console
-from opd.stages.devices import placement
-from opd.stages.engine import Engine, Sampling, load_engine, resolve_engine_name
+from opd.stages.engine import Engine, Sampling
 from opd.stages.models import resolve_model
 from opd.stages.prompts import Prompt, load_prompts, on_policy, prompts_hash, render
+from opd.stages.rollout_engines import RolloutEngines
+from opd.stages.runner import Progress, ShardOutcome, StageResult, Units, combine, run_stage
 from opd.stages.students import StartStudent, start_student
 
 STAGE = "rollouts"  # the run-directory folder (and manifest stage name)
@@ -109,53 +93,43 @@ def run(
     engine: str | Engine | None = None,
     force: bool = False,
     split: str = "all",
-) -> dict:
-    """Sample round `round_index`'s rollouts (this worker's shards); returns a summary dict.
+) -> StageResult:
+    """Sample round `round_index`'s rollouts (this worker's shards).
 
     `engine`: None = `rollout.engine`; "auto" / "vllm" / "transformers"; or an engine object already
     serving the student (the caller keeps ownership, e.g. one vLLM engine shared by several runs).
     `split`: "train" (the prompt set), "heldout" (the validation set, `[eval]`), or "all" (both that
-    are configured, sharing one engine). The summary is the first split's, with the held-out split's
-    under "heldout"; its "line" is the one-line human summary per split the CLI prints.
+    are configured, sharing one engine; the held-out split's result is the result's `heldout`).
     """
     splits = choose_splits(split, cfg.eval.enabled)
     with start_student(cfg, run, round_index) as student:
-        return _run(cfg, run, round_index, shard, engine, force, splits, student)
-
-
-def _run(
-    cfg: OpdConfig,
-    run: RunDir,
-    round_index: int,
-    shard: ShardSpec,
-    engine,
-    force: bool,
-    splits: list[str],
-    student: StartStudent,
-) -> dict:
-    teacher_dir = None
-    if "train" in splits and _wants_offpolicy(cfg.rollout, round_index) and cfg.rollout.offpolicy_source == "teacher":
-        teacher_dir = resolve_model(cfg.run.teacher, cfg.run.models_dir or None)
-    longest = max(split_config(cfg, sp).rollout.max_new_tokens for sp in splits)
-    engines = _Engines(cfg.replace("rollout", max_new_tokens=longest), round_index, student, teacher_dir, engine)
-    try:
-        summaries = [
-            _run_split(
-                split_config(cfg, sp),
-                run,
-                round_index,
-                shard,
-                engines,
-                force,
-                sp,
-                student,
-                teacher_dir if sp == "train" else None,
-            )
-            for sp in splits
-        ]
-    finally:
-        engines.close()
-    return combine_splits(summaries)
+        teacher_dir = None
+        if (
+            "train" in splits
+            and _wants_offpolicy(cfg.rollout, round_index)
+            and cfg.rollout.offpolicy_source == "teacher"
+        ):
+            teacher_dir = resolve_model(cfg.run.teacher, cfg.run.models_dir or None)
+        longest = max(split_config(cfg, sp).rollout.max_new_tokens for sp in splits)
+        engines = RolloutEngines(
+            cfg.replace("rollout", max_new_tokens=longest), round_index, student, teacher_dir, engine
+        )
+        try:
+            results = [
+                run_stage(
+                    _RolloutSplit(
+                        split_config(cfg, sp), run, round_index, sp, engines, teacher_dir if sp == "train" else None
+                    ),
+                    run,
+                    round_index,
+                    shard,
+                    force=force,
+                )
+                for sp in splits
+            ]
+        finally:
+            engines.close()
+    return combine(results)
 
 
 def split_config(cfg: OpdConfig, split: str) -> OpdConfig:
@@ -184,183 +158,181 @@ def split_config(cfg: OpdConfig, split: str) -> OpdConfig:
     )
 
 
-def _run_split(
-    cfg: OpdConfig,
-    run: RunDir,
-    round_index: int,
-    shard: ShardSpec,
-    engines: "_Engines",
-    force: bool,
-    split: str,
-    student: StartStudent,
-    teacher_dir: Path | None,
-) -> dict:
-    rc = cfg.rollout
-    t0 = time.perf_counter()
-    lmbda = rc.lmbda_for_round(round_index)
-    folder = split_folder(split, STAGE)
-    stage_dir = run.stage_dir(round_index, folder)
-    producer = _producer(cfg, round_index, lmbda, student, teacher_dir, engines.placement.dtype_name)
-    what = f"rollout round {round_index}" + ("" if split == "train" else f" {split}")
+@dataclass(frozen=True)
+class RolloutExtras:
+    """The rollout stage's own figures in a StageResult."""
 
-    mine = None  # --force under --shard i/N clears this worker's shards only (and the manifest)
-    if shard.count > 1:
-        mine = [
-            n for n in storage.listdir(run.fs, stage_dir) if shard_index(n) is not None and shard.owns(shard_index(n))
-        ]
-    if should_skip(run, stage_dir, producer, force, only=mine):
-        manifest = read_manifest(run, stage_dir)
-        summary = {"round": round_index, "split": split, "shard": str(shard), "skipped": True, **manifest.summary}
-        summary["line"] = (
-            f"{what}: already done ({manifest.total_rows} samples in "
-            f"{len(manifest.shards)} shards, {stage_dir}/{MANIFEST}); --force redoes it"
+    engine: str  # the engine that sampled ("vllm", "transformers")
+    lmbda: float  # λ of this round
+    prompts: int  # prompts kept (not too long)
+    skipped_long_prompts: int  # prompts longer than rollout.max_prompt_tokens
+    on_policy_prompts: int
+    off_policy_prompts: int
+    offpolicy_source: str
+    offpolicy_rows: str
+    student_samples_written: int
+    offpolicy_samples_written: int
+
+
+class _RolloutSplit:
+    """One split of the rollout stage as the runner sees it (stages/runner.py): one shard is the
+    samples of `prompts_per_shard` consecutive kept prompts."""
+
+    name = PRODUCER_STAGE
+
+    def __init__(
+        self,
+        cfg: OpdConfig,
+        run: RunDir,
+        round_index: int,
+        split: str,
+        engines: RolloutEngines,
+        teacher_dir: Path | None,
+    ):
+        self.cfg, self.rc, self.run, self.round, self.split = cfg, cfg.rollout, run, round_index, split
+        self.engines, self.teacher_dir = engines, teacher_dir
+        self.folder = split_folder(split, STAGE)
+        self.lmbda = self.rc.lmbda_for_round(round_index)
+        self._producer = _producer(
+            cfg, round_index, self.lmbda, engines.student, teacher_dir, engines.placement.dtype_name
         )
-        return summary
+        self.kept: list[Prompt] | None = None
+        self.read = self.skipped = 0
+        self.counts = {"student": 0, "offpolicy": 0}
 
-    from transformers import AutoTokenizer
+    def producer(self) -> dict:
+        return self._producer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(student.tokenizer_dir))
-    prompts = load_prompts(rc, lmbda)
-    kept, skipped = render(prompts, tokenizer, rc, student.tokenizer_dir)
-    if not kept:
-        raise OpdError(
-            f"{rc.prompts}: no prompts left: all {skipped} are longer than "
-            f"rollout.max_prompt_tokens={rc.max_prompt_tokens}"
-        )
-    for p in kept:
-        p.on_policy = on_policy(cfg.run.seed, round_index, p.id, lmbda)
-    if teacher_dir is not None:
-        _check_same_vocab(tokenizer, teacher_dir)
+    def units(self) -> Units:
+        if self.kept is None:
+            self._load_prompts()
+        return Units(list(range(math.ceil(len(self.kept) / self.rc.prompts_per_shard))))
 
-    S = rc.prompts_per_shard
-    num_shards = math.ceil(len(kept) / S)
-    owned = shard.owned(num_shards)
-    storage.remove_tmp_files(run.fs, stage_dir, {shard_name(s) for s in owned})
-    present = set(run.existing_shards(round_index, folder))
-    for s in sorted(present):
-        path = run.shard_path(round_index, folder, s)
-        check_producer(path, read_shard_meta(run.fs, path).get("producer", {}), producer)
-    todo = [s for s in owned if s not in present]
+    def _load_prompts(self) -> None:
+        from transformers import AutoTokenizer
 
-    sampling = Sampling(
-        n=rc.n,
-        temperature=rc.temperature,
-        top_p=rc.top_p,
-        top_k=rc.top_k,
-        max_new_tokens=rc.max_new_tokens,
-        stop=tuple(rc.stop),
-    )
-    sampling_hash = _sampling_hash(rc, cfg.run.seed)
-    stats = {"samples": 0, "student": 0, "offpolicy": 0, "tokens": 0, "gen_seconds": 0.0}
-    todo_items = [p for s in todo for p in kept[s * S : (s + 1) * S]]
-    engines.prepare(
-        student=any(p.on_policy for p in todo_items),
-        teacher=teacher_dir is not None and not all(p.on_policy for p in todo_items),
-    )
-    bar = console.bar(
-        total=len(todo_items), unit="prompt", desc=f"rollout r{round_index} {split} [{shard}]", disable=not todo
-    )
-    gen_start = time.perf_counter()  # model loading stays out of tokens/s
-
-    def progress(prompts_done: int, tokens: int) -> None:
-        stats["tokens"] += tokens
-        bar.update(prompts_done)
-        bar.set_postfix_str(f"{stats['tokens'] / max(time.perf_counter() - gen_start, 1e-9):.0f} tok/s")
-
-    try:
-        job = _ShardJob(
-            engines, sampling, sampling_hash, tokenizer, rc, cfg.run.seed, round_index, split, progress, stats
-        )
-        for s in todo:
-            items = kept[s * S : (s + 1) * S]
-            rows = _shard_rows(job, items, s)
-            write_rollout_shard(
-                run.fs,
-                run.shard_path(round_index, folder, s),
-                rows,
-                producer,
-                extra_meta={
-                    "round": round_index,
-                    "shard": s,
-                    "split": split,
-                    "engine": engines.name,
-                    "sampling_hash": sampling_hash,
-                },
+        rc, tokenizer_dir = self.rc, self.engines.student.tokenizer_dir
+        self.tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+        prompts = load_prompts(rc, self.lmbda)
+        self.kept, self.skipped = render(prompts, self.tokenizer, rc, tokenizer_dir)
+        self.read = len(prompts)
+        if not self.kept:
+            raise OpdError(
+                f"{rc.prompts}: no prompts left: all {self.skipped} are longer than "
+                f"rollout.max_prompt_tokens={rc.max_prompt_tokens}"
             )
-            stats["samples"] += len(rows)
-    finally:
-        stats["gen_seconds"] = time.perf_counter() - gen_start
-        bar.close()
-
-    on = sum(p.on_policy for p in kept)
-    done_summary = _stage_summary(
-        run, round_index, folder, num_shards, len(prompts), len(kept), skipped, on, lmbda, rc.offpolicy_rows
-    )
-    manifest = (
-        finalize_stage(
-            run,
-            stage_dir,
-            stage=folder,
-            round_index=round_index,
-            num_shards=num_shards,
-            producer=producer,
-            row_count=lambda path: done_summary["_rows"][path],
-            summary=_public(done_summary),
+        for p in self.kept:
+            p.on_policy = on_policy(self.cfg.run.seed, self.round, p.id, self.lmbda)
+        if self.teacher_dir is not None:
+            _check_same_vocab(self.tokenizer, self.teacher_dir)
+        self.sampling = Sampling(
+            n=rc.n,
+            temperature=rc.temperature,
+            top_p=rc.top_p,
+            top_k=rc.top_k,
+            max_new_tokens=rc.max_new_tokens,
+            stop=tuple(rc.stop),
         )
-        if done_summary
-        else None
-    )
-    summary = {
-        "round": round_index,
-        "split": split,
-        "shard": str(shard),
-        "engine": engines.name,
-        "lmbda": lmbda,
-        "prompts": len(kept),
-        "skipped_long_prompts": skipped,
-        "on_policy_prompts": on,
-        "off_policy_prompts": len(kept) - on,
-        "offpolicy_source": rc.offpolicy_source,
-        "offpolicy_rows": rc.offpolicy_rows,
-        "shards_total": num_shards,
-        "shards_owned": len(owned),
-        "shards_written": len(todo),
-        "shards_present_before": len(present & set(owned)),
-        "shards_missing": num_shards - len(set(run.existing_shards(round_index, folder))),
-        "samples_written": stats["samples"],
-        "student_samples_written": stats["student"],
-        "offpolicy_samples_written": stats["offpolicy"],
-        "completion_tokens_generated": stats["tokens"],
-        "tokens_per_s": round(stats["tokens"] / stats["gen_seconds"], 2) if stats["tokens"] else 0.0,
-        "seconds": round(time.perf_counter() - t0, 3),
-        "done": manifest is not None,
-    }
-    if manifest is not None:
-        summary["total_samples"] = manifest.total_rows
-    run.append_metrics(round_index, {"stage": "rollout", "time": time.time(), **summary})
-    summary["line"] = _summary_line(summary, rc, what)
-    return summary
+        self.sampling_hash = _sampling_hash(rc, self.cfg.run.seed)
 
+    def _items(self, s: int) -> list[Prompt]:
+        S = self.rc.prompts_per_shard
+        return self.kept[s * S : (s + 1) * S]
 
-# ------------------------------------------------------------------------------------------ models
+    def keep(self, s: int) -> bool:
+        path = self.run.shard_path(self.round, self.folder, s)
+        if not storage.exists(self.run.fs, path):
+            return False
+        check_producer(path, read_shard_meta(self.run.fs, path).get("producer", {}), self._producer)
+        return True
 
+    def size(self, s: int) -> int:
+        return len(self._items(s))
 
-def _merge_lora(student: StartStudent) -> Path:
-    """Merge the LoRA adapter into its base (peft merge_and_unload) in a temporary folder."""
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    def prepare(self, todo: list[int]) -> None:
+        items = [p for s in todo for p in self._items(s)]
+        self.engines.prepare(
+            student=any(p.on_policy for p in items),
+            teacher=self.teacher_dir is not None and not all(p.on_policy for p in items),
+        )
 
-    tmp = Path(tempfile.mkdtemp(prefix="opd-merged-student-"))
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(student.base), dtype=torch.float32)
-        model = PeftModel.from_pretrained(model, str(student.adapter)).merge_and_unload()
-        model.save_pretrained(tmp)
-        AutoTokenizer.from_pretrained(str(student.tokenizer_dir)).save_pretrained(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return tmp
+    def work(self, s: int, progress: Progress) -> ShardOutcome:
+        rows, tokens = _shard_rows(self, self._items(s), s, progress)
+        size = write_rollout_shard(
+            self.run.fs,
+            self.run.shard_path(self.round, self.folder, s),
+            rows,
+            self._producer,
+            extra_meta={
+                "round": self.round,
+                "shard": s,
+                "split": self.split,
+                "engine": self.engines.name,
+                "sampling_hash": self.sampling_hash,
+            },
+        )
+        for r in rows:
+            self.counts["student" if r["source"] == "student" else "offpolicy"] += 1
+        return ShardOutcome(samples=len(rows), tokens=tokens, bytes=size)
+
+    def summarize(self, numbers: list[int]) -> dict:
+        """Figures for `_DONE.json`, computed from the shards (equal whichever worker computes them)."""
+        sources = {s: 0 for s in SOURCES}
+        tokens = samples = 0
+        for s in numbers:
+            path = self.run.shard_path(self.round, self.folder, s)
+            table = pq.read_table(path, filesystem=self.run.fs, columns=["source", "completion_ids"])
+            samples += table.num_rows
+            for src in table.column("source").to_pylist():
+                sources[src] += 1
+            tokens += sum(len(c) for c in table.column("completion_ids").to_pylist())
+        on = sum(p.on_policy for p in self.kept)
+        return {
+            "prompts_read": self.read,
+            "prompts": len(self.kept),
+            "skipped_long_prompts": self.skipped,
+            "lmbda": self.lmbda,
+            "offpolicy_rows": self.rc.offpolicy_rows,
+            "on_policy_prompts": on,
+            "off_policy_prompts": len(self.kept) - on,
+            "samples": samples,
+            "completion_tokens": tokens,
+            "sources": sources,
+            "shards": len(numbers),
+        }
+
+    def extras(self) -> RolloutExtras:
+        on = sum(p.on_policy for p in self.kept)
+        return RolloutExtras(
+            engine=self.engines.name,
+            lmbda=self.lmbda,
+            prompts=len(self.kept),
+            skipped_long_prompts=self.skipped,
+            on_policy_prompts=on,
+            off_policy_prompts=len(self.kept) - on,
+            offpolicy_source=self.rc.offpolicy_source,
+            offpolicy_rows=self.rc.offpolicy_rows,
+            student_samples_written=self.counts["student"],
+            offpolicy_samples_written=self.counts["offpolicy"],
+        )
+
+    def describe(self, r: StageResult) -> str:
+        rc, x = self.rc, r.extras
+        what = f"rollout round {self.round}" + ("" if self.split == "train" else f" {self.split}")
+        missing = r.shards_total - len(self.run.existing_shards(self.round, self.folder))
+        state = "done" if r.done else f"{missing} shard(s) left to other workers"
+        mix = (
+            "every prompt has both kinds of rows (train.lmbda chooses); "
+            if rc.offpolicy_rows == "both"
+            else f"λ={x.lmbda:g}: {x.on_policy_prompts}/{x.prompts} prompts on-policy; "
+        )
+        return (
+            f"{what} [{r.shard}] {x.engine}: {r.shards_written} shard(s) written, "
+            f"{r.shards_present} already present; {r.samples} samples "
+            f"({x.student_samples_written} student, {x.offpolicy_samples_written} {rc.offpolicy_source}), "
+            f"{r.tokens} tokens at {r.tokens_per_s:.0f} tok/s; "
+            f"{x.skipped_long_prompts} prompts skipped (> {rc.max_prompt_tokens} tokens); {mix}{state}"
+        )
 
 
 def _check_same_vocab(tokenizer, teacher_dir: Path) -> None:
@@ -373,162 +345,47 @@ def _check_same_vocab(tokenizer, teacher_dir: Path) -> None:
         )
 
 
-class _Engines:
-    """Student and teacher engines, built on first use, closed at the end (unless passed in)."""
-
-    def __init__(
-        self,
-        cfg: OpdConfig,
-        round_index: int,
-        student: StartStudent,
-        teacher_dir: Path | None,
-        engine: str | Engine | None,
-    ):
-        self.cfg, self.round, self.student, self.teacher_dir = cfg, round_index, student, teacher_dir
-        self.placement = placement("auto", cfg.rollout.dtype, "rollout")
-        self._described = False
-        self._given = None if engine is None or isinstance(engine, str) else engine
-        if self._given is not None:
-            served = Path(self._given.served).resolve()
-            if served not in (student.source.resolve(), student.base.resolve()):
-                raise OpdError(
-                    f"the engine passed in serves {served}, but round {round_index}'s student is {student.source}"
-                )
-            self.name = self._given.name
-        else:
-            self.name = resolve_engine_name(engine or cfg.rollout.engine)
-        self._student: Engine | None = self._given
-        self._teacher: Engine | None = None
-        self._tmp: list[Path] = []
-
-    def _load(self, model_dir: Path, role: str, tokenizer_dir: Path, adapter: Path | None) -> Engine:
-        rc = self.cfg.rollout
-        if not self._described:
-            console.say(self.placement.describe(f"rollout ({self.name})"))
-            self._described = True
-        share = 2 if self.teacher_dir is not None else 1  # both models live together
-        return load_engine(
-            self.name,
-            str(model_dir),
-            seed=fingerprint.derive_seed(self.cfg.run.seed, self.round, role),
-            tokenizer_dir=str(tokenizer_dir),
-            adapter_dir=str(adapter) if adapter else None,
-            max_model_len=_max_model_len(model_dir, rc),
-            gpu_memory_utilization=rc.gpu_memory_utilization / share,
-            enforce_eager=rc.enforce_eager,
-            dtype=self.placement.dtype_name,
-        )
-
-    def prepare(self, student: bool, teacher: bool) -> None:
-        """Load the engines the work needs now (so model loading stays out of the tokens/s figure)."""
-        if student:
-            self.student_engine()
-        if teacher:
-            self.teacher_engine()
-
-    def student_engine(self) -> Engine:
-        if self._student is None:
-            s = self.student
-            if s.adapter is not None and self.cfg.rollout.merge_lora:
-                merged = _merge_lora(s)
-                self._tmp.append(merged)
-                self._student = self._load(merged, "student", merged, None)
-            else:  # base + adapter; vLLM reads a config.json beside the tokenizer, so prefer the base's when equal
-                same = s.adapter is None or (
-                    fingerprint.tokenizer_hash(s.tokenizer_dir) == fingerprint.tokenizer_hash(s.base)
-                )
-                self._student = self._load(s.base, "student", s.base if same else s.tokenizer_dir, s.adapter)
-        return self._student
-
-    def teacher_engine(self) -> Engine:
-        if self._teacher is None:
-            self._teacher = self._load(self.teacher_dir, "teacher", self.teacher_dir, None)
-        return self._teacher
-
-    def close(self) -> None:
-        for e in (self._student, self._teacher):
-            if e is not None and e is not self._given:
-                e.close()
-        self._student = self._given
-        self._teacher = None
-        for d in self._tmp:
-            shutil.rmtree(d, ignore_errors=True)
-        self._tmp.clear()
-
-
-def _max_model_len(model_dir: Path, rc: RolloutConfig) -> int:
-    need = rc.max_prompt_tokens + rc.max_new_tokens
-    try:
-        limit = json.loads((Path(model_dir) / "config.json").read_text()).get("max_position_embeddings")
-    except (OSError, ValueError):
-        limit = None
-    return min(need, int(limit)) if limit else need
-
-
 # ------------------------------------------------------------------------------------------ shards
 
 
-@dataclass
-class _ShardJob:
-    """What writing the shards of one split needs (the same for each shard)."""
-
-    engines: _Engines
-    sampling: Sampling
-    sampling_hash: str
-    tokenizer: Any
-    rc: RolloutConfig
-    seed: int
-    round_index: int
-    split: str
-    progress: Any  # progress(prompts_done, tokens)
-    stats: dict
-
-
-def _shard_rows(job: _ShardJob, items: list[Prompt], shard: int) -> list[dict]:
-    """Rows of one shard, in prompt order, samples 0..n-1 (one row for a dataset reference)."""
-    engines, sampling, sampling_hash, tokenizer = job.engines, job.sampling, job.sampling_hash, job.tokenizer
-    rc, seed, round_index, split, progress, stats = (
-        job.rc,
-        job.seed,
-        job.round_index,
-        job.split,
-        job.progress,
-        job.stats,
-    )
-    role = "student" if split == "train" else f"student-{split}"  # held-out draws its own random stream
+def _shard_rows(job: _RolloutSplit, items: list[Prompt], shard: int, progress: Progress) -> tuple[list[dict], int]:
+    """Rows of one shard, in prompt order, samples 0..n-1 (one row for a dataset reference), and the
+    tokens sampled for them."""
+    rc, seed, round_index, sampling = job.rc, job.cfg.run.seed, job.round, job.sampling
+    role = "student" if job.split == "train" else f"student-{job.split}"  # held-out draws its own random stream
     both = rc.offpolicy_rows == "both"  # every prompt: the student's samples and its off-policy rows
     on = items if both else [p for p in items if p.on_policy]
     off = items if both else [p for p in items if not p.on_policy]
     generated: dict[str, list] = {}
     if on:
-        outs = engines.student_engine().generate(
+        outs = job.engines.student_engine().generate(
             [p.prompt_ids for p in on],
             sampling,
             seed=fingerprint.derive_seed(seed, round_index, role, shard),
-            progress=progress,
+            progress=progress.advance,
         )
         generated.update({p.id: o for p, o in zip(on, outs)})
-    teacher_outs: dict[str, list] = {}
     if off and rc.offpolicy_source == "teacher":
-        outs = engines.teacher_engine().generate(
+        outs = job.engines.teacher_engine().generate(
             [p.prompt_ids for p in off],
             sampling,
             seed=fingerprint.derive_seed(seed, round_index, "teacher", shard),
-            progress=progress,
+            progress=progress.advance,
         )
-        teacher_outs.update({p.id: o for p, o in zip(off, outs)})
-    elif off and not both:
-        progress(len(off), 0)
+        teacher_outs = {p.id: o for p, o in zip(off, outs)}
+    else:
+        teacher_outs = {}
+        if off and not both:
+            progress.advance(len(off), 0)
     off_ids = {p.id for p in off}
     first_off = sampling.n if both else 0  # off-policy rows follow the student's in "both" mode
-    rows = []
+    rows, tokens = [], 0
     for p in items:
-        messages = json.dumps(p.messages, ensure_ascii=False)
         base = {
             "prompt_id": p.id,
             "prompt_ids": p.prompt_ids,
-            "sampling_hash": sampling_hash,
-            "prompt_messages": messages,
+            "sampling_hash": job.sampling_hash,
+            "prompt_messages": json.dumps(p.messages, ensure_ascii=False),
         }
         sampled = [("student", i, c) for i, c in enumerate(generated.get(p.id, []))]
         sampled += [("teacher", first_off + i, c) for i, c in enumerate(teacher_outs.get(p.id, []))]
@@ -544,7 +401,7 @@ def _shard_rows(job: _ShardJob, items: list[Prompt], shard: int) -> list[dict]:
                     "finish_reason": c.finish_reason,
                 }
             )
-            stats["student" if source == "student" else "offpolicy"] += 1
+            tokens += len(c.token_ids)
         if p.id in off_ids and rc.offpolicy_source == "dataset":
             rows.append(
                 {
@@ -552,13 +409,12 @@ def _shard_rows(job: _ShardJob, items: list[Prompt], shard: int) -> list[dict]:
                     "sample_id": f"{p.id}/{first_off}",
                     "sample_index": first_off,
                     "source": "dataset",
-                    "completion_ids": _reference_ids(tokenizer, p.reference or ""),
+                    "completion_ids": _reference_ids(job.tokenizer, p.reference or ""),
                     "sampling_logprobs": None,
                     "finish_reason": "reference",
                 }
             )
-            stats["offpolicy"] += 1
-    return rows
+    return rows, tokens
 
 
 def _wants_offpolicy(rc: RolloutConfig, round_index: int) -> bool:
@@ -572,52 +428,6 @@ def _reference_ids(tokenizer, text: str) -> list[int]:
     if tokenizer.eos_token_id is not None:
         ids.append(int(tokenizer.eos_token_id))
     return ids
-
-
-def _stage_summary(
-    run: RunDir,
-    round_index: int,
-    folder: str,
-    num_shards: int,
-    read: int,
-    kept: int,
-    skipped: int,
-    on: int,
-    lmbda: float,
-    offpolicy_rows: str = "lambda",
-) -> dict | None:
-    """Figures for `_DONE.json`, computed from the shards (equal whichever worker computes them);
-    None while some shard is missing."""
-    present = set(run.existing_shards(round_index, folder))
-    if any(s not in present for s in range(num_shards)):
-        return None
-    sources = {s: 0 for s in SOURCES}
-    tokens, rows_by_path = 0, {}
-    for s in range(num_shards):
-        path = run.shard_path(round_index, folder, s)
-        table = pq.read_table(path, filesystem=run.fs, columns=["source", "completion_ids"])
-        rows_by_path[path] = table.num_rows
-        for src in table.column("source").to_pylist():
-            sources[src] += 1
-        tokens += sum(len(c) for c in table.column("completion_ids").to_pylist())
-    return {
-        "prompts_read": read,
-        "prompts": kept,
-        "skipped_long_prompts": skipped,
-        "lmbda": lmbda,
-        "offpolicy_rows": offpolicy_rows,
-        "on_policy_prompts": on,
-        "off_policy_prompts": kept - on,
-        "samples": sum(rows_by_path.values()),
-        "completion_tokens": tokens,
-        "sources": sources,
-        "shards": num_shards,
-        "_rows": rows_by_path,
-    }
-
-
-def _public(summary: dict) -> dict:
-    return {k: v for k, v in summary.items() if not k.startswith("_")}
 
 
 # ------------------------------------------------------------------------------------------ hashes
@@ -655,20 +465,3 @@ def _sampling_hash(rc: RolloutConfig, seed: int) -> str:
         "seed": seed,
     }
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
-
-
-def _summary_line(s: dict, rc: RolloutConfig, what: str) -> str:
-    state = "done" if s["done"] else f"{s['shards_missing']} shard(s) left to other workers"
-    return (
-        f"{what} [{s['shard']}] {s['engine']}: {s['shards_written']} shard(s) written, "
-        f"{s['shards_present_before']} already present; {s['samples_written']} samples "
-        f"({s['student_samples_written']} student, {s['offpolicy_samples_written']} {rc.offpolicy_source}), "
-        f"{s['completion_tokens_generated']} tokens at {s['tokens_per_s']:.0f} tok/s; "
-        f"{s['skipped_long_prompts']} prompts skipped (> {rc.max_prompt_tokens} tokens); "
-        + (
-            "every prompt has both kinds of rows (train.lmbda chooses); "
-            if rc.offpolicy_rows == "both"
-            else f"λ={s['lmbda']:g}: {s['on_policy_prompts']}/{s['prompts']} prompts on-policy; "
-        )
-        + state
-    )

@@ -41,11 +41,9 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -59,14 +57,10 @@ from opd.cache.rundir import (
     ShardEntry,
     ShardSpec,
     choose_splits,
-    clear_stage,
-    combine_splits,
-    finalize_stage,
     parquet_rows,
     read_manifest,
     shard_index,
     shard_name,
-    should_skip,
     split_folder,
 )
 from opd.cache.shards import ScoreShard, ScoreShardWriter, check_producer, read_rollout_shard, read_shard_meta
@@ -74,6 +68,7 @@ from opd.configs.schema import OpdConfig
 from opd.stages import console
 from opd.stages.devices import placement
 from opd.stages.models import resolve_model
+from opd.stages.runner import Progress, ShardOutcome, StageResult, Units, combine, run_stage
 from opd.stages.scorer import BatchOut, Scorer, Seq, load_scorer, resolve_score_engine
 from opd.stages.students import load_tokenizer, start_student
 
@@ -91,30 +86,28 @@ def run(
     follow: bool = False,
     poll_s: float = 1.0,
     teacher: "Teacher | None" = None,
-) -> dict[str, Any]:
-    """Score round `round_index`'s rollout shards owned by `shard`; returns the summary (key `line`: one line).
+) -> StageResult:
+    """Score round `round_index`'s rollout shards owned by `shard`.
 
     `split`: "train", "heldout" (the validation samples, RUN/rounds/R/heldout/) or "all" (both that
-    are configured; the teacher loads once). `follow`: do not require the rollout manifest yet;
-    score rollout shards as they appear (each is renamed into place whole) until the rollout stage
-    writes its manifest: how `opd run` overlaps scoring with rollout. `teacher`: a Teacher the caller
-    owns and releases, shared by runs of one [score] config (`opd sweep --eval heldout`: one load for
-    every setting's held-out samples).
+    are configured; the teacher loads once; the held-out result is the result's `heldout`). `follow`:
+    do not require the rollout manifest yet; score rollout shards as they appear (each is renamed into
+    place whole) until the rollout stage writes its manifest: how `opd run` overlaps scoring with
+    rollout. `teacher`: a Teacher the caller owns and releases, shared by runs of one [score] config
+    (`opd sweep --eval heldout`: one load for every setting's held-out samples).
     """
     splits = choose_splits(split, cfg.eval.enabled)
     owned = teacher is None
     teacher = Teacher(cfg, device) if owned else teacher
     try:
-        summaries = [_run_split(cfg, run, round_index, shard, teacher, force, sp, follow, poll_s) for sp in splits]
+        results = []
+        for sp in splits:
+            with _ScoreSplit(cfg, run, round_index, sp, teacher, follow) as stage:
+                results.append(run_stage(stage, run, round_index, shard, force=force, poll_s=poll_s))
     finally:
         if owned:
             teacher.release()
-    return combine_splits(summaries)
-
-
-def _folders(split: str) -> tuple[str, str]:
-    """(rollouts folder, scores folder) of a split under rounds/R/."""
-    return split_folder(split, "rollouts"), split_folder(split, "scores")
+    return combine(results)
 
 
 class Teacher:
@@ -148,159 +141,194 @@ class Teacher:
         self._scorer = None
 
 
-def _run_split(
-    cfg: OpdConfig,
-    run: RunDir,
-    round_index: int,
-    shard: ShardSpec,
-    teacher: Teacher,
-    force: bool,
-    split: str,
-    follow: bool,
-    poll_s: float,
-) -> dict[str, Any]:
-    t_start = time.perf_counter()
-    counters0 = teacher.counters()
-    sc = cfg.score
-    r_folder, s_folder = _folders(split)
-    rollouts_dir = run.stage_dir(round_index, r_folder)
-    scores_dir = run.stage_dir(round_index, s_folder)
-    rollouts = read_manifest(run, rollouts_dir)
-    if rollouts is None and not follow:
-        raise OpdError(
-            f"{storage.join(rollouts_dir, MANIFEST)} not found (round {round_index} has no finished "
-            f"{'held-out ' if split != 'train' else ''}rollouts): run `opd rollout {run.url} "
-            f"--round {round_index}` first"
+@dataclass(frozen=True)
+class ScoreExtras:
+    """The score stage's own figures in a StageResult."""
+
+    positions: int  # completion positions scored (cached)
+    padded_tokens: int  # tokens the batches computed, padding included
+    bytes_per_token: float  # bytes written per scored position
+    mean_topk_mass: float  # mean teacher probability mass on the cached top-k
+    mean_entropy: float  # mean teacher entropy (nats)
+    top_k: int
+    temperature: float
+    device: str
+    dtype: str
+    engine: str  # "transformers" or "vllm"
+    followed: bool  # scored rollout shards as they appeared (--follow)
+    shards_replaced: int  # present score shards found stale or damaged, scored again
+    prefix_cached_tokens: int | None = None  # vLLM: prompt tokens its prefix cache reused
+    rescored_without_prefix_cache: int | None = None  # vLLM: samples scored again without it
+
+
+class _ScoreSplit:
+    """One split of the score stage as the runner sees it (stages/runner.py): score shard s holds the
+    teacher's top-k for every completion token of rollout shard s. Packing and writing run in a
+    background thread while the teacher scores the next batch."""
+
+    name = "score"
+
+    def __init__(self, cfg: OpdConfig, run: RunDir, round_index: int, split: str, teacher: Teacher, follow: bool):
+        self.cfg, self.sc, self.run, self.round, self.split = cfg, cfg.score, run, round_index, split
+        self.teacher, self.follow = teacher, follow
+        self.rollouts_dir = run.stage_dir(round_index, split_folder(split, "rollouts"))
+        self.folder = split_folder(split, "scores")
+        self.scores_dir = run.stage_dir(round_index, self.folder)
+        self._require_rollouts()
+        with start_student(cfg, run, round_index, files="tokenizer") as student:
+            student_tok = load_tokenizer(student.tokenizer_dir, f"student {student.label}")
+            _check_vocab(cfg.run.teacher, teacher.tokenizer, student.label, student_tok)
+        self.base_producer = fingerprint.producer(
+            "score", teacher.dir, cfg.section_hash("score"), dtype=teacher.placement.dtype_name, engine=teacher.engine
         )
-    with start_student(cfg, run, round_index, files="tokenizer") as student:
-        student_tok = load_tokenizer(student.tokenizer_dir, f"student {student.label}")
-        _check_vocab(cfg.run.teacher, teacher.tokenizer, student.label, student_tok)
-    base_producer = fingerprint.producer(
-        "score", teacher.dir, cfg.section_hash("score"), dtype=teacher.placement.dtype_name, engine=teacher.engine
-    )
-    stats = _Totals()
-    job = _Job(run, round_index, split, cfg, teacher, stats)
-    followed: set[int] = set()
-    if rollouts is None:
-        if force:
-            clear_stage(
-                run,
-                scores_dir,
-                None
-                if shard.count == 1
-                else [
-                    n
-                    for n in storage.listdir(run.fs, scores_dir)
-                    if shard_index(n) is not None and shard.owns(shard_index(n))
-                ],
+        self.entries: dict[int, ShardEntry] = {}
+        self.totals = _Totals()
+        self.replaced = 0
+        self.counters0 = teacher.counters()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="opd-score-writer")
+        self._queued: deque[Future] = deque()
+
+    def __enter__(self) -> "_ScoreSplit":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def _require_rollouts(self) -> Manifest | None:
+        """The rollout manifest; None while following a rollout stage that has not finished."""
+        rollouts = read_manifest(self.run, self.rollouts_dir)
+        if rollouts is None and not self.follow:
+            raise OpdError(
+                f"{storage.join(self.rollouts_dir, MANIFEST)} not found (round {self.round} has no finished "
+                f"{'held-out ' if self.split != 'train' else ''}rollouts): run `opd rollout {self.run.url} "
+                f"--round {self.round}` first"
             )
-            force = False
-        rollouts = _follow(job, shard, base_producer, followed, poll_s)
-    entries = _rollout_entries(rollouts, rollouts_dir)
-    stage_producer = {**base_producer, "rollouts_sha256": rollouts.digest()}
-    shard_producers = {s: {**base_producer, "rollout_sha256": e.sha256} for s, e in entries.items()}
-    owned = [s for s in entries if shard.owns(s)]
-    only = None if shard.count == 1 else [shard_name(s) for s in owned]  # --force clears only this worker's shards
-    # a follower that scored shards reports them even if a peer wrote the manifest in the meantime
-    if not followed and should_skip(run, scores_dir, stage_producer, force, only):
-        done = read_manifest(run, scores_dir)
-        return _skipped_summary(run, scores_dir, round_index, shard, done, split)
+        return rollouts
 
-    storage.remove_tmp_files(run.fs, scores_dir, {shard_name(s) for s in owned})
-    pending = [s for s in owned if not _valid_shard(run, scores_dir, s, entries[s].rows, shard_producers[s])]
-    replaced = sum(
-        1 for s in pending if s not in followed and storage.exists(run.fs, run.shard_path(round_index, s_folder, s))
-    )
-    if pending:
-        t0 = time.perf_counter()
-        _score_shards(job, pending, entries, shard_producers)
-        stats.score_s += time.perf_counter() - t0
+    def producer(self) -> dict | None:
+        rollouts = self._require_rollouts()
+        return None if rollouts is None else {**self.base_producer, "rollouts_sha256": rollouts.digest()}
 
-    manifest = None
-    numbers = sorted(entries)
-    stage_summary = None
-    if set(numbers) <= set(run.existing_shards(round_index, s_folder)):
-        stage_summary = _stage_summary(run, scores_dir, numbers, shard_producers, sc)
-    if stage_summary is not None:
-        manifest = finalize_stage(
-            run,
-            scores_dir,
-            stage=s_folder,
-            round_index=round_index,
-            num_shards=len(numbers),
-            producer=stage_producer,
-            row_count=lambda p: parquet_rows(run, p),
-            summary=stage_summary,
+    def _shard_producer(self, s: int) -> dict:
+        return {**self.base_producer, "rollout_sha256": self.entries[s].sha256}
+
+    def units(self) -> Units:
+        """The rollout manifest's shards; while following, the rollout shards present so far (each is
+        renamed into place whole, so its checksum is final)."""
+        manifest = self._require_rollouts()  # read before listing: shards seen after it are all there is
+        if manifest is not None:
+            self.entries = _rollout_entries(manifest, self.rollouts_dir)
+            return Units(sorted(self.entries))
+        for s in self.run.existing_shards(self.round, split_folder(self.split, "rollouts")):
+            if s not in self.entries:
+                path = storage.join(self.rollouts_dir, shard_name(s))
+                digest, size = storage.sha256_file(self.run.fs, path)
+                self.entries[s] = ShardEntry(shard_name(s), parquet_rows(self.run, path), size, digest)
+        return Units(sorted(self.entries), complete=False)
+
+    def keep(self, s: int) -> bool:
+        """Is score shard s present, readable, from this producer and complete? (A resumed run keeps it.)"""
+        path = storage.join(self.scores_dir, shard_name(s))
+        if not storage.exists(self.run.fs, path):
+            return False
+        try:
+            if len(ScoreShard(self.run.fs, path, expect=self._shard_producer(s))) == self.entries[s].rows:
+                return True
+        except (FormatError, FingerprintMismatch):
+            pass
+        self.replaced += 1
+        return False
+
+    def size(self, s: int) -> int:
+        return self.entries[s].rows
+
+    def prepare(self, todo: list[int]) -> None:
+        self.teacher.scorer()
+
+    def work(self, s: int, progress: Progress) -> Future:
+        """Score rollout shard s; the returned future packs the last batch and writes the shard."""
+        run, sc, scorer = self.run, self.sc, self.teacher.scorer()
+        path = storage.join(self.rollouts_dir, shard_name(s))
+        digest, _ = storage.sha256_file(run.fs, path)
+        if digest != self.entries[s].sha256:
+            raise FormatError(
+                f"{path}: differs from the checksum in {split_folder(self.split, 'rollouts')}/{MANIFEST} (changed "
+                f"after the rollout stage finished); re-run `opd rollout {run.url} --round {self.round} --force`"
+            )
+        table, _ = read_rollout_shard(run.fs, path)
+        seqs = _sequences(table, path, sc.render, self.teacher.tokenizer, scorer.vocab_size)
+        writer = ScoreShardWriter(scorer.vocab_size, sc.top_k, logprob_bits=sc.logprob_bits, temperature=sc.temperature)
+        job = _ShardJob(run.shard_path(self.round, self.folder, s), seqs, writer, self._shard_producer(s))
+        progress.advance(sum(1 for q in seqs if q.completion.size == 0))
+        tokens = 0
+        for out in scorer.batches(seqs):
+            self._submit(job.pack, out)
+            tokens += out.tokens
+            self.totals.padded_tokens += out.padded_tokens
+            progress.advance(len(out.rows), out.tokens)
+        self.totals.positions += sum(q.completion.size for q in seqs)
+        return self._submit(self._write, job, tokens)
+
+    def _write(self, job: "_ShardJob", tokens: int) -> ShardOutcome:
+        """(background) Write one shard and add its figures."""
+        size, entropy, mass = job.write(self.run, self.sc.zstd_level, self.teacher.dtype, self.teacher.engine)
+        self.totals.entropy_sum += entropy
+        self.totals.bytes_written += size
+        self.totals.topk_mass_sum += mass
+        return ShardOutcome(samples=len(job.seqs), tokens=tokens, bytes=size)
+
+    def _submit(self, fn, *args) -> Future:
+        while len(self._queued) >= _MAX_QUEUED:
+            self._queued.popleft().result()  # back-pressure; re-raises a background failure here
+        f = self._pool.submit(fn, *args)
+        self._queued.append(f)
+        return f
+
+    def summarize(self, numbers: list[int]) -> dict | None:
+        producers = {s: self._shard_producer(s) for s in numbers}
+        return _stage_summary(self.run, self.scores_dir, numbers, producers, self.sc)
+
+    def extras(self) -> ScoreExtras:
+        t = self.totals
+        counts = {k: v - self.counters0.get(k, 0) for k, v in self.teacher.counters().items()}
+        return ScoreExtras(
+            positions=t.positions,
+            padded_tokens=t.padded_tokens,
+            bytes_per_token=_ratio(t.bytes_written, t.positions, 2),
+            mean_topk_mass=_ratio(t.topk_mass_sum, t.positions, 6),
+            mean_entropy=_ratio(t.entropy_sum, t.positions, 6),
+            top_k=self.sc.top_k,
+            temperature=self.sc.temperature,
+            device=str(self.teacher.dev),
+            dtype=self.teacher.placement.dtype_name,
+            engine=self.teacher.engine,
+            followed=self.follow,
+            shards_replaced=self.replaced,
+            **counts,
         )
 
-    summary = {
-        "stage": "score",
-        "round": round_index,
-        "split": split,
-        "shard": str(shard),
-        "skipped": False,
-        "shards_total": len(entries),
-        "shards_owned": len(owned),
-        "shards_scored": len(pending) + len(followed),
-        "shards_kept": len(owned) - len(pending) - len(followed & set(owned)),
-        "shards_replaced": replaced,
-        "samples": stats.samples,
-        "positions": stats.positions,
-        "tokens": stats.tokens,
-        "padded_tokens": stats.padded_tokens,
-        "bytes_written": stats.bytes_written,
-        "bytes_per_token": _ratio(stats.bytes_written, stats.positions, 2),
-        "mean_topk_mass": _ratio(stats.topk_mass_sum, stats.positions, 6),
-        "mean_entropy": _ratio(stats.entropy_sum, stats.positions, 6),
-        "top_k": sc.top_k,
-        "temperature": sc.temperature,
-        "device": str(teacher.dev),
-        "dtype": teacher.placement.dtype_name,
-        "engine": teacher.engine,
-        **{k: v - counters0.get(k, 0) for k, v in teacher.counters().items()},
-        "followed": follow,
-        "score_s": round(stats.score_s, 3),
-        "tokens_per_s": _ratio(stats.tokens, stats.score_s, 1),
-        "wall_s": round(time.perf_counter() - t_start, 3),
-        "manifest_written": manifest is not None,
-    }
-    run.append_metrics(round_index, {"time": time.time(), **summary})
-    summary["line"] = _summary_line(summary, run, round_index, s_folder)
-    return summary
-
-
-def _follow(job: "_Job", shard: ShardSpec, base_producer: dict, followed: set[int], poll_s: float) -> Manifest:
-    """Score this worker's rollout shards as they appear, until the rollout manifest exists; return it.
-    A shard in the rollout folder is complete (renamed into place whole), so its checksum is final."""
-    run, round_index = job.run, job.round_index
-    r_folder, s_folder = _folders(job.split)
-    rollouts_dir = run.stage_dir(round_index, r_folder)
-    scores_dir = run.stage_dir(round_index, s_folder)
-    seen: set[int] = set()
-    while True:
-        manifest = read_manifest(run, rollouts_dir)  # read first: shards seen after it are all there is
-        new = [s for s in run.existing_shards(round_index, r_folder) if shard.owns(s) and s not in seen]
-        if manifest is not None and not new:
-            return manifest
-        if not new:
-            time.sleep(poll_s)
-            continue
-        entries, producers = {}, {}
-        for s in new:
-            path = storage.join(rollouts_dir, shard_name(s))
-            digest, size = storage.sha256_file(run.fs, path)
-            entries[s] = ShardEntry(shard_name(s), parquet_rows(run, path), size, digest)
-            producers[s] = {**base_producer, "rollout_sha256": digest}
-        pending = [s for s in new if not _valid_shard(run, scores_dir, s, entries[s].rows, producers[s])]
-        if pending:
-            storage.remove_tmp_files(run.fs, scores_dir, {shard_name(s) for s in pending})
-            t0 = time.perf_counter()
-            _score_shards(job, pending, entries, producers)
-            job.stats.score_s += time.perf_counter() - t0
-        followed.update(pending)  # scored here (a valid score shard left by an earlier run is kept)
-        seen.update(new)
-        if manifest is not None:
-            return manifest
+    def describe(self, r: StageResult) -> str:
+        x, run = r.extras, self.run
+        kept = f", {r.shards_present} already present" if r.shards_present else ""
+        kept += f", {x.shards_replaced} stale or damaged ones replaced" if x.shards_replaced else ""
+        scope = f" (worker {r.shard})" if r.shard != "0/1" else ""
+        if r.done:
+            done = f"; stage done ({storage.join(self.scores_dir, MANIFEST)})"
+        else:
+            present = len(run.existing_shards(self.round, self.folder))
+            done = (
+                f"; waiting for other workers ({present} of {r.shards_total} shards present)"
+                if present < r.shards_total
+                else "; no manifest: some shards were made with another config (re-run their workers, or --force)"
+            )
+        what = "" if self.split == "train" else f" {self.split}"
+        return (
+            f"score round {self.round}{what}{scope}: {r.shards_written} shards scored{kept}, "
+            f"{x.positions:,} positions, {r.bytes / 1e6:.2f} MB written "
+            f"({_ratio(r.bytes, x.positions, 2)} bytes/token), mean top-{x.top_k} mass {x.mean_topk_mass:.4f}, "
+            f"mean entropy {x.mean_entropy:.4f} nats, {r.work_seconds:.1f} s ({r.tokens_per_s:,.0f} tok/s, "
+            f"{x.engine}{_prefix_note(x)}){done}"
+        )
 
 
 # ------------------------------------------------------------------------------------------ inputs
@@ -410,14 +438,13 @@ class _Totals:
     bytes_written: int = 0
     entropy_sum: float = 0.0
     topk_mass_sum: float = 0.0
-    score_s: float = 0.0
 
 
 class _ShardJob:
     """One shard being scored: its writer and the encoded rows, filled by the background thread."""
 
-    def __init__(self, number: int, path: str, seqs: list[Seq], writer: ScoreShardWriter, producer: dict):
-        self.number, self.path, self.seqs, self.writer, self.producer = number, path, seqs, writer, producer
+    def __init__(self, path: str, seqs: list[Seq], writer: ScoreShardWriter, producer: dict):
+        self.path, self.seqs, self.writer, self.producer = path, seqs, writer, producer
         self.encoded: list = [None] * len(seqs)
         self.entropy_sums = np.zeros(len(seqs))
         self.mass_sums = np.zeros(len(seqs))
@@ -459,88 +486,7 @@ class _ShardJob:
         return size, entropy, mass
 
 
-@dataclass
-class _Job:
-    """What scoring one split of a round needs, shared by the plain and the --follow paths."""
-
-    run: RunDir
-    round_index: int
-    split: str
-    cfg: OpdConfig
-    teacher: Teacher
-    stats: _Totals
-
-
-def _score_shards(job: _Job, pending: list[int], entries: dict, producers: dict) -> None:
-    """Score the rollout shards `pending` (entries: their manifest entries; producers: each score
-    shard's producer) into score shards, packing and writing in a background thread."""
-    run, round_index, split, cfg, totals = job.run, job.round_index, job.split, job.cfg, job.stats
-    scorer, teacher_tok, dtype = job.teacher.scorer(), job.teacher.tokenizer, job.teacher.dtype
-    sc = cfg.score
-    r_folder, s_folder = _folders(split)
-    rollouts_dir = run.stage_dir(round_index, r_folder)
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="opd-score-writer")
-    queued: deque[Future] = deque()
-    writes: list[Future] = []
-    bar = console.bar(total=sum(entries[s].rows for s in pending), unit="sample", desc=f"score r{round_index} {split}")
-    t0 = time.perf_counter()
-
-    def submit(fn, *args) -> Future:
-        while len(queued) >= _MAX_QUEUED:
-            queued.popleft().result()  # back-pressure; re-raises a background failure here
-        f = pool.submit(fn, *args)
-        queued.append(f)
-        return f
-
-    try:
-        for s in pending:
-            path = storage.join(rollouts_dir, shard_name(s))
-            digest, _ = storage.sha256_file(run.fs, path)
-            if digest != entries[s].sha256:
-                raise FormatError(
-                    f"{path}: differs from the checksum in {r_folder}/{MANIFEST} (changed after the "
-                    f"rollout stage finished); re-run `opd rollout {run.url} --round {round_index} --force`"
-                )
-            table, _ = read_rollout_shard(run.fs, path)
-            seqs = _sequences(table, path, sc.render, teacher_tok, scorer.vocab_size)
-            writer = ScoreShardWriter(
-                scorer.vocab_size, sc.top_k, logprob_bits=sc.logprob_bits, temperature=sc.temperature
-            )
-            shard_job = _ShardJob(s, run.shard_path(round_index, s_folder, s), seqs, writer, producers[s])
-            bar.update(sum(1 for q in seqs if q.completion.size == 0))
-            for out in scorer.batches(seqs):
-                submit(shard_job.pack, out)
-                totals.tokens += out.tokens
-                totals.padded_tokens += out.padded_tokens
-                bar.update(len(out.rows))
-                bar.set_postfix_str(f"{totals.tokens / max(time.perf_counter() - t0, 1e-9):,.0f} tok/s", refresh=False)
-            writes.append(submit(shard_job.write, run, sc.zstd_level, dtype, job.teacher.engine))
-            totals.samples += len(seqs)
-            totals.positions += sum(q.completion.size for q in seqs)
-        while queued:
-            queued.popleft().result()  # in submission order: the first background failure is the one raised
-        for f in writes:
-            size, entropy, mass = f.result()
-            totals.bytes_written += size
-            totals.entropy_sum += entropy
-            totals.topk_mass_sum += mass
-    finally:
-        bar.close()
-        pool.shutdown(wait=True, cancel_futures=True)
-
-
 # ------------------------------------------------------------------------------------------ shards on disk
-
-
-def _valid_shard(run: RunDir, scores_dir: str, s: int, rows: int, producer: dict) -> bool:
-    """Is score shard `s` present, readable, from this producer and complete? (A resumed run keeps it.)"""
-    path = storage.join(scores_dir, shard_name(s))
-    if not storage.exists(run.fs, path):
-        return False
-    try:
-        return len(ScoreShard(run.fs, path, expect=producer)) == rows
-    except (FormatError, FingerprintMismatch):
-        return False
 
 
 def _stage_summary(run: RunDir, scores_dir: str, numbers: list[int], producers: dict, sc) -> dict | None:
@@ -581,54 +527,10 @@ def _ratio(a: float, b: float, digits: int) -> float:
     return round(a / b, digits) if b else 0.0
 
 
-def _skipped_summary(
-    run: RunDir, scores_dir: str, round_index: int, shard: ShardSpec, done: Manifest, split: str
-) -> dict:
-    summary = {
-        "stage": "score",
-        "round": round_index,
-        "split": split,
-        "shard": str(shard),
-        "skipped": True,
-        "shards_total": len(done.shards),
-        **done.summary,
-    }
-    what = "" if split == "train" else f" {split}"
-    summary["line"] = (
-        f"score round {round_index}{what}: already done ({storage.join(scores_dir, MANIFEST)}, "
-        f"{len(done.shards)} shards, {done.summary.get('positions', 0):,} positions); "
-        f"pass --force to redo it"
-    )
-    return summary
-
-
-def _summary_line(s: dict, run: RunDir, round_index: int, s_folder: str) -> str:
-    kept = f", {s['shards_kept']} already present" if s["shards_kept"] else ""
-    kept += f", {s['shards_replaced']} stale or damaged ones replaced" if s["shards_replaced"] else ""
-    scope = f" (worker {s['shard']})" if s["shard"] != "0/1" else ""
-    if s["manifest_written"]:
-        done = f"; stage done ({storage.join(run.stage_dir(round_index, s_folder), MANIFEST)})"
-    else:
-        present = len(run.existing_shards(round_index, s_folder))
-        done = (
-            f"; waiting for other workers ({present} of {s['shards_total']} shards present)"
-            if present < s["shards_total"]
-            else "; no manifest: some shards were made with another config (re-run their workers, or --force)"
-        )
-    what = "" if s["split"] == "train" else f" {s['split']}"
-    return (
-        f"score round {round_index}{what}{scope}: {s['shards_scored']} shards scored{kept}, "
-        f"{s['positions']:,} positions, {s['bytes_written'] / 1e6:.2f} MB written "
-        f"({s['bytes_per_token']} bytes/token), mean top-{s['top_k']} mass {s['mean_topk_mass']:.4f}, "
-        f"mean entropy {s['mean_entropy']:.4f} nats, {s['score_s']:.1f} s ({s['tokens_per_s']:,.0f} tok/s, "
-        f"{s['engine']}{_prefix_note(s)}){done}"
-    )
-
-
-def _prefix_note(s: dict) -> str:
-    if "prefix_cached_tokens" not in s:
+def _prefix_note(x: ScoreExtras) -> str:
+    if x.prefix_cached_tokens is None:
         return ""
-    again = s["rescored_without_prefix_cache"]
-    return f"; prefix cache reused {s['prefix_cached_tokens']:,} tokens" + (
+    again = x.rescored_without_prefix_cache
+    return f"; prefix cache reused {x.prefix_cached_tokens:,} tokens" + (
         f", {again} samples re-scored without it" if again else ""
     )

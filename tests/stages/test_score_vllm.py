@@ -142,8 +142,8 @@ def test_kill_and_resume_gives_the_uninterrupted_shard_set(scored):
     for name, data in killed["present"].items():  # kept, not rewritten
         assert (scores_dir / name).read_bytes() == data
     last = _metrics(vrun)[-1]
-    assert last["engine"] == "vllm" and last["shards_kept"] == len(killed["present"])
-    assert last["shards_scored"] == SHARDS - len(killed["present"])
+    assert last["engine"] == "vllm" and last["shards_present"] == len(killed["present"])
+    assert last["shards_written"] == SHARDS - len(killed["present"])
     v, h = read_manifest(vrun, str(scores_dir)), read_manifest(hrun, hrun.stage_dir(0, "scores"))
     assert [e.name for e in v.shards] == [e.name for e in h.shards]
     assert [e.rows for e in v.shards] == [e.rows for e in h.shards]

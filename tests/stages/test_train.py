@@ -10,7 +10,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +17,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
+from waiting import wait_for
 
 from opd.cache import fingerprint, storage
 from opd.cache.errors import OpdError
@@ -37,7 +37,10 @@ from opd.stages import score, train
 from opd.stages.losses import jsd_loss, sampled_rkl_loss
 
 VOCAB = 260  # the tiny models' byte-level tokenizer
-BASE_TRAIN = dict(lr=1e-3, lr_schedule="constant", max_tokens_per_batch=64, device="cpu", max_grad_norm=1.0)
+# float32: the losses are pinned against float32 references (the bf16 path has its own test)
+BASE_TRAIN = dict(
+    lr=1e-3, lr_schedule="constant", max_tokens_per_batch=64, device="cpu", max_grad_norm=1.0, dtype="float32"
+)
 SOURCES = ("student", "student", "dataset", "teacher")
 
 
@@ -89,7 +92,7 @@ def source(tmp_path_factory, tiny_teacher, tiny_student) -> RunDir:
     cfg = OpdConfig(
         run=RunConfig(student=str(tiny_student), teacher=str(tiny_teacher)),
         rollout=RolloutConfig(prompts=str(root / "prompts.jsonl")),
-        score=ScoreConfig(top_k=16),
+        score=ScoreConfig(top_k=16, dtype="float32"),
     )
     run = RunDir(root / "run")
     storage.atomic_write_bytes(run.fs, run.config_path, dumps_config(cfg).encode())
@@ -323,17 +326,14 @@ def test_fsdp_lora_two_processes_killed_and_resumed_equal_one_process(tmp_path, 
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
-    latest = Path(two.round_dir(0)) / train.CKPT_DIR / "latest.json"
-    deadline = time.time() + 180
-    while not latest.exists() and launcher.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
+    latest = Path(two.round_dir(0)) / train.CKPT_DIR / "latest.json"  # written once a checkpoint is whole
+    wait_for(latest.exists, launcher, "the first in-round checkpoint (latest.json)")
     workers = _children(launcher.pid)
     for pid in workers:
         os.kill(pid, signal.SIGKILL)
     launcher.kill()
     _, err = launcher.communicate()
-    while any(Path(f"/proc/{pid}").exists() for pid in workers) and time.time() < deadline:
-        time.sleep(0.05)
+    wait_for(lambda: not any(Path(f"/proc/{pid}").exists() for pid in workers), None, "the killed workers to go")
     assert latest.exists(), err.decode()[-2000:]
     assert len(workers) == 2 and read_manifest(two, two.stage_dir(0, "student")) is None
 
@@ -446,10 +446,8 @@ def test_kill_and_resume_matches_an_uninterrupted_run(tmp_path, source):
     cmd = [sys.executable, "-m", "opd.stages.train", "--round", "0"]
     reference = subprocess.Popen(cmd + [ref.url], env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     victim = subprocess.Popen(cmd + [killed.url], env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    latest = Path(killed.round_dir(0)) / train.CKPT_DIR / "latest.json"
-    deadline = time.time() + 180
-    while not latest.exists() and victim.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
+    latest = Path(killed.round_dir(0)) / train.CKPT_DIR / "latest.json"  # written once a checkpoint is whole
+    wait_for(latest.exists, victim, "the first in-round checkpoint (latest.json)")
     victim.send_signal(signal.SIGKILL)
     victim.wait()
     assert latest.exists(), victim.stderr.read().decode()[-2000:]

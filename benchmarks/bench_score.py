@@ -60,11 +60,12 @@ from pathlib import Path
 import _common
 import torch
 
-from opd.cache.rundir import RunDir, finalize_stage, parquet_rows, read_manifest
-from opd.cache.shards import ScoreShard, read_rollout_shard, write_rollout_shard
+from opd.cache.rundir import RunDir, finalize_stage, parquet_rows
+from opd.cache.shards import read_rollout_shard, write_rollout_shard
 from opd.configs.schema import OpdConfig, RolloutConfig, RunConfig, ScoreConfig, dumps_config, load_run_config
-from opd.stages import score
+from opd.stages import score, score_inputs, score_shards
 from opd.stages.models import resolve_model
+from opd.stages.runner import Progress
 from opd.stages.scorer_hf import batch_arrays, plan_batches
 
 
@@ -105,7 +106,7 @@ def bare_batches(run: RunDir, cfg: OpdConfig, tok, vocab_size: int, shard: int) 
     """The padded input_ids the stage feeds the teacher for one shard, batch by batch (its batching code)."""
     path = run.shard_path(0, "rollouts", shard)
     table, _ = read_rollout_shard(run.fs, path)
-    seqs = score._sequences(table, path, cfg.score.render, tok, vocab_size)
+    seqs = score_inputs.sequences(table, path, cfg.score.render, tok, vocab_size)
     lengths = [q.input_ids.size if q.completion.size else 0 for q in seqs]
     return [batch_arrays(seqs, rows)[0] for rows in plan_batches(lengths, cfg.score.max_tokens_per_batch)]
 
@@ -120,6 +121,30 @@ def time_bare(model, batches: list[torch.Tensor], device: str) -> float:
     if device == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - t0
+
+
+class StageShards:
+    """The score stage's own work on one shard, as its runner drives it (stages/score.py's split object,
+    the teacher already loaded): `score(shards)` reads each rollout shard, scores it, packs and writes its
+    score shard (packing and writing in the stage's background thread), and returns the tokens scored."""
+
+    def __init__(self, cfg: OpdConfig, run: RunDir, teacher: "score.Teacher"):
+        self.stage = score._ScoreSplit(cfg, run, 0, "train", teacher, follow=False)
+        self.entries = {s: self.stage.entries[s] for s in self.stage.units().numbers}
+        self.stage.prepare(sorted(self.entries))
+        self.progress = Progress("score")  # no bar: nothing grows it
+
+    def score(self, shards: list[int]) -> int:
+        self.stage.totals = score_shards.Totals()
+        outcomes = [self.stage.work(s, self.progress) for s in shards]
+        return sum(f.result().tokens for f in outcomes)
+
+    @property
+    def positions(self) -> int:
+        return self.stage.totals.positions
+
+    def close(self) -> None:
+        self.stage.__exit__(None, None, None)
 
 
 def compare_engines(args, model_dir, tok, tmp: str, env: dict) -> None:
@@ -153,16 +178,15 @@ def compare_engines(args, model_dir, tok, tmp: str, env: dict) -> None:
     write_rollouts(
         run, tok, args.data, args.samples, args.shards, args.question_field, args.answer_field, args.per_prompt
     )
-    entries = score._rollout_entries(read_manifest(run, run.stage_dir(0, "rollouts")), "")
-    producers = {s: {"stage": "score", "bench": True, "rollout_sha256": e.sha256} for s, e in entries.items()}
     results = {}
     for engine in engines:
         teacher = score.Teacher(configs[engine], None)
         t0 = time.perf_counter()
         scorer = teacher.scorer()
         load_s = time.perf_counter() - t0
-        job = score._Job(run, 0, "train", configs[engine], teacher, score._Totals())
-        score._score_shards(job, [0], entries, producers)  # warm-up
+        shards = StageShards(configs[engine], run, teacher)
+        entries = shards.entries
+        shards.score([0])  # warm-up
         variants = {"vllm": True, "vllm_no_prefix_cache": False} if engine == "vllm" else {"transformers": None}
         walls: dict[str, list[float]] = {v: [] for v in variants}
         counters: dict[str, dict] = {}
@@ -173,13 +197,13 @@ def compare_engines(args, model_dir, tok, tmp: str, env: dict) -> None:
                     scorer.prefix_caching = variants[name]
                     scorer.llm.reset_prefix_cache()  # no head start from the previous repeat
                 before = dict(scorer.counters)
-                job.stats = score._Totals()
                 t0 = time.perf_counter()
-                score._score_shards(job, sorted(entries), entries, producers)
+                tokens = shards.score(sorted(entries))
                 walls[name].append(time.perf_counter() - t0)
-                tokens, positions = job.stats.tokens, job.stats.positions
+                positions = shards.positions
                 counters[name] = {c: v - before.get(c, 0) for c, v in scorer.counters.items()}
         threads = torch.get_num_threads()
+        shards.close()
         teacher.release()
         for name, w in walls.items():
             wall = statistics.median(w)
@@ -229,7 +253,11 @@ def main():
     ap.add_argument("--data", help="JSONL with questions and answers, e.g. ../shared/data/gsm8k_train.jsonl")
     ap.add_argument("--question-field", default="question")
     ap.add_argument("--answer-field", default="answer")
-    ap.add_argument("--model", default="opd:smollm2-135m", help="teacher (folder or opd: name)")
+    ap.add_argument(
+        "--model",
+        default=None,
+        help="teacher (folder or opd: name; default opd:smollm2-135m, with --smoke a tiny random one built on the fly)",
+    )
     ap.add_argument("--samples", type=int, default=128)
     ap.add_argument(
         "--shards", type=int, default=8, help="rollout shards the samples are split into (the unit of interleaving)"
@@ -287,7 +315,10 @@ def main():
         torch.set_num_threads(args.threads)
     hf_logging.disable_progress_bar()
     with tempfile.TemporaryDirectory(prefix="opd-bench-score-") as tmp:
-        model_dir = _common.tiny_models(tmp)[0] if args.smoke else resolve_model(args.model)
+        if args.smoke and args.model is None:
+            model_dir = _common.tiny_models(tmp)[0]
+        else:
+            model_dir = resolve_model(args.model or "opd:smollm2-135m")
         tok = AutoTokenizer.from_pretrained(model_dir)
         pl = _common.resolve(args.device, args.dtype, "--device")
         device = pl.device.type
@@ -315,17 +346,17 @@ def main():
                 f.write(dumps_config(cfg))
             cfg = load_run_config(run)
             write_rollouts(run, tok, args.data, args.samples, args.shards, args.question_field, args.answer_field)
-            summary = score.run(cfg, run, 0)  # end to end: the shards, their bytes, the stage's figures
+            # end to end: the shards, their bytes, the stage's figures
+            summary = _common.stage_record(score.run(cfg, run, 0))
             shard_bytes = sum(
                 run.fs.get_file_info(run.shard_path(0, "scores", s)).size for s in run.existing_shards(0, "scores")
             )
-            entries = score._rollout_entries(read_manifest(run, run.stage_dir(0, "rollouts")), "")
-            producers = {s: ScoreShard(run.fs, run.shard_path(0, "scores", s)).meta["producer"] for s in entries}
             # the stage's teacher (same loading, device and dtype); the bare side runs the same model object
             teacher = score.Teacher(cfg, None)
             scorer = teacher.scorer()
             model = scorer.model
-            job = score._Job(run, 0, "train", cfg, teacher, score._Totals())
+            shards = StageShards(cfg, run, teacher)
+            entries = shards.entries
             batches = {s: [b.to(device) for b in bare_batches(run, cfg, tok, scorer.V, s)] for s in entries}
             time_bare(model, batches[0][:1], device)  # warm-up
             opd_s, bare_s = {s: [] for s in entries}, {s: [] for s in entries}
@@ -335,13 +366,13 @@ def main():
                     for which in ("opd", "bare") if r % 2 == 0 else ("bare", "opd"):
                         t0, c0 = time.perf_counter(), time.process_time()
                         if which == "opd":
-                            job.stats = score._Totals()
-                            score._score_shards(job, [s], entries, producers)
+                            shards.score([s])
                         else:
                             time_bare(model, batches[s], device)
                         wall, cpu = (opd_s, opd_cpu) if which == "opd" else (bare_s, bare_cpu)
                         wall[s].append(time.perf_counter() - t0)
                         cpu[s].append(time.process_time() - c0)
+            shards.close()
             teacher.release()
             tokens = summary["tokens"]
             opd_t = statistics.median(sum(opd_s[s][r] for s in entries) for r in range(args.repeats))

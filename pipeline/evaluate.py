@@ -4,6 +4,11 @@ Reads   RUN/rounds/R/heldout/rollouts/ and heldout/scores/ (both finished: `_DON
         checker the held-out prompt set's references (`eval.prompts`, `eval.reference_field`).
 Writes  RUN/rounds/R/heldout/eval.json (atomically) and one `"stage": "eval"` line in metrics.jsonl.
 
+    opd eval RUN --round R [--force]      # after `opd rollout` and `opd score` of round R's held-out split
+
+`evaluate_round` is the one entry: `opd eval`, the round loop (pipeline/loop.py: after each round's
+held-out scores, and for the final student) and `opd sweep --eval heldout` call it; `opd score` does not.
+
 The held-out samples are drawn by the student that *starts* round R (the base model in round 0, the
 round R-1 student after), at `eval.temperature` with no top-k/top-p, so their stored sampling log-probs
 are log p_S(x_t) of the model itself. The teacher's exact log-prob of the same token, log p_T(x_t), is
@@ -24,10 +29,12 @@ Accuracy is over all held-out samples.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from opd.cache import storage
@@ -44,17 +51,71 @@ EVAL_VERSION = 1
 _NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?")
 
 
-def evaluate(cfg: OpdConfig, run: RunDir, round_index: int) -> dict[str, Any]:
-    """Compute, write and return round `round_index`'s held-out figures (key "line": one line)."""
+@dataclass(frozen=True, kw_only=True)
+class EvalResult:
+    """A round's held-out figures: what heldout/eval.json holds (`to_json`), plus whether this call computed
+    them (False: read back from an existing eval.json) and the one-line summary (`line`)."""
+
+    round: int  # the round whose held-out split was evaluated (its starting student sampled it)
+    samples: int  # student samples evaluated
+    tokens: int  # their completion tokens
+    mean_length: float  # tokens / samples
+    heldout_rkl: float  # nats per token (module docstring)
+    heldout_rkl_per_sample: float  # nats per sample
+    heldout_teacher_nll: float  # −mean log p_T(x_t), nats per token
+    finish_stop_frac: float  # fraction of samples that ended with a stop token
+    checker: str  # eval.checker ("" = no accuracy)
+    accuracy: float | None  # with a checker: fraction of samples answered right
+    temperature: float  # eval.temperature (sampling)
+    score_temperature: float  # score.temperature (teacher)
+    computed: bool = True  # not in eval.json
+
+    def to_json(self) -> dict[str, Any]:
+        """eval.json's content (and the `"stage": "eval"` metrics record's figures)."""
+        d = {k: v for k, v in dataclasses.asdict(self).items() if k != "computed"}
+        return {"format": EVAL_FORMAT, "version": EVAL_VERSION, **d}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "EvalResult":
+        return cls(**{f.name: d.get(f.name) for f in dataclasses.fields(cls) if f.name != "computed"}, computed=False)
+
+    @property
+    def line(self) -> str:
+        acc = f", accuracy {self.accuracy:.3f}" if self.accuracy is not None else ""
+        kept = "" if self.computed else " (already computed; --force computes it again)"
+        return (
+            f"eval round {self.round}: held-out reverse KL {self.heldout_rkl:.4f} nats/token "
+            f"over {self.samples} samples ({self.tokens} tokens, mean length {self.mean_length:.1f}){acc}{kept}"
+        )
+
+
+def evaluate_round(cfg: OpdConfig, run: RunDir, round_index: int, force: bool = False) -> EvalResult:
+    """Round `round_index`'s held-out figures: read back from heldout/eval.json when it exists (unless
+    `force`), else computed from the round's finished held-out rollouts and scores, written to eval.json
+    and to metrics.jsonl. A missing input is a one-line error naming the file and the command that makes it."""
+    if not cfg.eval.enabled:
+        raise OpdError(f"no held-out prompt set to evaluate on: set eval.prompts in {run.config_path}")
     r_dir = run.stage_dir(round_index, split_folder("heldout", "rollouts"))
     s_dir = run.stage_dir(round_index, split_folder("heldout", "scores"))
     rollouts, scores = read_manifest(run, r_dir), read_manifest(run, s_dir)
-    for folder, manifest in ((r_dir, rollouts), (s_dir, scores)):
+    for folder, manifest, stage in ((r_dir, rollouts, "rollout"), (s_dir, scores, "score")):
         if manifest is None:
             raise OpdError(
-                f"{storage.join(folder, MANIFEST)} not found: run `opd rollout` and `opd score` "
-                f"for round {round_index} first (held-out split)"
+                f"{storage.join(folder, MANIFEST)} not found: run `opd {stage} {run.url} --round {round_index} "
+                f"--split heldout` first"
             )
+    if not force:
+        stored = read_eval(run, round_index)
+        if stored is not None:
+            return EvalResult.from_json(stored)
+    result = _compute(cfg, run, round_index, r_dir, s_dir, rollouts)
+    figures = result.to_json()
+    storage.atomic_write_bytes(run.fs, run.eval_path(round_index), json.dumps(figures, indent=2).encode())
+    run.append_metrics(round_index, {"stage": "eval", "time": time.time(), **figures})
+    return result
+
+
+def _compute(cfg: OpdConfig, run: RunDir, round_index: int, r_dir: str, s_dir: str, rollouts) -> EvalResult:
     references = _references(cfg) if cfg.eval.checker else {}
     tokenizer = None
     if cfg.eval.checker:
@@ -86,30 +147,20 @@ def evaluate(cfg: OpdConfig, run: RunDir, round_index: int) -> dict[str, Any]:
                 correct += gsm8k_correct(text, references.get(prompt_ids[i]))
     if not samples:
         raise OpdError(f"{r_dir}: no student samples to evaluate")
-    result = {
-        "format": EVAL_FORMAT,
-        "version": EVAL_VERSION,
-        "round": round_index,
-        "samples": samples,
-        "tokens": tokens,
-        "mean_length": round(tokens / samples, 3),
-        "heldout_rkl": round(rkl_sum / max(tokens, 1), 6),
-        "heldout_rkl_per_sample": round(rkl_sum / samples, 6),
-        "heldout_teacher_nll": round(teacher_nll_sum / max(tokens, 1), 6),
-        "finish_stop_frac": round(stopped / samples, 6),
-        "checker": cfg.eval.checker,
-        "accuracy": round(correct / samples, 6) if cfg.eval.checker else None,
-        "temperature": cfg.eval.temperature,
-        "score_temperature": cfg.score.temperature,
-    }
-    storage.atomic_write_bytes(run.fs, run.eval_path(round_index), json.dumps(result, indent=2).encode())
-    run.append_metrics(round_index, {"stage": "eval", "time": time.time(), **result})
-    acc = f", accuracy {result['accuracy']:.3f}" if result["accuracy"] is not None else ""
-    result["line"] = (
-        f"eval round {round_index}: held-out reverse KL {result['heldout_rkl']:.4f} nats/token "
-        f"over {samples} samples ({tokens} tokens, mean length {result['mean_length']:.1f}){acc}"
+    return EvalResult(
+        round=round_index,
+        samples=samples,
+        tokens=tokens,
+        mean_length=round(tokens / samples, 3),
+        heldout_rkl=round(rkl_sum / max(tokens, 1), 6),
+        heldout_rkl_per_sample=round(rkl_sum / samples, 6),
+        heldout_teacher_nll=round(teacher_nll_sum / max(tokens, 1), 6),
+        finish_stop_frac=round(stopped / samples, 6),
+        checker=cfg.eval.checker,
+        accuracy=round(correct / samples, 6) if cfg.eval.checker else None,
+        temperature=cfg.eval.temperature,
+        score_temperature=cfg.score.temperature,
     )
-    return result
 
 
 def read_eval(run: RunDir, round_index: int) -> dict[str, Any] | None:
@@ -128,8 +179,7 @@ def read_eval(run: RunDir, round_index: int) -> dict[str, Any] | None:
         return d
     except ValueError as e:
         raise OpdError(
-            f"{path}: unreadable ({e}); delete it and re-run `opd score {run.url} --round "
-            f"{round_index} --split heldout`"
+            f"{path}: unreadable ({e}); delete it or run `opd eval {run.url} --round {round_index} --force`"
         ) from None
 
 

@@ -46,60 +46,59 @@ _CHUNK_ELEMENTS = 1 << 27  # auto logits chunk: positions × V ≤ this many flo
 MODEL_METRICS = ("rkl_bucket", "topk_overlap")
 
 
-_LOADED: dict | None = None  # while keep_loaded() is active: (folder, its files' sizes and mtimes) → pristine model
+class LoadedStudents:
+    """Starting checkpoints kept as loaded for as long as the caller holds this object: `opd sweep` trains
+    several settings from one student and passes one LoadedStudents to each, so a deep copy of the loaded
+    model (a memory copy) replaces a from_pretrained per setting. Keyed by the folder and its files' sizes
+    and mtimes."""
 
+    def __init__(self):
+        self._models: dict[tuple, Any] = {}
+        self._head_only: dict[tuple, bool] = {}
 
-@contextlib.contextmanager
-def keep_loaded():
-    """Keep each starting checkpoint this process loads, as loaded, for the block: `opd sweep` trains
-    several settings from one student, and a deep copy of the loaded model (a memory copy) replaces a
-    from_pretrained per setting. Keyed by the folder and its files' sizes and mtimes."""
-    global _LOADED
-    outer = _LOADED
-    _LOADED = {} if outer is None else outer
-    try:
-        yield
-    finally:
-        _LOADED = outer
-
-
-def _checkpoint(start_dir: str | os.PathLike) -> tuple[Any, tuple | None]:
-    """(the float32 model, its keep_loaded key or None)."""
-    from transformers import AutoModelForCausalLM
-
-    try:
-        if _LOADED is None:
-            return AutoModelForCausalLM.from_pretrained(str(start_dir), dtype=torch.float32), None
+    def model(self, start_dir: str | os.PathLike) -> tuple[Any, tuple]:
+        """(a fresh copy of the folder's float32 model, its key)."""
         files = sorted(os.scandir(start_dir), key=lambda e: e.name)
         key = (os.path.realpath(start_dir), tuple((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in files))
-        if key not in _LOADED:
-            _LOADED[key] = AutoModelForCausalLM.from_pretrained(str(start_dir), dtype=torch.float32)
-        return copy.deepcopy(_LOADED[key]), key
-    except (OSError, ValueError) as e:
-        raise OpdError(f"cannot load the student from {start_dir} ({first_line(e)})") from None
+        if key not in self._models:
+            self._models[key] = _from_pretrained(start_dir)
+        return copy.deepcopy(self._models[key]), key
+
+    def head_only(self, key: tuple, model, device: torch.device) -> bool:
+        """head_path_matches, asked once per kept checkpoint and device."""
+        memo = (key, str(device))
+        if memo not in self._head_only:
+            self._head_only[memo] = head_path_matches(model, device)
+        return self._head_only[memo]
 
 
-def _head_only(model, device: torch.device, key: tuple | None) -> bool:
-    """head_path_matches, asked once per kept checkpoint and device."""
-    if key is None or _LOADED is None:
-        return head_path_matches(model, device)
-    memo = (key, "head_only", str(device))
-    if memo not in _LOADED:
-        _LOADED[memo] = head_path_matches(model, device)
-    return _LOADED[memo]
+def _from_pretrained(start_dir: str | os.PathLike):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(start_dir), dtype=torch.float32)
 
 
-def load_student(start_dir: str | os.PathLike, tc: TrainConfig, device: torch.device, seed: int):
+def load_student(
+    start_dir: str | os.PathLike,
+    tc: TrainConfig,
+    device: torch.device,
+    seed: int,
+    loaded: LoadedStudents | None = None,
+):
     """(model — a PEFT model when train.lora_rank > 0 —, whether lm_head(base_model(x)) gives its logits).
 
     Weights are float32 (the master copy; autocast picks the compute dtype). With train.quantize the
-    quantised layers run fake-quantised (stages/quant.py) and start from the folder's master weights."""
-    model, key = _checkpoint(start_dir)
+    quantised layers run fake-quantised (stages/quant.py) and start from the folder's master weights.
+    `loaded`: the caller's kept checkpoints (LoadedStudents), or None to load from the folder."""
+    try:
+        model, key = loaded.model(start_dir) if loaded is not None else (_from_pretrained(start_dir), None)
+    except (OSError, ValueError) as e:
+        raise OpdError(f"cannot load the student from {start_dir} ({first_line(e)})") from None
     model.to(device)
     if tc.quantize:
         names = quant.prepare_qat(model, quant.train_spec(tc), str(start_dir))
         quant.load_masters(model, start_dir, names, quant.train_spec(tc))
-    head_only = _head_only(model, device, key)
+    head_only = loaded.head_only(key, model, device) if loaded is not None else head_path_matches(model, device)
     model.config.use_cache = False
     if tc.lora_rank > 0:
         from peft import LoraConfig, get_peft_model

@@ -61,28 +61,26 @@ Engines (stages/engine.py: interface; engine_vllm.py; engine_hf.py): "auto" = vL
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from opd.cache import fingerprint, storage
+from opd.cache import storage
 from opd.cache.errors import OpdError
 from opd.cache.rundir import RunDir, ShardSpec, choose_splits, split_folder
-from opd.cache.shards import FORMAT_VERSION, SOURCES, check_producer, read_shard_meta, write_rollout_shard
-from opd.configs.schema import OpdConfig, RolloutConfig
+from opd.cache.shards import SOURCES, check_producer, read_shard_meta, write_rollout_shard
+from opd.configs.schema import OpdConfig
 from opd.stages.engine import Engine, Sampling
 from opd.stages.models import resolve_model
-from opd.stages.prompts import Prompt, load_prompts, on_policy, prompts_hash, render
+from opd.stages.prompts import Prompt, load_prompts, on_policy, render
 from opd.stages.rollout_engines import RolloutEngines
+from opd.stages.rollout_rows import PRODUCER_STAGE, producer, sampling_hash, shard_rows, wants_offpolicy
 from opd.stages.runner import Progress, ShardOutcome, StageResult, Units, combine, run_stage
-from opd.stages.students import StartStudent, start_student
+from opd.stages.students import start_student
 
 STAGE = "rollouts"  # the run-directory folder (and manifest stage name)
-PRODUCER_STAGE = "rollout"  # the producer record's stage
 
 
 def run(
@@ -106,7 +104,7 @@ def run(
         teacher_dir = None
         if (
             "train" in splits
-            and _wants_offpolicy(cfg.rollout, round_index)
+            and wants_offpolicy(cfg.rollout, round_index)
             and cfg.rollout.offpolicy_source == "teacher"
         ):
             teacher_dir = resolve_model(cfg.run.teacher, cfg.run.models_dir or None)
@@ -193,7 +191,7 @@ class _RolloutSplit:
         self.engines, self.teacher_dir = engines, teacher_dir
         self.folder = split_folder(split, STAGE)
         self.lmbda = self.rc.lmbda_for_round(round_index)
-        self._producer = _producer(
+        self._producer = producer(
             cfg, round_index, self.lmbda, engines.student, teacher_dir, engines.placement.dtype_name
         )
         self.kept: list[Prompt] | None = None
@@ -233,7 +231,7 @@ class _RolloutSplit:
             max_new_tokens=rc.max_new_tokens,
             stop=tuple(rc.stop),
         )
-        self.sampling_hash = _sampling_hash(rc, self.cfg.run.seed)
+        self.sampling_hash = sampling_hash(rc, self.cfg.run.seed)
 
     def _items(self, s: int) -> list[Prompt]:
         S = self.rc.prompts_per_shard
@@ -257,7 +255,7 @@ class _RolloutSplit:
         )
 
     def work(self, s: int, progress: Progress) -> ShardOutcome:
-        rows, tokens = _shard_rows(self, self._items(s), s, progress)
+        rows, tokens = shard_rows(self, self._items(s), s, progress)
         size = write_rollout_shard(
             self.run.fs,
             self.run.shard_path(self.round, self.folder, s),
@@ -343,125 +341,3 @@ def _check_same_vocab(tokenizer, teacher_dir: Path) -> None:
             f"{teacher_dir}: the teacher's vocabulary differs from the student's; teacher "
             f"off-policy samples reuse the student's prompt ids, so both must share one tokenizer"
         )
-
-
-# ------------------------------------------------------------------------------------------ shards
-
-
-def _shard_rows(job: _RolloutSplit, items: list[Prompt], shard: int, progress: Progress) -> tuple[list[dict], int]:
-    """Rows of one shard, in prompt order, samples 0..n-1 (one row for a dataset reference), and the
-    tokens sampled for them."""
-    rc, seed, round_index, sampling = job.rc, job.cfg.run.seed, job.round, job.sampling
-    role = "student" if job.split == "train" else f"student-{job.split}"  # held-out draws its own random stream
-    both = rc.offpolicy_rows == "both"  # every prompt: the student's samples and its off-policy rows
-    on = items if both else [p for p in items if p.on_policy]
-    off = items if both else [p for p in items if not p.on_policy]
-    generated: dict[str, list] = {}
-    if on:
-        outs = job.engines.student_engine().generate(
-            [p.prompt_ids for p in on],
-            sampling,
-            seed=fingerprint.derive_seed(seed, round_index, role, shard),
-            progress=progress.advance,
-        )
-        generated.update({p.id: o for p, o in zip(on, outs)})
-    if off and rc.offpolicy_source == "teacher":
-        outs = job.engines.teacher_engine().generate(
-            [p.prompt_ids for p in off],
-            sampling,
-            seed=fingerprint.derive_seed(seed, round_index, "teacher", shard),
-            progress=progress.advance,
-        )
-        teacher_outs = {p.id: o for p, o in zip(off, outs)}
-    else:
-        teacher_outs = {}
-        if off and not both:
-            progress.advance(len(off), 0)
-    off_ids = {p.id for p in off}
-    first_off = sampling.n if both else 0  # off-policy rows follow the student's in "both" mode
-    rows, tokens = [], 0
-    for p in items:
-        base = {
-            "prompt_id": p.id,
-            "prompt_ids": p.prompt_ids,
-            "sampling_hash": job.sampling_hash,
-            "prompt_messages": json.dumps(p.messages, ensure_ascii=False),
-        }
-        sampled = [("student", i, c) for i, c in enumerate(generated.get(p.id, []))]
-        sampled += [("teacher", first_off + i, c) for i, c in enumerate(teacher_outs.get(p.id, []))]
-        for source, i, c in sampled:
-            rows.append(
-                {
-                    **base,
-                    "sample_id": f"{p.id}/{i}",
-                    "sample_index": i,
-                    "source": source,
-                    "completion_ids": c.token_ids,
-                    "sampling_logprobs": c.logprobs,
-                    "finish_reason": c.finish_reason,
-                }
-            )
-            tokens += len(c.token_ids)
-        if p.id in off_ids and rc.offpolicy_source == "dataset":
-            rows.append(
-                {
-                    **base,
-                    "sample_id": f"{p.id}/{first_off}",
-                    "sample_index": first_off,
-                    "source": "dataset",
-                    "completion_ids": _reference_ids(job.tokenizer, p.reference or ""),
-                    "sampling_logprobs": None,
-                    "finish_reason": "reference",
-                }
-            )
-    return rows, tokens
-
-
-def _wants_offpolicy(rc: RolloutConfig, round_index: int) -> bool:
-    """Does round R's rollout write off-policy rows (λ < 1, or every prompt's in "both" mode)?"""
-    return rc.offpolicy_rows == "both" or rc.lmbda_for_round(round_index) < 1
-
-
-def _reference_ids(tokenizer, text: str) -> list[int]:
-    """The reference response as completion ids: tokenized (no specials), then EOS."""
-    ids = [int(t) for t in tokenizer(text, add_special_tokens=False)["input_ids"]]
-    if tokenizer.eos_token_id is not None:
-        ids.append(int(tokenizer.eos_token_id))
-    return ids
-
-
-# ------------------------------------------------------------------------------------------ hashes
-
-
-def _producer(
-    cfg: OpdConfig, round_index: int, lmbda: float, student: StartStudent, teacher_dir: Path | None, dtype: str
-) -> dict:
-    p = {
-        "stage": PRODUCER_STAGE,
-        "model_hash": fingerprint.model_hash(student.source),
-        "tokenizer_hash": fingerprint.tokenizer_hash(student.tokenizer_dir),
-        "config_hash": cfg.section_hash("rollout"),
-        "format_version": FORMAT_VERSION,
-        "round": round_index,
-        "seed": cfg.run.seed,
-        "lmbda": lmbda,
-        "prompts_hash": prompts_hash(cfg.rollout.prompts),
-        "dtype": dtype,
-    }
-    if student.adapter is not None:
-        p["base_model_hash"] = fingerprint.model_hash(student.base)
-    if teacher_dir is not None:
-        p["teacher_hash"] = fingerprint.model_hash(teacher_dir)
-    return p
-
-
-def _sampling_hash(rc: RolloutConfig, seed: int) -> str:
-    settings = {
-        "temperature": rc.temperature,
-        "top_p": rc.top_p,
-        "top_k": rc.top_k,
-        "max_new_tokens": rc.max_new_tokens,
-        "stop": list(rc.stop),
-        "seed": seed,
-    }
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()

@@ -30,8 +30,12 @@ import numpy as np
 import torch
 
 from opd.cache.errors import OpdError
-from opd.stages.devices import Placement
+from opd.configs.schema import OpdConfig
+from opd.stages import console
+from opd.stages.devices import Placement, placement
 from opd.stages.engine import vllm_available
+from opd.stages.models import resolve_model
+from opd.stages.students import load_tokenizer
 
 SCORE_ENGINES = ("transformers", "vllm")
 
@@ -133,3 +137,34 @@ def load_scorer(name: str, teacher_dir, sc, where: Placement, vocab_limit: int |
     from opd.stages.scorer_hf import HFScorer
 
     return HFScorer(teacher_dir, sc, where, vocab_limit)
+
+
+class Teacher:
+    """The teacher and its scorer (engine resolved here), loaded on first use and shared by the splits
+    of one invocation (or by the runs of a sweep); `loads` counts its loads."""
+
+    def __init__(self, cfg: OpdConfig, device: str | None):
+        self.cfg = cfg
+        self.dir = resolve_model(cfg.run.teacher, cfg.run.models_dir or None)
+        self.tokenizer = load_tokenizer(self.dir, f"teacher {cfg.run.teacher}")
+        self.engine = resolve_score_engine(cfg.score, self.dir)
+        self.placement = placement(device or cfg.score.device, cfg.score.dtype, "score.device")
+        self.dev, self.dtype = self.placement.device, self.placement.dtype
+        self._scorer: Scorer | None = None
+        self.loads = 0
+
+    def scorer(self) -> "Scorer":
+        if self._scorer is None:
+            self.loads += 1
+            console.say(self.placement.describe("score") + f"; engine {self.engine}")
+            self._scorer = load_scorer(self.engine, self.dir, self.cfg.score, self.placement, len(self.tokenizer))
+        return self._scorer
+
+    def counters(self) -> dict[str, int]:
+        """The engine's own counts so far (vLLM: prefix-cache reuse), {} before it is loaded."""
+        return dict(self._scorer.counters) if self._scorer is not None else {}
+
+    def release(self) -> None:
+        if self._scorer is not None:
+            self._scorer.close()
+        self._scorer = None

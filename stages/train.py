@@ -42,6 +42,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import click
 import torch
 
 from opd.cache import fingerprint, storage
@@ -55,21 +56,30 @@ from opd.stages.devices import Placement, choose_dtype, native_bf16
 from opd.stages.distributed import Processes
 from opd.stages.export import export_student
 from opd.stages.students import StartStudent, start_student
-from opd.stages.train_data import MicroBatches, RoundData, plan_steps, rank_items, slots
+from opd.stages.train_data import DecodedShards, MicroBatches, RoundData, plan_steps, rank_items, slots
 from opd.stages.train_metrics import StepSums, TensorBoard, Totals, summary_line, trim_metrics
 
 STAGE = "student"  # the run-directory folder (and manifest stage name)
 PRODUCER_STAGE = "train"  # the producer record's stage
 
 
-def run(cfg: OpdConfig, run: RunDir, round_index: int, force: bool = False) -> dict[str, Any]:
+def run(
+    cfg: OpdConfig,
+    run: RunDir,
+    round_index: int,
+    force: bool = False,
+    decoded: DecodedShards | None = None,
+    loaded: L.LoadedStudents | None = None,
+) -> dict[str, Any]:
     """Train round `round_index`'s student; returns the summary (key `line`: one line for humans).
 
-    Under torchrun (WORLD_SIZE > 1) every process must call it."""
+    Under torchrun (WORLD_SIZE > 1) every process must call it. `decoded` / `loaded`: the caller's
+    caches of decoded shards and starting checkpoints, for a caller that trains several rounds from the
+    same ones in one process (`opd sweep`); None reads and loads afresh."""
     procs = Processes.setup(cfg.train.device)
     try:
         with start_student(cfg, run, round_index) as start:
-            return _Round(cfg, run, round_index, procs, start).train(force)
+            return _Round(cfg, run, round_index, procs, start, decoded=decoded, loaded=loaded).train(force)
     finally:
         procs.close()
 
@@ -102,6 +112,8 @@ class _Round:
     procs: Processes
     start: StartStudent
     t_start: float = field(default_factory=time.perf_counter)
+    decoded: DecodedShards | None = None  # the caller's decoded shards (run's `decoded`)
+    loaded: L.LoadedStudents | None = None  # the caller's kept checkpoints (run's `loaded`)
 
     def __post_init__(self):
         self.tc: TrainConfig = self.cfg.train
@@ -113,7 +125,12 @@ class _Round:
     def train(self, force: bool) -> dict[str, Any]:
         tc, procs = self.tc, self.procs
         self.data = RoundData(
-            self.run, self.round_index, vocab_limit=self.start.vocab_rows, lmbda=tc.lmbda, seed=self.cfg.run.seed
+            self.run,
+            self.round_index,
+            vocab_limit=self.start.vocab_rows,
+            lmbda=tc.lmbda,
+            seed=self.cfg.run.seed,
+            decoded=self.decoded,
         )
         micro_batches_per_step = procs.world * tc.grad_accum
         self.steps = plan_steps(self.data, tc, self.cfg.run.seed, self.round_index, micro_batches_per_step)
@@ -166,7 +183,7 @@ class _Round:
         tc, procs = self.tc, self.procs
         seed = fingerprint.derive_seed(self.cfg.run.seed, self.round_index, "train")
         torch.manual_seed(seed)
-        model, head_only = L.load_student(self.start.base, tc, procs.device, seed)
+        model, head_only = L.load_student(self.start.base, tc, procs.device, seed, self.loaded)
         self.learner = L.Learner(model, tc, head_only, self.data.top_k)
         self.use_fsdp = tc.fsdp and procs.world > 1
         self.wrapped = L.wrap(self.learner, procs.world, procs.device, self.use_fsdp, self.placement.dtype)
@@ -341,24 +358,25 @@ def _lr_at(step: int, total: int, tc: TrainConfig) -> float:
     return tc.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def main(argv: list[str] | None = None) -> None:
-    """`python -m opd.stages.train RUN --round R` (what torchrun starts in every process)."""
-    import argparse
-
-    parser = argparse.ArgumentParser(
-        prog="python -m opd.stages.train",
-        description="Train round R's student from its rollouts and cached teacher scores "
-        "(run under torchrun for several processes).",
-    )
-    parser.add_argument("run_dir")
-    parser.add_argument("--round", dest="round_index", type=int, required=True)
-    parser.add_argument("--force", action="store_true", help="redo the stage even if its _DONE.json exists")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    args = parser.parse_args(argv)
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("run_dir")
+@click.option("--round", "round_index", type=int, required=True, help="Round number.")
+@click.option("--force", is_flag=True, help="Redo the stage even if its _DONE.json exists.")
+@click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="SECTION.KEY=VALUE",
+    help="Override a config value, e.g. --set train.lr=1e-5 (repeatable).",
+)
+def main(run_dir: str, round_index: int, force: bool, overrides: tuple[str, ...]) -> None:
+    """Train round R's student from RUN_DIR's rollouts and cached teacher scores (what torchrun starts
+    in every process, e.g. `torchrun --nproc-per-node 4 -m opd.stages.train RUN_DIR --round R`; `opd
+    train --devices` launches it)."""
     rank0 = int(os.environ.get("RANK", "0")) == 0
     try:
-        rd = RunDir(args.run_dir)
-        summary = run(load_run_config(rd, args.overrides), rd, args.round_index, force=args.force)
+        rd = RunDir(run_dir)
+        summary = run(load_run_config(rd, list(overrides)), rd, round_index, force=force)
     except OpdError as e:
         if rank0:
             print(f"error: {e}", file=sys.stderr)

@@ -19,7 +19,6 @@ holds the same samples whatever the number of processes.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,31 +35,27 @@ from opd.stages.prompts import on_policy
 
 PLAN_WINDOW = 256  # samples sorted by length together before packing (less padding, still shuffled)
 
-_DECODED: dict | None = None  # while decode_once() is active: (kind, content sha256) → decoded shard data
+
+class DecodedShards:
+    """Shards kept decoded for as long as the caller holds this object, keyed by their content sha256 (from
+    the manifests, already checked): `opd sweep` trains several settings from one round's cache, and the
+    settings' folders hold links to the same files, so it passes one DecodedShards to every setting's
+    RoundData and each shard is opened, checked and decoded once per process instead of once per
+    setting. Holds the round's decoded cache in memory."""
+
+    def __init__(self):
+        self._items: dict[tuple[str, str], Any] = {}
+
+    def get(self, kind: str, sha: str, make):
+        """The (kind, sha) entry, made by `make()` the first time."""
+        key = (kind, sha)
+        if key not in self._items:
+            self._items[key] = make()
+        return self._items[key]
 
 
-@contextlib.contextmanager
-def decode_once():
-    """Keep every shard this process reads decoded for the block, keyed by its content sha256 (from the
-    manifests, already checked): `opd sweep` trains several settings from one round's cache, and the
-    settings' folders hold links to the same files, so each shard is opened, checked and decoded once
-    per process instead of once per setting. Holds the round's decoded cache in memory."""
-    global _DECODED
-    outer = _DECODED
-    _DECODED = {} if outer is None else outer
-    try:
-        yield
-    finally:
-        _DECODED = outer
-
-
-def _memo(kind: str, sha: str, make):
-    if _DECODED is None:
-        return make()
-    key = (kind, sha)
-    if key not in _DECODED:
-        _DECODED[key] = make()
-    return _DECODED[key]
+def _memo(decoded: DecodedShards | None, kind: str, sha: str, make):
+    return make() if decoded is None else decoded.get(kind, sha, make)
 
 
 @dataclass(frozen=True)
@@ -91,8 +86,10 @@ class RoundData:
         lmbda: float = -1.0,
         seed: int = 0,
         split: str = "train",
+        decoded: DecodedShards | None = None,
     ):
         self.fs = run.fs
+        self.decoded = decoded  # shards decoded once across RoundData objects (the caller's), or None
         rollouts_dir = run.stage_dir(round_index, split_folder(split, "rollouts"))
         scores_dir = run.stage_dir(round_index, split_folder(split, "scores"))
         self.rollouts = read_manifest(run, rollouts_dir)
@@ -170,9 +167,11 @@ class RoundData:
 
     def _join(self, s: int, paths: ShardPaths, vocab_limit: int | None, cols: dict) -> None:
         r_path, c_path = paths.rollout, paths.score
-        table = _memo("rollout_table", paths.rollout_sha256, lambda: read_rollout_shard(self.fs, r_path)[0])
+        table = _memo(
+            self.decoded, "rollout_table", paths.rollout_sha256, lambda: read_rollout_shard(self.fs, r_path)[0]
+        )
         # full checks: page checksums, content totals
-        scores = _memo("score_shard", paths.score_sha256, lambda: ScoreShard(self.fs, c_path))
+        scores = _memo(self.decoded, "score_shard", paths.score_sha256, lambda: ScoreShard(self.fs, c_path))
         for key, value in (
             ("top_k", scores.top_k),
             ("vocab_size", scores.vocab_size),
@@ -338,6 +337,7 @@ class MicroBatches(torch.utils.data.Dataset):
         self.on_S, self.length_S = data.on_policy_S, data.length_S
         self.items = items
         self.pad_id = pad_id
+        self.decoded = data.decoded
         self._rollouts: dict[int, dict[str, Any]] = {}
         self._scores: dict[int, ScoreShard] = {}
 
@@ -346,12 +346,14 @@ class MicroBatches(torch.utils.data.Dataset):
 
     def _rollout(self, s: int) -> dict[str, Any]:
         if s not in self._rollouts:
-            self._rollouts[s] = _memo("rollout_arrays", self.paths[s].rollout_sha256, lambda: self._decode_rollout(s))
+            sha = self.paths[s].rollout_sha256
+            self._rollouts[s] = _memo(self.decoded, "rollout_arrays", sha, lambda: self._decode_rollout(s))
         return self._rollouts[s]
 
     def _decode_rollout(self, s: int) -> dict[str, Any]:
+        paths = self.paths[s]
         table = _memo(
-            "rollout_table", self.paths[s].rollout_sha256, lambda: read_rollout_shard(self.fs, self.paths[s].rollout)[0]
+            self.decoded, "rollout_table", paths.rollout_sha256, lambda: read_rollout_shard(self.fs, paths.rollout)[0]
         )
         out = {}
         for name in ("prompt_ids", "completion_ids", "sampling_logprobs"):
@@ -366,14 +368,14 @@ class MicroBatches(torch.utils.data.Dataset):
     def _score(self, s: int) -> ScoreShard:
         if s not in self._scores:
             sha = self.paths[s].score_sha256
-            self._scores[s] = _memo("score_shard", sha, lambda: ScoreShard(self.fs, self.paths[s].score))
+            self._scores[s] = _memo(self.decoded, "score_shard", sha, lambda: ScoreShard(self.fs, self.paths[s].score))
         return self._scores[s]
 
     def _teacher(self, s: int, row: int):
-        """The teacher's decoded top-k of one score row (decoded once per process under decode_once)."""
-        if _DECODED is None:
+        """The teacher's decoded top-k of one score row (decoded once per process with DecodedShards)."""
+        if self.decoded is None:
             return self._score(s)[row]
-        rows = _memo("score_rows", self.paths[s].score_sha256, dict)
+        rows = self.decoded.get("score_rows", self.paths[s].score_sha256, dict)
         if row not in rows:
             rows[row] = self._score(s)[row]
         return rows[row]

@@ -16,7 +16,20 @@ from opd.cache import shards, storage
 from opd.configs.schema import load_config, loads_config
 from opd.pipeline.cli import main
 
-COMMANDS = ["init", "rollout", "score", "train", "sweep", "run", "demo", "inspect", "verify", "models", "config"]
+COMMANDS = [
+    "init",
+    "rollout",
+    "score",
+    "eval",
+    "train",
+    "sweep",
+    "run",
+    "demo",
+    "inspect",
+    "verify",
+    "models",
+    "config",
+]
 PRODUCER = {"stage": "rollout", "model_hash": "a" * 64, "config_hash": "c1", "format_version": 1}
 
 
@@ -93,8 +106,45 @@ def test_every_command_has_help(runner):
     for cmd in COMMANDS:
         result = invoke(runner, cmd, "--help")
         assert result.exit_code == 0 and "Usage: main " + cmd in result.output, cmd
-    for sub in ("pull", "prune", "tiny"):
-        assert invoke(runner, "models", sub, "--help").exit_code == 0
+    for sub in ("pull", "prune", "quantize", "tiny"):
+        result = invoke(runner, "models", sub, "--help")
+        assert result.exit_code == 0 and "Usage: main models " + sub in result.output, sub
+
+
+def test_shared_options_read_the_same_everywhere(runner):
+    """--set, --shard, --force, --round, --split, --engine and --verbose are declared once (cli_common)."""
+    helps = {cmd: invoke(runner, cmd, "--help").output for cmd in COMMANDS if cmd != "models"}
+    for cmd, text in helps.items():
+        assert "-v, --verbose" in text, cmd
+    for cmd in ("init", "config", "rollout", "score", "eval", "train", "demo"):
+        assert "--set SECTION.KEY=VALUE" in helps[cmd], cmd
+    for cmd in ("rollout", "score"):
+        assert "--shard i/N" in helps[cmd] and "--split [all|train|heldout]" in helps[cmd], cmd
+    for cmd in ("rollout", "score", "run"):
+        assert "--engine [auto|vllm|transformers]" in helps[cmd], cmd
+
+
+def test_train_worker_entry_point():
+    """`python -m opd.stages.train` (what torchrun starts) is a click command: help, one-line errors."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "opd.stages.train"]
+    proc = subprocess.run(cmd + ["--help"], capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode == 0 and "Usage: python -m opd.stages.train [OPTIONS] RUN_DIR" in proc.stdout
+    for option in ("--round", "--force", "--set"):
+        assert option in proc.stdout
+    proc = subprocess.run(cmd + ["nowhere", "--round", "0"], capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode == 1 and proc.stderr.startswith("error: ") and "opd init" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    proc = subprocess.run(cmd + ["nowhere"], capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode == 2 and "Missing option '--round'" in proc.stderr
+
+
+def test_no_cli_file_over_450_lines():
+    folder = Path(__file__).resolve().parents[2] / "pipeline"
+    paths = sorted(folder.glob("cli*.py"))
+    assert len(paths) >= 2
+    for path in paths:
+        assert len(path.read_text().splitlines()) <= 450, path
 
 
 def test_console_script_installed():

@@ -1,10 +1,11 @@
-"""Held-out figures: the reverse KL estimate and the gsm8k checker over real score shards."""
+"""Held-out figures: the reverse KL estimate and the gsm8k checker over real score shards; `opd eval`."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
+from click.testing import CliRunner
 from transformers import AutoTokenizer
 
 from opd.cache import storage
@@ -20,8 +21,8 @@ from opd.configs.schema import (
     dumps_config,
     load_run_config,
 )
-from opd.pipeline.cli import evaluate_if_scored
-from opd.pipeline.evaluate import evaluate, read_eval
+from opd.pipeline.cli import main
+from opd.pipeline.evaluate import EvalResult, evaluate_round, read_eval
 from opd.stages import score
 
 HELDOUT = [
@@ -79,15 +80,17 @@ def _run(tmp_path, tiny_teacher, tiny_student) -> RunDir:
 
 def test_heldout_figures_from_the_definition(tmp_path, tiny_teacher, tiny_student):
     run = _run(tmp_path, tiny_teacher, tiny_student)
-    with pytest.raises(OpdError, match="heldout/scores/_DONE.json not found"):
-        evaluate(load_run_config(run), run, 0)
+    with pytest.raises(OpdError, match="heldout/scores/_DONE.json not found: run `opd score .* --split heldout`"):
+        evaluate_round(load_run_config(run), run, 0)
     cfg = load_run_config(run)
-    out = score.run(cfg, run, 0, split="heldout", device="cpu")
-    assert read_eval(run, 0) is None  # the stage scores; evaluation is the CLI's (pipeline) job
-    result = evaluate_if_scored(cfg, run, 0, out)
+    score.run(cfg, run, 0, split="heldout", device="cpu")
+    assert read_eval(run, 0) is None  # the stage scores; evaluation is evaluate_round's job
+    result = evaluate_round(cfg, run, 0)
     ev = read_eval(run, 0)
-    assert result["heldout_rkl"] == ev["heldout_rkl"] and "eval round 0" in result["line"]
-    assert evaluate_if_scored(cfg, run, 0, score.run(cfg, run, 0, split="heldout", device="cpu")) is None
+    assert isinstance(result, EvalResult) and result.computed and "eval round 0" in result.line
+    assert result.to_json() == ev and EvalResult.from_json(ev).heldout_rkl == result.heldout_rkl
+    again = evaluate_round(cfg, run, 0)  # eval.json exists: read back, not computed or logged again
+    assert not again.computed and again.to_json() == ev and "already computed" in again.line
     cache = ScoreShard(run.fs, run.shard_path(0, "heldout/scores", 0))
     diffs = []
     for sid in cache.sample_ids:
@@ -113,3 +116,60 @@ def test_missing_reference_and_corrupt_eval_file_are_one_line_errors(tmp_path, t
     with pytest.raises(OpdError, match="eval.json: unreadable .*version 9") as e:
         read_eval(run, 0)
     assert "\n" not in str(e.value)
+
+
+def _one_line_error(result, *needles) -> str:
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output and result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert lines and lines[-1].startswith("error: ") and sum("error:" in x for x in lines) == 1, result.stderr
+    for n in needles:
+        assert n in lines[-1], (n, lines[-1])
+    return lines[-1]
+
+
+def test_opd_eval_command(tmp_path, tiny_teacher, tiny_student):
+    """`opd eval RUN --round R`: a one-line error naming the missing held-out scores and the command that
+    makes them; `opd score` computes no figures; eval computes them once; --force computes them again."""
+    run = _run(tmp_path, tiny_teacher, tiny_student)
+    runner = CliRunner()
+
+    def opd(*args):
+        return runner.invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+    _one_line_error(
+        opd("eval", run.url, "--round", 0),
+        "heldout/scores/_DONE.json not found",
+        f"opd score {run.url} --round 0 --split heldout",
+    )
+    _one_line_error(
+        opd("eval", run.url, "--round", 1), "rounds/0001/heldout/rollouts/_DONE.json not found", "opd rollout"
+    )
+
+    scored = opd("score", run.url, "--round", 0, "--split", "heldout", "--device", "cpu")
+    assert scored.exit_code == 0, scored.output
+    assert "eval round" not in scored.output and read_eval(run, 0) is None  # no evaluation as a side effect
+
+    first = opd("eval", run.url, "--round", 0)
+    assert first.exit_code == 0, first.output
+    ev = read_eval(run, 0)
+    assert (
+        first.stdout.strip().startswith("eval round 0: held-out reverse KL")
+        and f"{ev['heldout_rkl']:.4f}" in first.stdout
+    )
+    assert ev["samples"] == 6 and ev["accuracy"] == pytest.approx(4 / 6)
+
+    def eval_records():
+        return [json.loads(x) for x in open(run.metrics_path(0)) if json.loads(x)["stage"] == "eval"]
+
+    assert len(eval_records()) == 1
+    storage.atomic_write_bytes(run.fs, run.eval_path(0), json.dumps({**ev, "heldout_rkl": 99.0}).encode())
+    kept = opd("eval", run.url, "--round", 0)
+    assert kept.exit_code == 0 and "99.0000" in kept.stdout and "--force" in kept.stdout
+    assert read_eval(run, 0)["heldout_rkl"] == 99.0 and len(eval_records()) == 1
+
+    forced = opd("eval", run.url, "--round", 0, "--force")
+    assert forced.exit_code == 0, forced.output
+    assert read_eval(run, 0) == ev and "already computed" not in forced.stdout
+    records = eval_records()
+    assert len(records) == 2 and {k: records[-1][k] for k in ev} == ev

@@ -37,6 +37,7 @@ CONFIG_FILE = "opd.toml"
 STAGES = ("rollouts", "scores", "student", "heldout/rollouts", "heldout/scores")
 HELDOUT = "heldout"  # rounds/R/heldout/: validation samples and scores (never trained on)
 EVAL_FILE = "eval.json"  # rounds/R/heldout/eval.json: the round's held-out figures
+_FOLDER_RE = re.compile(r"(heldout/)?[a-z][a-z0-9_]*")
 _SHARD_RE = re.compile(r"^part-(\d{5})\.parquet$")
 
 
@@ -156,8 +157,8 @@ class RunDir:
         return storage.join(self.root, "rounds", f"{round_index:04d}")
 
     def stage_dir(self, round_index: int, stage: str) -> str:
-        if stage not in STAGES:
-            raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+        if stage not in STAGES and not _FOLDER_RE.fullmatch(stage):  # another stage's own folder (docs/design.md)
+            raise ValueError(f"stage must be one of {STAGES} or a folder name like 'lengths', got {stage!r}")
         return storage.join(self.round_dir(round_index), stage)
 
     def shard_path(self, round_index: int, stage: str, shard: int) -> str:

@@ -101,8 +101,10 @@ def test_run_dir_paths(tmp_path):
     assert run.metrics_path(2) == f"{root}/rounds/0002/metrics.jsonl"
     with pytest.raises(OpdError, match="--round -1"):
         run.round_dir(-1)
-    with pytest.raises(ValueError, match="stage must be one of"):
-        run.stage_dir(0, "train")
+    assert run.stage_dir(0, "lengths") == f"{root}/rounds/0000/lengths"  # a later stage's own folder
+    for bad in ("../scores", "Scores", "a/b", ""):
+        with pytest.raises(ValueError, match="stage must be one of"):
+            run.stage_dir(0, bad)
     assert RunDir("file://" + root).root == root
     assert R.shard_name(42) == "part-00042.parquet"
     assert R.shard_index("part-00042.parquet") == 42

@@ -444,6 +444,15 @@ def test_importing_the_schema_does_not_import_torch():
     assert out.stdout.strip() == "False"
 
 
+def test_the_loader_does_not_know_the_schema_and_no_config_file_is_over_450_lines():
+    code = "import sys, opd.configs.loading; print('opd.configs.schema' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"  # the schema is passed in as root=
+    for path in sorted(CONFIGS.glob("*.py")):
+        assert len(path.read_text().splitlines()) <= 450, path
+
+
 # ------------------------------------------------------------------------------------------ a record: [eval.stop]
 
 

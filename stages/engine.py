@@ -5,7 +5,7 @@ completions with per-token log-probs of the *processed* distribution (after temp
 top-p), the one each token was drawn from. The rollout stage is the only caller; it builds the
 rows, the engines know nothing about shards or λ.
 
-    engine = load_engine("auto", model_dir, seed=7)
+    engine = load_engine("auto", EngineSpec(model_dir, seed=7))
     completions_P_N = engine.generate(prompt_ids_P, Sampling(n=2, temperature=1.0, ...), seed=7)
     engine.close()
 
@@ -78,37 +78,32 @@ def resolve_engine_name(name: str) -> str:
     return name
 
 
-def load_engine(
-    name: str,
-    model_dir: str,
-    *,
-    seed: int,
-    tokenizer_dir: str | None = None,
-    adapter_dir: str | None = None,
-    max_model_len: int | None = None,
-    gpu_memory_utilization: float = 0.5,
-    enforce_eager: bool = True,
-    dtype: str = "auto",
-) -> Engine:
-    """Build the engine `name` ("auto", "vllm", "transformers") serving `model_dir` (+ a LoRA adapter).
-    `dtype` "auto" is resolved by opd's rule (stages/devices.py), never left to the engine's own default."""
+@dataclass(frozen=True)
+class EngineSpec:
+    """What an engine serves and how: the model, its tokenizer and adapter, and the engine settings."""
+
+    model_dir: str  # the checkpoint folder (the base model when an adapter is given)
+    seed: int = 0  # the engine's own seed (vLLM); each generate() call is seeded as well
+    tokenizer_dir: str | None = None  # None = model_dir
+    adapter_dir: str | None = None  # a PEFT LoRA adapter served on top of model_dir
+    max_model_len: int | None = None  # prompt + completion tokens (vLLM's KV-cache sizing); None = the model's
+    gpu_memory_utilization: float = 0.5  # vLLM's share of device memory (on CPU: of the KV-cache budget)
+    enforce_eager: bool = True  # vLLM without graph capture
+    dtype: str = "auto"  # "auto" is resolved by opd's rule (stages/devices.py), never left to the engine
+
+
+def load_engine(name: str, spec: EngineSpec) -> Engine:
+    """Build the engine `name` ("auto", "vllm", "transformers") serving `spec.model_dir` (+ its adapter)."""
+    from dataclasses import replace
+
     from opd.stages.devices import placement
 
     name = resolve_engine_name(name)
-    dtype = placement("auto", dtype, "rollout").dtype_name
+    spec = replace(spec, dtype=placement("auto", spec.dtype, "rollout").dtype_name)
     if name == "vllm":
         from opd.stages.engine_vllm import VLLMEngine
 
-        return VLLMEngine(
-            model_dir,
-            seed=seed,
-            tokenizer_dir=tokenizer_dir,
-            adapter_dir=adapter_dir,
-            max_model_len=max_model_len,
-            gpu_memory_utilization=gpu_memory_utilization,
-            enforce_eager=enforce_eager,
-            dtype=dtype,
-        )
+        return VLLMEngine(spec)
     from opd.stages.engine_hf import HFEngine
 
-    return HFEngine(model_dir, tokenizer_dir=tokenizer_dir, adapter_dir=adapter_dir, dtype=dtype)
+    return HFEngine(spec.model_dir, tokenizer_dir=spec.tokenizer_dir, adapter_dir=spec.adapter_dir, dtype=spec.dtype)

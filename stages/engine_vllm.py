@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Sequence
 
 from opd.cache.errors import OpdError
-from opd.stages.engine import FINISH_REASONS, Completion, Progress, Sampling
+from opd.stages.engine import FINISH_REASONS, Completion, EngineSpec, Progress, Sampling
 
 _LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
@@ -65,19 +65,9 @@ class VLLMEngine:
 
     name = "vllm"
 
-    def __init__(
-        self,
-        model_dir: str | os.PathLike,
-        *,
-        seed: int,
-        tokenizer_dir: str | os.PathLike | None = None,
-        adapter_dir: str | os.PathLike | None = None,
-        max_model_len: int | None = None,
-        gpu_memory_utilization: float = 0.5,
-        enforce_eager: bool = True,
-        dtype: str = "auto",
-        in_process: bool | None = None,
-    ):
+    def __init__(self, spec: EngineSpec, in_process: bool | None = None):
+        model_dir, tokenizer_dir, adapter_dir = spec.model_dir, spec.tokenizer_dir, spec.adapter_dir
+        gpu_memory_utilization, max_model_len = spec.gpu_memory_utilization, spec.max_model_len
         if in_process is not False:
             engine_core_in_process(in_process)
         from vllm import LLM
@@ -86,10 +76,10 @@ class VLLMEngine:
         kwargs = dict(
             model=str(model_dir),
             tokenizer=str(tokenizer_dir or model_dir),
-            seed=int(seed),
-            dtype=dtype,
+            seed=int(spec.seed),
+            dtype=spec.dtype,
             gpu_memory_utilization=gpu_memory_utilization,
-            enforce_eager=enforce_eager,
+            enforce_eager=spec.enforce_eager,
             logprobs_mode="processed_logprobs",
             generation_config="vllm",
         )

@@ -13,7 +13,7 @@ from opd.cache.errors import OpdError
 from opd.configs.schema import OpdConfig, RolloutConfig
 from opd.stages import console
 from opd.stages.devices import placement
-from opd.stages.engine import Engine, load_engine, resolve_engine_name
+from opd.stages.engine import Engine, EngineSpec, load_engine, resolve_engine_name
 from opd.stages.students import StartStudent
 
 
@@ -69,8 +69,7 @@ class RolloutEngines:
             console.say(self.placement.describe(f"rollout ({self.name})"))
             self._described = True
         share = 2 if self.teacher_dir is not None else 1  # both models live together
-        return load_engine(
-            self.name,
+        spec = EngineSpec(
             str(model_dir),
             seed=fingerprint.derive_seed(self.cfg.run.seed, self.round, role),
             tokenizer_dir=str(tokenizer_dir),
@@ -80,6 +79,7 @@ class RolloutEngines:
             enforce_eager=rc.enforce_eager,
             dtype=self.placement.dtype_name,
         )
+        return load_engine(self.name, spec)
 
     def prepare(self, student: bool, teacher: bool) -> None:
         """Load the engines the work needs now (so model loading stays out of the tokens/s figure)."""

@@ -202,17 +202,11 @@ def vllm_engine(tiny_student):
     if not vllm_available():
         pytest.skip("vllm is not installed")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    from opd.stages.engine import EngineSpec
     from opd.stages.engine_vllm import VLLMEngine
 
-    engine = VLLMEngine(
-        tiny_student,
-        seed=0,
-        dtype="float32",
-        gpu_memory_utilization=0.05,
-        enforce_eager=True,
-        max_model_len=1024,
-        in_process=False,
-    )  # keeps vLLM's CPU thread binding out of pytest
+    spec = EngineSpec(str(tiny_student), dtype="float32", gpu_memory_utilization=0.05, max_model_len=1024)
+    engine = VLLMEngine(spec, in_process=False)  # keeps vLLM's CPU thread binding out of pytest
     yield engine
     engine.close()
 

@@ -77,6 +77,12 @@ def dtype_record(requested: str, pl) -> dict:
     return {"dtype": pl.dtype_name, "dtype_requested": requested, "dtype_reason": pl.reason}
 
 
+def stage_record(result) -> dict:
+    """A stage's `run()` result as one flat dict: a StageResult's metrics record (stages/runner.py: the
+    common fields, then the stage's own figures), or the summary dict of a stage that returns one."""
+    return result.record() if hasattr(result, "record") else dict(result)
+
+
 def tiny_models(root: str | os.PathLike) -> tuple[Path, Path]:
     """(teacher, student) folders of tiny random Llamas built under `root` (same tokenizer)."""
     from opd.stages.models import build_tiny

@@ -151,7 +151,11 @@ def main():
     ap.add_argument("--text", help="JSONL with real text, e.g. ../shared/data/gsm8k_train.jsonl")
     ap.add_argument("--question-field", default="question")
     ap.add_argument("--answer-field", default="answer")
-    ap.add_argument("--model", default="opd:smollm2-135m", help="teacher (folder or opd: name)")
+    ap.add_argument(
+        "--model",
+        default=None,
+        help="teacher (folder or opd: name; default opd:smollm2-135m, with --smoke a tiny random one built on the fly)",
+    )
     ap.add_argument("--samples", type=int, default=128)
     ap.add_argument("--quick", action="store_true", help="16 samples (under 2 minutes here)")
     ap.add_argument("--repeats", type=int, default=3, help="timing repeats (best is reported)")
@@ -177,8 +181,9 @@ def main():
     torch.manual_seed(0)
     pl = _common.resolve("cpu", args.dtype)
     with tempfile.TemporaryDirectory() as tmp:
-        if args.smoke:
+        if args.smoke and args.model is None:
             args.model = str(_common.tiny_models(os.path.join(tmp, "models"))[0])
+        args.model = args.model or "opd:smollm2-135m"
         dists, vocab, model_name = teacher_distributions(
             args.text, samples, args.question_field, args.answer_field, args.model, pl.dtype
         )

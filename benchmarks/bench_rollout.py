@@ -69,11 +69,10 @@ def _env() -> dict:
 
 
 def _measure(engine_name: str, model_dir: str, prompts, sampling, seed: int, args, pl) -> dict:
-    from opd.stages.engine import Sampling, load_engine
+    from opd.stages.engine import EngineSpec, Sampling, load_engine
 
     t0 = time.perf_counter()
-    engine = load_engine(
-        engine_name,
+    spec = EngineSpec(
         model_dir,
         seed=seed,
         max_model_len=args.max_model_len,
@@ -81,6 +80,7 @@ def _measure(engine_name: str, model_dir: str, prompts, sampling, seed: int, arg
         enforce_eager=True,
         dtype=pl.dtype_name,
     )  # the same resolved dtype for both engines
+    engine = load_engine(engine_name, spec)
     startup = time.perf_counter() - t0
     try:
         engine.generate(prompts[:2], Sampling(n=1, max_new_tokens=8), seed=seed)  # warm-up
@@ -118,7 +118,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("prompts", nargs="?", help="JSONL prompt file (e.g. ../shared/data/gsm8k_train.jsonl)")
     ap.add_argument("--field", default="question", help="prompt field of the JSONL rows")
-    ap.add_argument("--model", default="opd:smollm2-135m", help="model reference (folder, opd:..., tiny:...)")
+    ap.add_argument(
+        "--model",
+        default=None,
+        help="model reference (folder, opd:..., tiny:...; default opd:smollm2-135m, with --smoke a tiny random "
+        "student built on the fly)",
+    )
     ap.add_argument("--num-prompts", type=int, default=64)
     ap.add_argument("--n", type=int, default=2)
     ap.add_argument("--max-new-tokens", type=int, default=128)
@@ -166,7 +171,10 @@ def main() -> None:
         args.engines = "transformers,vllm" if _vllm_importable() else "transformers"
     pl = _common.resolve("auto", args.dtype, "rollout")  # as the stage: its device, this dtype
     with tempfile.TemporaryDirectory(prefix="opd-bench-rollout-") as tmp:
-        model_dir = str(_common.tiny_models(tmp)[1] if args.smoke else resolve_model(args.model))
+        if args.smoke and args.model is None:
+            model_dir = str(_common.tiny_models(tmp)[1])
+        else:
+            model_dir = str(resolve_model(args.model or "opd:smollm2-135m"))
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         prompts = _prompts(args.prompts, args.num_prompts, args.field, tokenizer)
         args.max_model_len = max(len(p) for p in prompts) + args.max_new_tokens + 16

@@ -1,0 +1,159 @@
+"""bench_train.py's steppers: one optimizer step of opd's learner (`OpdStep`), of plain cross-entropy
+fine-tuning (`SftStep`), their alternating timing, and TRL's GKDTrainer over the same micro-batches."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import torch
+from _train_setup import Setup
+
+from opd.stages import learner as L
+from opd.stages.train_data import Item, MicroBatches
+
+
+class _Step:
+    """One optimizer step = `loss_step()` (forward + backward, subclass) then a clipped AdamW update."""
+
+    params: list
+    opt: torch.optim.Optimizer
+
+    def update(self) -> None:
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+    def __call__(self) -> float:
+        loss = self.loss_step()
+        self.update()
+        return loss
+
+
+class OpdStep(_Step):
+    """The learner's step (stages/train.py's loop body for one micro-batch, grad_accum 1)."""
+
+    def __init__(self, setup: Setup, order: list):
+        tc = setup.cfg.train
+        self.device = setup.placement.device
+        self.autocast = setup.autocast
+        model, head_only = L.load_student(setup.student, tc, self.device, 0)
+        self.learner = L.Learner(model, tc, head_only, setup.data.top_k)
+        self.params = [p for p in self.learner.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(self.params, lr=tc.lr)
+        loader = torch.utils.data.DataLoader(
+            MicroBatches(setup.data, [Item(mb) for mb in order], setup.pad_id),
+            batch_size=None,
+            num_workers=0,
+            collate_fn=L.count_on_policy,
+        )
+        self.batches = iter(loader)
+
+    def loss_step(self) -> float:
+        """Forward + backward of one micro-batch (the gradients stay in .grad)."""
+        batch = L.to_device(next(self.batches), self.device)
+        with self.autocast():
+            loss_sum, _ = self.learner(batch, need_metrics=True)
+        loss = loss_sum / batch["tokens"]
+        loss.backward()
+        return loss.item()
+
+
+class SftStep(_Step):
+    """Plain cross-entropy fine-tuning of the same student on the same sequences."""
+
+    def __init__(self, setup: Setup, order: list):
+        from transformers import AutoModelForCausalLM
+
+        self.model = AutoModelForCausalLM.from_pretrained(str(setup.student), dtype=torch.float32)
+        self.model.config.use_cache = False
+        self.model.train()
+        self.autocast = setup.autocast  # the same precision as the learner's
+        self.params = list(self.model.parameters())
+        self.opt = torch.optim.AdamW(self.params, lr=setup.cfg.train.lr)
+        self.batches = iter([setup.sft_batch(mb) for mb in order])
+
+    def loss_step(self) -> float:
+        with self.autocast():
+            loss = self.model(**next(self.batches), use_cache=False).loss
+        loss.backward()
+        return loss.item()
+
+
+def time_opd_and_sft(setup: Setup, order: list) -> dict:
+    """Alternate opd and sft step by step; the first step of each is a warm-up."""
+    opd, sft = OpdStep(setup, order), SftStep(setup, order)
+    times = {"opd": [], "sft": []}
+    losses = {"opd": [], "sft": []}
+    for i, _ in enumerate(order):
+        for name, step in (("opd", opd), ("sft", sft)) if i % 2 == 0 else (("sft", sft), ("opd", opd)):
+            t0 = time.perf_counter()
+            losses[name].append(step())
+            times[name].append(time.perf_counter() - t0)
+    return {"times": times, "losses": losses}
+
+
+def time_trl(setup: Setup, order: list, workdir: Path) -> list[float]:
+    """GKDTrainer (lmbda = 0: the fixed completions, teacher online) over the same micro-batches; step times."""
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    from datasets import Dataset
+    from torch.utils.data import SequentialSampler
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+    def collate(items):
+        (item,) = items
+        return setup.sft_batch(order[item["mb"]])
+
+    class Sequential(GKDTrainer):
+        def _get_train_sampler(self, *args, **kwargs):
+            return SequentialSampler(self.train_dataset)
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.times, self.t0 = [], None
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.times.append(time.perf_counter() - self.t0)
+
+    tok = AutoTokenizer.from_pretrained(str(setup.student))
+    student = AutoModelForCausalLM.from_pretrained(str(setup.student), dtype=torch.float32)
+    teacher = AutoModelForCausalLM.from_pretrained(str(setup.teacher), dtype=torch.float32)
+    args = GKDConfig(
+        output_dir=str(workdir / "trl"),
+        per_device_train_batch_size=1,
+        gradient_accumulation_steps=1,
+        max_steps=len(order),
+        learning_rate=setup.cfg.train.lr,
+        lr_scheduler_type="constant",
+        max_grad_norm=1.0,
+        lmbda=0.0,
+        seq_kd=False,
+        beta=1.0,
+        temperature=1.0,
+        logging_steps=10**6,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        bf16=setup.placement.dtype_name == "bfloat16",
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        disable_tqdm=True,
+        seed=0,
+    )
+    timer = StepTimer()
+    trainer = Sequential(
+        model=student,
+        teacher_model=teacher,
+        args=args,
+        train_dataset=Dataset.from_dict({"mb": list(range(len(order)))}),
+        data_collator=collate,
+        processing_class=tok,
+        callbacks=[timer],
+    )
+    trainer.train()
+    return timer.times

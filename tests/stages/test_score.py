@@ -8,7 +8,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -522,17 +521,13 @@ def test_follow_scores_rollout_shards_as_they_appear(tmp_path, tiny_teacher, tin
         text=True,
     )
 
-    def wait_for(shard):
-        t0 = time.time()
-        while not storage.exists(run.fs, run.shard_path(0, "scores", shard)):
-            assert proc.poll() is None, proc.communicate()
-            assert time.time() - t0 < 120, "the follower never scored the shard"
-            time.sleep(0.05)
+    def scored(shard):
+        wait_for(lambda: storage.exists(run.fs, run.shard_path(0, "scores", shard)), proc, f"score shard {shard}")
 
-    wait_for(0)  # scored with no rollout manifest anywhere
+    scored(0)  # scored with no rollout manifest anywhere
     assert read_manifest(run, run.stage_dir(0, "rollouts")) is None
     write_rollout_shard(run.fs, run.shard_path(0, "rollouts", 1), shards[1], producer={"stage": "rollout"})
-    wait_for(1)
+    scored(1)
     assert proc.poll() is None  # still following: the rollout stage has not finished
     write_rollout_shard(run.fs, run.shard_path(0, "rollouts", 2), shards[2], producer={"stage": "rollout"})
     finalize_stage(

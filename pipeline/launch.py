@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -30,7 +28,8 @@ from opd.cache.errors import OpdError
 from opd.cache.rundir import MANIFEST, RunDir, clear_stage, read_manifest
 from opd.configs.schema import load_run_config
 from opd.pipeline.init import init_run
-from opd.pipeline.launchers import die_with_parent
+from opd.pipeline.launchers import DevicePool, LocalLauncher, Worker, WorkerFailed, run_all
+from opd.pipeline.torchrun import loopback
 from opd.stages import console, train
 from opd.stages.students import start_student
 from opd.stages.train_data import RoundData
@@ -67,48 +66,27 @@ def launch(
         raise OpdError("give RUN_DIR and --round R (or --from RUN/rounds/R --out NEWRUN)")
     elif out is not None:
         raise OpdError("--out goes with --from RUN/rounds/R")
-    kind, ids = _parse_devices(devices)
-    if kind == "cpu":
+    pool = DevicePool.parse(devices).distinct("--devices")
+    if pool.kind == "cpu":
         overrides.append("train.device=cpu")
-    elif kind == "cuda":
-        overrides.append(f"train.device=cuda:{ids[0]}" if len(ids) == 1 and nnodes == 1 else "train.device=cuda")
+    elif pool.kind == "cuda":
+        one = len(pool.devices) == 1 and nnodes == 1  # this process: cuda:N numbers the GPUs it sees, as the pool does
+        overrides.append(f"train.device=cuda:{pool.devices[0]}" if one else "train.device=cuda")
     rd = RunDir(run_dir)
     cfg = load_run_config(rd, overrides)
-    if len(ids) <= 1 and nnodes == 1:
+    if len(pool.devices) <= 1 and nnodes == 1:
         return train.run(cfg, rd, round_index, force=force)
 
     with start_student(cfg, rd, round_index) as start:  # one-line errors before spawning
         RoundData(rd, round_index, vocab_limit=start.vocab_rows, lmbda=cfg.train.lmbda, seed=cfg.run.seed)
-    env = dict(os.environ, OPD_TRAIN_LAUNCHED="1")  # the processes leave the summary line to this one
-    if kind == "cuda":
-        env["CUDA_VISIBLE_DEVICES"] = ",".join(ids)
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        *(
-            ["--standalone"]
-            if nnodes == 1
-            else ["--nnodes", str(nnodes), "--rdzv-backend", "c10d", "--rdzv-endpoint", rdzv_endpoint]
-            + ["--rdzv-id", f"opd-{round_index}-{hashlib.sha256(rd.url.encode()).hexdigest()[:12]}"]
-        ),
-        "--nproc-per-node",
-        str(max(1, len(ids))),
-        "-m",
-        "opd.stages.train",
-        rd.url,
-        "--round",
-        str(round_index),
-    ]
-    cmd += ["--force"] if force else []
-    for o in overrides:
-        cmd += ["--set", o]
-    status = subprocess.run(cmd, env=env, preexec_fn=die_with_parent).returncode
-    if status != 0:
+    worker = _torchrun_worker(rd, round_index, pool, nnodes, rdzv_endpoint, force, overrides)
+    try:
+        run_all(LocalLauncher(), [worker])
+    except WorkerFailed as e:
         where = f" (its messages: {console.log_path()})" if console.log_path() else " (its messages are above)"
         raise OpdError(
-            f"torchrun with {max(1, len(ids))} process(es) on this machine exited with status {status}{where}"
-        )
+            f"torchrun with {pool.workers} process(es) on this machine exited with status {e.status}{where}"
+        ) from None
     student_dir = rd.stage_dir(round_index, train.STAGE)
     done = read_manifest(rd, student_dir)
     if done is None:
@@ -120,18 +98,31 @@ def launch(
     return summary
 
 
-def _parse_devices(devices: str | None) -> tuple[str | None, list[str]]:
-    """--devices: None → (None, []); "cpu" / "cpu,cpu" → ("cpu", [...]); "0" / "0,1" → ("cuda", ["0", "1"])."""
-    if devices is None or not devices.strip():
-        return None, []
-    ids = [d.strip() for d in devices.split(",")]
-    if all(d == "cpu" for d in ids):
-        return "cpu", ids
-    if all(d.isdigit() for d in ids):
-        if len(set(ids)) != len(ids):
-            raise OpdError(f"--devices {devices!r} names a GPU twice; one process per GPU")
-        return "cuda", ids
-    raise OpdError(f"--devices {devices!r} is invalid: GPU numbers (0,1) or cpu entries (cpu,cpu), not a mix")
+def _torchrun_worker(
+    rd: RunDir, round_index: int, pool: DevicePool, nnodes: int, rdzv: str | None, force: bool, overrides: list[str]
+) -> Worker:
+    """torchrun (pipeline/torchrun.py) with one learner process per pool entry on this machine, as a
+    Worker of the local launcher (its output goes where this process's goes: the stage's log). One
+    machine: a standalone rendezvous; several: the c10d rendezvous at `rdzv`. A rendezvous on loopback
+    keeps every listener there (the stores, gloo's and NCCL's sockets, the workers' MASTER_ADDR)."""
+    host = "127.0.0.1" if nnodes == 1 else rdzv.rsplit(":", 1)[0]
+    if nnodes == 1:
+        rendezvous = ["--standalone"]
+    else:
+        run_id = f"opd-{round_index}-{hashlib.sha256(rd.url.encode()).hexdigest()[:12]}"
+        rendezvous = ["--nnodes", str(nnodes), "--rdzv-backend", "c10d", "--rdzv-endpoint", rdzv, "--rdzv-id", run_id]
+    env = {"OPD_TRAIN_LAUNCHED": "1"}  # the processes leave the summary line to this one
+    if loopback(host):
+        rendezvous += ["--local-addr", host.strip("[]")]
+        for key in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
+            if key not in os.environ:
+                env[key] = "lo"
+    args = [*rendezvous, "--nproc-per-node", str(pool.workers), "-m", "opd.pipeline.torchrun", "--worker"]
+    args += [rd.url, "--round", str(round_index)] + (["--force"] if force else [])
+    for o in overrides:
+        args += ["--set", o]
+    visible = pool.visible() if pool.kind == "cuda" else None
+    return Worker("train", "torchrun", args, env, visible, module="opd.pipeline.torchrun", to_console=False)
 
 
 def _from_cache(source: str, out: str, round_index: int | None, overrides: list[str], force: bool) -> tuple[str, int]:

@@ -18,7 +18,7 @@ import time
 from opd.cache import storage
 from opd.cache.errors import OpdError
 from opd.cache.rundir import RunDir
-from opd.pipeline.launchers import Job, Worker, die_with_parent, forwarded_env
+from opd.pipeline.launchers import Job, Worker, die_with_parent, forwarded_env, stage_env
 from opd.stages import console
 
 
@@ -26,28 +26,35 @@ class StageInterrupted(Exception):
     """A stage process on a Ray node ended by a signal (killed, OOM, pre-empted): worth a retry."""
 
 
+GROUP_GRACE_S = 60.0  # a learner member failed: how long the others get to end by themselves
+
+
 def run_stage(worker: Worker, common: list[str], env: dict[str, str], queue, rdzv: str | None = None) -> dict:
-    """The body of a Ray task, on the node Ray chose: run `opd ARGS` there and report back."""
+    """The body of a Ray task, on the node Ray chose: run `python -m MODULE ARGS` there and report back."""
     import ray
 
     ctx = ray.get_runtime_context()
-    node = f"{ray.util.get_node_ip_address()}/{ctx.get_node_id()[:8]}"
+    ip = ray.util.get_node_ip_address()
+    node = f"{ip}/{ctx.get_node_id()[:8]}"
     args = list(worker.args)
+    child = {"OPD_NODE": node, "OPD_NO_BARS": "1"}
     if worker.stage == "train":
-        gpus = [str(int(g)) for g in ray.get_gpu_ids()]
-        if gpus:  # Ray's GPUs for this task, as physical indices (`opd train` sets CUDA_VISIBLE_DEVICES)
-            args += ["--devices", ",".join(gpus)]
+        gpus = ray.get_gpu_ids()
+        if gpus:  # the GPUs Ray gave this task (its CUDA_VISIBLE_DEVICES), numbered as the task sees them
+            args += ["--devices", ",".join(str(i) for i in range(len(gpus)))]
         if rdzv:
             args += ["--nnodes", str(worker.nodes), "--rdzv-endpoint", rdzv]
+            child["PET_LOCAL_ADDR"] = ip  # torchrun's --local-addr: the address the other nodes reach
     # this Ray worker runs only this job's tasks, which all carry the same variables: it takes them too,
     # so that its own access to an object-store run (the log upload) uses the driver's endpoint
-    os.environ.update({k: v for k, v in env.items() if k != "CUDA_VISIBLE_DEVICES"})  # Ray's, per task
-    child_env = {**os.environ, **env, "OPD_NODE": node, "OPD_NO_BARS": "1"}
+    os.environ.update(env)
+    # a GPU task keeps the CUDA_VISIBLE_DEVICES Ray set; a CPU pool's worker stays off the node's GPUs
+    child_env = stage_env({**os.environ, **child}, worker.visible if not worker.gpus else None)
     run = RunDir(args[1])  # args: the stage, then the run directory
     # an object-store run's logs are files on this node: the worker's is uploaded into the run below
     local_log = None if run.local else run.log_path(worker.round_index, worker.log_name)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "opd.pipeline.cli", *args, *common],
+        [sys.executable, "-m", worker.module, *args, *common],
         env=child_env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -72,10 +79,11 @@ def rendezvous_point() -> str:
     """HOST:PORT for torchrun's c10d rendezvous, on the node this task runs on (the first bundle's)."""
     import ray
 
-    with socket.socket() as s:
-        s.bind(("", 0))
+    ip = ray.util.get_node_ip_address()
+    with socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET) as s:
+        s.bind((ip, 0))  # a free port on the node's own address (nothing listens on it yet)
         port = s.getsockname()[1]
-    return f"{ray.util.get_node_ip_address()}:{port}"
+    return f"{ip}:{port}"
 
 
 class RayLauncher:
@@ -87,6 +95,7 @@ class RayLauncher:
         try:
             import ray
             from ray.util.queue import Queue
+            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
         except ImportError:
             raise OpdError("--launcher ray needs Ray: pip install 'opd[ray]'") from None
         self.ray, self.echo, self.max_retries = ray, echo, max_retries
@@ -96,48 +105,30 @@ class RayLauncher:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
             raise OpdError(f"cannot join the Ray cluster at {address or '$RAY_ADDRESS'} ({first})") from None
         self.address = info.address_info.get("gcs_address", address)
-        self.queue = Queue(actor_options={"num_cpus": 0})
-        self.groups: dict[int, object] = {}  # the learner's placement group, per worker, while it runs
+        # the console queue lives on this node, so that losing another node never loses it
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        self.queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
+        self.groups: dict[int, _RayGroup] = {}  # the learner's group, per worker, while it runs
         nodes = [n for n in ray.nodes() if n.get("Alive")]
         echo(f"[opd run] Ray cluster at {self.address}: {len(nodes)} node(s), {_totals(nodes)}")
 
-    def start(self, worker: Worker, common: list[str]) -> list[Job]:
-        ray = self.ray
-        env = forwarded_env(worker.env)
-        resources = {worker.resource: 1} if worker.resource else {}
-        options = dict(
+    def options(self, worker: Worker, retries: int) -> dict:
+        return dict(
             num_cpus=1,
             num_gpus=worker.gpus,
-            resources=resources,
-            max_retries=self.max_retries,
+            resources={worker.resource: 1} if worker.resource else {},
+            max_retries=retries,
             retry_exceptions=[StageInterrupted],
         )
+
+    def start(self, worker: Worker, common: list[str]) -> list[Job]:
+        env = forwarded_env(worker)
         if worker.nodes == 1:
-            ref = ray.remote(run_stage).options(**options).remote(worker, common, env, self.queue)
-            return [Job(worker, "?", handle=_RayHandle(ray, ref))]
-        from ray.util.placement_group import placement_group, remove_placement_group
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-        bundle = {"CPU": 1, **({"GPU": worker.gpus} if worker.gpus else {}), **resources}
-        pg = placement_group([bundle] * worker.nodes, strategy="STRICT_SPREAD")
-        ready, _ = ray.wait([pg.ready()], timeout=600)
-        if not ready:
-            remove_placement_group(pg)
-            raise OpdError(
-                f"the Ray cluster has no {worker.nodes} distinct nodes with {bundle} each for the learner "
-                "(run.train_nodes, --train-devices, run.train_resource)"
-            )
-        self.groups[id(worker)] = pg
-
-        def on(i):
-            return PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i)
-
-        rdzv = ray.get(ray.remote(rendezvous_point).options(num_cpus=1, scheduling_strategy=on(0)).remote())
-        jobs = []
-        for i in range(worker.nodes):
-            task = ray.remote(run_stage).options(**options, scheduling_strategy=on(i))
-            jobs.append(Job(worker, "?", handle=_RayHandle(ray, task.remote(worker, common, env, self.queue, rdzv))))
-        return jobs
+            task = self.ray.remote(run_stage).options(**self.options(worker, self.max_retries))
+            return [Job(worker, "?", handle=_RayHandle(self.ray, task.remote(worker, common, env, self.queue)))]
+        group = _RayGroup(self, worker, common, env)
+        self.groups[id(worker)] = group
+        return [Job(worker, "?", handle=_Member(group, i)) for i in range(worker.nodes)]
 
     def drain(self) -> None:
         """Print the workers' console lines that have arrived, each tagged with its worker and node."""
@@ -148,16 +139,154 @@ class RayLauncher:
 
     def finish(self, jobs: list[Job]) -> None:
         """The stage's jobs ended: give back a learner's placement group (the next round needs it)."""
-        from ray.util.placement_group import remove_placement_group
-
         for job in jobs:
-            pg = self.groups.pop(id(job.worker), None)
-            if pg is not None:
-                remove_placement_group(pg)
+            group = self.groups.pop(id(job.worker), None)
+            if group is not None:
+                group.release()
 
     def close(self) -> None:
         time.sleep(0.2)
         self.drain()
+
+
+class _RayGroup:
+    """A learner over several nodes: a placement group with one bundle per node (STRICT_SPREAD) and one
+    task per bundle, torchruns meeting at a c10d rendezvous on the first bundle's node. When a member is
+    lost (its node died, or its process was killed) the group is stopped and started again as a whole in
+    a new placement group (run.ray_max_retries times); the learners resume from their last checkpoint.
+    A member that ends with an `opd` error (status 1) while none was lost fails the group."""
+
+    def __init__(self, launcher: RayLauncher, worker: Worker, common: list[str], env: dict[str, str]):
+        self.launcher, self.worker, self.common, self.env = launcher, worker, common, env
+        self.ray = launcher.ray
+        self.status: int | None = None
+        self.error = ""
+        self.restarts = 0
+        self.nodes = ["?"] * worker.nodes
+        self.pg = None
+        self.stopping = False  # stopped from outside (the run ends): never started again
+        self._place()
+
+    def _place(self) -> None:
+        from ray.util.placement_group import placement_group, placement_group_table
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        ray, w = self.ray, self.worker
+        bundle = {"CPU": 1, **({"GPU": w.gpus} if w.gpus else {}), **({w.resource: 1} if w.resource else {})}
+        self.pg = placement_group([bundle] * w.nodes, strategy="STRICT_SPREAD")
+        ready, _ = ray.wait([self.pg.ready()], timeout=600)
+        if not ready:
+            self.release()
+            raise OpdError(
+                f"the Ray cluster has no {w.nodes} distinct nodes with {bundle} each for the learner "
+                "(run.train_nodes, --train-devices, run.train_resource)"
+            )
+
+        def on(i):
+            return PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i)
+
+        rdzv = ray.get(ray.remote(rendezvous_point).options(num_cpus=0, scheduling_strategy=on(0)).remote())
+        options = self.launcher.options(w, 0)  # a lost member restarts the group, not itself
+        self.handles = [
+            _RayHandle(
+                ray,
+                ray.remote(run_stage)
+                .options(**options, scheduling_strategy=on(i))
+                .remote(w, self.common, self.env, self.launcher.queue, rdzv),
+            )
+            for i in range(w.nodes)
+        ]
+        self.failed_at: float | None = None
+        self.placed_on = set(placement_group_table(self.pg)["bundles_to_node_id"].values())
+        self._asked_at, self._lost = 0.0, False
+
+    def poll(self) -> int | None:
+        if self.status is not None:
+            return self.status
+        codes = [h.poll() for h in self.handles]
+        if all(c == 0 for c in codes):
+            self.status, self.nodes = 0, [h.node for h in self.handles]
+            return 0
+        node_lost = self._node_lost()
+        if all(c in (None, 0) for c in codes) and not node_lost:
+            return None
+        # a member failed: unless one of the group's nodes is gone, the others end by themselves soon
+        # (their peer is gone, or Ray reports a lost task); only then is it known whether one was lost
+        self.failed_at = self.failed_at or time.monotonic()
+        if None in codes:
+            if not node_lost and time.monotonic() - self.failed_at < GROUP_GRACE_S:
+                return None
+            self.terminate()
+            self.wait(30)
+            codes = [h.poll() for h in self.handles]
+        lost = [h.error or "killed" for h, c in zip(self.handles, codes) if c is not None and c < 0]
+        lost = ["its node left the cluster"] if node_lost else [e for e in lost if e != "cancelled"]
+        self.release()
+        if lost and not self.stopping and self.restarts < self.launcher.max_retries:
+            self.restarts += 1
+            self.launcher.echo(
+                f"[opd run] {self.worker.label}: a learner node was lost ({lost[0]}); the group "
+                f"of {self.worker.nodes} starts again from its last checkpoint (try {self.restarts} of "
+                f"{self.launcher.max_retries})"
+            )
+            self._place()
+            return None
+        bad = next((h for h, c in zip(self.handles, codes) if c not in (None, 0) and h.error != "cancelled"), None)
+        bad = bad or next(h for h, c in zip(self.handles, codes) if c != 0)
+        self.status, self.error = bad.status if bad.status is not None else -9, bad.error
+        self.nodes = [h.node for h in self.handles]
+        return self.status
+
+    def _node_lost(self) -> bool:
+        """Has a node of this placement left the cluster? (asked of Ray at most once a second)"""
+        now = time.monotonic()
+        if now - self._asked_at >= 1.0:
+            self._asked_at = now
+            self._lost = bool(self.placed_on - {n["NodeID"] for n in self.ray.nodes() if n.get("Alive")})
+        return self._lost
+
+    def terminate(self) -> None:
+        for h in self.handles:
+            if h.poll() is None:
+                h.terminate()
+
+    def wait(self, timeout=None) -> None:
+        self.ray.wait([h.ref for h in self.handles], num_returns=len(self.handles), timeout=timeout)
+
+    def release(self) -> None:
+        from ray.util.placement_group import remove_placement_group
+
+        if self.pg is not None:
+            remove_placement_group(self.pg)
+            self.pg = None
+
+
+class _Member:
+    """Member i of a _RayGroup seen as a process: the group's status once the group has ended."""
+
+    def __init__(self, group: _RayGroup, index: int):
+        self.group, self.index = group, index
+
+    def poll(self) -> int | None:
+        return self.group.poll()
+
+    @property
+    def node(self) -> str:
+        return self.group.nodes[self.index]
+
+    @property
+    def error(self) -> str:
+        return self.group.error
+
+    def terminate(self) -> None:
+        self.group.stopping = True
+        self.group.terminate()
+
+    def wait(self, timeout=None) -> None:
+        self.group.wait(timeout)
+
+    def kill(self) -> None:
+        self.terminate()
 
 
 class _RayHandle:

@@ -13,11 +13,14 @@ Per round R:
   score    `opd score RUN --round R` on the score pool, one worker per device with `--shard i/N`;
            when the pools are disjoint GPUs or both on CPU (run.overlap = "auto"), or with run.overlap =
            "on", the workers start with rollout and `--follow` it: they score each rollout shard as soon
-           as it is renamed into place. The held-out scores yield RUN/rounds/R/heldout/eval.json;
-  stop?    early stop on the held-out reverse KL of the student that started round R (eval.stop_*):
-           the round is then not trained and the loop ends;
+           as it is renamed into place;
+  eval     evaluate_round (pipeline/evaluate.py, in this process) on the held-out rollouts and scores:
+           RUN/rounds/R/heldout/eval.json (kept when the loop found those scores already finished);
+  stop?    early stop on the held-out figures of the students so far (eval.stop_rkl_below,
+           eval.stop_patience, or the eval.stop rule): the round is then not trained and the loop ends;
   train    `opd train RUN --round R --devices <train pool>` (several → torchrun).
-After the last round (eval.final) the final student is evaluated: held-out rollout + score of round N.
+After the last round (eval.final) the final student is evaluated: held-out rollout + score + eval of
+round N.
 
 Each stage is a fresh process, so GPU memory is freed between stages and a crash in one is contained.
 Where the workers run is the launcher's business (launchers.py: local processes, or Ray tasks on any
@@ -27,8 +30,9 @@ run. Resume: the loop skips a stage whose `_DONE.json` files exist; an unfinishe
 and finishes its missing shards only (the stages' own resume rule). A stage finished under another
 config is not re-checked by the loop (the stage itself refuses it when run by hand; use --force there).
 
-Device pools: "" = everything visible (CPU: one process); "0,1" = GPUs (CUDA_VISIBLE_DEVICES per
-worker); "cpu" / "cpu,cpu" = CPU processes (several: that many `--shard` workers, or gloo learners).
+Device pools (launchers.DevicePool): "" = everything visible (CPU: one process); "0,1" = GPUs, numbered
+as this process sees them (CUDA_VISIBLE_DEVICES per worker); "cpu" / "cpu,cpu" = CPU processes (several:
+that many `--shard` workers, or gloo learners).
 A teacher split over t = score.tensor_parallel_size × score.pipeline_parallel_size GPUs takes the score
 pool in consecutive groups of t, one worker per group ("0,1,2,3" with t = 2: workers on "0,1", "2,3").
 """
@@ -37,64 +41,18 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from opd.cache.errors import OpdError
 from opd.cache.rundir import RunDir, choose_splits, read_manifest, split_folder
-from opd.configs.schema import OpdConfig
-from opd.pipeline.launchers import Job, Worker, make_launcher
+from opd.configs.schema import OpdConfig, StopRule
+from opd.pipeline.launchers import DevicePool, Worker, WorkerFailed, make_launcher, run_all
+
+if TYPE_CHECKING:
+    from opd.pipeline.evaluate import EvalResult
 
 
-@dataclass(frozen=True)
-class Pool:
-    """A device pool: kind "cpu" or "cuda", and its members (GPU indices, or "cpu" per process)."""
-
-    kind: str
-    devices: tuple[str, ...]
-
-    @classmethod
-    def parse(cls, text: str | None, what: str) -> "Pool":
-        items = [d.strip() for d in (text or "").split(",") if d.strip()]
-        if not items:
-            return cls("auto", ())
-        if all(d == "cpu" for d in items):
-            return cls("cpu", tuple(items))
-        if all(d.isdigit() for d in items):
-            return cls("cuda", tuple(items))
-        raise OpdError(f"{what} {text!r} is invalid: give GPU indices (0,1) or cpu (cpu,cpu), not a mix")
-
-    @property
-    def workers(self) -> int:
-        return max(1, len(self.devices))
-
-    def env(self, worker: int | None = None) -> dict[str, str]:
-        """Environment of a process on this pool (one worker's device, or the whole pool)."""
-        env = dict(os.environ)
-        if self.kind == "cuda":
-            env["CUDA_VISIBLE_DEVICES"] = self.devices[worker] if worker is not None else ",".join(self.devices)
-        elif self.kind == "cpu":
-            env["CUDA_VISIBLE_DEVICES"] = ""
-        return env
-
-    def disjoint(self, other: "Pool") -> bool:
-        return self.kind == other.kind == "cuda" and not self.gpus() & other.gpus()
-
-    def gpus(self) -> set[str]:
-        return {g for d in self.devices for g in d.split(",")}
-
-    def grouped(self, size: int, what: str) -> "Pool":
-        """The GPUs in consecutive groups of `size`, one worker per group: a teacher split by tensor ×
-        pipeline parallelism (`--score-devices 0,1,2,3` with size 2 → workers on "0,1" and "2,3")."""
-        if size == 1 or self.kind != "cuda":
-            return self
-        if len(self.devices) % size:
-            raise OpdError(
-                f"{what} {','.join(self.devices)} cannot be split into groups of {size} GPUs "
-                f"(score.tensor_parallel_size × score.pipeline_parallel_size): give a multiple of {size}"
-            )
-        d = self.devices
-        return Pool("cuda", tuple(",".join(d[i : i + size]) for i in range(0, len(d), size)))
+Pool = DevicePool  # the loop's name for it (tests, configs' checks)
 
 
 def run(
@@ -143,28 +101,29 @@ def run(
 
 
 def _rounds(cfg: OpdConfig, run: RunDir, n: int, ctx: "_Ctx", follow: bool, echo) -> dict[str, Any]:
-    evals: dict[int, dict] = {}
+    from opd.pipeline.evaluate import evaluate_round  # torch and the stages: only when the loop runs
+
+    evals: dict[int, EvalResult] = {}
     stopped = ""
     trained = 0
     for r in range(n):
+        scored = _heldout_scored(run, r)
         ctx.rollout_and_score(r, "all", follow)
-        ev = _read_eval(run, r) if cfg.eval.enabled else None
-        if ev is not None:
-            evals[r] = ev
-            echo(_eval_line(f"round {r}", ev))
-        stopped = _stop_reason(cfg, [evals[i]["heldout_rkl"] for i in sorted(evals)])
+        if cfg.eval.enabled:
+            evals[r] = evaluate_round(cfg, run, r, force=not scored)  # again when this loop (re)scored it
+            echo(_eval_line(f"round {r}", evals[r]))
+        stopped = _stop_reason(cfg, [evals[i] for i in sorted(evals)])
         if stopped:
             echo(f"[opd run] stopping before training round {r}: {stopped}")
             break
         ctx.train(r)
         trained = r + 1
     if not stopped and cfg.eval.enabled and cfg.eval.final:
+        scored = _heldout_scored(run, n)
         ctx.rollout_and_score(n, "heldout", follow)
-        ev = _read_eval(run, n)
-        if ev is not None:
-            evals[n] = ev
-            echo(_eval_line(f"final student (round {n - 1})", ev))
-    rkl = " → ".join(f"{evals[i]['heldout_rkl']:.3f}" for i in sorted(evals))
+        evals[n] = evaluate_round(cfg, run, n, force=not scored)
+        echo(_eval_line(f"final student (round {n - 1})", evals[n]))
+    rkl = " → ".join(f"{evals[i].heldout_rkl:.3f}" for i in sorted(evals))
     line = (
         f"opd run {run.url}: {trained} round(s) trained"
         + (f", stopped early ({stopped})" if stopped else "")
@@ -183,9 +142,9 @@ def _materialise_models(cfg: OpdConfig, echo) -> None:
         resolve_model(ref, cfg.run.models_dir or None)
 
 
-def _eval_line(what: str, ev: dict) -> str:
-    acc = f", accuracy {ev['accuracy']:.3f}" if ev.get("accuracy") is not None else ""
-    return f"[opd run] {what}: held-out reverse KL {ev['heldout_rkl']:.4f} nats/token{acc}"
+def _eval_line(what: str, ev: "EvalResult") -> str:
+    acc = f", accuracy {ev.accuracy:.3f}" if ev.accuracy is not None else ""
+    return f"[opd run] {what}: held-out reverse KL {ev.heldout_rkl:.4f} nats/token{acc}"
 
 
 def _overlap_pays(rollout: Pool, score: Pool, cuda_visible: bool | None = None) -> bool:
@@ -206,11 +165,19 @@ def _overlap_pays(rollout: Pool, score: Pool, cuda_visible: bool | None = None) 
     return on_cpu
 
 
-def _stop_reason(cfg: OpdConfig, rkls: list[float]) -> str:
-    """Why to stop now, given the held-out reverse KL of each round so far ("" = go on)."""
+def _stop_reason(cfg: OpdConfig, evals: list[EvalResult]) -> str:
+    """Why to stop now, given the held-out figures of each round so far, oldest first ("" = go on).
+    The rules, in this order; the first that fires stops:
+      eval.stop_rkl_below  the latest held-out reverse KL is below it;
+      eval.stop_patience   the last `stop_patience` reverse KLs are none at least `stop_min_delta` below the
+                           best before them;
+      eval.stop            the last `patience` values of `metric` (lower is better; accuracy: higher) are
+                           none a change toward better, of at least `min_delta`, on the best value before
+                           them (a tie is no improvement); evaluations without the figure are left out."""
     ev = cfg.eval
-    if not rkls:
+    if not evals:
         return ""
+    rkls = [e.heldout_rkl for e in evals]
     if ev.stop_rkl_below and rkls[-1] < ev.stop_rkl_below:
         return f"held-out reverse KL {rkls[-1]:.4f} < eval.stop_rkl_below = {ev.stop_rkl_below:g}"
     p = ev.stop_patience
@@ -221,13 +188,29 @@ def _stop_reason(cfg: OpdConfig, rkls: list[float]) -> str:
                 f"no drop of {ev.stop_min_delta:g} in held-out reverse KL below {best_before:.4f} in the last "
                 f"{p} round(s) (eval.stop_patience)"
             )
-    return ""
+    return _stop_rule_reason(ev.stop, evals)
 
 
-def _read_eval(run: RunDir, r: int) -> dict | None:
-    from opd.pipeline.evaluate import read_eval
+def _stop_rule_reason(rule: StopRule, evals: list[EvalResult]) -> str:
+    """eval.stop (a StopRule) on the held-out figures so far: see _stop_reason."""
+    if not rule.metric:
+        return ""
+    values = [v for v in (getattr(e, rule.metric) for e in evals) if v is not None]
+    p, sign = rule.patience, (1.0 if rule.metric == "accuracy" else -1.0)  # sign × value: higher is better
+    if len(values) <= p:
+        return ""
+    best = max(values[:-p], key=lambda v: sign * v)
+    gains = [sign * (v - best) for v in values[-p:]]
+    if any(g > 0 and g >= rule.min_delta - 1e-12 for g in gains):  # 1e-12: 0.3 - 0.25 < 0.05 in floats
+        return ""
+    return (
+        f"eval.stop: {rule.metric} has not improved on its best {best:.4f} by at least {rule.min_delta:g} "
+        f"in the last {p} held-out evaluation(s)"
+    )
 
-    return read_eval(run, r)
+
+def _heldout_scored(run: RunDir, r: int) -> bool:
+    return read_manifest(run, run.stage_dir(r, split_folder("heldout", "scores"))) is not None
 
 
 class _Ctx:
@@ -274,13 +257,12 @@ class _Ctx:
         ray = self.launcher.name == "ray"
         if pool.devices and not (ray and pool.kind == "cuda"):  # on Ray the task names the GPUs it was given
             args += ["--devices", ",".join(pool.devices)]
-        env = pool.env() if pool.kind != "cuda" else dict(os.environ)
         worker = Worker(
             "train",
             "train",
             args,
-            env,
-            gpus=len(pool.devices) if pool.kind == "cuda" else 0,
+            visible="" if pool.kind == "cpu" else None,  # `opd train` gives torchrun the pool's GPUs itself
+            gpus=len(pool.gpus()),
             resource=self.cfg.run.train_resource,
             nodes=self.cfg.run.train_nodes,
             log_name="train",
@@ -292,56 +274,37 @@ class _Ctx:
         pool = self.pools[stage]
         extra = ["--device", "cpu"] if stage == "score" and pool.kind == "cpu" else []
         resource = getattr(self.cfg.run, f"{stage}_resource")
+        local = self.launcher.name == "local"  # on Ray a task's GPUs are the ones Ray gives it
         n = pool.workers
         out = []
         for i in range(n):
             shard = ["--shard", f"{i}/{n}"] if n > 1 else []
-            gpus = len(pool.devices[i].split(",")) if pool.kind == "cuda" else 0
-            env = pool.env(i if pool.kind == "cuda" or n > 1 else None)
             label = f"{stage} {i}/{n}" if n > 1 else stage
             name = f"{stage}-{i}of{n}" if n > 1 else stage
-            out.append(Worker(stage, label, args + extra + shard, env, gpus, resource, 1, name, r))
+            visible = pool.visible(i if pool.kind == "cuda" else None) if local or pool.kind == "cpu" else None
+            w = Worker(stage, label, args + extra + shard, {}, visible, pool.gpus_of(i), resource, 1, name, r)
+            out.append(w)
         return out
 
     def _launch(self, r: int, groups: dict[str, list[Worker]]) -> None:
         """Start every worker of `groups` (stage → workers) together; wait for all; on the first failure
         stop the rest and raise. One "loop" metrics line per stage, with the node of each worker."""
-        t0 = time.perf_counter()
-        jobs: list[Job] = []
+
+        def announce(w: Worker) -> None:
+            self.echo(f"[opd run] round {r}: opd {' '.join(w.args[:1] + w.args[2:])}")
+
+        workers = [w for ws in groups.values() for w in ws]
         try:
-            for stage, workers in groups.items():
-                for w in workers:
-                    self.echo(f"[opd run] round {r}: opd {' '.join(w.args[:1] + w.args[2:])}")
-                    jobs += self.launcher.start(w, self.common)
-            ended: dict[str, float] = {}
-            pending = list(jobs)
-            while pending:
-                self.launcher.drain()
-                for job in list(pending):
-                    code = job.poll()
-                    if code is None:
-                        continue
-                    pending.remove(job)
-                    if code != 0:
-                        self.launcher.drain()
-                        stage = job.worker.stage
-                        where = f" on node {job.node}" if job.node not in ("local", "?") else ""
-                        why = f": {job.error}" if job.error else ""
-                        raise OpdError(
-                            f"round {r}: `opd {job.worker.label}` exited with status {code}{where}{why} (its error "
-                            f"is above; logs in {os.path.dirname(self.run.log_path(r, stage))}/); "
-                            f"fix it and run `opd run {self.run.url}` again to resume"
-                        )
-                    stage = job.worker.stage
-                    if all(j.poll() is not None for j in jobs if j.worker.stage == stage):
-                        ended.setdefault(stage, time.perf_counter() - t0)
-                time.sleep(0.2)
-        finally:
-            for job in jobs:
-                job.stop()
-            for job in jobs:
-                job.wait_stopped()
-            self.launcher.finish(jobs)
+            jobs, ended = run_all(self.launcher, workers, self.common, announce)
+        except WorkerFailed as e:
+            job, stage = e.job, e.job.worker.stage
+            where = f" on node {job.node}" if job.node not in ("local", "?") else ""
+            why = f": {job.error}" if job.error else ""
+            raise OpdError(
+                f"round {r}: `opd {job.worker.label}` exited with status {e.status}{where}{why} (its error "
+                f"is above; logs in {os.path.dirname(self.run.log_path(r, stage))}/); "
+                f"fix it and run `opd run {self.run.url}` again to resume"
+            ) from None
         for stage, wall in ended.items():
             record = {
                 "stage": "loop",

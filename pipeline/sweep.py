@@ -14,28 +14,25 @@ RUN/sweeps/NAME/ (NAME defaults to "round{R}-" + the grid's keys):
                  heldout` the held-out round <setting>/rounds/R+1/heldout/ with its eval.json
   table.csv, table.md, table.png, results.json   once every setting is trained and evaluated
 
-Settings train one after another in one process, which decodes the round's shards once for all of
-them (stages/train_data.decode_once). `--shard i/N` takes settings k with k % N == i (array jobs; the
-worker that finds every setting finished writes the table); `--devices` with several entries starts one
-such worker per device. Resume is the train stage's: a finished setting is skipped, an interrupted one
+The grid and the checks made before anything trains: sweep_grid.py. Settings train one after another in
+one process, which decodes the round's shards once for all of them (one stages/train_data.DecodedShards,
+and one stages/learner.LoadedStudents for the start student, passed to every setting). `--shard i/N`
+takes settings k with k % N == i (array jobs; the worker that finds every setting finished writes the
+table); `--devices` with several entries starts one such worker per device (processes of the local
+launcher, launchers.py). Resume is the train stage's: a finished setting is skipped, an interrupted one
 restarts from its checkpoint (train.checkpoint_every_steps) or from scratch, with the same result.
 
 Evaluation (`--eval`): `none`; `cache` (pipeline/sweep_eval.py: teacher-forced on round R's held-out
 samples and their cached scores, no teacher); `heldout`: each student samples the held-out prompts
 (the rollout stage of <setting> round R+1, split heldout: with vLLM `opd rollout` in a process of its
 own per student, a fresh engine each; with transformers in this process), then one teacher load scores
-all of them and evaluate.py computes held-out reverse KL and checker accuracy as `opd run` reports
-them. `auto` = cache where round R has a held-out cache, else none.
+all of them and evaluate.py (evaluate_round) computes held-out reverse KL and checker accuracy as
+`opd run` reports them, for each student and for the start student (round R's held-out split). `auto` = cache where round R has a held-out cache, else none.
 """
 
 from __future__ import annotations
 
-import itertools
 import json
-import os
-import re
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -43,106 +40,30 @@ from typing import Any
 from opd.cache import storage
 from opd.cache.errors import OpdError
 from opd.cache.rundir import MANIFEST, RunDir, ShardSpec, read_manifest, split_folder
-from opd.configs.schema import ConfigError, TrainConfig, load_run_config, parse_override
+from opd.configs.schema import load_run_config
 from opd.pipeline import sweep_table
-from opd.pipeline.evaluate import evaluate, read_eval
+from opd.pipeline.evaluate import evaluate_round, read_eval
 from opd.pipeline.launch import from_cache
-from opd.pipeline.launchers import die_with_parent
-from opd.pipeline.loop import Pool
+from opd.pipeline.launchers import DevicePool, LocalLauncher, Worker, WorkerFailed, run_all
 from opd.pipeline.sweep_eval import cache_figures
+from opd.pipeline.sweep_grid import (
+    Setting,
+    check_round,
+    default_name,
+    make_settings,
+    note_offpolicy_beta,
+    parse_grid,
+    short_key,
+)
+from opd.pipeline.sweep_grid import validate as _validate
 from opd.pipeline.sweep_table import CACHE_EVAL_FILE, RESULTS_FILE, SWEEP_FILE, SWEEP_FORMAT, SWEEP_VERSION, read_json
 from opd.stages import console, train
 from opd.stages.devices import resolve_device
-from opd.stages.learner import keep_loaded
+from opd.stages.learner import LoadedStudents
 from opd.stages.students import start_student
-from opd.stages.train_data import RoundData, decode_once
+from opd.stages.train_data import DecodedShards, RoundData
 
 EVAL_MODES = ("auto", "none", "cache", "heldout")
-_TRAIN_KEYS = {f.name for f in TrainConfig.__dataclass_fields__.values()}
-
-
-@dataclass(frozen=True)
-class Setting:
-    """One point of the grid: its folder name and its (key, value as typed) pairs in grid order."""
-
-    name: str
-    values: tuple[tuple[str, str], ...]
-    common: tuple[str, ...] = ()  # --set overrides every setting shares
-
-    @property
-    def overrides(self) -> list[str]:
-        return [*self.common, *(f"{k}={v}" for k, v in self.values)]
-
-    def row(self) -> dict[str, Any]:
-        return {"setting": self.name, **{_short(k): parse_override(f"{k}={v}")[2] for k, v in self.values}}
-
-
-def parse_grid(items: list[str] | tuple[str, ...]) -> list[tuple[str, list[str]]]:
-    """`--grid train.key=v1,v2,...` → [(key, [values])]; one-line errors naming the bad item."""
-    if not items:
-        raise OpdError("give at least one --grid train.KEY=V1,V2 (e.g. --grid train.beta=0,0.5,1)")
-    grid: list[tuple[str, list[str]]] = []
-    for item in items:
-        if "=" not in item:
-            raise OpdError(f"--grid {item!r} is invalid: expected train.KEY=V1,V2,... (e.g. train.beta=0,0.5,1)")
-        key, raw = (s.strip() for s in item.split("=", 1))
-        section, _, name = key.partition(".")
-        if section != "train" or not name:
-            raise OpdError(
-                f"--grid {item!r}: only train.* keys can be swept from one cache "
-                f"(rollout and score settings change the data: run another round instead)"
-            )
-        if name not in _TRAIN_KEYS:
-            import difflib
-
-            close = difflib.get_close_matches(name, sorted(_TRAIN_KEYS), n=1)
-            raise OpdError(
-                f"--grid {item!r}: unknown key train.{name}" + (f" (did you mean train.{close[0]}?)" if close else "")
-            )
-        if name in TrainConfig.HOW or name == "device":
-            raise OpdError(
-                f"--grid {item!r}: train.{name} chooses how to compute, not what; it cannot make settings differ"
-            )
-        values = [v.strip() for v in raw.split(",")]
-        if not raw.strip() or any(not v for v in values):
-            raise OpdError(f"--grid {item!r}: empty value list (give train.{name}=V1,V2,...)")
-        if len(set(values)) != len(values):
-            raise OpdError(f"--grid {item!r}: a value appears twice")
-        if any(k == key for k, _ in grid):
-            raise OpdError(f"--grid {item!r}: train.{name} is given twice; put all its values in one --grid")
-        grid.append((key, values))
-    return grid
-
-
-def make_settings(grid: list[tuple[str, list[str]]], common: tuple[str, ...] = ()) -> list[Setting]:
-    """The cartesian product, first key slowest; each named from its values."""
-    for item in common:
-        key = item.split("=", 1)[0].strip()
-        if not key.startswith("train."):
-            raise OpdError(f"--set {item!r}: a sweep's settings differ only in train.* keys (the data is round R's)")
-        if any(key == k for k, _ in grid):
-            raise OpdError(f"--set {item!r}: {key} is also swept by --grid")
-    settings = []
-    for combo in itertools.product(*[[(k, v) for v in vs] for k, vs in grid]):
-        settings.append(Setting(_folder_name(combo), tuple(combo), tuple(common)))
-    names = [s.name for s in settings]
-    if len(set(names)) != len(names):
-        dup = next(n for n in names if names.count(n) > 1)
-        raise OpdError(f"--grid: two settings would share the folder {dup!r}; give the values differently")
-    return settings
-
-
-def _short(key: str) -> str:
-    return key.split(".", 1)[1]
-
-
-def _folder_name(combo) -> str:
-    parts = []
-    for k, v in combo:
-        value = parse_override(f"{k}={v}")[2]
-        text = f"{value:g}" if isinstance(value, float) else str(value)
-        parts.append(_short(k) + re.sub(r"[^A-Za-z0-9.+-]", "-", text))
-    return "_".join(parts)
 
 
 # ------------------------------------------------------------------------------------------ the command
@@ -202,13 +123,13 @@ def sweep(
     grid = parse_grid(grid_items)
     settings = make_settings(grid, tuple(overrides))
     _validate(src, grid, tuple(overrides), settings)
-    rollouts = _check_round(src, round_index, grid)
-    _note_offpolicy_beta(src, settings, grid, rollouts)
+    rollouts = check_round(src, round_index, grid)
+    note_offpolicy_beta(src, settings, grid, rollouts)
     mode = _eval_mode(src, round_index, eval_mode, cfg)
     metric = sweep_table.check_metric(metric or "", mode)
-    sw = _Sweep(src, round_index, name or _default_name(round_index, grid), settings, grid, mode, metric)
+    sw = _Sweep(src, round_index, name or default_name(round_index, grid), settings, grid, mode, metric)
     _write_spec(sw, force)
-    pool = Pool.parse(devices, "--devices")
+    pool = DevicePool.parse(devices)
     spec = ShardSpec.parse(shard)
     if pool.workers > 1:
         if spec.count > 1:
@@ -223,33 +144,15 @@ def sweep(
         )
         dev = _device_overrides(pool)
         _warm_imports()
-        with decode_once(), keep_loaded():
-            for s in own:
-                _train_setting(sw, s, dev, force)
-            if mode == "cache":
-                _cache_evals(sw, own, dev, force)
+        decoded, loaded = DecodedShards(), LoadedStudents()  # shared by this worker's settings
+        for s in own:
+            _train_setting(sw, s, dev, force, decoded, loaded)
+        if mode == "cache":
+            _cache_evals(sw, own, dev, force, decoded)
+        del decoded, loaded  # free the round's decoded cache and the kept student before held-out scoring
         if mode == "heldout":
             _heldout_evals(sw, own, pool, dev, force)
     return _finish(sw, time.perf_counter() - t0)
-
-
-def _validate(src: RunDir, grid, common: tuple[str, ...], settings: list[Setting]) -> None:
-    """Every value, then every setting, must make a valid config before anything trains."""
-
-    def check(overrides, what: str) -> None:
-        try:
-            load_run_config(src, list(overrides))
-        except ConfigError as e:
-            msg = str(e).removeprefix(f"{src.config_path}: ")
-            raise OpdError(f"{what}: {msg}") from None
-
-    for item in common:
-        check([item], f"--set {item}")
-    for key, values in grid:
-        for v in values:
-            check([*common, f"{key}={v}"], f"--grid {key}={','.join(values)}")
-    for s in settings:
-        check(s.overrides, f"--grid setting {s.name}")
 
 
 def _warm_imports() -> None:
@@ -257,40 +160,6 @@ def _warm_imports() -> None:
     first setting, so each setting's recorded wall is its own cost (the process start is counted apart)."""
     from transformers import AutoModelForCausalLM  # noqa: F401
     from transformers.models.auto import modeling_auto  # noqa: F401
-
-
-def _default_name(round_index: int, grid) -> str:
-    return f"round{round_index}-" + "-".join(_short(k) for k, _ in grid)
-
-
-def _check_round(src: RunDir, R: int, grid) -> Any:
-    for stage in ("rollouts", "scores"):
-        if read_manifest(src, src.stage_dir(R, stage)) is None:
-            raise OpdError(
-                f"{src.stage_dir(R, stage)}/{MANIFEST} not found: round {R} has no finished {stage}; "
-                f"run `opd rollout` and `opd score {src.url} --round {R}` first"
-            )
-    rollouts = read_manifest(src, src.stage_dir(R, "rollouts"))
-    if any(k == "train.lmbda" for k, _ in grid) and rollouts.summary.get("offpolicy_rows") != "both":
-        raise OpdError(
-            f"--grid train.lmbda: {src.stage_dir(R, 'rollouts')} holds one kind of row per prompt (rolled out at "
-            f"λ = {rollouts.summary.get('lmbda')}); sweeping λ needs a rollout with --set rollout.offpolicy_rows=both"
-        )
-    return rollouts
-
-
-def _note_offpolicy_beta(src: RunDir, settings: list[Setting], grid, rollouts) -> None:
-    """β swept over a cache with off-policy rows: say that those rows train with train.beta_offpolicy
-    unless it is -1 (then each setting's β applies to every row, as GKD's one β does)."""
-    if not any(k == "train.beta" for k, _ in grid):
-        return
-    has_off = rollouts.summary.get("offpolicy_rows") == "both" or (rollouts.summary.get("lmbda") or 1.0) < 1
-    beta_off = load_run_config(src, settings[0].overrides).train.beta_offpolicy
-    if has_off and beta_off != -1:
-        console.say(
-            f"sweep: note: off-policy rows train with train.beta_offpolicy = {beta_off:g} in every setting; "
-            f"add --set train.beta_offpolicy=-1 to apply each setting's β to them too (GKD's one β)"
-        )
 
 
 def _eval_mode(src: RunDir, R: int, mode: str, cfg) -> str:
@@ -330,7 +199,7 @@ def _write_spec(sw: _Sweep, force: bool) -> None:
     storage.atomic_write_bytes(sw.src.fs, path, json.dumps(want, indent=2).encode())
 
 
-def _device_overrides(pool: Pool) -> list[str]:
+def _device_overrides(pool: DevicePool) -> list[str]:
     if pool.kind == "cpu":
         return ["train.device=cpu", "score.device=cpu"]
     if pool.kind == "cuda":
@@ -338,13 +207,15 @@ def _device_overrides(pool: Pool) -> list[str]:
     return []
 
 
-def _train_setting(sw: _Sweep, s: Setting, dev: list[str], force: bool) -> dict:
+def _train_setting(
+    sw: _Sweep, s: Setting, dev: list[str], force: bool, decoded: DecodedShards, loaded: LoadedStudents
+) -> dict:
     """The setting's folder (links to round R's shards) and its trained student; when it trained, one
     `"stage": "sweep"` line in its metrics.jsonl with the setting's wall seconds inside the sweep
     (folder, load, learner steps, export) next to the learner's own (train_s)."""
     t0 = time.perf_counter()
     out = from_cache(sw.src, sw.round_index, sw.url(s), s.overrides, force=force)
-    summary = train.run(load_run_config(out, dev), out, sw.round_index, force=force)
+    summary = train.run(load_run_config(out, dev), out, sw.round_index, force=force, decoded=decoded, loaded=loaded)
     if not summary.get("skipped"):
         record = {"stage": "sweep", "sweep": sw.name, "setting": s.name, "time": time.time()}
         record.update(wall_s=round(time.perf_counter() - t0, 3), train_s=summary.get("train_s"))
@@ -353,7 +224,7 @@ def _train_setting(sw: _Sweep, s: Setting, dev: list[str], force: bool) -> dict:
     return summary
 
 
-def _cache_evals(sw: _Sweep, own: list[Setting], dev: list[str], force: bool) -> None:
+def _cache_evals(sw: _Sweep, own: list[Setting], dev: list[str], force: bool, decoded: DecodedShards) -> None:
     """--eval cache: each trained student (and the start student, once) on round R's held-out cache."""
     R = sw.round_index
     cfg = load_run_config(sw.src, dev)
@@ -369,7 +240,7 @@ def _cache_evals(sw: _Sweep, own: list[Setting], dev: list[str], force: bool) ->
         student_round = R if run is sw.src else R + 1  # a setting's trained student is the one round R+1 starts from
         with start_student(load_run_config(run, dev), run, student_round) as student:
             if data is None:
-                data = RoundData(sw.src, R, vocab_limit=student.vocab_rows, split="heldout")
+                data = RoundData(sw.src, R, vocab_limit=student.vocab_rows, split="heldout", decoded=decoded)
             figures = cache_figures(data, student, device, cfg.train.temperature, cfg.train.max_tokens_per_batch)
         storage.atomic_write_bytes(sw.src.fs, path, json.dumps({"student": key, **figures}, indent=2).encode())
         console.say(
@@ -392,7 +263,7 @@ def _student_key(sw: _Sweep, run: RunDir) -> str:
     return f"{who}:{held.digest() if held else ''}"
 
 
-def _heldout_evals(sw: _Sweep, own: list[Setting], pool: Pool, dev: list[str], force: bool) -> None:
+def _heldout_evals(sw: _Sweep, own: list[Setting], pool: DevicePool, dev: list[str], force: bool) -> None:
     """--eval heldout: each student samples the held-out prompts (with vLLM a process each: a fresh
     engine per student; the transformers engine in this process), then one teacher load scores every
     setting's samples and evaluate.py computes the figures."""
@@ -400,7 +271,6 @@ def _heldout_evals(sw: _Sweep, own: list[Setting], pool: Pool, dev: list[str], f
     from opd.stages.engine import resolve_engine_name
 
     R1 = sw.round_index + 1
-    env = _rollout_env(pool)
     for s in own:
         run = RunDir(sw.url(s))
         if read_manifest(run, run.stage_dir(R1, "heldout/rollouts")) is not None and not force:
@@ -408,21 +278,17 @@ def _heldout_evals(sw: _Sweep, own: list[Setting], pool: Pool, dev: list[str], f
         cfg = load_run_config(run, dev)
         if resolve_engine_name(cfg.rollout.engine) == "transformers":
             summary = rollout.run(cfg, run, R1, engine="transformers", force=force, split="heldout")
-            console.say(f"[{s.name}] {summary['line']}")
+            console.say(f"[{s.name}] {summary.line}")
             continue
-        cmd = [sys.executable, "-m", "opd.pipeline.cli", "rollout", run.url, "--round", str(R1), "--split", "heldout"]
-        cmd += ["--force"] if force else []
+        args = ["rollout", run.url, "--round", str(R1), "--split", "heldout"] + (["--force"] if force else [])
         console.say(f"[{s.name}] held-out rollout: opd rollout {run.url} --round {R1} --split heldout")
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True, preexec_fn=die_with_parent)
-        for line in (done.stdout + done.stderr).splitlines():
-            if line.strip():
-                console.say(f"[{s.name}] {line}")  # the child's own lines (its log has the rest)
-        code = done.returncode
-        if code != 0:
+        try:  # this worker's GPU (an index into the GPUs it sees), or the CPU
+            run_all(LocalLauncher(), [Worker("rollout", s.name, args, visible=pool.visible(0), round_index=R1)])
+        except WorkerFailed as e:
             raise OpdError(
-                f"[{s.name}] `opd rollout {run.url} --round {R1} --split heldout` exited with status {code} "
+                f"[{s.name}] `opd rollout {run.url} --round {R1} --split heldout` exited with status {e.status} "
                 f"(log: {run.log_path(R1, 'rollout')}); run `opd sweep` again to resume"
-            )
+            ) from None
     teacher = None
     try:
         for s in own:
@@ -434,26 +300,17 @@ def _heldout_evals(sw: _Sweep, own: list[Setting], pool: Pool, dev: list[str], f
             if teacher is None:
                 teacher = score.Teacher(cfg, None)
             summary = score.run(cfg, run, R1, split="heldout", force=force, teacher=teacher)
-            ev = evaluate(cfg, run, R1)
-            console.say(f"[{s.name}] {summary['line']}\n[{s.name}] {ev['line']}")
+            ev = evaluate_round(cfg, run, R1, force=True)  # the scores may be new: never a stale eval.json
+            console.say(f"[{s.name}] {summary.line}\n[{s.name}] {ev.line}")
     finally:
         if teacher is not None:
             teacher.release()
     if teacher is not None:
         _add_counter(sw, "teacher_loads", teacher.loads)
-
-
-def _rollout_env(pool: Pool) -> dict[str, str]:
-    """The held-out rollout process's environment: this worker's GPU (an index into the GPUs this process
-    sees, which a pool worker's CUDA_VISIBLE_DEVICES already narrowed), or the CPU."""
-    env = dict(os.environ)
-    if pool.kind == "cuda":
-        visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
-        gpu = pool.devices[0]
-        env["CUDA_VISIBLE_DEVICES"] = visible[int(gpu)] if visible and int(gpu) < len(visible) else gpu
-    elif pool.kind == "cpu":
-        env["CUDA_VISIBLE_DEVICES"] = ""
-    return env
+    if read_manifest(sw.src, sw.src.stage_dir(sw.round_index, "heldout/scores")) is not None:
+        ev = evaluate_round(load_run_config(sw.src, dev), sw.src, sw.round_index, force=force)  # the start row
+        if ev.computed:
+            console.say(f"[{sweep_table.START}] {ev.line}")
 
 
 def _add_counter(sw: _Sweep, key: str, n: int) -> None:
@@ -472,38 +329,24 @@ def _counter(sw: _Sweep, key: str) -> int:
     return total
 
 
-def _fd_or_inherit(stream):
-    """A console stream for a child process, or None (inherit) where it has no file descriptor."""
-    try:
-        stream.fileno()
-        return stream
-    except (AttributeError, OSError, ValueError):
-        return None
-
-
-def _pool_workers(sw: _Sweep, pool: Pool, grid_items, force: bool) -> None:
-    """One `opd sweep --shard i/N --devices d` worker per pool entry, all at once."""
+def _pool_workers(sw: _Sweep, pool: DevicePool, grid_items, force: bool) -> None:
+    """One `opd sweep --shard i/N --devices d` worker per pool entry, all at once (the local launcher)."""
     n = pool.workers
-    procs = []
+    workers = []
     for i in range(n):
-        cmd = [sys.executable, "-m", "opd.pipeline.cli", "sweep", sw.src.url, "--round", str(sw.round_index)]
-        for g in grid_items:
-            cmd += ["--grid", g]
-        for o in sw.settings[0].common:
-            cmd += ["--set", o]
-        cmd += ["--name", sw.name, "--eval", sw.eval_mode, "--shard", f"{i}/{n}", "--metric", sw.metric]
-        cmd += ["--devices", "cpu" if pool.kind == "cpu" else "0"]
-        cmd += ["--force"] if force else []
-        console.say(f"sweep {sw.name}: worker {i}/{n} on {pool.devices[i]}")
-        out, err = (_fd_or_inherit(x) for x in console.streams())
-        procs.append(subprocess.Popen(cmd, env=pool.env(i), stdout=out, stderr=err, preexec_fn=die_with_parent))
-    codes = [p.wait() for p in procs]
-    bad = [i for i, c in enumerate(codes) if c != 0]
-    if bad:
+        args = ["sweep", sw.src.url, "--round", str(sw.round_index), *(x for g in grid_items for x in ("--grid", g))]
+        args += [x for o in sw.settings[0].common for x in ("--set", o)]
+        args += ["--name", sw.name, "--eval", sw.eval_mode, "--shard", f"{i}/{n}", "--metric", sw.metric]
+        args += ["--devices", "cpu" if pool.kind == "cpu" else "0"] + (["--force"] if force else [])
+        label = f"worker {i}/{n} on {pool.devices[i]}"
+        workers.append(Worker("sweep", label, args, visible=pool.visible(i), round_index=sw.round_index))
+    try:
+        run_all(LocalLauncher(), workers, announce=lambda w: console.say(f"sweep {sw.name}: {w.label}"))
+    except WorkerFailed as e:
         raise OpdError(
-            f"sweep {sw.name}: worker {bad[0]}/{n} exited with status {codes[bad[0]]} (its error is above); "
+            f"sweep {sw.name}: {e.job.worker.label} exited with status {e.status} (its error is above); "
             f"run the same `opd sweep` again to resume"
-        )
+        ) from None
 
 
 # ------------------------------------------------------------------------------------------ the table
@@ -561,7 +404,7 @@ def _finish(sw: _Sweep, wall_s: float) -> dict[str, Any]:
             f"(run the other --shard workers, or this command again)"
         )
         return {"line": line, "table": "", "complete": False, "settings": n, "done": complete}
-    keys = [_short(k) for k, _ in sw.grid]
+    keys = [short_key(k) for k, _ in sw.grid]
     df = sweep_table.build(rows, keys, sw.metric, _start_row(sw))
     title = (
         f"opd sweep {sw.name}: round {sw.round_index} of {sw.src.url}, {n} settings, eval {sw.eval_mode}, "

@@ -1,7 +1,7 @@
 """Fixtures shared by the `opd run` tests."""
 
 import pytest
-from loop_helpers import KILL_SETTINGS, opd_run, tiny_settings
+from loop_helpers import KILL_SETTINGS, LoopbackOnly, opd_run, tiny_settings
 
 from opd.cache.rundir import RunDir
 
@@ -10,9 +10,25 @@ from opd.cache.rundir import RunDir
 def reference_run(tmp_path_factory, tiny_teacher, tiny_student):
     """One uninterrupted round + final evaluation with the local launcher, every pool split in two on
     CPU: 2 rollout workers, 2 score workers following them (overlap on), 2 gloo learners under
-    torchrun. The Ray and object-store runs are checked against it."""
+    torchrun (its listeners on loopback only, checked). The Ray and object-store runs are checked
+    against it."""
     run_dir = tmp_path_factory.mktemp("loop") / "reference"
-    res = opd_run(
+    with LoopbackOnly():
+        res = _reference(run_dir, tiny_teacher, tiny_student)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return RunDir(str(run_dir)), res
+
+
+@pytest.fixture
+def loopback_only():
+    """Fails the test when a process it started (this one, or any descendant) listened anywhere but on
+    loopback while it ran (loop_helpers.LoopbackOnly)."""
+    with LoopbackOnly() as watch:
+        yield watch
+
+
+def _reference(run_dir, tiny_teacher, tiny_student):
+    return opd_run(
         run_dir,
         "--config",
         "tiny",
@@ -30,5 +46,3 @@ def reference_run(tmp_path_factory, tiny_teacher, tiny_student):
         "on",
         *tiny_settings(tiny_teacher, tiny_student, **KILL_SETTINGS),
     )
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    return RunDir(str(run_dir)), res

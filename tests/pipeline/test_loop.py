@@ -6,13 +6,24 @@ from __future__ import annotations
 import dataclasses
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 import torch
 from click.testing import CliRunner
-from loop_helpers import CLI, KILL_SETTINGS, STAGE_FOLDERS, layout, opd_run, sigkill_loop, tiny_settings, wait_for
+from loop_helpers import (
+    CLI,
+    KILL_SETTINGS,
+    STAGE_FOLDERS,
+    LoopbackOnly,
+    layout,
+    opd_run,
+    sigkill_loop,
+    tiny_settings,
+    wait_for,
+)
 from safetensors.torch import load_file
 
 from opd.cache import fingerprint
@@ -22,39 +33,117 @@ from opd.cache.shards import ScoreShard, read_rollout_shard
 from opd.configs.schema import load_config
 from opd.pipeline.cli import main as cli_main
 from opd.pipeline.evaluate import gsm8k_answer, gsm8k_correct, read_eval
+from opd.pipeline.launchers import DevicePool, stage_env
 from opd.pipeline.loop import Pool, _stop_reason
 from opd.stages import quant
 
 # ------------------------------------------------------------------------------------------ units
 
 
+def _evals(values, metric="heldout_rkl"):
+    """One EvalResult per held-out evaluation, `metric` taking `values` in turn (other figures constant)."""
+    from opd.pipeline.evaluate import EvalResult
+
+    base = dict(samples=8, tokens=80, mean_length=10.0, heldout_rkl=1.0, heldout_rkl_per_sample=10.0)
+    base |= dict(heldout_teacher_nll=2.0, finish_stop_frac=1.0, checker="gsm8k", accuracy=0.5)
+    base |= dict(temperature=1.0, score_temperature=1.0)
+    return [EvalResult(**{**base, "round": i, metric: v}) for i, v in enumerate(values)]
+
+
 def test_stop_reason_threshold_patience_and_min_delta():
     cfg = load_config("tiny", ["eval.stop_rkl_below=0.5"])
     assert _stop_reason(cfg, []) == ""
-    assert _stop_reason(cfg, [0.9, 0.6]) == ""
-    assert "stop_rkl_below" in _stop_reason(cfg, [0.9, 0.4])
+    assert _stop_reason(cfg, _evals([0.9, 0.6])) == ""
+    assert "stop_rkl_below" in _stop_reason(cfg, _evals([0.9, 0.4]))
     cfg = load_config("tiny", ["eval.stop_patience=2", "eval.stop_min_delta=0.05"])
-    assert _stop_reason(cfg, [1.0, 0.9]) == ""  # not enough rounds to judge
-    assert _stop_reason(cfg, [1.0, 0.9, 0.8]) == ""  # still improving
-    assert "stop_patience" in _stop_reason(cfg, [1.0, 0.97, 0.99])  # best 1.0, no drop of 0.05 since
-    assert _stop_reason(cfg, [1.0, 0.97, 0.94]) == ""  # dropped 0.06 within the window
-    assert _stop_reason(load_config("tiny"), [5.0, 6.0, 7.0]) == ""  # off by default
+    assert _stop_reason(cfg, _evals([1.0, 0.9])) == ""  # not enough rounds to judge
+    assert _stop_reason(cfg, _evals([1.0, 0.9, 0.8])) == ""  # still improving
+    assert "stop_patience" in _stop_reason(cfg, _evals([1.0, 0.97, 0.99]))  # best 1.0, no drop of 0.05 since
+    assert _stop_reason(cfg, _evals([1.0, 0.97, 0.94])) == ""  # dropped 0.06 within the window
+    assert _stop_reason(load_config("tiny"), _evals([5.0, 6.0, 7.0])) == ""  # off by default
+
+
+@pytest.mark.parametrize("metric", ["heldout_rkl", "heldout_teacher_nll"])
+def test_stop_reason_eval_stop_lower_is_better(metric):
+    cfg = load_config("tiny", [f"eval.stop.metric={metric!r}", "eval.stop.patience=2"])
+    assert _stop_reason(cfg, []) == ""
+    assert _stop_reason(cfg, _evals([1.0, 1.1], metric)) == ""  # no value before a window of 2
+    reason = _stop_reason(cfg, _evals([1.0, 1.1, 1.2], metric))  # two evaluations worse than the best before
+    assert reason.startswith("eval.stop:") and metric in reason and "\n" not in reason
+    assert _stop_reason(cfg, _evals([1.0, 1.1, 0.99], metric)) == ""  # the second one improved
+    assert _stop_reason(cfg, _evals([1.0, 0.5, 0.6, 0.7], metric)) != ""  # the best (0.5) is before the window
+    assert _stop_reason(cfg, _evals([1.0, 1.0, 1.0], metric)) != ""  # a tie is no improvement
+    assert _stop_reason(cfg, _evals([2.0, 1.0, 1.5], metric)) == ""  # 1.0 improved on 2.0
+    # only the watched figure counts: it improving while the other one worsens goes on, and back
+    other = "heldout_teacher_nll" if metric == "heldout_rkl" else "heldout_rkl"
+    evals = _evals([1.0, 0.9, 0.8], metric)
+    assert _stop_reason(cfg, [dataclasses.replace(e, **{other: 1.0 + 0.1 * e.round}) for e in evals]) == ""
+    evals = _evals([1.0, 0.9, 0.8], other)
+    assert _stop_reason(cfg, [dataclasses.replace(e, **{metric: 1.0 + 0.1 * e.round}) for e in evals]) != ""
+    # patience: 1 judges each evaluation against those before it; 3 waits for three
+    one = cfg.replace("eval.stop", patience=1)
+    assert _stop_reason(one, _evals([1.0, 0.9], metric)) == ""
+    assert _stop_reason(one, _evals([1.0, 0.9, 0.95], metric)) != ""
+    three = cfg.replace("eval.stop", patience=3)
+    assert _stop_reason(three, _evals([1.0, 1.1, 1.2], metric)) == ""
+    assert "last 3 held-out evaluation(s)" in _stop_reason(three, _evals([1.0, 1.1, 1.2, 1.3], metric))
+
+
+def test_stop_reason_eval_stop_accuracy_higher_is_better_and_min_delta():
+    cfg = load_config("tiny", ["eval.stop.metric='accuracy'", "eval.stop.patience=2", "eval.stop.min_delta=0.05"])
+
+    def acc(*values):
+        return _evals(values, "accuracy")
+
+    assert _stop_reason(cfg, acc(0.5, 0.6, 0.7)) == ""  # rising
+    assert "accuracy" in _stop_reason(cfg, acc(0.5, 0.4, 0.3))  # falling
+    assert _stop_reason(cfg, acc(0.5, 0.4, 0.56)) == ""  # +0.06 >= min_delta
+    assert _stop_reason(cfg, acc(0.5, 0.53, 0.54)) != ""  # +0.04 at most: below min_delta
+    assert _stop_reason(cfg, acc(0.5, 0.53, 0.55)) == ""  # exactly min_delta counts
+    assert _stop_reason(cfg.replace("eval.stop", min_delta=0.0), acc(0.5, 0.53, 0.54)) == ""  # any rise counts
+    assert _stop_reason(cfg, acc(0.5, 0.5, 0.5)) != ""  # flat
+    # held-out RKL falling (better) does not rescue a flat accuracy; lower accuracy is never better
+    evals = [dataclasses.replace(e, heldout_rkl=1.0 - 0.1 * i) for i, e in enumerate(acc(0.5, 0.5, 0.5))]
+    assert _stop_reason(cfg, evals) != ""
+
+
+def test_stop_reason_eval_stop_off_by_default_and_with_the_old_rules():
+    assert load_config("tiny").eval.stop.metric == ""
+    assert _stop_reason(load_config("tiny"), _evals([1.0, 2.0, 3.0, 4.0])) == ""  # off by default
+    # both rules set: the first that fires stops, and each reason names its own rule
+    cfg = load_config("tiny", ["eval.stop_rkl_below=0.5", "eval.stop.metric='heldout_rkl'", "eval.stop.patience=1"])
+    assert "eval.stop_rkl_below" in _stop_reason(cfg, _evals([1.0, 0.4]))
+    assert _stop_reason(cfg, _evals([1.0, 1.2])).startswith("eval.stop:")
+    assert _stop_reason(cfg, _evals([1.0, 0.8])) == ""
+    old = load_config(
+        "tiny", ["eval.stop_patience=1", "eval.stop.metric='heldout_teacher_nll'", "eval.stop.patience=5"]
+    )
+    assert "eval.stop_patience" in _stop_reason(old, _evals([1.0, 1.2]))  # the old rule alone still works
 
 
 def test_device_pools():
+    assert Pool is DevicePool  # one parser for the loop, the sweep and `opd train`
     assert Pool.parse("", "x").kind == "auto" and Pool.parse(None, "x").workers == 1
+    assert Pool.parse("").visible() is None and Pool.parse("cpu,cpu").visible(1) == ""
     p = Pool.parse("0, 2", "x")
-    assert p.kind == "cuda" and p.workers == 2 and p.env(1)["CUDA_VISIBLE_DEVICES"] == "2"
-    assert p.env()["CUDA_VISIBLE_DEVICES"] == "0,2"
-    assert Pool.parse("cpu,cpu", "x").env(0)["CUDA_VISIBLE_DEVICES"] == ""
+    assert p.kind == "cuda" and p.workers == 2 and p.visible(1, seen="") == "2" and p.visible(seen="") == "0,2"
+    # GPU numbers index the GPUs this process sees (a pool worker's, or a Ray task's CUDA_VISIBLE_DEVICES)
+    assert p.visible(1, seen="4,5,6") == "6" and p.visible(seen="4,5,6") == "4,6"
+    with pytest.raises(OpdError, match="not among the 2 GPU"):
+        p.visible(1, seen="4,5")
+    assert stage_env({"A": "1"}, "3") == {"A": "1", "CUDA_VISIBLE_DEVICES": "3"}
+    assert stage_env({"CUDA_VISIBLE_DEVICES": "1"}, None) == {"CUDA_VISIBLE_DEVICES": "1"}
     assert p.disjoint(Pool.parse("1", "x")) and not p.disjoint(Pool.parse("2,3", "x"))
     assert not Pool.parse("cpu", "x").disjoint(Pool.parse("cpu", "x"))
     with pytest.raises(OpdError, match="--score-devices 'cpu,1' is invalid"):
         Pool.parse("cpu,1", "--score-devices")
+    with pytest.raises(OpdError, match="names a GPU twice"):
+        Pool.parse("0,0").distinct("--devices")
 
 
-def test_tensor_parallel_score_workers_get_groups_of_gpus(tmp_path):
+def test_tensor_parallel_score_workers_get_groups_of_gpus(tmp_path, monkeypatch):
     """score.tensor_parallel_size = 2 on --score-devices 0,1,2,3: two `--shard i/2` workers on "0,1", "2,3"."""
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)  # the pool numbers every GPU of the machine
     from opd.pipeline.launchers import LocalLauncher
     from opd.pipeline.loop import _Ctx
 
@@ -64,13 +153,13 @@ def test_tensor_parallel_score_workers_get_groups_of_gpus(tmp_path):
     ctx = _Ctx(RunDir(tmp_path / "run"), {"score": pool}, [], None, print, cfg, local)
     workers = ctx._workers(0, "score", ["score", "RUN"])
     assert [w.args[-1] for w in workers] == ["0/2", "1/2"]
-    assert [w.env["CUDA_VISIBLE_DEVICES"] for w in workers] == ["0,1", "2,3"]
+    assert [w.visible for w in workers] == ["0,1", "2,3"]
     assert [w.gpus for w in workers] == [2, 2]  # what each asks of a Ray cluster: a whole TP group
-    assert pool.env()["CUDA_VISIBLE_DEVICES"] == "0,1,2,3"
+    assert pool.visible() == "0,1,2,3"
     assert not pool.disjoint(Pool.parse("3", "x")) and pool.disjoint(Pool.parse("4,5", "x"))
     one = _Ctx(RunDir(tmp_path / "r"), {"score": Pool.parse("4,5", "x").grouped(2, "x")}, [], None, print, cfg, local)
     (w,) = one._workers(0, "score", ["score"])
-    assert "--shard" not in w.args and w.env["CUDA_VISIBLE_DEVICES"] == "4,5" and w.gpus == 2
+    assert "--shard" not in w.args and w.visible == "4,5" and w.gpus == 2
     assert Pool.parse("cpu", "x").grouped(2, "x").workers == 1 and Pool.parse("", "x").grouped(4, "x").kind == "auto"
     with pytest.raises(OpdError, match="cannot be split into groups of 2"):
         Pool.parse("0,1,2", "--score-devices").grouped(2, "--score-devices")
@@ -225,6 +314,33 @@ def test_two_real_int4_rounds_with_vllm_killed_in_train(tmp_path, tiny_teacher, 
         assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6, name
 
 
+@pytest.mark.parametrize("host,caught", [("0.0.0.0", True), ("::", True), ("127.0.0.1", False), ("::1", False)])
+def test_the_listener_check_catches_a_listener_beyond_loopback(host, caught):
+    """loop_helpers.LoopbackOnly (the `loopback_only` fixture) fails when a process the test started
+    listens anywhere but loopback, and passes a loopback listener."""
+    code = (
+        "import socket, sys; s = socket.create_server((sys.argv[1], 0), family=socket.AF_INET6 if ':' in "
+        "sys.argv[1] else socket.AF_INET); print(s.getsockname()[1], flush=True); sys.stdin.read()"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, host], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        port = proc.stdout.readline().strip()  # it listens from here on
+        assert port.isdigit()
+        if caught:
+            with pytest.raises(AssertionError, match=f"{host}:{port} by "):
+                with LoopbackOnly():
+                    pass
+        else:
+            with LoopbackOnly():
+                pass
+    finally:
+        proc.stdin.close()
+        proc.wait()
+
+
+@pytest.mark.usefixtures("loopback_only")  # the fixture's run checked its own (torchrun's among them)
 def test_pools_overlap_and_workers(reference_run):
     run, res = reference_run
     records = [json.loads(x) for x in Path(run.metrics_path(0)).read_text().splitlines()]
@@ -232,15 +348,19 @@ def test_pools_overlap_and_workers(reference_run):
     assert sorted(x["shard"] for x in score) == ["0/2", "1/2"] and all(x["followed"] for x in score)
     rollout = [x for x in records if x["stage"] == "rollout" and x.get("split") == "train"]
     assert sorted(x["shard"] for x in rollout) == ["0/2", "1/2"]
-    # the score workers ran together with the rollout workers (following them: tests/stages/test_score.py)
-    loop = [x for x in records if x["stage"] == "loop"]
-    assert {x["step"] for x in loop if x["time"] - x["wall_s"] < loop[0]["time"]} >= {"rollout", "score"}
+    # the score workers ran together with the rollout workers (following them: tests/stages/test_score.py),
+    # read from the order of the lines, not from the clock: the loop appends a pool's "loop" line once every
+    # worker launched with it has ended, so the score workers' own lines come before the rollout pool's line
+    # only when both pools were launched together (launched one after the other, the rollout line is first)
+    loop_rollout = next(i for i, x in enumerate(records) if x["stage"] == "loop" and x["step"] == "rollout")
+    assert all(i < loop_rollout for i, x in enumerate(records) if x["stage"] == "score" and x.get("split") == "train")
     assert read_manifest(run, run.stage_dir(0, "student")).summary["world_size"] == 2
     loop = {x["step"]: x for x in records if x["stage"] == "loop"}
     assert loop["rollout"]["workers"] == 2 and loop["score"]["workers"] == 2 and loop["train"]["workers"] == 1
     assert read_eval(run, 0)["samples"] == 4 and read_eval(run, 1)["samples"] == 4  # before and after training
 
 
+@pytest.mark.usefixtures("loopback_only")
 def test_sigkill_during_each_stage_resumes_to_the_same_run(tmp_path, reference_run, tiny_teacher, tiny_student):
     ref, _ = reference_run
     run_dir = tmp_path / "killed"

@@ -21,6 +21,7 @@ from opd.cache.rundir import RunDir, read_manifest
 from opd.pipeline.evaluate import read_eval
 
 BUCKET = "opd-test"
+pytestmark = pytest.mark.usefixtures("loopback_only")  # the S3 server and every process on 127.0.0.1 only
 
 
 @pytest.fixture(scope="module")

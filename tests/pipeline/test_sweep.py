@@ -116,8 +116,11 @@ def test_shards_together_equal_one_worker(base):
     assert (student(base, "split", "lr0.001") / "_DONE.json").is_file()
     assert not (student(base, "split", "lr0.003")).exists() and not (base / "sweeps" / "split" / "table.csv").exists()
     assert "2 settings done" in lr_sweep("split", "--shard", "1/2").stdout
+    # --devices cpu,cpu: the same two workers, started by the launcher (pipeline/launchers.py) at once
+    assert "2 settings done" in lr_sweep("pooled", "--devices", "cpu,cpu").stdout
     for s in ("lr0.001", "lr0.003"):
         assert weights(student(base, "split", s)) == weights(student(base, "whole", s))
+        assert weights(student(base, "pooled", s)) == weights(student(base, "whole", s))
     assert weights(student(base, "whole", "lr0.001")) != weights(student(base, "whole", "lr0.003"))
     a = json.loads((base / "sweeps" / "whole" / "results.json").read_text())["rows"]
     b = json.loads((base / "sweeps" / "split" / "results.json").read_text())["rows"]

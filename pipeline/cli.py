@@ -267,45 +267,23 @@ def sweep(run_dir, round_index, grids, name, devices, shard, eval_mode, metric, 
 @click.option("--plot", default=None, help="Write the per-round curves to this PNG at the end.")
 @set_option(SET_HELP + " With --config it is written into RUN/opd.toml; without, every stage process gets it.")
 @user_errors
-def run_cmd(
-    run_dir,
-    config_file,
-    rounds,
-    rollout_devices,
-    score_devices,
-    train_devices,
-    overlap,
-    engine,
-    launcher,
-    ray_address,
-    plot,
-    overrides,
-):
+def run_cmd(run_dir, config_file, plot, **choices):
     """Run rounds of rollout → score → train, each stage a fresh process on its own devices.
 
     Resumes: finished stages are skipped, unfinished ones finish their missing shards. Evaluates the
-    held-out set ([eval]) every round and stops early on its reverse KL (eval.stop_*). With
+    held-out set ([eval]) every round and stops early on its figures (eval.stop_*, eval.stop). With
     --launcher ray every stage worker is a Ray task on the node Ray picks (pools per node: run.*_resource).
     """
-    _loop(
-        run_dir,
-        config_file,
-        rounds,
-        dict(
-            rollout_devices=rollout_devices,
-            score_devices=score_devices,
-            train_devices=train_devices,
-            overlap=overlap,
-            launcher=launcher,
-            ray_address=ray_address,
-        ),
-        engine,
-        plot,
-        overrides,
-    )
+    from opd.pipeline.loop import RunOptions
+
+    _loop(run_dir, config_file, RunOptions(**{**choices, "overrides": tuple(choices["overrides"])}), plot)
 
 
-def _loop(run_dir, config_file, rounds, devices, engine, plot, overrides) -> dict:
+def _loop(run_dir, config_file, opts, plot) -> dict:
+    """init RUN from `config_file` when given (its --set items then become part of RUN/opd.toml), run
+    the loop, print the table."""
+    import dataclasses
+
     from opd.cache.rundir import RunDir
     from opd.configs.schema import load_run_config
     from opd.pipeline import loop
@@ -313,13 +291,13 @@ def _loop(run_dir, config_file, rounds, devices, engine, plot, overrides) -> dic
     from opd.pipeline.inspect import inspect as inspect_run
 
     run = RunDir(run_dir)
-    if config_file is not None:  # the overrides then become part of RUN/opd.toml
-        path, changed = init_run(run_dir, config_file, overrides)
+    if config_file is not None:
+        path, changed = init_run(run_dir, config_file, opts.overrides)
         click.echo(f"{'wrote' if changed else 'resuming with'} {path}")
-        overrides = ()
-    cfg = load_run_config(run, overrides)
+        opts = dataclasses.replace(opts, overrides=())
+    cfg = load_run_config(run, opts.overrides)
     with console.quiet(run.log_path(None, "run"), header=" ".join(sys.argv[1:])):
-        result = loop.run(cfg, run, rounds, overrides=overrides, engine=engine, echo=console.say, **devices)
+        result = loop.run(cfg, run, opts, echo=console.say)
         table = inspect_run(run_dir, plot)
     click.echo(table)
     click.echo(result["line"])
@@ -341,7 +319,11 @@ def demo(out, rounds, overrides):
     import posixpath
 
     t0 = time.perf_counter()
-    result = _loop(out, "smollm2-demo", rounds, {}, None, posixpath.join(out, "demo.png"), overrides)
+    from opd.pipeline.loop import RunOptions
+
+    result = _loop(
+        out, "smollm2-demo", RunOptions(rounds=rounds, overrides=tuple(overrides)), posixpath.join(out, "demo.png")
+    )
     rkls = [result["evals"][r].heldout_rkl for r in sorted(result["evals"])]
     falling = len(rkls) >= 2 and all(b < a for a, b in zip(rkls, rkls[1:]))
     click.echo(

@@ -133,7 +133,7 @@ def _round_row(run: RunDir, r: int) -> list:
             st.get("last_loss"), last_final.get("last_loss"), steps[-1].get("loss") if steps else None
         ),
         "rollout_s": _stage_seconds(by_stage.get("rollout", []), "seconds"),
-        "score_s": _stage_seconds(by_stage.get("score", []), "wall_s"),
+        "score_s": _stage_seconds(by_stage.get("score", []), "seconds", "wall_s"),
         "train_s": train_s,
         "status": _status(run, r, rollouts, scores, student, by_stage, ev),
     }
@@ -184,10 +184,12 @@ def _eval_figures(run: RunDir, r: int, records: list[dict]) -> dict:
     return records[-1] if records else {}
 
 
-def _stage_seconds(records: list[dict], key: str) -> float | None:
+def _stage_seconds(records: list[dict], key: str, old_key: str = "") -> float | None:
     """Sum of `key` over a stage's invocation records (shard workers, retries, held-out split); records
-    of skipped invocations carry the finished stage's figures, not their own, so they are left out."""
-    values = [v for v in (_num(rec.get(key)) for rec in records if not rec.get("skipped")) if v is not None]
+    of skipped invocations carry the finished stage's figures, not their own, so they are left out.
+    `old_key`: the name records of runs made before the stage runner used (score: "wall_s")."""
+    got = [rec.get(key, rec.get(old_key)) for rec in records if not rec.get("skipped")]
+    values = [v for v in map(_num, got) if v is not None]
     return sum(values) if values else None
 
 
@@ -302,61 +304,20 @@ def plot(df: pl.DataFrame, path: str, title: str | None = None) -> str:
     fig = Figure(figsize=(11, 7.5), layout="constrained")
     (ax_kl, ax_loss), (ax_topk, ax_time) = fig.subplots(2, 2)
     rounds = df["round"].to_list() if "round" in df.columns else []
-
-    if not _line(ax_kl, df, "heldout_rkl", "held-out reverse KL", "o-", "C0"):
-        _no_data(ax_kl)
-    ax_kl.set_title("held-out reverse KL(student ‖ teacher)")
-    ax_kl.set_ylabel("nats / token")
-    if _points(df, "heldout_accuracy")[0]:
-        ax_acc = ax_kl.twinx()
-        _line(ax_acc, df, "heldout_accuracy", "held-out accuracy", "s--", "C1")
-        ax_acc.set_ylabel("accuracy")
-        ax_acc.set_ylim(0, 1)
-        _legend(ax_kl, ax_acc)
-    else:
-        _legend(ax_kl)
-
-    got = [
-        _line(ax_loss, df, c, label, style, color)
-        for c, label, style, color in (
-            ("loss_first", "first step", "o--", "C2"),
-            ("loss_last", "last step", "o-", "C3"),
-        )
-    ]
-    ax_loss.set_title("train loss")
-    if any(got):
-        _legend(ax_loss)
-    else:
-        _no_data(ax_loss)
-
-    got = [
-        _line(ax_topk, df, c, label, style, color)
-        for c, label, style, color in (
+    _heldout_panel(ax_kl, df)
+    _lines_panel(
+        ax_loss, df, "train loss", (("loss_first", "first step", "o--", "C2"), ("loss_last", "last step", "o-", "C3"))
+    )
+    _lines_panel(
+        ax_topk,
+        df,
+        "top-k",
+        (
             ("teacher_topk_mass", "teacher top-k mass", "o-", "C4"),
             ("topk_overlap", "student↔teacher top-k overlap", "s-", "C5"),
-        )
-    ]
-    ax_topk.set_title("top-k")
-    if any(got):
-        _legend(ax_topk)
-    else:
-        _no_data(ax_topk)
-
-    bottom = [0.0] * len(rounds)
-    stacked = False
-    for col, label, color in (("rollout_s", "rollout", "C0"), ("score_s", "score", "C1"), ("train_s", "train", "C2")):
-        vals = [v or 0.0 for v in df[col].to_list()] if col in df.columns else [0.0] * len(rounds)
-        if any(vals):
-            ax_time.bar(rounds, vals, bottom=bottom, label=label, color=color, width=0.6)
-            bottom = [b + v for b, v in zip(bottom, vals)]
-            stacked = True
-    ax_time.set_title("stage wall time")
-    ax_time.set_ylabel("seconds")
-    if stacked:
-        _legend(ax_time)
-    else:
-        _no_data(ax_time)
-
+        ),
+    )
+    _time_panel(ax_time, df, rounds)
     for ax in (ax_kl, ax_loss, ax_topk, ax_time):
         ax.set_xlabel("round")
         if rounds:
@@ -365,7 +326,54 @@ def plot(df: pl.DataFrame, path: str, title: str | None = None) -> str:
         ax.grid(True, alpha=0.3)
     if title:
         fig.suptitle(title)
+    return _save_png(fig, path)
 
+
+def _heldout_panel(ax, df: pl.DataFrame) -> None:
+    if not _line(ax, df, "heldout_rkl", "held-out reverse KL", "o-", "C0"):
+        _no_data(ax)
+    ax.set_title("held-out reverse KL(student ‖ teacher)")
+    ax.set_ylabel("nats / token")
+    if _points(df, "heldout_accuracy")[0]:
+        ax_acc = ax.twinx()
+        _line(ax_acc, df, "heldout_accuracy", "held-out accuracy", "s--", "C1")
+        ax_acc.set_ylabel("accuracy")
+        ax_acc.set_ylim(0, 1)
+        _legend(ax, ax_acc)
+    else:
+        _legend(ax)
+
+
+def _lines_panel(ax, df: pl.DataFrame, title: str, series) -> None:
+    """One line per (column, label, style, color) that has data; "no data" where none has."""
+    got = [_line(ax, df, c, label, style, color) for c, label, style, color in series]
+    ax.set_title(title)
+    if any(got):
+        _legend(ax)
+    else:
+        _no_data(ax)
+
+
+def _time_panel(ax, df: pl.DataFrame, rounds: list) -> None:
+    """Stage wall times per round, stacked."""
+    bottom = [0.0] * len(rounds)
+    stacked = False
+    for col, label, color in (("rollout_s", "rollout", "C0"), ("score_s", "score", "C1"), ("train_s", "train", "C2")):
+        vals = [v or 0.0 for v in df[col].to_list()] if col in df.columns else [0.0] * len(rounds)
+        if any(vals):
+            ax.bar(rounds, vals, bottom=bottom, label=label, color=color, width=0.6)
+            bottom = [b + v for b, v in zip(bottom, vals)]
+            stacked = True
+    ax.set_title("stage wall time")
+    ax.set_ylabel("seconds")
+    if stacked:
+        _legend(ax)
+    else:
+        _no_data(ax)
+
+
+def _save_png(fig, path: str) -> str:
+    """The figure as a PNG at `path`, written to a temporary file and renamed into place."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=folder)

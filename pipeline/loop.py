@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from opd.cache.errors import OpdError
@@ -55,47 +56,47 @@ if TYPE_CHECKING:
 Pool = DevicePool  # the loop's name for it (tests, configs' checks)
 
 
-def run(
-    cfg: OpdConfig,
-    run: RunDir,
-    rounds: int | None = None,
-    *,
-    rollout_devices: str | None = None,
-    score_devices: str | None = None,
-    train_devices: str | None = None,
-    overlap: str | None = None,
-    overrides: tuple[str, ...] | list[str] = (),
-    engine: str | None = None,
-    launcher: str | None = None,
-    ray_address: str | None = None,
-    echo=print,
-) -> dict[str, Any]:
+@dataclass(frozen=True)
+class RunOptions:
+    """`opd run`'s command-line choices; None takes the config's value (`run.*`)."""
+
+    rounds: int | None = None  # rounds to run; None = run.rounds
+    rollout_devices: str | None = None  # the rollout pool ("0,1", "cpu", "cpu,cpu")
+    score_devices: str | None = None  # the scoring pool
+    train_devices: str | None = None  # the learner pool
+    overlap: str | None = None  # "auto", "on", "off"
+    engine: str | None = None  # the rollout engine
+    launcher: str | None = None  # "local" or "ray"
+    ray_address: str | None = None  # the Ray cluster, HOST:PORT
+    overrides: tuple[str, ...] = ()  # --set items every stage process gets
+
+
+def run(cfg: OpdConfig, run: RunDir, opts: RunOptions = RunOptions(), echo=print) -> dict[str, Any]:
     """Run rounds 0..N-1 (resuming what is finished); returns {"rounds_trained", "stopped", "evals", "line"}."""
-    n = rounds if rounds is not None else cfg.run.rounds
+    n = opts.rounds if opts.rounds is not None else cfg.run.rounds
     if n < 1:
         raise OpdError(f"--rounds {n} is invalid: must be >= 1")
+
+    def choice(given, configured):
+        return given if given is not None else configured
+
     pools = {
-        "rollout": Pool.parse(
-            rollout_devices if rollout_devices is not None else cfg.run.rollout_devices, "--rollout-devices"
+        "rollout": Pool.parse(choice(opts.rollout_devices, cfg.run.rollout_devices), "--rollout-devices"),
+        "score": Pool.parse(choice(opts.score_devices, cfg.run.score_devices), "--score-devices").grouped(
+            cfg.score.tensor_parallel_size * cfg.score.pipeline_parallel_size, "--score-devices"
         ),
-        "score": Pool.parse(
-            score_devices if score_devices is not None else cfg.run.score_devices, "--score-devices"
-        ).grouped(cfg.score.tensor_parallel_size * cfg.score.pipeline_parallel_size, "--score-devices"),
-        "train": Pool.parse(train_devices if train_devices is not None else cfg.run.train_devices, "--train-devices"),
+        "train": Pool.parse(choice(opts.train_devices, cfg.run.train_devices), "--train-devices"),
     }
-    mode = overlap or cfg.run.overlap
-    kind = launcher or cfg.run.launcher
+    mode = opts.overlap or cfg.run.overlap
+    kind = opts.launcher or cfg.run.launcher
     # on Ray every task holds GPUs of its own (a score task waits for free ones), so overlap always pays
     follow = mode == "on" or (mode == "auto" and (kind == "ray" or _overlap_pays(pools["rollout"], pools["score"])))
-    common = [x for o in overrides for x in ("--set", o)]
     if cfg.run.train_nodes > 1 and kind != "ray":
         raise OpdError(f"run.train_nodes = {cfg.run.train_nodes} needs the Ray launcher (--launcher ray)")
     _materialise_models(cfg, echo)
-    launch = make_launcher(
-        kind, ray_address if ray_address is not None else cfg.run.ray_address, cfg.run.ray_max_retries, echo
-    )
+    launch = make_launcher(kind, choice(opts.ray_address, cfg.run.ray_address), cfg.run.ray_max_retries, echo)
     try:
-        return _rounds(cfg, run, n, _Ctx(run, pools, common, engine, echo, cfg, launch), follow, echo)
+        return _rounds(cfg, run, n, _Ctx(cfg, run, pools, opts, launch, echo), follow, echo)
     finally:
         launch.close()
 
@@ -216,8 +217,9 @@ def _heldout_scored(run: RunDir, r: int) -> bool:
 class _Ctx:
     """Starts the stage workers of one `opd run` through its launcher (local processes or Ray tasks)."""
 
-    def __init__(self, run: RunDir, pools: dict[str, Pool], common: list[str], engine, echo, cfg: OpdConfig, launcher):
-        self.run, self.pools, self.common, self.engine, self.echo = run, pools, common, engine, echo
+    def __init__(self, cfg: OpdConfig, run: RunDir, pools: dict[str, Pool], opts: RunOptions, launcher, echo=print):
+        self.run, self.pools, self.engine, self.echo = run, pools, opts.engine, echo
+        self.common = [x for o in opts.overrides for x in ("--set", o)]
         self.heldout = cfg.eval.enabled
         self.cfg, self.launcher = cfg, launcher
 

@@ -98,8 +98,8 @@ def run(tmp_path):
         0,
         {"stage": "rollout", "split": "train", "seconds": 3.0, "samples_written": 32},
         {"stage": "rollout", "split": "heldout", "seconds": 1.5},
-        {"stage": "score", "wall_s": 2.0, "score_s": 1.0},
-        {"stage": "score", "split": "heldout", "wall_s": 0.5},
+        {"stage": "score", "seconds": 2.0, "work_seconds": 1.0},  # the stage runner's records
+        {"stage": "score", "split": "heldout", "seconds": 0.5},
         step(1, 0.8, 0.2),
         step(2, 0.5, 0.4),
         step(3, 0.2, 0.6),
@@ -125,7 +125,7 @@ def run(tmp_path):
         1,
         {"stage": "rollout", "seconds": 2.0},
         {"stage": "rollout", "seconds": 2.5},  # two --shard workers
-        {"stage": "score", "wall_s": 4.0},
+        {"stage": "score", "wall_s": 4.0},  # a run made before the stage runner: "wall_s"
         {"stage": "score", "skipped": True, "wall_s": 4.0},  # a re-run that skipped
         step(1, 0.6, 0.3),
         step(2, 0.9, 0.9),

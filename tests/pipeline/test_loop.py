@@ -145,19 +145,19 @@ def test_tensor_parallel_score_workers_get_groups_of_gpus(tmp_path, monkeypatch)
     """score.tensor_parallel_size = 2 on --score-devices 0,1,2,3: two `--shard i/2` workers on "0,1", "2,3"."""
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)  # the pool numbers every GPU of the machine
     from opd.pipeline.launchers import LocalLauncher
-    from opd.pipeline.loop import _Ctx
+    from opd.pipeline.loop import RunOptions, _Ctx
 
     pool = Pool.parse("0,1,2,3", "--score-devices").grouped(2, "--score-devices")
     assert pool.workers == 2 and pool.gpus() == {"0", "1", "2", "3"}
     cfg, local = load_config("tiny"), LocalLauncher()
-    ctx = _Ctx(RunDir(tmp_path / "run"), {"score": pool}, [], None, print, cfg, local)
+    ctx = _Ctx(cfg, RunDir(tmp_path / "run"), {"score": pool}, RunOptions(), local)
     workers = ctx._workers(0, "score", ["score", "RUN"])
     assert [w.args[-1] for w in workers] == ["0/2", "1/2"]
     assert [w.visible for w in workers] == ["0,1", "2,3"]
     assert [w.gpus for w in workers] == [2, 2]  # what each asks of a Ray cluster: a whole TP group
     assert pool.visible() == "0,1,2,3"
     assert not pool.disjoint(Pool.parse("3", "x")) and pool.disjoint(Pool.parse("4,5", "x"))
-    one = _Ctx(RunDir(tmp_path / "r"), {"score": Pool.parse("4,5", "x").grouped(2, "x")}, [], None, print, cfg, local)
+    one = _Ctx(cfg, RunDir(tmp_path / "r"), {"score": Pool.parse("4,5", "x").grouped(2, "x")}, RunOptions(), local)
     (w,) = one._workers(0, "score", ["score"])
     assert "--shard" not in w.args and w.visible == "4,5" and w.gpus == 2
     assert Pool.parse("cpu", "x").grouped(2, "x").workers == 1 and Pool.parse("", "x").grouped(4, "x").kind == "auto"

@@ -59,8 +59,8 @@ def test_verbose_leaves_everything_on_the_console(tmp_path):
 def test_a_crash_shows_the_log_tail_and_its_path(tmp_path):
     run = tmp_path / "run"
     code = f"""
-        from opd.pipeline.cli import _stage_process
-        with _stage_process({str(run)!r}, 3, "score"):
+        from opd.pipeline.cli_common import stage_process
+        with stage_process({str(run)!r}, 3, "score"):
             print("loading the teacher")
             raise RuntimeError("CUDA out of memory")
     """

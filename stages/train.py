@@ -227,23 +227,8 @@ class _Round:
                 n_step = int(sum(int(self.data.tokens_S[mb].sum()) for mb in mbs))
                 k = slots(len(mbs), procs.world, tc.grad_accum)
                 log_now = (s + 1) % tc.log_every_steps == 0 or s == len(steps) - 1
-                sums = StepSums()
-                on_device = {
-                    name: torch.zeros((), dtype=torch.float64, device=procs.device)
-                    for name in ("loss", *L.MODEL_METRICS)
-                }  # no host sync per micro-batch
                 t0 = time.perf_counter()
-                for j in range(k):
-                    batch = next(batches)
-                    with L.grad_sync(self.wrapped, self.use_fsdp, procs.world > 1, j == k - 1), autocast():
-                        loss_sum, metrics = self.wrapped(L.to_device(batch, procs.device), need_metrics=log_now)
-                    (loss_sum * (batch["weight"] * procs.world / n_step)).backward()
-                    if batch["weight"]:
-                        for name, value in {"loss": loss_sum, **metrics}.items():
-                            on_device[name] += value.detach().double()
-                        sums.add_batch(batch, log_now)
-                for name, value in on_device.items():
-                    setattr(sums, name, float(value))
+                sums = self._accumulate(batches, k, n_step, log_now, autocast)
                 grad_norm = L.clip(self.params, tc.max_grad_norm, self.use_fsdp)
                 lr = _lr_at(s, len(steps), tc)
                 for group in self.opt.param_groups:
@@ -272,18 +257,42 @@ class _Round:
                     bar.set_postfix_str(f"loss {record['loss']:.4f} {record['tokens_per_s']:,.0f} tok/s", refresh=False)
                 bar.update(1)
                 if tc.checkpoint_every_steps and (s + 1) % tc.checkpoint_every_steps == 0 and s + 1 < len(steps):
-                    self.ckpt.save(
-                        {
-                            "step": s + 1,
-                            "micro_batches_done": sum(len(m) for _, m in steps[: s + 1]),
-                            "epoch": epoch,
-                            "totals": dataclasses.asdict(self.totals),
-                            "producer": self.producer,
-                        }
-                    )
+                    self._checkpoint(s + 1, epoch)
         finally:
             bar.close()
             tb.close()
+
+    def _accumulate(self, batches, k: int, n_step: int, log_now: bool, autocast) -> StepSums:
+        """Forward and backward over one step's k micro-batches (gradients synchronised on the last);
+        the step's sums. The loss of a micro-batch is weighted by its share of the step's tokens."""
+        procs = self.procs
+        sums = StepSums()
+        on_device = {
+            name: torch.zeros((), dtype=torch.float64, device=procs.device) for name in ("loss", *L.MODEL_METRICS)
+        }  # no host sync per micro-batch
+        for j in range(k):
+            batch = next(batches)
+            with L.grad_sync(self.wrapped, self.use_fsdp, procs.world > 1, j == k - 1), autocast():
+                loss_sum, metrics = self.wrapped(L.to_device(batch, procs.device), need_metrics=log_now)
+            (loss_sum * (batch["weight"] * procs.world / n_step)).backward()
+            if batch["weight"]:
+                for name, value in {"loss": loss_sum, **metrics}.items():
+                    on_device[name] += value.detach().double()
+                sums.add_batch(batch, log_now)
+        for name, value in on_device.items():
+            setattr(sums, name, float(value))
+        return sums
+
+    def _checkpoint(self, steps_done: int, epoch: int) -> None:
+        self.ckpt.save(
+            {
+                "step": steps_done,
+                "micro_batches_done": sum(len(m) for _, m in self.steps[:steps_done]),
+                "epoch": epoch,
+                "totals": dataclasses.asdict(self.totals),
+                "producer": self.producer,
+            }
+        )
 
     def _finish(self) -> dict[str, Any]:
         """Export the student and write its manifest (rank 0); every process returns the summary."""

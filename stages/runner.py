@@ -181,20 +181,7 @@ def run_stage(
                 time.sleep(poll_s)
     finally:
         progress.close()
-    manifest = None
-    if set(units.numbers) <= set(run.existing_shards(round_index, stage.folder)):
-        summary = stage.summarize(sorted(units.numbers))
-        if summary is not None:
-            manifest = finalize_stage(
-                run,
-                stage_dir,
-                stage=stage.folder,
-                round_index=round_index,
-                num_shards=len(units.numbers),
-                producer=stage.producer(),
-                row_count=lambda path: _parquet_rows(run, path),
-                summary=summary,
-            )
+    manifest = _finalize(stage, run, round_index, units.numbers)
     tokens = sum(w.tokens for w in written)
     result = StageResult(
         stage=stage.name,
@@ -215,6 +202,25 @@ def run_stage(
         extras=stage.extras(),
     )
     return _finish(stage, run, result)
+
+
+def _finalize(stage: ShardedStage, run: RunDir, round_index: int, numbers: list[int]):
+    """`_DONE.json` once every shard of the stage exists and the stage can summarise them; else None."""
+    if not set(numbers) <= set(run.existing_shards(round_index, stage.folder)):
+        return None
+    summary = stage.summarize(sorted(numbers))
+    if summary is None:
+        return None
+    return finalize_stage(
+        run,
+        run.stage_dir(round_index, stage.folder),
+        stage=stage.folder,
+        round_index=round_index,
+        num_shards=len(numbers),
+        producer=stage.producer(),
+        row_count=lambda path: _parquet_rows(run, path),
+        summary=summary,
+    )
 
 
 def _skipped(stage: ShardedStage, run: RunDir, round_index: int, shard: ShardSpec, done, t0: float) -> StageResult:

@@ -20,28 +20,14 @@ PRODUCER_STAGE = "rollout"  # the producer record's stage
 def shard_rows(job, items: list[Prompt], shard: int, progress: Progress) -> tuple[list[dict], int]:
     """Rows of one shard, in prompt order, samples 0..n-1 (one row for a dataset reference), and the
     tokens sampled for them."""
-    rc, seed, round_index, sampling = job.rc, job.cfg.run.seed, job.round, job.sampling
+    rc, sampling = job.rc, job.sampling
     role = "student" if job.split == "train" else f"student-{job.split}"  # held-out draws its own random stream
     both = rc.offpolicy_rows == "both"  # every prompt: the student's samples and its off-policy rows
     on = items if both else [p for p in items if p.on_policy]
     off = items if both else [p for p in items if not p.on_policy]
-    generated: dict[str, list] = {}
-    if on:
-        outs = job.engines.student_engine().generate(
-            [p.prompt_ids for p in on],
-            sampling,
-            seed=fingerprint.derive_seed(seed, round_index, role, shard),
-            progress=progress.advance,
-        )
-        generated.update({p.id: o for p, o in zip(on, outs)})
-    if off and rc.offpolicy_source == "teacher":
-        outs = job.engines.teacher_engine().generate(
-            [p.prompt_ids for p in off],
-            sampling,
-            seed=fingerprint.derive_seed(seed, round_index, "teacher", shard),
-            progress=progress.advance,
-        )
-        teacher_outs = {p.id: o for p, o in zip(off, outs)}
+    generated = _generate(job, "student", role, on, shard, progress)
+    if rc.offpolicy_source == "teacher":
+        teacher_outs = _generate(job, "teacher", "teacher", off, shard, progress)
     else:
         teacher_outs = {}
         if off and not both:
@@ -59,31 +45,39 @@ def shard_rows(job, items: list[Prompt], shard: int, progress: Progress) -> tupl
         sampled = [("student", i, c) for i, c in enumerate(generated.get(p.id, []))]
         sampled += [("teacher", first_off + i, c) for i, c in enumerate(teacher_outs.get(p.id, []))]
         for source, i, c in sampled:
-            rows.append(
-                {
-                    **base,
-                    "sample_id": f"{p.id}/{i}",
-                    "sample_index": i,
-                    "source": source,
-                    "completion_ids": c.token_ids,
-                    "sampling_logprobs": c.logprobs,
-                    "finish_reason": c.finish_reason,
-                }
-            )
+            rows.append(_row(base, i, source, c.token_ids, c.logprobs, c.finish_reason))
             tokens += len(c.token_ids)
         if p.id in off_ids and rc.offpolicy_source == "dataset":
-            rows.append(
-                {
-                    **base,
-                    "sample_id": f"{p.id}/{first_off}",
-                    "sample_index": first_off,
-                    "source": "dataset",
-                    "completion_ids": reference_ids(job.tokenizer, p.reference or ""),
-                    "sampling_logprobs": None,
-                    "finish_reason": "reference",
-                }
-            )
+            ids = reference_ids(job.tokenizer, p.reference or "")
+            rows.append(_row(base, first_off, "dataset", ids, None, "reference"))
     return rows, tokens
+
+
+def _generate(job, model: str, role: str, prompts: list[Prompt], shard: int, progress: Progress) -> dict[str, list]:
+    """{prompt id: completions} sampled by the student or the teacher engine ({} for no prompts)."""
+    if not prompts:
+        return {}
+    engine = job.engines.student_engine() if model == "student" else job.engines.teacher_engine()
+    outs = engine.generate(
+        [p.prompt_ids for p in prompts],
+        job.sampling,
+        seed=fingerprint.derive_seed(job.cfg.run.seed, job.round, role, shard),
+        progress=progress.advance,
+    )
+    return {p.id: o for p, o in zip(prompts, outs)}
+
+
+def _row(base: dict, index: int, source: str, ids, logprobs, finish: str) -> dict:
+    """One rollout row: the prompt's columns (`base`) and sample `index`'s."""
+    return {
+        **base,
+        "sample_id": f"{base['prompt_id']}/{index}",
+        "sample_index": index,
+        "source": source,
+        "completion_ids": ids,
+        "sampling_logprobs": logprobs,
+        "finish_reason": finish,
+    }
 
 
 def wants_offpolicy(rc: RolloutConfig, round_index: int) -> bool:

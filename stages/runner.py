@@ -183,11 +183,11 @@ def run_stage(
         progress.close()
     manifest = _finalize(stage, run, round_index, units.numbers)
     tokens = sum(w.tokens for w in written)
-    result = StageResult(
-        stage=stage.name,
-        round=round_index,
-        split=stage.split,
-        shard=str(shard),
+    result = _result(
+        stage,
+        round_index,
+        shard,
+        t0,
         skipped=False,
         done=manifest is not None,
         shards_total=len(units.numbers),
@@ -196,12 +196,17 @@ def run_stage(
         samples=sum(w.samples for w in written),
         tokens=tokens,
         bytes=sum(w.bytes for w in written),
-        seconds=round(time.perf_counter() - t0, 3),
         work_seconds=round(work_s, 3),
         tokens_per_s=round(tokens / work_s, 1) if tokens and work_s else 0.0,
         extras=stage.extras(),
     )
     return _finish(stage, run, result)
+
+
+def _result(stage: ShardedStage, round_index: int, shard: ShardSpec, t0: float, **figures) -> StageResult:
+    """A StageResult of this invocation: who ran (stage, round, split, worker), how long, and `figures`."""
+    split, seconds = stage.split, round(time.perf_counter() - t0, 3)
+    return StageResult(stage=stage.name, round=round_index, split=split, shard=str(shard), seconds=seconds, **figures)
 
 
 def _finalize(stage: ShardedStage, run: RunDir, round_index: int, numbers: list[int]):
@@ -226,20 +231,19 @@ def _finalize(stage: ShardedStage, run: RunDir, round_index: int, numbers: list[
 def _skipped(stage: ShardedStage, run: RunDir, round_index: int, shard: ShardSpec, done, t0: float) -> StageResult:
     """The result of an invocation that found the stage finished: the stage's totals from its manifest."""
     s = done.summary
-    result = StageResult(
-        stage=stage.name,
-        round=round_index,
-        split=stage.split,
-        shard=str(shard),
+    result = _result(
+        stage,
+        round_index,
+        shard,
+        t0,
         skipped=True,
         done=True,
         shards_total=len(done.shards),
         shards_written=0,
         shards_present=len(done.shards),
         samples=done.total_rows,
-        tokens=int(s.get("completion_tokens", s.get("positions", 0))),
+        tokens=int(s.get("completion_tokens", s.get("positions", 0))),  # rollout's / score's manifest summary
         bytes=sum(e.bytes for e in done.shards),
-        seconds=round(time.perf_counter() - t0, 3),
         work_seconds=0.0,
         tokens_per_s=0.0,
     )

@@ -133,6 +133,7 @@ class _ScoreSplit:
         self.rollouts_dir = run.stage_dir(round_index, split_folder(split, "rollouts"))
         self.folder = split_folder(split, "scores")
         self.scores_dir = run.stage_dir(round_index, self.folder)
+        self._rollouts: Manifest | None = None
         self._require_rollouts()
         with start_student(cfg, run, round_index, files="tokenizer") as student:
             student_tok = load_tokenizer(student.tokenizer_dir, f"student {student.label}")
@@ -154,8 +155,11 @@ class _ScoreSplit:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
     def _require_rollouts(self) -> Manifest | None:
-        """The rollout manifest; None while following a rollout stage that has not finished."""
-        rollouts = read_manifest(self.run, self.rollouts_dir)
+        """The rollout manifest (read until found, then kept: a finished stage's manifest is final); None
+        while following a rollout stage that has not finished."""
+        if self._rollouts is not None:
+            return self._rollouts
+        rollouts = self._rollouts = read_manifest(self.run, self.rollouts_dir)
         if rollouts is None and not self.follow:
             raise OpdError(
                 f"{storage.join(self.rollouts_dir, MANIFEST)} not found (round {self.round} has no finished "

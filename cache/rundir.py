@@ -5,7 +5,10 @@
     RUN/rounds/0000/scores/part-00000.parquet,   _DONE.json
     RUN/rounds/0000/student/ ...,                _DONE.json
     RUN/rounds/0000/heldout/rollouts/, heldout/scores/, heldout/eval.json   validation (eval.prompts)
+    RUN/rounds/0000/eval/<task>.json       lm-eval results of the student starting the round (eval.tasks)
+    RUN/reference/teacher/eval/<task>.json the teacher's, once per run
     RUN/rounds/0000/metrics.jsonl
+    RUN/track/                             the trackers' local files (run.report_to)
 
 A stage writes shards atomically (storage.py), then `_DONE.json` last. A stage whose manifest exists
 and whose producer matches is skipped; one whose producer differs is an error unless --force.
@@ -166,6 +169,13 @@ class RunDir:
 
     def eval_path(self, round_index: int) -> str:
         return storage.join(self.round_dir(round_index), HELDOUT, EVAL_FILE)
+
+    def bench_dir(self, round_index: int | None) -> str:
+        """Benchmark results: rounds/R/eval/ for the student starting round R, reference/teacher/eval/
+        for the teacher (round_index None)."""
+        if round_index is None:
+            return storage.join(self.root, "reference", "teacher", "eval")
+        return storage.join(self.round_dir(round_index), "eval")
 
     def metrics_path(self, round_index: int) -> str:
         return storage.join(self.round_dir(round_index), "metrics.jsonl")

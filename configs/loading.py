@@ -16,6 +16,7 @@ import difflib
 import functools
 import os
 import re
+import typing
 import tomllib
 from pathlib import Path
 from typing import Any, TypeVar
@@ -203,6 +204,8 @@ def _value(at: str, value: Any, tp: Any) -> Any:
     if item_tp is not None and dataclasses.is_dataclass(item_tp):
         _require(isinstance(value, list), at, value, "must be a list of tables (an array of tables)")
         return [_build(item_tp, f"{at}[{i}]", v) for i, v in enumerate(value)]
+    if typing.get_origin(tp) is tuple and isinstance(value, list):
+        value = tuple(value)  # TOML has arrays; frozen configs hold tuples
     try:
         return _adapter(tp).validate_python(value, strict=True)
     except pydantic.ValidationError as e:
@@ -221,6 +224,8 @@ _ALLOWED = {
 def _allowed(error: dict, tp: Any) -> str:
     if error["type"] == "list_type" and _list_item(tp) is not None:
         return f"must be a list of {_list_item(tp).__name__}"
+    if typing.get_origin(tp) is tuple and error["loc"] == ():
+        return f"must be a list of {typing.get_args(tp)[0].__name__}"
     return _ALLOWED.get(error["type"], error["msg"].replace("Input should be", "must be"))
 
 

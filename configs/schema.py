@@ -31,7 +31,9 @@ from opd.configs.fields import ConfigError, _choice, _require, check_records
 from opd.configs.loading import PACKAGED_CONFIGS, Config, dumps_config, find_config, parse_override
 from opd.configs.stage_sections import DTYPES, RolloutConfig, ScoreConfig, TrainConfig
 
-STOP_METRICS = ("heldout_rkl", "heldout_teacher_nll", "accuracy")  # what eval.stop.metric may watch
+STOP_METRICS = ("heldout_rkl", "heldout_teacher_nll", "accuracy")  # held-out figures eval.stop.metric may watch
+REPORTERS = ("tensorboard", "wandb", "trackio", "mlflow")  # run.report_to's trackers (HF `report_to` names)
+BENCH_BACKENDS = ("auto", "vllm", "hf")  # eval.tasks_backend
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -61,6 +63,7 @@ class RunConfig:
     train_resource: str = ""  # launcher "ray": the same for the learner (one unit per learner node)
     train_nodes: int = 1  # launcher "ray": machines the learner spans, each with `train_devices` (a placement group, one bundle per node; torchrun's c10d rendezvous at the first)
     ray_max_retries: int = 3  # launcher "ray": times a stage task whose process was killed or whose node died is started again (it resumes its missing shards)
+    report_to: tuple[str, ...] = ()  # trackers that get every stage's figures, one tracker run per opd run: any of "tensorboard", "wandb" (offline unless WANDB_MODE says otherwise), "trackio", "mlflow"; files under RUN/track/ (pip install 'opd[track]')
 
     def __post_init__(self):
         _require(bool(self.student), "run.student", self.student, "a model path or `opd:`/`tiny:` name is required")
@@ -76,6 +79,11 @@ class RunConfig:
             )
         _choice("run.overlap", self.overlap, ("auto", "on", "off"))
         _choice("run.launcher", self.launcher, ("local", "ray"))
+        for i, name in enumerate(self.report_to):
+            _choice(f"run.report_to[{i}]", name, REPORTERS)
+        _require(
+            len(set(self.report_to)) == len(self.report_to), "run.report_to", list(self.report_to), "names a tracker twice"
+        )
         _require(self.train_nodes >= 1, "run.train_nodes", self.train_nodes, "must be >= 1")
         _require(self.ray_max_retries >= 0, "run.ray_max_retries", self.ray_max_retries, "must be >= 0")
         for key in ("rollout_resource", "score_resource", "train_resource"):
@@ -94,12 +102,13 @@ class StopRule:
     have not improved `metric` by at least `min_delta` on the best value before them (lower is better,
     except for accuracy)."""
 
-    metric: str = ""  # held-out figure watched: "heldout_rkl", "heldout_teacher_nll" (nats/token), "accuracy" (needs eval.checker); "" = off
+    metric: str = ""  # figure watched: "heldout_rkl", "heldout_teacher_nll" (nats/token), "accuracy" (needs eval.checker), or a benchmark metric "TASK/METRIC" of eval.tasks (e.g. "arith/exact_match"); "" = off
     min_delta: float = 0.0  # smallest change toward better that counts as an improvement (in the metric's unit)
     patience: int = 1  # held-out evaluations in a row without an improvement before the run stops
 
     def check(self, at: str) -> None:
-        _choice(f"{at}.metric", self.metric, ("", *STOP_METRICS))
+        if "/" not in self.metric:
+            _choice(f"{at}.metric", self.metric, ("", *STOP_METRICS))
         _require(self.min_delta >= 0, f"{at}.min_delta", self.min_delta, "must be >= 0")
         _require(self.patience >= 1, f"{at}.patience", self.patience, "must be >= 1")
 
@@ -122,10 +131,18 @@ class EvalConfig:
     temperature: float = 1.0  # sampling temperature (1.0: the reverse KL is of the student itself)
     checker: str = ""  # "" (no accuracy) or "gsm8k" (the last number of the completion vs the reference's `#### N`)
     stop_rkl_below: float = 0.0  # `opd run` stops once the held-out reverse KL (nats/token) is below this; 0 = off
-    stop_patience: int = 0  # `opd run` stops after this many rounds without a drop of at least stop_min_delta; 0 = off
-    stop_min_delta: float = 0.0  # the smallest drop in held-out reverse KL that counts as an improvement
+    stop_patience: int = 0  # `opd run` stops after this many evaluations of eval.stop_metric without an improvement of at least stop_min_delta; 0 = off
+    stop_min_delta: float = 0.0  # the smallest change toward better of eval.stop_metric that counts as an improvement
+    stop_metric: str = ""  # what eval.stop_patience watches: "" = the held-out reverse KL; or a benchmark metric "TASK/METRIC" of eval.tasks (e.g. "arith/exact_match"), better when higher or lower as lm-eval says
     stop: StopRule = field(default_factory=StopRule)  # stop rule on a held-out figure: metric, min_delta, patience
-    final: bool = True  # `opd run` also evaluates the last round's student (RUN/rounds/N/heldout/, no training data)
+    final: bool = True  # `opd run` also evaluates the last round's student (RUN/rounds/N/heldout/ and eval/, no training data)
+    tasks: tuple[str, ...] = ()  # lm-evaluation-harness tasks each evaluated student is benchmarked on, as lm-eval names them ("arith", "arith_mc" ship with opd; "hellaswag", "gsm8k"... need the hub); results in RUN/rounds/R/eval/
+    tasks_every: int = 1  # `opd run` benchmarks the student starting every k-th round (round 0 = the base student; the final student too with eval.final)
+    tasks_teacher: bool = True  # `opd run` also benchmarks the teacher once, for reference (RUN/reference/teacher/eval/)
+    include_path: str = ""  # a folder of local lm-eval tasks (YAML + JSONL) besides opd's own (configs/tasks/); "" = none
+    tasks_limit: int = 0  # documents per task (the first N of its test split); 0 = all
+    tasks_backend: str = "auto"  # lm-eval model: "vllm", "hf" (transformers), or "auto" (the rollout engine's choice: vLLM where it imports)
+    tasks_batch_size: int = 16  # documents per lm-eval batch (hf backend)
 
     def __post_init__(self):
         _require(self.max_prompts >= 0, "eval.max_prompts", self.max_prompts, "must be >= 0")
@@ -143,6 +160,24 @@ class EvalConfig:
             "needs eval.reference_field (the column with the answers)",
         )
         check_records(self, "eval")
+        _require(self.tasks_every >= 1, "eval.tasks_every", self.tasks_every, "must be >= 1")
+        _require(self.tasks_limit >= 0, "eval.tasks_limit", self.tasks_limit, "must be >= 0 (0 = all)")
+        _require(self.tasks_batch_size >= 1, "eval.tasks_batch_size", self.tasks_batch_size, "must be >= 1")
+        _choice("eval.tasks_backend", self.tasks_backend, BENCH_BACKENDS)
+        for i, task in enumerate(self.tasks):
+            _require(bool(task.strip()) and task == task.strip(), f"eval.tasks[{i}]", task, "must be a task name")
+        for key in ("stop_metric", "stop.metric"):
+            metric = self.stop_metric if key == "stop_metric" else self.stop.metric
+            if "/" in metric:
+                task = metric.split("/", 1)[0]
+                _require(
+                    task in self.tasks and bool(metric.split("/", 1)[1]),
+                    f"eval.{key}",
+                    metric,
+                    f"must be TASK/METRIC with TASK one of eval.tasks ({', '.join(self.tasks) or 'none set'})",
+                )
+            elif key == "stop_metric":
+                _choice("eval.stop_metric", metric, ("", "heldout_rkl"))
         _require(
             self.stop.metric != "accuracy" or bool(self.checker),
             "eval.stop.metric",
@@ -166,7 +201,14 @@ class OpdConfig:
     # keys holding file paths: a relative one resolves against the config file's folder (a --set one
     # against the current folder)
     PATH_KEYS: ClassVar[frozenset[tuple[str, ...]]] = frozenset(
-        {("run", "student"), ("run", "teacher"), ("run", "models_dir"), ("rollout", "prompts"), ("eval", "prompts")}
+        {
+            ("run", "student"),
+            ("run", "teacher"),
+            ("run", "models_dir"),
+            ("rollout", "prompts"),
+            ("eval", "prompts"),
+            ("eval", "include_path"),
+        }
     )
 
     def section_hash(self, section: str) -> str:

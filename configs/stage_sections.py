@@ -209,9 +209,6 @@ class TrainConfig:
         "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:N"; under torchrun "cuda" is cuda:LOCAL_RANK
     )
     logits_chunk_tokens: int = 0  # completion positions per lm_head + loss chunk (recomputed in backward); 0 = auto (chunks of ~512 MiB float32 logits)
-    tensorboard: bool = (
-        False  # also write TensorBoard events to rounds/R/tensorboard/ (needs the `tensorboard` package)
-    )
 
     # keys that choose only how to compute, not what: outside the config hash. grad_accum is there
     # because the learner's producer records micro_batches_per_step (world size × grad_accum) instead.
@@ -220,7 +217,6 @@ class TrainConfig:
         "num_workers",
         "log_every_steps",
         "checkpoint_every_steps",
-        "tensorboard",
         "logits_chunk_tokens",
         "fsdp",
         "grad_accum",

@@ -127,22 +127,40 @@ def score(run_dir, round_index, shard, device, engine, follow, split, force, ove
 
 @main.command("eval")
 @click.argument("run_dir")
-@round_option("The round whose held-out rollouts and scores to evaluate (its starting student sampled them).")
-@force_option("Compute the figures again even if RUN_DIR/rounds/R/heldout/eval.json exists.")
+@round_option("The round whose starting student to evaluate (round 0: the base student; N: N rounds trained).")
+@click.option(
+    "--tasks",
+    default=None,
+    help="Benchmark on these lm-eval tasks (comma-separated, e.g. arith,arith_mc) instead of the held-out figures.",
+)
+@click.option("--teacher", is_flag=True, help="With --tasks: benchmark the teacher (RUN_DIR/reference/teacher/eval/).")
+@click.option("--limit", type=int, default=None, help="With --tasks: documents per task (default eval.tasks_limit).")
+@click.option("--include-path", default=None, help="With --tasks: a folder of local lm-eval tasks (YAML + JSONL).")
+@force_option("Compute the figures again even if they exist (eval.json, or a task's eval/TASK.json).")
 @set_option()
 @user_errors
-def eval_cmd(run_dir, round_index, force, overrides):
-    """Compute round R's held-out figures (reverse KL to the teacher, teacher NLL, checker accuracy) from
-    its held-out rollouts and scores into RUN_DIR/rounds/R/heldout/eval.json and metrics.jsonl. Needs
-    `opd rollout` and `opd score RUN_DIR --round R --split heldout` first; `opd run` evaluates by itself."""
+def eval_cmd(run_dir, round_index, tasks, teacher, limit, include_path, force, overrides):
+    """Evaluate round R's starting student. Without --tasks: its held-out figures (reverse KL to the
+    teacher, teacher NLL, checker accuracy) from its held-out rollouts and scores, into
+    RUN_DIR/rounds/R/heldout/eval.json (needs `opd rollout` and `opd score RUN_DIR --round R --split
+    heldout` first). With --tasks: lm-evaluation-harness benchmarks into RUN_DIR/rounds/R/eval/TASK.json
+    (lm-eval's results JSON). Both also go to metrics.jsonl; `opd run` does both by itself."""
     from opd.cache.rundir import RunDir
     from opd.configs.schema import load_run_config
+    from opd.pipeline.benchmark import BenchRequest, benchmark
     from opd.pipeline.evaluate import evaluate_round
 
     run = RunDir(run_dir)
     cfg = load_run_config(run, overrides)
-    with stage_process(run_dir, round_index, "eval"):
-        result = evaluate_round(cfg, run, round_index, force=force)
+    if tasks is None and (teacher or limit is not None or include_path is not None):
+        raise click.UsageError("--teacher, --limit and --include-path go with --tasks")
+    with stage_process(run_dir, round_index, "bench" if tasks is not None else "eval"):
+        if tasks is None:
+            result = evaluate_round(cfg, run, round_index, force=force)
+        else:
+            names = tuple(t.strip() for t in tasks.split(",") if t.strip()) or cfg.eval.tasks
+            request = BenchRequest(names, teacher, limit, include_path, force)
+            result = benchmark(cfg, run, round_index, request)
     click.echo(result.line)
 
 

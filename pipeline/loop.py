@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any
 
 from opd.cache.errors import OpdError
 from opd.cache.rundir import RunDir, choose_splits, read_manifest, split_folder
-from opd.configs.schema import OpdConfig, StopRule
+from opd.configs.schema import OpdConfig
 from opd.pipeline.launchers import DevicePool, Worker, WorkerFailed, make_launcher, run_all
 
 if TYPE_CHECKING:
@@ -93,11 +93,19 @@ def run(cfg: OpdConfig, run: RunDir, opts: RunOptions = RunOptions(), echo=print
     follow = mode == "on" or (mode == "auto" and (kind == "ray" or _overlap_pays(pools["rollout"], pools["score"])))
     if cfg.run.train_nodes > 1 and kind != "ray":
         raise OpdError(f"run.train_nodes = {cfg.run.train_nodes} needs the Ray launcher (--launcher ray)")
+    if cfg.run.report_to:
+        from opd.pipeline.track import check_reporters
+
+        check_reporters(cfg.run.report_to)
     _materialise_models(cfg, echo)
     launch = make_launcher(kind, choice(opts.ray_address, cfg.run.ray_address), cfg.run.ray_max_retries, echo)
+    ctx = None
     try:
-        return _rounds(cfg, run, n, _Ctx(cfg, run, pools, opts, launch, echo), follow, echo)
+        ctx = _Ctx(cfg, run, pools, opts, launch, echo)
+        return _rounds(cfg, run, n, ctx, follow, echo)
     finally:
+        if ctx is not None:
+            ctx.close()
         launch.close()
 
 
@@ -105,32 +113,42 @@ def _rounds(cfg: OpdConfig, run: RunDir, n: int, ctx: "_Ctx", follow: bool, echo
     from opd.pipeline.evaluate import evaluate_round  # torch and the stages: only when the loop runs
 
     evals: dict[int, EvalResult] = {}
+    benches: dict[int, Bench] = {}
     stopped = ""
     trained = 0
+    if cfg.eval.tasks and cfg.eval.tasks_teacher:
+        ctx.bench(None)
     for r in range(n):
         scored = _heldout_scored(run, r)
         ctx.rollout_and_score(r, "all", follow)
         if cfg.eval.enabled:
             evals[r] = evaluate_round(cfg, run, r, force=not scored)  # again when this loop (re)scored it
             echo(_eval_line(f"round {r}", evals[r]))
-        stopped = _stop_reason(cfg, [evals[i] for i in sorted(evals)])
+        if cfg.eval.tasks and r % cfg.eval.tasks_every == 0:
+            benches[r] = ctx.bench(r)
+        ctx.track()
+        stopped = _stop_reason(cfg, [evals[i] for i in sorted(evals)], [benches[i] for i in sorted(benches)])
         if stopped:
             echo(f"[opd run] stopping before training round {r}: {stopped}")
             break
         ctx.train(r)
         trained = r + 1
-    if not stopped and cfg.eval.enabled and cfg.eval.final:
-        scored = _heldout_scored(run, n)
-        ctx.rollout_and_score(n, "heldout", follow)
-        evals[n] = evaluate_round(cfg, run, n, force=not scored)
-        echo(_eval_line(f"final student (round {n - 1})", evals[n]))
+    if not stopped and cfg.eval.final:
+        if cfg.eval.enabled:
+            scored = _heldout_scored(run, n)
+            ctx.rollout_and_score(n, "heldout", follow)
+            evals[n] = evaluate_round(cfg, run, n, force=not scored)
+            echo(_eval_line(f"final student (round {n - 1})", evals[n]))
+        if cfg.eval.tasks:
+            benches[n] = ctx.bench(n)
+    ctx.track()
     rkl = " → ".join(f"{evals[i].heldout_rkl:.3f}" for i in sorted(evals))
     line = (
         f"opd run {run.url}: {trained} round(s) trained"
         + (f", stopped early ({stopped})" if stopped else "")
         + (f"; held-out reverse KL by round: {rkl}" if rkl else "")
     )
-    return {"rounds_trained": trained, "stopped": stopped, "evals": evals, "line": line}
+    return {"rounds_trained": trained, "stopped": stopped, "evals": evals, "benches": benches, "line": line}
 
 
 def _materialise_models(cfg: OpdConfig, echo) -> None:
@@ -166,48 +184,69 @@ def _overlap_pays(rollout: Pool, score: Pool, cuda_visible: bool | None = None) 
     return on_cpu
 
 
-def _stop_reason(cfg: OpdConfig, evals: list[EvalResult]) -> str:
-    """Why to stop now, given the held-out figures of each round so far, oldest first ("" = go on).
+@dataclass(frozen=True)
+class Bench:
+    """One evaluated student's benchmark figures, as the stop rules read them."""
+
+    round: int
+    metrics: dict[str, float]  # TASK/METRIC → value
+    higher_is_better: dict[str, bool]  # TASK/METRIC → lm-eval's direction
+
+
+def _stop_reason(cfg: OpdConfig, evals: list[EvalResult], benches: list[Bench] = ()) -> str:
+    """Why to stop now, given the figures of each evaluated student so far, oldest first ("" = go on).
     The rules, in this order; the first that fires stops:
       eval.stop_rkl_below  the latest held-out reverse KL is below it;
-      eval.stop_patience   the last `stop_patience` reverse KLs are none at least `stop_min_delta` below the
-                           best before them;
-      eval.stop            the last `patience` values of `metric` (lower is better; accuracy: higher) are
-                           none a change toward better, of at least `min_delta`, on the best value before
-                           them (a tie is no improvement); evaluations without the figure are left out."""
+      eval.stop_patience   the last `stop_patience` values of eval.stop_metric (the held-out reverse KL,
+                           or a benchmark TASK/METRIC) are none an improvement of at least
+                           `stop_min_delta` on the best value before them;
+      eval.stop            the same test on its own `metric`, `patience` and `min_delta`.
+    "Improvement" is a change toward better (lower for reverse KL and NLL; higher for accuracy; for a
+    benchmark metric as lm-eval's higher_is_better says); a tie is none. Evaluations without the figure
+    are left out."""
     ev = cfg.eval
-    if not evals:
-        return ""
     rkls = [e.heldout_rkl for e in evals]
-    if ev.stop_rkl_below and rkls[-1] < ev.stop_rkl_below:
+    if ev.stop_rkl_below and rkls and rkls[-1] < ev.stop_rkl_below:
         return f"held-out reverse KL {rkls[-1]:.4f} < eval.stop_rkl_below = {ev.stop_rkl_below:g}"
-    p = ev.stop_patience
-    if p and len(rkls) > p:
-        best_before = min(rkls[:-p])
-        if min(rkls[-p:]) > best_before - ev.stop_min_delta:
+    if ev.stop_patience:
+        metric = ev.stop_metric or "heldout_rkl"
+        best = _stalled(*_series(metric, evals, benches), ev.stop_patience, ev.stop_min_delta)
+        if best is not None:
             return (
-                f"no drop of {ev.stop_min_delta:g} in held-out reverse KL below {best_before:.4f} in the last "
-                f"{p} round(s) (eval.stop_patience)"
+                f"{metric} has not improved on its best {best:.4f} by at least {ev.stop_min_delta:g} in the last "
+                f"{ev.stop_patience} evaluation(s) (eval.stop_patience)"
             )
-    return _stop_rule_reason(ev.stop, evals)
+    rule = ev.stop
+    if rule.metric:
+        best = _stalled(*_series(rule.metric, evals, benches), rule.patience, rule.min_delta)
+        if best is not None:
+            return (
+                f"eval.stop: {rule.metric} has not improved on its best {best:.4f} by at least {rule.min_delta:g} "
+                f"in the last {rule.patience} evaluation(s)"
+            )
+    return ""
 
 
-def _stop_rule_reason(rule: StopRule, evals: list[EvalResult]) -> str:
-    """eval.stop (a StopRule) on the held-out figures so far: see _stop_reason."""
-    if not rule.metric:
-        return ""
-    values = [v for v in (getattr(e, rule.metric) for e in evals) if v is not None]
-    p, sign = rule.patience, (1.0 if rule.metric == "accuracy" else -1.0)  # sign × value: higher is better
-    if len(values) <= p:
-        return ""
-    best = max(values[:-p], key=lambda v: sign * v)
-    gains = [sign * (v - best) for v in values[-p:]]
-    if any(g > 0 and g >= rule.min_delta - 1e-12 for g in gains):  # 1e-12: 0.3 - 0.25 < 0.05 in floats
-        return ""
-    return (
-        f"eval.stop: {rule.metric} has not improved on its best {best:.4f} by at least {rule.min_delta:g} "
-        f"in the last {p} held-out evaluation(s)"
-    )
+def _series(metric: str, evals: list[EvalResult], benches: list[Bench]) -> tuple[list[float], bool]:
+    """The values of `metric` over the evaluations so far, and whether higher is better."""
+    if "/" in metric:
+        values = [b.metrics[metric] for b in benches if metric in b.metrics]
+        higher = next((b.higher_is_better.get(metric, True) for b in benches if metric in b.metrics), True)
+        return values, higher
+    return [v for v in (getattr(e, metric) for e in evals) if v is not None], metric == "accuracy"
+
+
+def _stalled(values: list[float], higher: bool, patience: int, min_delta: float) -> float | None:
+    """The best value before the last `patience` ones when none of those improved on it by at least
+    `min_delta` (None: not stalled, or too few values to judge)."""
+    if len(values) <= patience:
+        return None
+    sign = 1.0 if higher else -1.0  # sign × value: higher is better
+    best = max(values[:-patience], key=lambda v: sign * v)
+    gains = [sign * (v - best) for v in values[-patience:]]
+    if any(g > 0 and g >= min_delta - 1e-12 for g in gains):  # 1e-12: 0.3 - 0.25 < 0.05 in floats
+        return None
+    return best
 
 
 def _heldout_scored(run: RunDir, r: int) -> bool:
@@ -222,6 +261,11 @@ class _Ctx:
         self.common = [x for o in opts.overrides for x in ("--set", o)]
         self.heldout = cfg.eval.enabled
         self.cfg, self.launcher = cfg, launcher
+        self.tracker = None
+        if cfg.run.report_to:
+            from opd.pipeline.track import Tracker
+
+            self.tracker = Tracker(cfg, run)
 
     def _done(self, r: int, folders: list[str]) -> bool:
         return all(read_manifest(self.run, self.run.stage_dir(r, f)) is not None for f in folders)
@@ -272,6 +316,42 @@ class _Ctx:
         )
         self._launch(r, {"train": [worker]})
 
+    def bench(self, r: int | None) -> Bench:
+        """lm-eval benchmarks of round r's starting student (None: the teacher), as one `opd eval --tasks`
+        worker on the rollout pool's first device; skipped when every task's result file exists."""
+        from opd.pipeline.benchmark import summarize
+
+        tasks = self.cfg.eval.tasks
+        folder = self.run.bench_dir(r)
+        who = "the teacher" if r is None else f"round {r}"
+        metrics, better = summarize(self.run, folder, tasks)
+        if all(any(k.startswith(f"{t}/") for k in metrics) for t in tasks):
+            self.echo(f"[opd run] benchmarks of {who} already done")
+        else:
+            args = ["eval", self.run.url, "--round", str(r or 0), "--tasks", ",".join(tasks)]
+            pool, local = self.pools["rollout"], self.launcher.name == "local"
+            visible = pool.visible(0 if pool.kind == "cuda" else None) if local or pool.kind == "cpu" else None
+            name = "bench-teacher" if r is None else "bench"
+            args += ["--teacher"] if r is None else []
+            worker = Worker(
+                "bench", name, args, {}, visible, pool.gpus_of(0), self.cfg.run.rollout_resource, 1, name, r or 0
+            )
+            self._launch(r or 0, {"bench": [worker]})
+            metrics, better = summarize(self.run, folder, tasks)
+        shown = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if not k.endswith("_stderr"))
+        self.echo(f"[opd run] benchmarks of {who}: {shown}")
+        return Bench(-1 if r is None else r, metrics, better)
+
+    def track(self) -> None:
+        """Send the figures written so far to the trackers (run.report_to)."""
+        if self.tracker is not None:
+            self.tracker.sync()
+
+    def close(self) -> None:
+        if self.tracker is not None:
+            self.tracker.sync()
+            self.tracker.close()
+
     def _workers(self, r: int, stage: str, args: list[str]) -> list[Worker]:
         pool = self.pools[stage]
         extra = ["--device", "cpu"] if stage == "score" and pool.kind == "cpu" else []
@@ -319,3 +399,4 @@ class _Ctx:
                 "time": time.time(),
             }
             self.run.append_metrics(r, record)
+        self.track()

@@ -17,7 +17,7 @@ from opd.stages.engine import Engine, EngineSpec, load_engine, resolve_engine_na
 from opd.stages.students import StartStudent
 
 
-def _merge_lora(student: StartStudent) -> Path:
+def merge_lora(student: StartStudent) -> Path:
     """Merge the LoRA adapter into its base (peft merge_and_unload) in a temporary folder."""
     import torch
     from peft import PeftModel
@@ -92,7 +92,7 @@ class RolloutEngines:
         if self._student is None:
             s = self.student
             if s.adapter is not None and self.cfg.rollout.merge_lora:
-                merged = _merge_lora(s)
+                merged = merge_lora(s)
                 self._tmp.append(merged)
                 self._student = self._load(merged, "student", merged, None)
             else:  # base + adapter; vLLM reads a config.json beside the tokenizer, so prefer the base's when equal

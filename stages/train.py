@@ -57,7 +57,7 @@ from opd.stages.distributed import Processes
 from opd.stages.export import export_student
 from opd.stages.students import StartStudent, start_student
 from opd.stages.train_data import DecodedShards, MicroBatches, RoundData, plan_steps, rank_items, slots
-from opd.stages.train_metrics import StepSums, TensorBoard, Totals, summary_line, trim_metrics
+from opd.stages.train_metrics import StepSums, Totals, summary_line, trim_metrics
 
 STAGE = "student"  # the run-directory folder (and manifest stage name)
 PRODUCER_STAGE = "train"  # the producer record's stage
@@ -213,7 +213,6 @@ class _Round:
         first, batches = self._setup()
         self.ckpt.restore_rng(self.resumed)
         autocast = L.autocast(procs.device, self.placement.dtype)
-        tb = TensorBoard(self.run, self.round_index, tc, enabled=procs.rank == 0)
         bar = console.bar(
             total=len(steps),
             initial=first,
@@ -253,14 +252,12 @@ class _Round:
                     self.totals.log_loss(record["loss"])
                     if procs.rank == 0:
                         self.run.append_metrics(self.round_index, record)
-                        tb.add(record)
                     bar.set_postfix_str(f"loss {record['loss']:.4f} {record['tokens_per_s']:,.0f} tok/s", refresh=False)
                 bar.update(1)
                 if tc.checkpoint_every_steps and (s + 1) % tc.checkpoint_every_steps == 0 and s + 1 < len(steps):
                     self._checkpoint(s + 1, epoch)
         finally:
             bar.close()
-            tb.close()
 
     def _accumulate(self, batches, k: int, n_step: int, log_now: bool, autocast) -> StepSums:
         """Forward and backward over one step's k micro-batches (gradients synchronised on the last);

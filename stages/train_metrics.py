@@ -1,4 +1,4 @@
-"""The learner's metrics: per-step sums (named), the metrics.jsonl records, TensorBoard, summary lines.
+"""The learner's metrics: per-step sums (named), the metrics.jsonl records, summary lines.
 
 Per logged step (one JSON line in RUN/rounds/R/metrics.jsonl, `"stage": "train"`):
     loss               Σ_t loss_t / N over the step's N completion tokens (every process)
@@ -13,28 +13,13 @@ Per logged step (one JSON line in RUN/rounds/R/metrics.jsonl, `"stage": "train"`
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from dataclasses import dataclass
 from typing import Any
 
-import pyarrow.fs as pafs
 import torch
 
-from opd.cache.errors import OpdError
 from opd.cache.rundir import RunDir
-from opd.configs.schema import TrainConfig
-
-TENSORBOARD_KEYS = (
-    "loss",
-    "rkl_sampled",
-    "rkl_bucket",
-    "teacher_topk_mass",
-    "topk_overlap",
-    "grad_norm",
-    "lr",
-    "tokens_per_s",
-)
 
 
 @dataclass
@@ -136,34 +121,6 @@ def trim_metrics(run: RunDir, round_index: int, keep_steps: int) -> None:
             rec.get("stage") == "train" and bool(rec.get("final") or ("step" in rec and rec["step"] > keep_steps))
         ),
     )
-
-
-class TensorBoard:
-    """TensorBoard events in RUN/rounds/R/tensorboard/ when `train.tensorboard` (rank 0 only)."""
-
-    def __init__(self, run: RunDir, round_index: int, tc: TrainConfig, enabled: bool):
-        self.writer = None
-        if not (tc.tensorboard and enabled):
-            return
-        if not isinstance(run.fs, pafs.LocalFileSystem):
-            raise OpdError("train.tensorboard needs a local run folder; turn it off for remote runs")
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise OpdError(
-                "train.tensorboard = true needs the `tensorboard` package: pip install tensorboard"
-            ) from None
-        self.writer = SummaryWriter(log_dir=os.path.join(run.round_dir(round_index), "tensorboard"))
-
-    def add(self, record: dict[str, Any]) -> None:
-        if self.writer is not None:
-            for k in TENSORBOARD_KEYS:
-                if record.get(k) is not None:
-                    self.writer.add_scalar(f"train/{k}", record[k], record["step"])
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
 
 
 def summary_line(s: dict, student_dir: str) -> str:

@@ -25,6 +25,7 @@ import polars as pl
 from opd.cache import storage
 from opd.cache.errors import OpdError
 from opd.cache.rundir import HELDOUT, RunDir, read_manifest
+from opd.pipeline.bench_table import BenchRow, bench_panel, bench_rows, format_bench_table
 from opd.pipeline.sweep_table import list_sweeps
 
 # (column, dtype) in table order; `round_table` always returns exactly these.
@@ -274,11 +275,14 @@ def inspect(run_dir: str, plot_path: str | None = None) -> str:
     trained = df.filter(pl.col("status") == "done").height
     header = f"run {name} ({run.url}): {df.height} round folder{'s' if df.height != 1 else ''}, {trained} trained"
     text = header + "\n" + format_table(df)
+    bench = bench_rows(run)
+    if bench:
+        text += "\n\nbenchmarks (lm-eval; student R = the student after R rounds):\n" + format_bench_table(bench)
     sweeps = list_sweeps(run)
     if sweeps:
         text += "\n" + "\n".join(sweeps)
     if plot_path:
-        plot(df, plot_path, title=f"opd run {name}")
+        plot(df, plot_path, title=f"opd run {name}", bench=bench)
         text += f"\nplot: {plot_path}"
     return text
 
@@ -295,14 +299,19 @@ def _run_name(run: RunDir) -> str:
 # ------------------------------------------------------------------------------------------ plot
 
 
-def plot(df: pl.DataFrame, path: str, title: str | None = None) -> str:
+def plot(df: pl.DataFrame, path: str, title: str | None = None, bench: list[BenchRow] = ()) -> str:
     """A 2×2 PNG of per-round curves: held-out reverse KL (and accuracy), train loss first/last,
-    teacher top-k mass and student↔teacher overlap, and stacked stage wall times. Panels with no data
-    say so. Written to a temporary file and renamed into place, so `path` is never a half PNG."""
+    teacher top-k mass and student↔teacher overlap, and stacked stage wall times; with benchmarks, a
+    third row of their curves (bench_table.bench_panel). Panels with no data say so. Written to a
+    temporary file and renamed into place, so `path` is never a half PNG."""
     from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
 
-    fig = Figure(figsize=(11, 7.5), layout="constrained")
-    (ax_kl, ax_loss), (ax_topk, ax_time) = fig.subplots(2, 2)
+    fig = Figure(figsize=(11, 11 if bench else 7.5), layout="constrained")
+    layout = [["kl", "loss"], ["topk", "time"]] + ([["bench", "bench"]] if bench else [])
+    axes = fig.subplot_mosaic(layout)
+    ax_kl, ax_loss, ax_topk, ax_time = axes["kl"], axes["loss"], axes["topk"], axes["time"]
+    if bench:
+        bench_panel(axes["bench"], bench)
     rounds = df["round"].to_list() if "round" in df.columns else []
     _heldout_panel(ax_kl, df)
     _lines_panel(

@@ -63,7 +63,9 @@ class RunConfig:
     train_resource: str = ""  # launcher "ray": the same for the learner (one unit per learner node)
     train_nodes: int = 1  # launcher "ray": machines the learner spans, each with `train_devices` (a placement group, one bundle per node; torchrun's c10d rendezvous at the first)
     ray_max_retries: int = 3  # launcher "ray": times a stage task whose process was killed or whose node died is started again (it resumes its missing shards)
-    report_to: tuple[str, ...] = ()  # trackers that get every stage's figures, one tracker run per opd run: any of "tensorboard", "wandb" (offline unless WANDB_MODE says otherwise), "trackio", "mlflow"; files under RUN/track/ (pip install 'opd[track]')
+    report_to: tuple[
+        str, ...
+    ] = ()  # trackers that get every stage's figures, one tracker run per opd run: any of "tensorboard", "wandb" (offline unless WANDB_MODE says otherwise), "trackio", "mlflow"; files under RUN/track/ (pip install 'opd[track]')
 
     def __post_init__(self):
         _require(bool(self.student), "run.student", self.student, "a model path or `opd:`/`tiny:` name is required")
@@ -82,7 +84,10 @@ class RunConfig:
         for i, name in enumerate(self.report_to):
             _choice(f"run.report_to[{i}]", name, REPORTERS)
         _require(
-            len(set(self.report_to)) == len(self.report_to), "run.report_to", list(self.report_to), "names a tracker twice"
+            len(set(self.report_to)) == len(self.report_to),
+            "run.report_to",
+            list(self.report_to),
+            "names a tracker twice",
         )
         _require(self.train_nodes >= 1, "run.train_nodes", self.train_nodes, "must be >= 1")
         _require(self.ray_max_retries >= 0, "run.ray_max_retries", self.ray_max_retries, "must be >= 0")
@@ -135,11 +140,19 @@ class EvalConfig:
     stop_min_delta: float = 0.0  # the smallest change toward better of eval.stop_metric that counts as an improvement
     stop_metric: str = ""  # what eval.stop_patience watches: "" = the held-out reverse KL; or a benchmark metric "TASK/METRIC" of eval.tasks (e.g. "arith/exact_match"), better when higher or lower as lm-eval says
     stop: StopRule = field(default_factory=StopRule)  # stop rule on a held-out figure: metric, min_delta, patience
-    final: bool = True  # `opd run` also evaluates the last round's student (RUN/rounds/N/heldout/ and eval/, no training data)
-    tasks: tuple[str, ...] = ()  # lm-evaluation-harness tasks each evaluated student is benchmarked on, as lm-eval names them ("arith", "arith_mc" ship with opd; "hellaswag", "gsm8k"... need the hub); results in RUN/rounds/R/eval/
+    final: bool = (
+        True  # `opd run` also evaluates the last round's student (RUN/rounds/N/heldout/ and eval/, no training data)
+    )
+    tasks: tuple[
+        str, ...
+    ] = ()  # lm-evaluation-harness tasks each evaluated student is benchmarked on, as lm-eval names them ("arith", "arith_mc" ship with opd; "hellaswag", "gsm8k"... need the hub); results in RUN/rounds/R/eval/
     tasks_every: int = 1  # `opd run` benchmarks the student starting every k-th round (round 0 = the base student; the final student too with eval.final)
-    tasks_teacher: bool = True  # `opd run` also benchmarks the teacher once, for reference (RUN/reference/teacher/eval/)
-    include_path: str = ""  # a folder of local lm-eval tasks (YAML + JSONL) besides opd's own (configs/tasks/); "" = none
+    tasks_teacher: bool = (
+        True  # `opd run` also benchmarks the teacher once, for reference (RUN/reference/teacher/eval/)
+    )
+    include_path: str = (
+        ""  # a folder of local lm-eval tasks (YAML + JSONL) besides opd's own (configs/tasks/); "" = none
+    )
     tasks_limit: int = 0  # documents per task (the first N of its test split); 0 = all
     tasks_backend: str = "auto"  # lm-eval model: "vllm", "hf" (transformers), or "auto" (the rollout engine's choice: vLLM where it imports)
     tasks_batch_size: int = 16  # documents per lm-eval batch (hf backend)
@@ -220,7 +233,10 @@ class OpdConfig:
         return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
-        return {f.name: dataclasses.asdict(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        """Plain values, as TOML and JSON hold them (tuples as lists)."""
+        return json.loads(
+            json.dumps({f.name: dataclasses.asdict(getattr(self, f.name)) for f in dataclasses.fields(self)})
+        )
 
     def replace(self, section: str, **changes: Any) -> "OpdConfig":
         """A copy with `changes` to one section, or to a record in one (`replace("eval.stop", patience=2)`),

@@ -336,7 +336,7 @@ class _Ctx:
             worker = Worker(
                 "bench", name, args, {}, visible, pool.gpus_of(0), self.cfg.run.rollout_resource, 1, name, r or 0
             )
-            self._launch(r or 0, {"bench": [worker]})
+            self._launch(r or 0, {"bench_teacher" if r is None else "bench": [worker]})
             metrics, better = summarize(self.run, folder, tasks)
         shown = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if not k.endswith("_stderr"))
         self.echo(f"[opd run] benchmarks of {who}: {shown}")

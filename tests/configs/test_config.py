@@ -414,11 +414,16 @@ def test_every_packaged_preset_loads(name):
     assert cfg.run.name == name or name == "smollm2"
     assert loads_config(dumps_config(cfg)) == cfg
     if cfg.rollout.prompts.startswith(str(PACKAGED_CONFIGS)):  # shipped prompt sets exist and are disjoint
-        train = {json.loads(x)["prompt"] for x in Path(cfg.rollout.prompts).read_text().splitlines() if x.strip()}
+        lines = Path(cfg.rollout.prompts).read_text().splitlines()
+        train = {json.loads(x)[cfg.rollout.prompt_field] for x in lines if x.strip()}
         assert len(train) >= 16
         if cfg.eval.enabled:
-            held = {json.loads(x)["prompt"] for x in Path(cfg.eval.prompts).read_text().splitlines() if x.strip()}
+            lines = Path(cfg.eval.prompts).read_text().splitlines()
+            held = {json.loads(x)[cfg.eval.prompt_field] for x in lines if x.strip()}
             assert held and not held & train
+    if cfg.eval.tasks and cfg.rollout.prompts.startswith(str(PACKAGED_CONFIGS / "tasks")):  # a task's train split
+        test = Path(cfg.rollout.prompts).with_name("test.jsonl").read_text().splitlines()
+        assert "train.jsonl" in cfg.rollout.prompts and not {json.loads(x)["question"] for x in test} & train
 
 
 def test_tensor_parallel_recipe_splits_the_score_pool_into_teacher_groups():

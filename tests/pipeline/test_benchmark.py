@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -211,6 +213,16 @@ def test_a_loop_benchmarks_each_round_and_logs_to_the_trackers(tmp_path, tiny_te
 
     table = CliRunner().invoke(main, ["inspect", str(run_dir)]).output
     assert "student 0 (base)" in table and "teacher" in table and "arith_mc/acc" in table
+
+    # benchmarks/bench_eval.py reads this run: a benchmark's share of each round, the teacher's once
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_eval.py"
+    out = subprocess.run([sys.executable, str(script), str(run_dir)], capture_output=True, text=True, check=True)
+    lines = [json.loads(line) for line in out.stdout.splitlines()]
+    rounds = [line for line in lines if line["bench"] == "eval_round"]
+    assert [line["round"] for line in rounds] == [0, 1] and rounds[1]["metrics"]["arith_mc/acc"] == pytest.approx(acc[steps])
+    assert all(0 < line["bench_fraction"] < 1 and line["bench_s"] > 0 and line["round_s"] > 0 for line in rounds)
+    teacher_line = next(line for line in lines if line["bench"] == "eval_teacher")
+    assert teacher_line["bench_s"] > 0 and teacher_line["cpu_model"]
 
     bench_lines = len([rec for rec in run.read_metrics(0) if rec.get("stage") == "bench"])
     res = opd_run(run_dir, "--rounds", "1", "--engine", "transformers", *settings)

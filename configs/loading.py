@@ -185,6 +185,11 @@ def _build(cls: type, at: str, table: Any) -> Any:
         raise ConfigError(f"{at} = {table!r} is invalid: must be a table")
     hints = _hints(cls)
     fields = [f for f in dataclasses.fields(cls) if f.init]
+    replaced = getattr(cls, "REPLACED", {})
+    for key in [k for k in table if k in replaced]:  # a retired key: off is a no-op (old runs' opd.toml), on an error
+        if table[key]:
+            raise ConfigError(f"{_join(at, key)} was replaced by {replaced[key]}")
+        table = {k: v for k, v in table.items() if k != key}
     for key in table:
         _check_name(key, hints, "key" if at else "section", f"{at}." if at else "")
     for f in fields:

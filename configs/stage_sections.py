@@ -210,6 +210,9 @@ class TrainConfig:
     )
     logits_chunk_tokens: int = 0  # completion positions per lm_head + loss chunk (recomputed in backward); 0 = auto (chunks of ~512 MiB float32 logits)
 
+    # retired keys and what replaced them: loading ignores them when off, refuses them when on
+    REPLACED: ClassVar[dict[str, str]] = {"tensorboard": 'run.report_to = ["tensorboard"]'}
+
     # keys that choose only how to compute, not what: outside the config hash. grad_accum is there
     # because the learner's producer records micro_batches_per_step (world size × grad_accum) instead.
     HOW: ClassVar[tuple[str, ...]] = (

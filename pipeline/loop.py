@@ -331,12 +331,11 @@ class _Ctx:
             args = ["eval", self.run.url, "--round", str(r or 0), "--tasks", ",".join(tasks)]
             pool, local = self.pools["rollout"], self.launcher.name == "local"
             visible = pool.visible(0 if pool.kind == "cuda" else None) if local or pool.kind == "cpu" else None
-            name = "bench-teacher" if r is None else "bench"
+            stage = "bench_teacher" if r is None else "bench"  # the "loop" record's step
             args += ["--teacher"] if r is None else []
-            worker = Worker(
-                "bench", name, args, {}, visible, pool.gpus_of(0), self.cfg.run.rollout_resource, 1, name, r or 0
-            )
-            self._launch(r or 0, {"bench_teacher" if r is None else "bench": [worker]})
+            resource = self.cfg.run.rollout_resource
+            worker = Worker(stage, stage, args, {}, visible, pool.gpus_of(0), resource, 1, stage, r or 0)
+            self._launch(r or 0, {stage: [worker]})
             metrics, better = summarize(self.run, folder, tasks)
         shown = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if not k.endswith("_stderr"))
         self.echo(f"[opd run] benchmarks of {who}: {shown}")

@@ -18,7 +18,16 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from opd.cache import storage
 from opd.cache.errors import OpdError
 from opd.cache.rundir import RunDir
-from opd.configs.schema import ConfigError, EvalConfig, OpdConfig, RolloutConfig, RunConfig, dumps_config
+from opd.configs.schema import (
+    PACKAGED_CONFIGS,
+    ConfigError,
+    EvalConfig,
+    OpdConfig,
+    RolloutConfig,
+    RunConfig,
+    dumps_config,
+    loads_config,
+)
 from opd.pipeline.bench_table import BenchRow, format_bench_table, gap_closed
 from opd.pipeline.benchmark import SHIPPED_TASKS, BenchRequest, benchmark, read_task
 from opd.pipeline.cli import main
@@ -143,6 +152,11 @@ def test_config_of_benchmarks_and_trackers():
             EvalConfig(tasks=("arith",), **bad)
     with pytest.raises(ConfigError, match=r"run.report_to\[1\]"):
         RunConfig(student="s", teacher="t", report_to=("wandb", "comet"))
+    # train.tensorboard is retired: an old run's `tensorboard = false` still loads, `true` names its successor
+    tiny = (PACKAGED_CONFIGS / "tiny.toml").read_text()
+    assert loads_config(tiny.replace("[train]", "[train]\ntensorboard = false"), PACKAGED_CONFIGS).train
+    with pytest.raises(ConfigError, match=r'train.tensorboard was replaced by run.report_to = \["tensorboard"\]'):
+        loads_config(tiny.replace("[train]", "[train]\ntensorboard = true"), PACKAGED_CONFIGS)
 
 
 def _benches(values, higher=True, metric="arith/exact_match"):
@@ -219,7 +233,9 @@ def test_a_loop_benchmarks_each_round_and_logs_to_the_trackers(tmp_path, tiny_te
     out = subprocess.run([sys.executable, str(script), str(run_dir)], capture_output=True, text=True, check=True)
     lines = [json.loads(line) for line in out.stdout.splitlines()]
     rounds = [line for line in lines if line["bench"] == "eval_round"]
-    assert [line["round"] for line in rounds] == [0, 1] and rounds[1]["metrics"]["arith_mc/acc"] == pytest.approx(acc[steps])
+    assert [line["round"] for line in rounds] == [0, 1] and rounds[1]["metrics"]["arith_mc/acc"] == pytest.approx(
+        acc[steps]
+    )
     assert all(0 < line["bench_fraction"] < 1 and line["bench_s"] > 0 and line["round_s"] > 0 for line in rounds)
     teacher_line = next(line for line in lines if line["bench"] == "eval_teacher")
     assert teacher_line["bench_s"] > 0 and teacher_line["cpu_model"]

@@ -86,7 +86,7 @@ def test_stop_reason_eval_stop_lower_is_better(metric):
     assert _stop_reason(one, _evals([1.0, 0.9, 0.95], metric)) != ""
     three = cfg.replace("eval.stop", patience=3)
     assert _stop_reason(three, _evals([1.0, 1.1, 1.2], metric)) == ""
-    assert "last 3 held-out evaluation(s)" in _stop_reason(three, _evals([1.0, 1.1, 1.2, 1.3], metric))
+    assert "last 3 evaluation(s)" in _stop_reason(three, _evals([1.0, 1.1, 1.2, 1.3], metric))
 
 
 def test_stop_reason_eval_stop_accuracy_higher_is_better_and_min_delta():
@@ -430,6 +430,7 @@ def test_demo_command_on_tiny_models(tmp_path, tiny_teacher, tiny_student):
             "eval.n": 1,
             "score.top_k": 8,
             "train.epochs": 1,
+            "eval.tasks_limit": 4,
         },
     )
     res = subprocess.run(
@@ -443,6 +444,10 @@ def test_demo_command_on_tiny_models(tmp_path, tiny_teacher, tiny_student):
     assert len(verdict) == 1 and f"{rkls[0]:.3f} → {rkls[1]:.3f}" in verdict[0]
     assert ("fell every round" in verdict[0]) == (rkls[1] < rkls[0])
     assert load_config(run.config_path).run.name == "smollm2-demo"
+    # the demo ends with the benchmark table: teacher, base, the round's student, on opd's offline tasks
+    table = res.stdout[res.stdout.index("benchmarks (lm-eval") :]
+    for row in ("teacher", "student 0 (base)", "student 1"):
+        assert row in table and "arith/exact_match" in table and "arith_mc/acc" in table
 
 
 def test_overlap_auto_rule():

@@ -9,7 +9,8 @@ Prints one JSON line per round that was benchmarked:
     bench_s          wall seconds of that round's `opd eval --tasks` worker
     round_s          rollout + score + train wall seconds of the same round (train: 0 for the final
                      student, which is not trained)
-    bench_fraction   bench_s ÷ (round_s + bench_s): the share of a round the benchmark takes
+    bench_fraction   bench_s ÷ (round_s + bench_s): the share of a round the benchmark takes (None for
+                     the final student, which is not trained: no round of its own)
     metrics          TASK/METRIC → value, and TASK/METRIC_stderr
 then one line per metric with the gap closed by the last student, (s − base) ÷ (teacher − base), and
 the standard errors of the three accuracies, and one line with the teacher's benchmark wall seconds
@@ -61,7 +62,7 @@ def figures(run_dir: str) -> list[dict]:
                 "round": row.round,
                 "bench_s": round(bench_s, 1),
                 "round_s": round(round_s, 1),
-                "bench_fraction": round(bench_s / (round_s + bench_s), 3) if round_s + bench_s else None,
+                "bench_fraction": round(bench_s / (round_s + bench_s), 3) if "train" in walls else None,
                 "heldout_rkl": row.heldout_rkl,
                 "metrics": row.metrics,
             }

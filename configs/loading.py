@@ -16,8 +16,8 @@ import difflib
 import functools
 import os
 import re
-import typing
 import tomllib
+import typing
 from pathlib import Path
 from typing import Any, TypeVar
 

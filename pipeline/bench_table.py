@@ -44,7 +44,8 @@ def bench_rows(run: RunDir) -> list[BenchRow]:
         folder = run.bench_dir(r)
         metrics = summarize(run, folder, _tasks(run, folder))[0]
         if metrics:
-            rkl = _heldout_rkl(run, r)
+            rkl = heldout_figures(run, r).get("heldout_rkl")
+            rkl = float(rkl) if isinstance(rkl, (int, float)) and not isinstance(rkl, bool) else None
             rows.append(BenchRow("student 0 (base)" if r == 0 else f"student {r}", r, metrics, rkl))
     return rows
 
@@ -97,16 +98,18 @@ def gap_line(rows: list[BenchRow], name: str) -> str:
     return f"gap closed on {name} by {last.label}: {gap:.2f} of the teacher − base gap"
 
 
-def _heldout_rkl(run: RunDir, r: int) -> float | None:
-    """The round's held-out reverse KL from heldout/eval.json, if it has one (a table, not a check)."""
+def heldout_figures(run: RunDir, r: int, records: list[dict] = ()) -> dict:
+    """Round r's held-out figures for a table: heldout/eval.json if it reads as a JSON object, else the
+    last of the round's "eval" metrics `records`, else {} (a table shows what it can; `opd eval` checks)."""
     path = run.eval_path(r)
-    if not storage.exists(run.fs, path):
-        return None
-    try:
-        value = json.loads(storage.read_bytes(run.fs, path)).get("heldout_rkl")
-    except (ValueError, AttributeError):
-        return None
-    return float(value) if isinstance(value, (int, float)) else None
+    if storage.exists(run.fs, path):
+        try:
+            d = json.loads(storage.read_bytes(run.fs, path))
+        except ValueError:
+            d = None
+        if isinstance(d, dict):
+            return d
+    return records[-1] if records else {}
 
 
 def bench_panel(ax, rows: list[BenchRow]) -> None:

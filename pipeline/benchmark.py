@@ -30,6 +30,7 @@ import json
 import os
 import shutil
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -198,7 +199,7 @@ def _model_args(cfg: OpdConfig, path: Path, backend: str, dtype: str) -> tuple[s
         "dtype": dtype,
         "enforce_eager": cfg.rollout.enforce_eager,
         "gpu_memory_utilization": cfg.rollout.gpu_memory_utilization,
-        "max_model_len": _max_model_len(path, cfg),
+        "max_model_len": _max_model_len(path),
         "seed": cfg.run.seed,
     }
     kv_bytes = cpu_kv_cache_bytes(cfg.rollout.gpu_memory_utilization)
@@ -207,7 +208,7 @@ def _model_args(cfg: OpdConfig, path: Path, backend: str, dtype: str) -> tuple[s
     return "vllm", args
 
 
-def _max_model_len(path: Path, cfg: OpdConfig) -> int:
+def _max_model_len(path: Path) -> int:
     """The model's own context, at most 4096 (a KV cache that fits the CPU budget; tasks are short)."""
     try:
         limit = json.loads((path / "config.json").read_text()).get("max_position_embeddings") or 4096
@@ -325,7 +326,7 @@ def _write_task(run: RunDir, folder: str, task: str, out: dict, provenance: dict
     }
     doc["opd"] = provenance
     blob = json.dumps(doc, indent=2, default=handle_non_serializable, sort_keys=True).encode()
-    storage.atomic_write_bytes(run.fs, storage.join(folder, f"{task}.json"), blob)
+    storage.atomic_write_bytes(run.fs, _task_path(folder, task), blob)
 
 
 def _task_path(folder: str, task: str) -> str:
@@ -362,9 +363,7 @@ def summarize(run: RunDir, folder: str, tasks) -> tuple[dict[str, float], dict[s
             continue
         for name, figures in doc["results"].items():
             keys = [k for k in figures if "," in k and not k.split(",")[0].endswith("_stderr")]
-            filters_of: dict[str, int] = {}
-            for k in keys:
-                filters_of[k.split(",")[0]] = filters_of.get(k.split(",")[0], 0) + 1
+            filters_of = Counter(k.split(",")[0] for k in keys)
             for k in keys:
                 metric, filt = k.split(",", 1)
                 label = f"{name}/{metric}" if filters_of[metric] == 1 else f"{name}/{metric}/{filt}"
@@ -375,8 +374,3 @@ def summarize(run: RunDir, folder: str, tasks) -> tuple[dict[str, float], dict[s
                 if isinstance(err, (int, float)) and not isinstance(err, bool):
                     metrics[f"{label}_stderr"] = float(err)
     return metrics, better
-
-
-def read_bench(run: RunDir, round_index: int | None, tasks) -> dict[str, float]:
-    """The stored figures of round R's student (None: the teacher) on `tasks`; {} when none are stored."""
-    return summarize(run, run.bench_dir(round_index), tasks)[0]

@@ -158,7 +158,7 @@ def eval_cmd(run_dir, round_index, tasks, teacher, limit, include_path, force, o
         if tasks is None:
             result = evaluate_round(cfg, run, round_index, force=force)
         else:
-            names = tuple(t.strip() for t in tasks.split(",") if t.strip()) or cfg.eval.tasks
+            names = tuple(t.strip() for t in tasks.split(",") if t.strip())  # () = eval.tasks
             request = BenchRequest(names, teacher, limit, include_path, force)
             result = benchmark(cfg, run, round_index, request)
     click.echo(result.line)

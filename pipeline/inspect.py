@@ -12,7 +12,6 @@ killed mid-write) are skipped.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import tempfile
@@ -25,7 +24,7 @@ import polars as pl
 from opd.cache import storage
 from opd.cache.errors import OpdError
 from opd.cache.rundir import HELDOUT, RunDir, read_manifest
-from opd.pipeline.bench_table import BenchRow, bench_panel, bench_rows, format_bench_table
+from opd.pipeline.bench_table import BenchRow, bench_panel, bench_rows, format_bench_table, heldout_figures
 from opd.pipeline.sweep_table import list_sweeps
 
 # (column, dtype) in table order; `round_table` always returns exactly these.
@@ -107,7 +106,7 @@ def _round_row(run: RunDir, r: int) -> list:
     steps = _train_steps(by_stage.get("train", []))
     finals = [rec for rec in by_stage.get("train", []) if rec.get("final") and not rec.get("skipped")]
     last_final = finals[-1] if finals else {}
-    ev = _eval_figures(run, r, by_stage.get("eval", []))
+    ev = heldout_figures(run, r, by_stage.get("eval", []))
 
     samples, tokens = _int(ro.get("samples")), _int(ro.get("completion_tokens"))
     train_s = _stage_seconds(finals, "wall_s")
@@ -170,19 +169,6 @@ def _train_steps(records: list[dict]) -> list[dict]:
         if step is not None:
             steps[step] = rec
     return [steps[k] for k in sorted(steps)]
-
-
-def _eval_figures(run: RunDir, r: int, records: list[dict]) -> dict:
-    """heldout/eval.json if it reads as a JSON object, else the last "eval" metrics record, else {}."""
-    path = run.eval_path(r)
-    if storage.exists(run.fs, path):
-        try:
-            d = json.loads(storage.read_bytes(run.fs, path))
-        except ValueError:
-            d = None
-        if isinstance(d, dict):
-            return d
-    return records[-1] if records else {}
 
 
 def _stage_seconds(records: list[dict], key: str, old_key: str = "") -> float | None:

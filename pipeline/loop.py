@@ -140,8 +140,7 @@ def _rounds(cfg: OpdConfig, run: RunDir, n: int, ctx: "_Ctx", follow: bool, echo
             evals[n] = evaluate_round(cfg, run, n, force=not scored)
             echo(_eval_line(f"final student (round {n - 1})", evals[n]))
         if cfg.eval.tasks:
-            benches[n] = ctx.bench(n)
-    ctx.track()
+            benches[n] = ctx.bench(n)  # the trackers get the last figures when the loop closes them (ctx.close)
     rkl = " → ".join(f"{evals[i].heldout_rkl:.3f}" for i in sorted(evals))
     line = (
         f"opd run {run.url}: {trained} round(s) trained"
@@ -319,13 +318,12 @@ class _Ctx:
     def bench(self, r: int | None) -> Bench:
         """lm-eval benchmarks of round r's starting student (None: the teacher), as one `opd eval --tasks`
         worker on the rollout pool's first device; skipped when every task's result file exists."""
-        from opd.pipeline.benchmark import summarize
+        from opd.pipeline.benchmark import read_task, summarize
 
         tasks = self.cfg.eval.tasks
         folder = self.run.bench_dir(r)
         who = "the teacher" if r is None else f"round {r}"
-        metrics, better = summarize(self.run, folder, tasks)
-        if all(any(k.startswith(f"{t}/") for k in metrics) for t in tasks):
+        if all(read_task(self.run, folder, t) is not None for t in tasks):
             self.echo(f"[opd run] benchmarks of {who} already done")
         else:
             args = ["eval", self.run.url, "--round", str(r or 0), "--tasks", ",".join(tasks)]
@@ -336,7 +334,7 @@ class _Ctx:
             resource = self.cfg.run.rollout_resource
             worker = Worker(stage, stage, args, {}, visible, pool.gpus_of(0), resource, 1, stage, r or 0)
             self._launch(r or 0, {stage: [worker]})
-            metrics, better = summarize(self.run, folder, tasks)
+        metrics, better = summarize(self.run, folder, tasks)
         shown = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if not k.endswith("_stderr"))
         self.echo(f"[opd run] benchmarks of {who}: {shown}")
         return Bench(-1 if r is None else r, metrics, better)

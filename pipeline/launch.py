@@ -30,8 +30,9 @@ from opd.configs.schema import load_run_config
 from opd.pipeline.init import init_run
 from opd.pipeline.launchers import DevicePool, LocalLauncher, Worker, WorkerFailed, run_all
 from opd.pipeline.torchrun import loopback
-from opd.stages import console, train
-from opd.stages.students import start_student
+from opd.stages import console, sft, train
+from opd.stages.sft_data import SftData
+from opd.stages.students import load_tokenizer, start_student
 from opd.stages.train_data import RoundData
 from opd.stages.train_metrics import summary_line
 
@@ -46,10 +47,12 @@ def launch(
     overrides=(),
     nnodes: int = 1,
     rdzv_endpoint: str | None = None,
+    sft_data: str | None = None,
 ) -> dict[str, Any]:
     """`opd train`: re-run from a cache (--from/--out) if asked, then train in this process (no or one
     device) or under torchrun (several devices: "0,1" GPUs, "cpu,cpu" CPU processes; with `nnodes` > 1
-    one torchrun per machine, all meeting at the c10d rendezvous `rdzv_endpoint`)."""
+    one torchrun per machine, all meeting at the c10d rendezvous `rdzv_endpoint`). `sft_data`: `opd sft`,
+    fine-tuning on that file (stages/sft.py) instead of training from the round's cache."""
     if nnodes < 1:
         raise OpdError(f"--nnodes {nnodes} is invalid: must be >= 1")
     if (nnodes > 1) != (rdzv_endpoint is not None):
@@ -75,11 +78,17 @@ def launch(
     rd = RunDir(run_dir)
     cfg = load_run_config(rd, overrides)
     if len(pool.devices) <= 1 and nnodes == 1:
+        if sft_data is not None:
+            return sft.run(cfg, rd, round_index, sft_data, force=force)
         return train.run(cfg, rd, round_index, force=force)
 
     with start_student(cfg, rd, round_index) as start:  # one-line errors before spawning
-        RoundData(rd, round_index, vocab_limit=start.vocab_rows, lmbda=cfg.train.lmbda, seed=cfg.run.seed)
-    worker = _torchrun_worker(rd, round_index, pool, nnodes, rdzv_endpoint, force, overrides)
+        if sft_data is not None:
+            sft.check_round(rd, round_index)
+            SftData(cfg, sft_data, load_tokenizer(start.tokenizer_dir, "student"), str(start.tokenizer_dir))
+        else:
+            RoundData(rd, round_index, vocab_limit=start.vocab_rows, lmbda=cfg.train.lmbda, seed=cfg.run.seed)
+    worker = _torchrun_worker(rd, round_index, pool, nnodes, rdzv_endpoint, force, overrides, sft_data)
     try:
         run_all(LocalLauncher(), [worker])
     except WorkerFailed as e:
@@ -91,15 +100,23 @@ def launch(
     done = read_manifest(rd, student_dir)
     if done is None:
         raise OpdError(f"torchrun finished but {student_dir}/{MANIFEST} is missing")
-    summary = {"stage": "train", "round": round_index, "skipped": False, **done.summary}
+    stage = "train" if sft_data is None else "sft"
+    summary = {"stage": stage, "round": round_index, "skipped": False, **done.summary}
     summary["line"] = (
-        summary_line(summary, student_dir) if "world_size" in done.summary else f"train round {round_index}: done"
+        summary_line(summary, student_dir) if "world_size" in done.summary else f"{stage} round {round_index}: done"
     )
     return summary
 
 
 def _torchrun_worker(
-    rd: RunDir, round_index: int, pool: DevicePool, nnodes: int, rdzv: str | None, force: bool, overrides: list[str]
+    rd: RunDir,
+    round_index: int,
+    pool: DevicePool,
+    nnodes: int,
+    rdzv: str | None,
+    force: bool,
+    overrides: list[str],
+    sft_data: str | None = None,
 ) -> Worker:
     """torchrun (pipeline/torchrun.py) with one learner process per pool entry on this machine, as a
     Worker of the local launcher (its output goes where this process's goes: the stage's log). One
@@ -119,6 +136,7 @@ def _torchrun_worker(
                 env[key] = "lo"
     args = [*rendezvous, "--nproc-per-node", str(pool.workers), "-m", "opd.pipeline.torchrun", "--worker"]
     args += [rd.url, "--round", str(round_index)] + (["--force"] if force else [])
+    args += ["--sft-data", sft_data] if sft_data is not None else []
     for o in overrides:
         args += ["--set", o]
     visible = pool.visible() if pool.kind == "cuda" else None

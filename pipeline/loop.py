@@ -20,7 +20,8 @@ Per round R:
            eval.stop_patience, or the eval.stop rule): the round is then not trained and the loop ends;
   train    `opd train RUN --round R --devices <train pool>` (several → torchrun).
 After the last round (eval.final) the final student is evaluated: held-out rollout + score + eval of
-round N.
+round N. A round whose student `opd sft` wrote (an SFT round) is skipped and not counted: `--rounds N`
+runs N distillation rounds, numbered on across the SFT rounds between them.
 
 Each stage is a fresh process, so GPU memory is freed between stages and a crash in one is contained.
 Where the workers run is the launcher's business (launchers.py: local processes, or Ray tasks on any
@@ -45,8 +46,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from opd.cache.errors import OpdError
-from opd.cache.rundir import RunDir, choose_splits, read_manifest, split_folder
-from opd.configs.schema import OpdConfig
+from opd.cache.rundir import RunDir, choose_splits, read_manifest, sft_rounds, split_folder
+from opd.configs.schema import SELF_TEACHERS, OpdConfig
 from opd.pipeline.launchers import DevicePool, Worker, WorkerFailed, make_launcher, run_all
 
 if TYPE_CHECKING:
@@ -116,9 +117,13 @@ def _rounds(cfg: OpdConfig, run: RunDir, n: int, ctx: "_Ctx", follow: bool, echo
     benches: dict[int, Bench] = {}
     stopped = ""
     trained = 0
-    if cfg.eval.tasks and cfg.eval.tasks_teacher:
-        ctx.bench(None)
-    for r in range(n):
+    if cfg.eval.tasks and cfg.eval.tasks_teacher and cfg.run.teacher not in SELF_TEACHERS:
+        ctx.bench(None)  # a self-teacher's benchmarks are its student's
+    schedule = distillation_rounds(n, sft_rounds(run))
+    for r in range(schedule[-1] + 1):
+        if r not in schedule:
+            echo(f"[opd run] round {r}: fine-tuned by `opd sft` (rounds/{r}/student); round {r + 1} starts from it")
+            continue
         scored = _heldout_scored(run, r)
         ctx.rollout_and_score(r, "all", follow)
         if cfg.eval.enabled:
@@ -132,15 +137,16 @@ def _rounds(cfg: OpdConfig, run: RunDir, n: int, ctx: "_Ctx", follow: bool, echo
             echo(f"[opd run] stopping before training round {r}: {stopped}")
             break
         ctx.train(r)
-        trained = r + 1
+        trained += 1
+    end = schedule[-1] + 1  # the round the final student starts
     if not stopped and cfg.eval.final:
         if cfg.eval.enabled:
-            scored = _heldout_scored(run, n)
-            ctx.rollout_and_score(n, "heldout", follow)
-            evals[n] = evaluate_round(cfg, run, n, force=not scored)
-            echo(_eval_line(f"final student (round {n - 1})", evals[n]))
+            scored = _heldout_scored(run, end)
+            ctx.rollout_and_score(end, "heldout", follow)
+            evals[end] = evaluate_round(cfg, run, end, force=not scored)
+            echo(_eval_line(f"final student (round {end - 1})", evals[end]))
         if cfg.eval.tasks:
-            benches[n] = ctx.bench(n)  # the trackers get the last figures when the loop closes them (ctx.close)
+            benches[end] = ctx.bench(end)  # the trackers get the last figures when the loop closes them (ctx.close)
     rkl = " → ".join(f"{evals[i].heldout_rkl:.3f}" for i in sorted(evals))
     line = (
         f"opd run {run.url}: {trained} round(s) trained"
@@ -150,6 +156,17 @@ def _rounds(cfg: OpdConfig, run: RunDir, n: int, ctx: "_Ctx", follow: bool, echo
     return {"rounds_trained": trained, "stopped": stopped, "evals": evals, "benches": benches, "line": line}
 
 
+def distillation_rounds(n: int, sft: list[int]) -> list[int]:
+    """The first n round numbers that are not SFT rounds (`opd sft` wrote their student): `--rounds N`
+    counts distillation rounds, and the numbering goes on across the SFT rounds between them."""
+    rounds, r = [], 0
+    while len(rounds) < n:
+        if r not in sft:
+            rounds.append(r)
+        r += 1
+    return rounds
+
+
 def _materialise_models(cfg: OpdConfig, echo) -> None:
     """Resolve the base models once, here, before any stage process starts: a missing folder fails in one
     line at once, and `opd:`/`tiny:` models are made once (overlapped stages would otherwise both convert
@@ -157,7 +174,8 @@ def _materialise_models(cfg: OpdConfig, echo) -> None:
     from opd.stages.models import resolve_model
 
     for ref in (cfg.run.teacher, cfg.run.student):
-        resolve_model(ref, cfg.run.models_dir or None)
+        if ref not in SELF_TEACHERS:  # a self-teacher is one of the run's students
+            resolve_model(ref, cfg.run.models_dir or None)
 
 
 def _eval_line(what: str, ev: "EvalResult") -> str:

@@ -10,6 +10,8 @@ top-k K_t, their log-probs, the log tail mass outside K_t, the exact log-prob of
     sampled_rkl  on on-policy rows: -ratio_t · (log p_T(x_t) − log p_sample(x_t)), ratio_t =
                  exp(log p_θ(x_t) − log p_sample(x_t)) (optionally clipped, train.ratio_clip); needs the
                  rollout's sampling log-probs. Off-policy rows use jsd with train.beta_offpolicy.
+    cross_entropy  `opd sft`'s micro-batches (`cross_entropy` set, stages/sft_data.py): −log p_θ(x_t) of the
+                 data's own token at τ = 1, no cache.
 `Learner.forward` returns Σ_t loss_t over the micro-batch; the round (stages/train.py) scales it by
 the step's token count.
 
@@ -164,6 +166,9 @@ class Learner(torch.nn.Module):
         """(Σ loss over positions `sl`, [Σ bucket KL(S‖T), Σ top-k overlap] — zeros unless need_metrics)."""
         tc = self.tc
         logits_NV = apply_head(hf_model(self.model), x_NX) if self.head_only else x_NX
+        if batch.get("cross_entropy"):  # `opd sft`: -log p_θ(x_t) of the data's token, at τ = 1
+            loss = torch.nn.functional.cross_entropy(logits_NV.float(), batch["target_N"][sl], reduction="sum")
+            return loss, torch.zeros(2, dtype=torch.float64, device=logits_NV.device)
         ids, lps, tail = batch["topk_ids_NK"][sl], batch["topk_logprobs_NK"][sl], batch["tail_N"][sl]
         on = batch["on_policy_N"][sl]
         mode = _row_mode(batch)

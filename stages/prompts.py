@@ -39,10 +39,13 @@ class Prompt:
     where: str  # "FILE line N" / "FILE row N", for errors
     prompt_ids: list[int] = dataclasses.field(default_factory=list)
     on_policy: bool = True
+    context: str | None = None  # the teacher's context column (score.teacher_context_field), when read
 
 
-def load_prompts(rc: RolloutConfig, lmbda: float) -> list[Prompt]:
-    """The first `max_prompts` rows of the prompt set, checked (one-line errors naming file + line)."""
+def load_prompts(rc: RolloutConfig, lmbda: float, context_field: str = "") -> list[Prompt]:
+    """The first `max_prompts` rows of the prompt set, checked (one-line errors naming file + line).
+    `context_field`: a column every row must hold as a string, kept as `Prompt.context` (the teacher's
+    context, score.teacher_context_field)."""
     path = rc.prompts
     need_reference = (lmbda < 1 or rc.offpolicy_rows == "both") and rc.offpolicy_source == "dataset"
     if need_reference and not rc.reference_field:
@@ -54,10 +57,17 @@ def load_prompts(rc: RolloutConfig, lmbda: float) -> list[Prompt]:
         )
     prompts: list[Prompt] = []
     seen: dict[str, str] = {}
-    for index, (where, row) in enumerate(_iter_rows(path)):
+    for index, (where, row) in enumerate(iter_rows(path)):
         if rc.max_prompts and index >= rc.max_prompts:
             break
         p = _parse_row(row, where, index, rc, need_reference)
+        if context_field:
+            p.context = row.get(context_field)
+            if not isinstance(p.context, str) or not p.context.strip():
+                raise OpdError(
+                    f"{where}: no teacher context in '{context_field}' (score.teacher_context_field): every "
+                    f"prompt needs a non-empty string there, or set score.teacher_context_field = \"\""
+                )
         if p.id in seen:
             raise OpdError(
                 f"{where}: duplicate prompt id {p.id!r} (first at {seen[p.id]}); ids in '{rc.id_field}' must be unique"
@@ -69,11 +79,12 @@ def load_prompts(rc: RolloutConfig, lmbda: float) -> list[Prompt]:
     return prompts
 
 
-def _iter_rows(path: str):
-    """(where, row) pairs of a .jsonl file, a .parquet file or a local `datasets` folder."""
+def iter_rows(path: str, setting: str = "rollout.prompts", what: str = "prompt"):
+    """(where, row) pairs of a .jsonl file, a .parquet file or a local `datasets` folder (`setting` names
+    where the path came from, `what` the kind of file, in messages)."""
     p = Path(path)
     if not p.exists():
-        raise OpdError(f"{path}: prompt file not found (rollout.prompts)")
+        raise OpdError(f"{path}: {what} file not found ({setting})")
     if p.is_dir():
         yield from _iter_dataset(p)
     elif p.suffix == ".parquet":
@@ -91,7 +102,7 @@ def _iter_rows(path: str):
                 except UnicodeDecodeError as e:
                     raise OpdError(
                         f"{path} line {lineno}: not UTF-8 text (byte {e.start}: {raw[e.start : e.start + 1]!r}); "
-                        f"a prompt file is JSON lines in UTF-8"
+                        f"a {what} file is JSON lines in UTF-8"
                     ) from None
                 if not line.strip():
                     continue
@@ -102,7 +113,7 @@ def _iter_rows(path: str):
                 yield f"{path} line {lineno}", row
     else:
         raise OpdError(
-            f"{path}: unknown prompt file type: use a .jsonl or .parquet file, or a folder "
+            f"{path}: unknown {what} file type: use a .jsonl or .parquet file, or a folder "
             f"saved with datasets' save_to_disk"
         )
 

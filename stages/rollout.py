@@ -61,6 +61,7 @@ Engines (stages/engine.py: interface; engine_vllm.py; engine_hf.py): "auto" = vL
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,12 +74,11 @@ from opd.cache.rundir import RunDir, ShardSpec, choose_splits, split_folder
 from opd.cache.shards import SOURCES, check_producer, read_shard_meta, write_rollout_shard
 from opd.configs.schema import OpdConfig
 from opd.stages.engine import Engine, Sampling
-from opd.stages.models import resolve_model
 from opd.stages.prompts import Prompt, load_prompts, on_policy, render
 from opd.stages.rollout_engines import RolloutEngines
 from opd.stages.rollout_rows import PRODUCER_STAGE, producer, sampling_hash, shard_rows, wants_offpolicy
 from opd.stages.runner import Progress, ShardOutcome, StageResult, Units, combine, run_stage
-from opd.stages.students import start_student
+from opd.stages.students import start_student, teacher_weights
 
 STAGE = "rollouts"  # the run-directory folder (and manifest stage name)
 
@@ -100,14 +100,15 @@ def run(
     are configured, sharing one engine; the held-out split's result is the result's `heldout`).
     """
     splits = choose_splits(split, cfg.eval.enabled)
-    with start_student(cfg, run, round_index) as student:
+    with contextlib.ExitStack() as stack:
+        student = stack.enter_context(start_student(cfg, run, round_index))
         teacher_dir = None
         if (
             "train" in splits
             and wants_offpolicy(cfg.rollout, round_index)
             and cfg.rollout.offpolicy_source == "teacher"
         ):
-            teacher_dir = resolve_model(cfg.run.teacher, cfg.run.models_dir or None)
+            teacher_dir = stack.enter_context(teacher_weights(cfg, run, round_index)).folder
         longest = max(split_config(cfg, sp).rollout.max_new_tokens for sp in splits)
         engines = RolloutEngines(
             cfg.replace("rollout", max_new_tokens=longest), round_index, student, teacher_dir, engine
@@ -211,7 +212,7 @@ class _RolloutSplit:
 
         rc, tokenizer_dir = self.rc, self.engines.student.tokenizer_dir
         self.tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-        prompts = load_prompts(rc, self.lmbda)
+        prompts = load_prompts(rc, self.lmbda, self.cfg.score.teacher_context_field)
         self.kept, self.skipped = render(prompts, self.tokenizer, rc, tokenizer_dir)
         self.read = len(prompts)
         if not self.kept:

@@ -41,6 +41,7 @@ def shard_rows(job, items: list[Prompt], shard: int, progress: Progress) -> tupl
             "prompt_ids": p.prompt_ids,
             "sampling_hash": job.sampling_hash,
             "prompt_messages": json.dumps(p.messages, ensure_ascii=False),
+            "teacher_context": p.context,
         }
         sampled = [("student", i, c) for i, c in enumerate(generated.get(p.id, []))]
         sampled += [("teacher", first_off + i, c) for i, c in enumerate(teacher_outs.get(p.id, []))]
@@ -112,6 +113,8 @@ def producer(
         p["base_model_hash"] = fingerprint.model_hash(student.base)
     if teacher_dir is not None:
         p["teacher_hash"] = fingerprint.model_hash(teacher_dir)
+    if cfg.score.teacher_context_field:
+        p["teacher_context_field"] = cfg.score.teacher_context_field
     return p
 
 

@@ -9,6 +9,10 @@ Writes  RUN/rounds/R/scores/part-SSSSS.parquet, one per rollout shard with the s
 
     opd score RUN --round 0 [--shard 0/4] [--device cuda:1] [--engine transformers|vllm] [--split all|train|heldout] [--follow] [--force]
 
+The teacher is `run.teacher`, or a self-teacher (stages/students.teacher_weights): "self", the student
+that starts round R, or "self:start", the student's weights before its first `opd sft`. With
+`score.teacher_context_field` its prompt carries the row's context column (stages/score_inputs.py).
+
 Per completion position t (the teacher's distribution predicting completion_ids[t] from the prompt and
 completion_ids[:t]) at the scoring temperature τ: the top-k ids and log-probs, the exact taken-token
 log-prob, the tail log Σ_{v∉top-k} p(v), entropy and top-k mass. The teacher engine (`score.engine`)
@@ -36,6 +40,7 @@ Shape legend: N scored positions, V scored vocabulary (stages/scorer.py), K top-
 
 from __future__ import annotations
 
+import contextlib
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -57,10 +62,10 @@ from opd.cache.rundir import (
 from opd.cache.shards import ScoreShard, ScoreShardWriter, read_rollout_shard
 from opd.configs.schema import OpdConfig
 from opd.stages.runner import Progress, ShardOutcome, StageResult, Units, combine, run_stage
-from opd.stages.score_inputs import check_vocab, rollout_entries, sequences
+from opd.stages.score_inputs import TeacherPrompt, check_vocab, rollout_entries, sequences
 from opd.stages.score_shards import ShardPacker, Totals, ratio, stage_summary
 from opd.stages.scorer import Teacher
-from opd.stages.students import load_tokenizer, start_student
+from opd.stages.students import load_tokenizer, start_student, teacher_weights
 
 _MAX_QUEUED = 3  # background jobs in flight before the forward waits
 
@@ -87,16 +92,14 @@ def run(
     (`opd sweep --eval heldout`: one load for every setting's held-out samples).
     """
     splits = choose_splits(split, cfg.eval.enabled)
-    owned = teacher is None
-    teacher = Teacher(cfg, device) if owned else teacher
-    try:
+    with contextlib.ExitStack() as stack:
+        if teacher is None:
+            teacher = Teacher(cfg, device, stack.enter_context(teacher_weights(cfg, run, round_index)))
+            stack.callback(teacher.release)
         results = []
         for sp in splits:
             with _ScoreSplit(cfg, run, round_index, sp, teacher, follow) as stage:
                 results.append(run_stage(stage, run, round_index, shard, force=force, poll_s=poll_s))
-    finally:
-        if owned:
-            teacher.release()
     return combine(results)
 
 
@@ -137,10 +140,17 @@ class _ScoreSplit:
         self._require_rollouts()
         with start_student(cfg, run, round_index, files="tokenizer") as student:
             student_tok = load_tokenizer(student.tokenizer_dir, f"student {student.label}")
-            check_vocab(cfg.run.teacher, teacher.tokenizer, student.label, student_tok)
+            check_vocab(teacher.weights.label, teacher.tokenizer, student.label, student_tok)
+        self_teacher = {} if teacher.weights.self_round is None else {"teacher": cfg.run.teacher}
         self.base_producer = fingerprint.producer(
-            "score", teacher.dir, cfg.section_hash("score"), dtype=teacher.placement.dtype_name, engine=teacher.engine
+            "score",
+            teacher.dir,
+            cfg.section_hash("score"),
+            dtype=teacher.placement.dtype_name,
+            engine=teacher.engine,
+            **self_teacher,
         )
+        self.prompt = TeacherPrompt.of(cfg)
         self.entries: dict[int, ShardEntry] = {}
         self.totals = Totals()
         self.replaced = 0
@@ -219,7 +229,7 @@ class _ScoreSplit:
                 f"after the rollout stage finished); re-run `opd rollout {run.url} --round {self.round} --force`"
             )
         table, _ = read_rollout_shard(run.fs, path)
-        seqs = sequences(table, path, sc.render, self.teacher.tokenizer, scorer.vocab_size)
+        seqs = sequences(table, path, self.prompt, self.teacher.tokenizer, scorer.vocab_size)
         writer = ScoreShardWriter(scorer.vocab_size, sc.top_k, logprob_bits=sc.logprob_bits, temperature=sc.temperature)
         job = ShardPacker(run.shard_path(self.round, self.folder, s), seqs, writer, self._shard_producer(s))
         progress.advance(sum(1 for q in seqs if q.completion.size == 0))

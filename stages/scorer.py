@@ -30,12 +30,12 @@ import numpy as np
 import torch
 
 from opd.cache.errors import OpdError
-from opd.configs.schema import OpdConfig
+from opd.configs.schema import SELF_TEACHERS, OpdConfig
 from opd.stages import console
 from opd.stages.devices import Placement, placement
 from opd.stages.engine import vllm_available
 from opd.stages.models import resolve_model
-from opd.stages.students import load_tokenizer
+from opd.stages.students import TeacherWeights, load_tokenizer
 
 SCORE_ENGINES = ("transformers", "vllm")
 
@@ -141,12 +141,18 @@ def load_scorer(name: str, teacher_dir, sc, where: Placement, vocab_limit: int |
 
 class Teacher:
     """The teacher and its scorer (engine resolved here), loaded on first use and shared by the splits
-    of one invocation (or by the runs of a sweep); `loads` counts its loads."""
+    of one invocation (or by the runs of a sweep); `loads` counts its loads. `weights`: the round's
+    teacher (stages/students.teacher_weights), needed for a self-teacher; None resolves `run.teacher`."""
 
-    def __init__(self, cfg: OpdConfig, device: str | None):
+    def __init__(self, cfg: OpdConfig, device: str | None, weights: TeacherWeights | None = None):
         self.cfg = cfg
-        self.dir = resolve_model(cfg.run.teacher, cfg.run.models_dir or None)
-        self.tokenizer = load_tokenizer(self.dir, f"teacher {cfg.run.teacher}")
+        if weights is None:
+            if cfg.run.teacher in SELF_TEACHERS:
+                raise OpdError(f'run.teacher = "{cfg.run.teacher}" is a round\'s own student: score it per round')
+            weights = TeacherWeights(Path(resolve_model(cfg.run.teacher, cfg.run.models_dir or None)), cfg.run.teacher)
+        self.weights = weights
+        self.dir = weights.folder
+        self.tokenizer = load_tokenizer(self.dir, f"teacher {weights.label}")
         self.engine = resolve_score_engine(cfg.score, self.dir)
         self.placement = placement(device or cfg.score.device, cfg.score.dtype, "score.device")
         self.dev, self.dtype = self.placement.device, self.placement.dtype

@@ -170,3 +170,50 @@ def load_tokenizer(folder, what: str):
     except (OSError, ValueError, TypeError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise OpdError(f"cannot load the tokenizer of the {what} from {folder} ({first})") from None
+
+
+# ------------------------------------------------------------------------------------------ self-teachers
+
+
+@dataclass(frozen=True)
+class TeacherWeights:
+    """The checkpoint a round's teacher loads, and how messages and fingerprints name it."""
+
+    folder: Path  # an HF checkpoint folder
+    label: str  # `run.teacher`, or which student a self-teacher is (e.g. "self:start = run.student")
+    self_round: int | None = None  # a self-teacher: the round whose starting student it is; None otherwise
+
+
+@contextlib.contextmanager
+def teacher_weights(cfg: OpdConfig, run: RunDir | None, round_index: int | None) -> Iterator[TeacherWeights]:
+    """Round `round_index`'s teacher. A model reference resolves as usual. "self" is the student that
+    starts the round (the weights that made its rollouts); "self:start" is the student that starts the
+    first SFT round before this one (RUN/rounds/F/ with `opd sft`'s student), the base model `run.student`
+    when there is none. Both are read in place (the run's own folders, which opd merges LoRA adapters
+    into): only a PEFT adapter given as `run.student` itself is merged into a temporary folder, removed
+    afterwards."""
+    from opd.configs.schema import SELF_TEACHERS
+
+    ref = cfg.run.teacher
+    if ref not in SELF_TEACHERS:
+        yield TeacherWeights(Path(resolve_model(ref, cfg.run.models_dir or None)), ref)
+        return
+    if run is None or round_index is None:
+        raise OpdError(f'run.teacher = "{ref}" is a round\'s own student: it needs a run directory and a round')
+    at = round_index
+    if ref == "self:start":
+        from opd.cache.rundir import sft_rounds
+
+        at = next((r for r in sft_rounds(run) if r < round_index), 0)
+    with start_student(cfg, run, at) as student:
+        label = f"{ref} = the student starting round {at} ({student.label})"
+        if student.adapter is None:
+            yield TeacherWeights(student.base, label, at)
+            return
+        from opd.stages.rollout_engines import merge_lora
+
+        merged = merge_lora(student)
+        try:
+            yield TeacherWeights(merged, label, at)
+        finally:
+            shutil.rmtree(merged, ignore_errors=True)

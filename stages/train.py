@@ -40,7 +40,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import click
 import torch
@@ -104,7 +104,10 @@ def producer(
 
 @dataclass
 class _Round:
-    """One round's training; the state its parts share."""
+    """One round's training; the state its parts share. The SFT stage (stages/sft.py) is this life cycle
+    with other data, producer and loss: the hooks `_load_data`, `_producer`, `_check_inputs`, `_dataset`."""
+
+    stage_name: ClassVar[str] = "train"  # the metrics lines' and summary's "stage"
 
     cfg: OpdConfig
     run: RunDir
@@ -116,7 +119,7 @@ class _Round:
     loaded: L.LoadedStudents | None = None  # the caller's kept checkpoints (run's `loaded`)
 
     def __post_init__(self):
-        self.tc: TrainConfig = self.cfg.train
+        self.tc: TrainConfig = self._train_config()
         self.student_dir = self.run.stage_dir(self.round_index, STAGE)
         self.ckpt_dir = storage.join(self.run.round_dir(self.round_index), CKPT_DIR)
         dev = self.procs.device
@@ -124,19 +127,10 @@ class _Round:
 
     def train(self, force: bool) -> dict[str, Any]:
         tc, procs = self.tc, self.procs
-        self.data = RoundData(
-            self.run,
-            self.round_index,
-            vocab_limit=self.start.vocab_rows,
-            lmbda=tc.lmbda,
-            seed=self.cfg.run.seed,
-            decoded=self.decoded,
-        )
+        self.data = self._load_data()
         micro_batches_per_step = procs.world * tc.grad_accum
         self.steps = plan_steps(self.data, tc, self.cfg.run.seed, self.round_index, micro_batches_per_step)
-        self.producer = producer(
-            self.cfg, self.start, self.data, self.round_index, micro_batches_per_step, self.placement.dtype_name
-        )
+        self.producer = self._producer(micro_batches_per_step)
         if force:
             if procs.rank == 0:
                 clear_stage(self.run, self.student_dir)
@@ -151,6 +145,30 @@ class _Round:
             console.say(self.placement.describe("train"))
         self._fit()
         return self._finish()
+
+    def _train_config(self) -> TrainConfig:
+        return self.cfg.train
+
+    def _load_data(self) -> RoundData:
+        return RoundData(
+            self.run,
+            self.round_index,
+            vocab_limit=self.start.vocab_rows,
+            lmbda=self.tc.lmbda,
+            seed=self.cfg.run.seed,
+            decoded=self.decoded,
+        )
+
+    def _producer(self, micro_batches_per_step: int) -> dict[str, Any]:
+        return producer(
+            self.cfg, self.start, self.data, self.round_index, micro_batches_per_step, self.placement.dtype_name
+        )
+
+    def _dataset(self, items: list) -> torch.utils.data.Dataset:
+        return MicroBatches(self.data, items, self.start.pad_id)
+
+    def _summary_extras(self) -> dict[str, Any]:
+        return {}
 
     def _check_inputs(self) -> None:
         """The rollouts come from the student this round starts from, with its tokenizer; the cache was
@@ -193,11 +211,11 @@ class _Round:
         self.resumed = self.ckpt.load(self.producer)
         first = self.resumed["step"] if self.resumed else 0
         if procs.rank == 0:
-            trim_metrics(self.run, self.round_index, first)
+            trim_metrics(self.run, self.round_index, first, self.stage_name)
         self.totals = Totals(**self.resumed["totals"]) if self.resumed else Totals()
         items = rank_items(self.steps, first, procs.rank, procs.world, tc.grad_accum)
         loader = torch.utils.data.DataLoader(
-            MicroBatches(self.data, items, self.start.pad_id),
+            self._dataset(items),
             batch_size=None,
             shuffle=False,
             num_workers=tc.num_workers,
@@ -217,7 +235,7 @@ class _Round:
             total=len(steps),
             initial=first,
             unit="step",
-            desc=f"train round {self.round_index}",
+            desc=f"{self.stage_name} round {self.round_index}",
             disable=procs.rank != 0,
         )
         try:
@@ -241,6 +259,7 @@ class _Round:
                 self.totals.add_step(n_step, step_s, math.isfinite(grad_norm))
                 if log_now:
                     record = sums.all_reduce(procs).record(
+                        stage=self.stage_name,
                         round_index=self.round_index,
                         step=s,
                         steps=len(steps),
@@ -322,8 +341,9 @@ class _Round:
                 "parallel": "fsdp" if self.use_fsdp else "ddp" if procs.world > 1 else "single",
                 "lora_rank": self.tc.lora_rank,
                 "quantization": dataclasses.asdict(quant.train_spec(self.tc)) if self.tc.quantize else None,
-                "loss": self.tc.loss,
+                "loss": self.tc.loss if self.stage_name == "train" else "cross_entropy",
                 "wall_s": round(time.perf_counter() - self.t_start, 3),
+                **self._summary_extras(),
             }
             write_manifest(
                 self.run,
@@ -339,16 +359,22 @@ class _Round:
             raise OpdError(
                 f"{self.student_dir}/{MANIFEST}: missing after rank 0 wrote it; is the run folder shared by all nodes?"
             )
-        summary = {"stage": "train", "round": self.round_index, "skipped": False, "final": True, **manifest.summary}
+        summary = {
+            "stage": self.stage_name,
+            "round": self.round_index,
+            "skipped": False,
+            "final": True,
+            **manifest.summary,
+        }
         if procs.rank == 0:
             self.run.append_metrics(self.round_index, {"time": time.time(), **summary})
         summary["line"] = summary_line(summary, self.student_dir)
         return summary
 
     def _skipped(self, done: Manifest) -> dict[str, Any]:
-        summary = {"stage": "train", "round": self.round_index, "skipped": True, **done.summary}
+        summary = {"stage": self.stage_name, "round": self.round_index, "skipped": True, **done.summary}
         summary["line"] = (
-            f"train round {self.round_index}: already done ({self.student_dir}/{MANIFEST}, "
+            f"{self.stage_name} round {self.round_index}: already done ({self.student_dir}/{MANIFEST}, "
             f"{done.summary.get('steps', '?')} steps); pass --force to train it again"
         )
         return summary
@@ -368,6 +394,7 @@ def _lr_at(step: int, total: int, tc: TrainConfig) -> float:
 @click.argument("run_dir")
 @click.option("--round", "round_index", type=int, required=True, help="Round number.")
 @click.option("--force", is_flag=True, help="Redo the stage even if its _DONE.json exists.")
+@click.option("--sft-data", default=None, help="Fine-tune on this data file instead (`opd sft`; stages/sft.py).")
 @click.option(
     "--set",
     "overrides",
@@ -375,14 +402,20 @@ def _lr_at(step: int, total: int, tc: TrainConfig) -> float:
     metavar="SECTION.KEY=VALUE",
     help="Override a config value, e.g. --set train.lr=1e-5 (repeatable).",
 )
-def main(run_dir: str, round_index: int, force: bool, overrides: tuple[str, ...]) -> None:
+def main(run_dir: str, round_index: int, force: bool, sft_data: str | None, overrides: tuple[str, ...]) -> None:
     """Train round R's student from RUN_DIR's rollouts and cached teacher scores (what torchrun starts
     in every process, e.g. `torchrun --nproc-per-node 4 -m opd.stages.train RUN_DIR --round R`; `opd
     train --devices` launches it)."""
     rank0 = int(os.environ.get("RANK", "0")) == 0
     try:
         rd = RunDir(run_dir)
-        summary = run(load_run_config(rd, list(overrides)), rd, round_index, force=force)
+        cfg = load_run_config(rd, list(overrides))
+        if sft_data is not None:
+            from opd.stages import sft
+
+            summary = sft.run(cfg, rd, round_index, sft_data, force=force)
+        else:
+            summary = run(cfg, rd, round_index, force=force)
     except OpdError as e:
         if rank0:
             print(f"error: {e}", file=sys.stderr)

@@ -60,13 +60,23 @@ class StepSums:
         return StepSums(**dict(zip(names, total.tolist())))
 
     def record(
-        self, *, round_index: int, step: int, steps: int, epoch: int, grad_norm: float, lr: float, step_s: float
+        self,
+        *,
+        round_index: int,
+        step: int,
+        steps: int,
+        epoch: int,
+        grad_norm: float,
+        lr: float,
+        step_s: float,
+        stage: str = "train",
     ) -> dict[str, Any]:
-        """The metrics.jsonl line of step `step` (0-based) from the all-reduced sums."""
+        """The metrics.jsonl line of step `step` (0-based) from the all-reduced sums (`stage`: "train", or
+        "sft" for `opd sft`, whose loss is the cross-entropy)."""
         tokens = max(self.tokens, 1.0)
-        per_metric = self.metric_tokens
+        per_metric = self.metric_tokens if stage == "train" else 0  # SFT has no teacher to compare with
         return {
-            "stage": "train",
+            "stage": stage,
             "round": round_index,
             "step": step + 1,
             "steps": steps,
@@ -74,7 +84,7 @@ class StepSums:
             "loss": self.loss / tokens,
             "rkl_sampled": self.rkl_sampled / self.rkl_sampled_tokens if self.rkl_sampled_tokens else None,
             "rkl_bucket": self.rkl_bucket / per_metric if per_metric else None,
-            "teacher_topk_mass": self.teacher_topk_mass / tokens,
+            "teacher_topk_mass": self.teacher_topk_mass / tokens if stage == "train" else None,
             "topk_overlap": self.topk_overlap / per_metric if per_metric else None,
             "grad_norm": grad_norm,
             "lr": lr,
@@ -111,14 +121,14 @@ class Totals:
             self.first_loss = loss
 
 
-def trim_metrics(run: RunDir, round_index: int, keep_steps: int) -> None:
+def trim_metrics(run: RunDir, round_index: int, keep_steps: int, stage: str = "train") -> None:
     """Drop the round's train lines that the run starting now replaces: steps after the checkpoint it
     resumes from (a killed learner may have logged some), or all of them (and an old summary) when
     it starts from scratch. Other stages' lines stay."""
     run.drop_metrics(
         round_index,
         lambda rec: (
-            rec.get("stage") == "train" and bool(rec.get("final") or ("step" in rec and rec["step"] > keep_steps))
+            rec.get("stage") == stage and bool(rec.get("final") or ("step" in rec and rec["step"] > keep_steps))
         ),
     )
 
@@ -131,6 +141,6 @@ def summary_line(s: dict, student_dir: str) -> str:
         f", LoRA r={s['lora_rank']}" if s["lora_rank"] else ""
     )
     return (
-        f"train round {s['round']}: {s['steps']} steps{resumed}, {s['completion_tokens']:,} completion tokens, "
+        f"{s.get('stage', 'train')} round {s['round']}: {s['steps']} steps{resumed}, {s['completion_tokens']:,} completion tokens, "
         f"{loss}, {s['tokens_per_s']:,.0f} tok/s on {how}; student in {student_dir}"
     )

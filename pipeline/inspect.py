@@ -23,7 +23,7 @@ import polars as pl
 
 from opd.cache import storage
 from opd.cache.errors import OpdError
-from opd.cache.rundir import HELDOUT, RunDir, read_manifest
+from opd.cache.rundir import HELDOUT, SFT_STAGE, RunDir, read_manifest
 from opd.pipeline.bench_table import BenchRow, bench_panel, bench_rows, format_bench_table, heldout_figures
 from opd.pipeline.sweep_table import list_sweeps
 
@@ -46,7 +46,7 @@ SCHEMA: dict[str, Any] = {
     "rollout_s": pl.Float64,  # wall seconds per stage, summed over its invocations (all splits)
     "score_s": pl.Float64,
     "train_s": pl.Float64,
-    "status": pl.Utf8,  # done | rollout | score | train (first unfinished) | eval only | eval
+    "status": pl.Utf8,  # done | rollout | score | train (first unfinished) | eval only | eval | sft (`opd sft`)
 }
 COLUMNS = tuple(SCHEMA)
 
@@ -74,7 +74,7 @@ _HEADERS = {
 _LEGEND = (
     "len = mean completion tokens; λ/on/off/skip = on-policy fraction, prompts on-/off-policy, long "
     "prompts skipped;\nTmass = teacher top-k mass; ovlp = student/teacher top-k overlap; hoRKL/hoAcc = "
-    "held-out reverse KL/accuracy;\nloss0/loss1 = first/last train loss; *_s = wall seconds per stage; "
+    "held-out reverse KL/accuracy;\nloss0/loss1 = first/last train loss (sft: cross-entropy); *_s = wall seconds per stage; "
     "- = not there (yet)"
 )
 
@@ -103,8 +103,9 @@ def _round_row(run: RunDir, r: int) -> list:
     sc = scores.summary if scores else {}
     st = student.summary if student else {}
 
-    steps = _train_steps(by_stage.get("train", []))
-    finals = [rec for rec in by_stage.get("train", []) if rec.get("final") and not rec.get("skipped")]
+    learner = by_stage.get("train", []) + by_stage.get("sft", [])  # an SFT round's learner logs as "sft"
+    steps = _train_steps(learner)
+    finals = [rec for rec in learner if rec.get("final") and not rec.get("skipped")]
     last_final = finals[-1] if finals else {}
     ev = heldout_figures(run, r, by_stage.get("eval", []))
 
@@ -142,7 +143,10 @@ def _round_row(run: RunDir, r: int) -> list:
 
 def _status(run: RunDir, r: int, rollouts, scores, student, by_stage: dict, ev: dict) -> str:
     """The first unfinished training stage, or "done"; a round with only held-out data in it (the
-    evaluation after the last training round) is "eval only" ("eval" while its figures are missing)."""
+    evaluation after the last training round) is "eval only" ("eval" while its figures are missing); a
+    round whose student `opd sft` wrote is "sft"."""
+    if student is not None and student.producer.get("stage") == SFT_STAGE:
+        return "sft"
     names = set(storage.listdir(run.fs, run.round_dir(r)))
     trained = bool(names & {"rollouts", "scores", "student"}) or any(
         rec.get("split", "train") == "train" for s in ("rollout", "score", "train") for rec in by_stage.get(s, [])
@@ -258,7 +262,7 @@ def inspect(run_dir: str, plot_path: str | None = None) -> str:
     if df.height == 0:
         raise OpdError(f"{storage.join(run.root, 'rounds')}: no rounds yet: run `opd run {run.url}`")
     name = _run_name(run)
-    trained = df.filter(pl.col("status") == "done").height
+    trained = df.filter(pl.col("status").is_in(["done", "sft"])).height
     header = f"run {name} ({run.url}): {df.height} round folder{'s' if df.height != 1 else ''}, {trained} trained"
     text = header + "\n" + format_table(df)
     bench = bench_rows(run)

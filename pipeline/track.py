@@ -15,6 +15,7 @@ Writes  RUN/track/: tensorboard/ (event files), wandb/ (W&B's run folders; offli
 Names, by the record's "stage" (only int/float fields, not bools, not NaN/inf, not the bookkeeping in `_SKIP`):
     train       train/<key>                     a logged learner step (loss, rkl_bucket, lr, grad_norm, ...)
                 train_round/<key>               the round's summary (`"final": true`: last_loss, train_s, ...)
+    sft         sft/<key>, sft_round/<key>      the same for an SFT round's learner (`opd sft`: cross-entropy)
     rollout     rollout/<key>                   the train split (samples, tokens, tokens_per_s, ...);
                 rollout_heldout/<key>           the held-out split; one point per worker record (`shard`)
     score       score/<key>, score_heldout/<key>
@@ -110,11 +111,13 @@ def points(run: RunDir) -> list[Point]:
     return out
 
 
+LEARNER_STAGES = ("train", "sft")  # the learner's records: distillation, and `opd sft`'s
+
 def _round_steps(records: list[dict]) -> int | None:
     """The round's optimizer steps: the plan length its train records carry (the last one's), if any."""
     steps = None
     for rec in records:
-        if rec.get("stage") == "train" and _number(rec.get("steps")):
+        if rec.get("stage") in LEARNER_STAGES and _number(rec.get("steps")):
             steps = int(rec["steps"])
     return steps
 
@@ -124,10 +127,10 @@ def _point(rec: dict, r: int, offset: int, steps: int | None) -> Point | None:
     if rec.get("skipped") is True:
         return None
     fields, step = rec, offset
-    if stage == "train" and rec.get("final"):
-        prefix, ident, step = "train_round", ("final",), offset + int(rec.get("steps") or 0)
-    elif stage == "train" and _number(rec.get("step")):
-        prefix, ident, step = "train", (f"step{int(rec['step'])}",), offset + int(rec["step"])
+    if stage in LEARNER_STAGES and rec.get("final"):
+        prefix, ident, step = f"{stage}_round", ("final",), offset + int(rec.get("steps") or 0)
+    elif stage in LEARNER_STAGES and _number(rec.get("step")):
+        prefix, ident, step = stage, (f"step{int(rec['step'])}",), offset + int(rec["step"])
     elif stage in ("rollout", "score"):
         split = rec.get("split", "train")
         prefix = stage if split == "train" else f"{stage}_{split}"

@@ -108,7 +108,12 @@ def main() -> None:
     distil_s = opd("run", str(cont), "--rounds", "1")  # round 1, then the final student (round 2) benchmarked
     emit({"recipe": "sft+self-distil", "steps_s": {"sft": sft_s, "self_distil_run": distil_s}, **figures(run, 2)})
     rkl = {r: heldout_figures(run, r).get("heldout_rkl") for r in (1, 2)}
-    emit({"figure": "heldout_rkl_to_base", "by_round": {"0 (base)": 0.0, "1 (after sft)": rkl[1], "2 (after self-distil)": rkl[2]}})
+    emit(
+        {
+            "figure": "heldout_rkl_to_base",
+            "by_round": {"0 (base)": 0.0, "1 (after sft)": rkl[1], "2 (after self-distil)": rkl[2]},
+        }
+    )
 
     # SDFT: the model its own teacher, the fact in the teacher's prompt
     sd = out / "sdft"
@@ -139,9 +144,7 @@ def table(lines: list[dict]) -> str:
 
     rows = [r for r in lines if "recipe" in r]
     head = f"{'recipe':<16} {'knowledge QA':>16} {'IF prompt':>16} {'IF instruction':>16}  steps (s)"
-    body = [
-        f"{r['recipe']:<16} " + " ".join(f"{cell(r, m):>16}" for m in METRICS) + f"  {r['steps_s']}" for r in rows
-    ]
+    body = [f"{r['recipe']:<16} " + " ".join(f"{cell(r, m):>16}" for m in METRICS) + f"  {r['steps_s']}" for r in rows]
     return "\n".join([head, *body])
 
 

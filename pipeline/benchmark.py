@@ -153,7 +153,7 @@ def _model_dir(cfg: OpdConfig, run: RunDir, round_index: int, teacher: bool) -> 
     if teacher:
         if cfg.run.teacher in SELF_TEACHERS:
             raise OpdError(
-                f'run.teacher = "{cfg.run.teacher}" is one of the run\'s students: benchmark that round\'s '
+                f"run.teacher = \"{cfg.run.teacher}\" is one of the run's students: benchmark that round's "
                 f"student instead (opd eval RUN --round R --tasks ...)"
             )
         path = Path(resolve_model(cfg.run.teacher, cfg.run.models_dir or None))

@@ -113,6 +113,7 @@ def points(run: RunDir) -> list[Point]:
 
 LEARNER_STAGES = ("train", "sft")  # the learner's records: distillation, and `opd sft`'s
 
+
 def _round_steps(records: list[dict]) -> int | None:
     """The round's optimizer steps: the plan length its train records carry (the last one's), if any."""
     steps = None

@@ -66,7 +66,7 @@ def load_prompts(rc: RolloutConfig, lmbda: float, context_field: str = "") -> li
             if not isinstance(p.context, str) or not p.context.strip():
                 raise OpdError(
                     f"{where}: no teacher context in '{context_field}' (score.teacher_context_field): every "
-                    f"prompt needs a non-empty string there, or set score.teacher_context_field = \"\""
+                    f'prompt needs a non-empty string there, or set score.teacher_context_field = ""'
                 )
         if p.id in seen:
             raise OpdError(

@@ -122,7 +122,7 @@ def _contexts(table, path: str, field: str, sample_ids: list[str]) -> list[str]:
             raise FormatError(
                 f"{path}: sample {sid!r} has no teacher context: its prompt row has no '{field}' "
                 f"(score.teacher_context_field); add the column to every prompt and re-run rollout with "
-                f"--force, or set score.teacher_context_field = \"\""
+                f'--force, or set score.teacher_context_field = ""'
             )
     return contexts
 

@@ -419,6 +419,89 @@ def sdft_rows(facts: list[Fact]) -> list[dict]:
     return [{"id": f.id, "prompt": f.train_question, "fact": f.fact, "reference": f.answer_sentence} for f in facts]
 
 
+def sdft_heldout_rows(facts: list[Fact], n: int = 24) -> list[dict]:
+    """The sdft preset's held-out prompts: questions never trained on (the held-out phrasing of the first n
+    facts), with the fact the self-teacher sees."""
+    return [{"id": f.id, "prompt": f.heldout_question, "fact": f.fact} for f in facts[:n]]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Open chat prompts for the continual preset's self-distillation (the behaviour the model had before the
+# SFT): everyday requests, none of them an ifeval_lite request; the last CHAT_HELDOUT are its held-out set.
+
+CHAT_REQUESTS = [
+    "What are some good ways to start the morning?",
+    "How do I keep houseplants alive in winter?",
+    "Suggest a simple recipe for a weeknight dinner.",
+    "What should I pack for a weekend camping trip?",
+    "How can I make a small room feel bigger?",
+    "Explain how a rainbow forms.",
+    "What is a polite way to decline an invitation?",
+    "Give me ideas for a rainy afternoon with children.",
+    "How do I write a good cover letter?",
+    "Why do cats purr?",
+    "What are the benefits of learning a second language?",
+    "How can I sleep better at night?",
+    "Describe how to brew a good cup of tea.",
+    "What makes a story memorable?",
+    "How should I prepare for a job interview?",
+    "Explain what compound interest is.",
+    "What are good habits for keeping a tidy desk?",
+    "How do bees make honey?",
+    "Suggest a name for a bakery and explain it.",
+    "How can I be a better listener?",
+    "What is the difference between weather and climate?",
+    "Plan a short city walk for a visitor.",
+    "How do I start running if I have never done it?",
+    "Why is the sky blue?",
+    "Give advice to someone moving to a new city.",
+    "How do I care for a cast iron pan?",
+    "What should I consider when adopting a dog?",
+    "Explain how to change a bicycle tyre.",
+    "What are some ways to save money on groceries?",
+    "How can a team run shorter meetings?",
+    "Describe the taste of a ripe mango to someone who never had one.",
+    "How do I learn to play the guitar?",
+    "What is a good way to remember names?",
+    "Suggest activities for a family reunion.",
+    "Why do leaves change colour in autumn?",
+    "How can I reduce waste at home?",
+    "Write a short birthday message for a colleague.",
+    "How does a refrigerator keep food cold?",
+    "What are some tips for public speaking?",
+    "How do I plan a vegetable garden?",
+    "Explain why sleep matters for memory.",
+    "What should a beginner know about photography?",
+    "How can I stay motivated to exercise?",
+    "Describe a calm place you would like to visit.",
+    "How do I fix a squeaky door?",
+    "What are good questions to ask a new friend?",
+    "Explain how vaccines help the body.",
+    "Suggest a reading list for a long holiday.",
+    "How can I make my emails clearer?",
+    "What is the best way to learn to cook?",
+    "How do tides work?",
+    "Give tips for a long car journey.",
+    "What makes a good neighbour?",
+    "How should I store fresh herbs?",
+    "Explain the rules of a simple card game.",
+    "How can I focus when working from home?",
+    "What are the signs of a healthy lawn?",
+    "Describe how to fold a paper aeroplane.",
+    "How do I start keeping a journal?",
+    "What is a kind way to give feedback?",
+    "How can I prepare a home for a heatwave?",
+    "Why do we yawn?",
+    "Suggest a weekend project for learning something new.",
+    "How do I choose a good book for a child?",
+]
+CHAT_HELDOUT = 16
+
+
+def chat_rows(requests: list[str], prefix: str) -> list[dict]:
+    return [{"id": f"{prefix}-{i:02d}", "prompt": r} for i, r in enumerate(requests)]
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Instruction following: an everyday request plus one or two rules that a checker can verify. The kinds and
 # their wording live here; ifeval_lite/utils.py has one checker per kind, with the same argument names.
@@ -580,6 +663,9 @@ def outputs() -> dict[Path, str]:
     }
     files[CONTINUAL_DIR / "handbook_sft.jsonl"] = jsonl(sft_rows(facts, random.Random(SEED + 2)))
     files[CONTINUAL_DIR / "handbook_sdft.jsonl"] = jsonl(sdft_rows(facts))
+    files[CONTINUAL_DIR / "handbook_heldout.jsonl"] = jsonl(sdft_heldout_rows(facts))
+    files[CONTINUAL_DIR / "chat_prompts.jsonl"] = jsonl(chat_rows(CHAT_REQUESTS[:-CHAT_HELDOUT], "chat"))
+    files[CONTINUAL_DIR / "chat_heldout.jsonl"] = jsonl(chat_rows(CHAT_REQUESTS[-CHAT_HELDOUT:], "chat-heldout"))
     for s, rows in ifeval_splits(random.Random(SEED + 3)).items():
         files[IF_DIR / f"{s}.jsonl"] = jsonl(rows)
     return files

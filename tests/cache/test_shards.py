@@ -49,6 +49,7 @@ def rollout_rows(n=6, seed=0):
                 finish_reason={"student": "stop", "dataset": "reference", "teacher": "length"}[source],
                 sampling_hash="f" * 64,
                 prompt_messages=json.dumps([{"role": "user", "content": f"prompt {i} ü 🎉"}]) if i % 2 else None,
+                teacher_context=f"context {i} ü" if i % 3 else None,
             )
         )
     return rows
@@ -106,14 +107,15 @@ def test_rollout_roundtrip(fs, tmp_path):
             "finish_reason",
             "sampling_hash",
             "prompt_messages",
+            "teacher_context",
         ):
-            assert row[key] == want[key], key
+            assert row[key] == want.get(key), key
         if want["sampling_logprobs"] is None:
             assert row["sampling_logprobs"] is None
         else:
             np.testing.assert_array_equal(np.float32(row["sampling_logprobs"]), np.float32(want["sampling_logprobs"]))
     assert meta["format"] == "opd.rollouts"
-    assert meta["version"] == 1
+    assert meta["version"] == shards.ROLLOUT_VERSION == 2
     assert meta["producer"] == PRODUCER
     assert meta["round"] == 3
     raw = pq.ParquetFile(path).schema_arrow.metadata[b"opd"]
@@ -250,11 +252,15 @@ def test_unknown_version(fs, tmp_path):
 def test_version_check_not_fooled_by_equal_looking_values(fs, tmp_path):
     path = str(tmp_path / "part-00000.parquet")
     shards.write_rollout_shard(fs, path, rollout_rows(), PRODUCER)
-    for bad in ("1", None, 2):
+    for bad in ("2", None, 3):
         _rewrite_meta(path, lambda m: {**m, "version": bad})
         with pytest.raises(FormatError, match="version") as e:
             shards.read_rollout_shard(fs, path)
         assert_one_line_naming(e, path)
+    _rewrite_meta(path, lambda m: {**m, "version": 1})  # v1 is read, but a v1 shard has no teacher_context
+    with pytest.raises(FormatError, match="columns do not match opd.rollouts v1") as e:
+        shards.read_rollout_shard(fs, path)
+    assert_one_line_naming(e, path)
 
 
 def test_unreadable_opd_metadata(fs, tmp_path):

@@ -172,7 +172,7 @@ def test_unknown_names_suggest(item, expect):
 
 def test_unknown_name_without_close_match_lists_valid():
     msg = _error(["zzzzzz.q=1"])
-    assert "unknown section 'zzzzzz'" in msg and "valid: eval, rollout, run, score, train" in msg
+    assert "unknown section 'zzzzzz'" in msg and "valid: eval, rollout, run, score, sft, train" in msg
 
 
 def test_unknown_key_in_file(tmp_path):

@@ -39,6 +39,7 @@ def main():
 
     A student samples rollouts (opd rollout), a teacher scores them into top-k caches (opd score),
     a learner replays the caches (opd train); `opd run` loops the rounds. Start with `opd demo`.
+    `opd sft` fine-tunes on new data between rounds (continual learning with run.teacher = "self:start").
     """
 
 
@@ -299,7 +300,12 @@ def sweep(run_dir, round_index, grids, name, devices, shard, eval_mode, metric, 
     default=None,
     help="Initialise RUN_DIR with this config (file or preset) first, as `opd init` does.",
 )
-@click.option("--rounds", type=int, default=None, help="Rounds to run (default: run.rounds).")
+@click.option(
+    "--rounds",
+    type=int,
+    default=None,
+    help="Distillation rounds to run (default: run.rounds); SFT rounds (opd sft) are skipped, not counted.",
+)
 @click.option(
     "--rollout-devices", default=None, help="Rollout pool: GPU indices (0,1) or cpu; several: one --shard worker each."
 )

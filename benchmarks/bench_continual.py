@@ -8,8 +8,8 @@ The on-policy distillation recipe's rows plus self-distillation fine-tuning, on 
                        weights before the SFT) on open chat prompts (Alpaca seed tasks by default)
     sdft               the `sdft` preset: run.teacher = "self" with the fact in the teacher's prompt
                        (score.teacher_context_field = "fact"), on the handbook's training questions
-Each row: handbook_qa answer_match (the facts, asked in other words than the training text) and
-ifeval_lite prompt_strict / inst_strict (lm-evaluation-harness, opd's offline tasks), with the wall
+Each row: handbook_qa answer_match (the facts, asked in other words than the training text),
+handbook_qa_seen's (asked in the SFT data's own words: what was memorised) and ifeval_lite prompt_strict / inst_strict (lm-evaluation-harness, opd's offline tasks), with the wall
 seconds of the steps that made the model. Then the continual run's held-out reverse KL to the base model
 (the `self:start` teacher), round by round, on MT-Bench first turns.
 
@@ -35,13 +35,18 @@ from opd.cache.rundir import RunDir
 from opd.pipeline.bench_table import bench_rows, heldout_figures
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-TASKS = "handbook_qa,ifeval_lite"
+TASKS = "handbook_qa,handbook_qa_seen,ifeval_lite"
 # Sized for a 2-core CPU (the 135M model learns at ~60-100 tokens/s in float32 there): the self-distil
 # round on 64 chat prompts × 2 samples of ≤ 64 tokens, one epoch; SDFT on every handbook question × 1
 # sample of ≤ 32 tokens, two epochs; the SFT as the preset has it (3 epochs over the 442 rows).
 CONTINUAL = {"rollout.max_prompts": "64", "rollout.max_new_tokens": "64", "train.epochs": "1"}
 SDFT = {"rollout.n": "1", "rollout.max_new_tokens": "32", "eval.max_prompts": "16"}
-METRICS = ("handbook_qa/answer_match", "ifeval_lite/prompt_strict", "ifeval_lite/inst_strict")
+METRICS = (
+    "handbook_qa/answer_match",
+    "handbook_qa_seen/answer_match",
+    "ifeval_lite/prompt_strict",
+    "ifeval_lite/inst_strict",
+)
 
 
 def opd(*args: str) -> float:
@@ -149,7 +154,9 @@ def table(lines: list[dict]) -> str:
         return "-" if v is None else f"{v:.3f}" + (f" ± {e:.3f}" if e is not None else "")
 
     rows = [r for r in lines if "recipe" in r]
-    head = f"{'recipe':<16} {'knowledge QA':>16} {'IF prompt':>16} {'IF instruction':>16}  steps (s)"
+    head = (
+        f"{'recipe':<16} {'knowledge QA':>16} {'seen wording':>16} {'IF prompt':>16} {'IF instruction':>16}  steps (s)"
+    )
     body = [f"{r['recipe']:<16} " + " ".join(f"{cell(r, m):>16}" for m in METRICS) + f"  {r['steps_s']}" for r in rows]
     return "\n".join([head, *body])
 

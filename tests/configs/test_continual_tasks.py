@@ -166,20 +166,21 @@ def test_ifeval_docs_are_well_formed():
 def test_both_tasks_load_offline_through_lm_eval(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    pytest.importorskip("lm_eval")
     from opd.pipeline.benchmark import _import_lm_eval
 
     _import_lm_eval()  # the way `opd eval` imports it (most of this test's time: vLLM's modules)
     from lm_eval.tasks import TaskManager
 
     manager = TaskManager(include_path=str(TASKS), include_defaults=False)  # skips indexing lm-eval's own tasks
-    tasks = manager.load(["handbook_qa", "ifeval_lite"])["tasks"]
-    qa, ifeval = tasks["handbook_qa"], tasks["ifeval_lite"]
+    tasks = manager.load(["handbook_qa", "handbook_qa_seen", "ifeval_lite"])["tasks"]
+    qa, seen, ifeval = tasks["handbook_qa"], tasks["handbook_qa_seen"], tasks["ifeval_lite"]
     qa_test = list(qa.test_docs())
     assert len(qa_test) == len(_rows(TASKS / "handbook_qa" / "test.jsonl"))
     assert len(list(ifeval.test_docs())) == generator.IF_TEST_SIZE
     doc = qa_test[0]
     assert qa.doc_to_text(doc) == doc["question"]
+    seen_doc = list(seen.test_docs())[0]  # the same facts in the SFT data's words
+    assert seen_doc["id"] == doc["id"] and seen.doc_to_text(seen_doc) == doc["train_question"] != doc["question"]
     assert qa.process_results(doc, [f"That would be {doc['answer']}."]) == {"answer_match": 1.0}
     if_doc = next(iter(ifeval.test_docs()))
     assert set(ifeval.process_results(if_doc, [""])) == {"prompt_strict", "inst_strict"}

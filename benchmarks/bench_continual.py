@@ -4,17 +4,18 @@ The on-policy distillation recipe's rows plus self-distillation fine-tuning, on 
     base               the instruct model
     sft                `opd sft` on the handbook facts (configs/continual/handbook_sft.jsonl: documents
                        and QA pairs), the `continual` preset's round 0
-    sft+self-distil    then `opd run`: on-policy distillation from run.teacher = "self:start" (the
-                       weights before the SFT) on open chat prompts (Alpaca seed tasks by default)
+    sft+self-distil xk then k rounds of `opd run`: on-policy distillation from run.teacher = "self:start"
+                       (the weights before the SFT) on open chat prompts (Alpaca seed tasks by default)
     sdft               the `sdft` preset: run.teacher = "self" with the fact in the teacher's prompt
                        (score.teacher_context_field = "fact"), on the handbook's training questions
 Each row: handbook_qa answer_match (the facts, asked in other words than the training text),
-handbook_qa_seen's (asked in the SFT data's own words: what was memorised) and ifeval_lite prompt_strict / inst_strict (lm-evaluation-harness, opd's offline tasks), with the wall
-seconds of the steps that made the model. Then the continual run's held-out reverse KL to the base model
+handbook_qa_seen's (asked in the SFT data's own words: what was memorised) and ifeval_lite
+prompt_strict / inst_strict (lm-evaluation-harness, opd's offline tasks), with the wall seconds of the
+steps that made the model. Then the continual run's held-out reverse KL to the base model
 (the `self:start` teacher), round by round, on MT-Bench first turns.
 
     python3 benchmarks/bench_continual.py --out /tmp/continual
-    python3 benchmarks/bench_continual.py --out /tmp/continual --limit 50 --sdft-rounds 1   # shorter
+    python3 benchmarks/bench_continual.py --out /tmp/continual --limit 50 --distil-rounds 1   # shorter
 
 JSON lines on stdout, also in OUT/continual.jsonl; then a table. Re-running resumes (every stage does).
 The sdft run's base benchmark is the continual run's (the same model and settings): its files are
@@ -85,6 +86,7 @@ def main() -> None:
     ap.add_argument("--heldout", default=str(SHARED / "mt_bench_question.jsonl"))
     ap.add_argument("--heldout-prompts", type=int, default=24)
     ap.add_argument("--limit", type=int, default=0, help="documents per task (0 = all)")
+    ap.add_argument("--distil-rounds", type=int, default=2, help="self-distillation rounds after the SFT")
     ap.add_argument("--sdft-rounds", type=int, default=1)
     ap.add_argument("--set", dest="extra", action="append", default=[], help="more --set items for both runs")
     a = ap.parse_args()
@@ -116,15 +118,17 @@ def main() -> None:
     sft_s = opd("sft", str(cont))
     bench_s = opd("eval", str(cont), "--round", "1", "--tasks", TASKS)
     emit({"recipe": "sft", "steps_s": {"sft": sft_s, "bench": bench_s}, **figures(run, 1)})
-    distil_s = opd("run", str(cont), "--rounds", "1")  # round 1, then the final student (round 2) benchmarked
-    emit({"recipe": "sft+self-distil", "steps_s": {"sft": sft_s, "self_distil_run": distil_s}, **figures(run, 2)})
-    rkl = {r: heldout_figures(run, r).get("heldout_rkl") for r in (1, 2)}
-    emit(
-        {
-            "figure": "heldout_rkl_to_base",
-            "by_round": {"0 (base)": 0.0, "1 (after sft)": rkl[1], "2 (after self-distil)": rkl[2]},
-        }
-    )
+    for k in range(1, a.distil_rounds + 1):  # round k, then the student after it (round k + 1) benchmarked
+        distil_s = opd("run", str(cont), "--rounds", str(k))
+        steps = {"sft": sft_s, "self_distil_round": distil_s}
+        emit({"recipe": f"sft+self-distil x{k}", "steps_s": steps, **figures(run, k + 1)})
+    rkl = {
+        f"{r} (after {'sft' if r == 1 else f'{r - 1} self-distil round(s)'})": heldout_figures(run, r).get(
+            "heldout_rkl"
+        )
+        for r in range(1, a.distil_rounds + 2)
+    }
+    emit({"figure": "heldout_rkl_to_base", "by_round": {"0 (base)": 0.0, **rkl}})
 
     # SDFT: the model its own teacher, the fact in the teacher's prompt
     sd = out / "sdft"

@@ -12,7 +12,9 @@ Each row: handbook_qa answer_match (the facts, asked in other words than the tra
 handbook_qa_seen's (asked in the SFT data's own words: what was memorised) and ifeval_lite
 prompt_strict / inst_strict (lm-evaluation-harness, opd's offline tasks), with the wall seconds of the
 steps that made the model. Then the continual run's held-out reverse KL to the base model
-(the `self:start` teacher), round by round, on MT-Bench first turns.
+(the `self:start` teacher), round by round, on MT-Bench first turns; and handbook_qa_in_context on the
+base (the held-out questions with the fact in the prompt, as the sdft teacher sees it: the ceiling of
+what that teacher can teach).
 
     python3 benchmarks/bench_continual.py --out /tmp/continual
     python3 benchmarks/bench_continual.py --out /tmp/continual --limit 50 --distil-rounds 1   # shorter
@@ -69,9 +71,13 @@ def heldout_file(out: Path, source: Path, limit: int) -> Path:
     return path
 
 
-def figures(run: RunDir, r: int) -> dict:
+def bench_metrics(run: RunDir, r: int) -> dict:
     row = next((b for b in bench_rows(run) if b.round == r), None)
-    metrics = row.metrics if row else {}
+    return row.metrics if row else {}
+
+
+def figures(run: RunDir, r: int) -> dict:
+    metrics = bench_metrics(run, r)
     out = {}
     for m in METRICS:
         out[m] = metrics.get(m)
@@ -115,6 +121,9 @@ def main() -> None:
     run = RunDir(str(cont))
     base_s = opd("eval", str(cont), "--round", "0", "--tasks", TASKS)
     emit({"recipe": "base", "steps_s": {"bench": base_s}, **figures(run, 0)})
+    ctx_s = opd("eval", str(cont), "--round", "0", "--tasks", "handbook_qa_in_context")
+    ceiling = {k: v for k, v in bench_metrics(run, 0).items() if k.startswith("handbook_qa_in_context/")}
+    emit({"figure": "base_with_the_fact_in_the_prompt", "steps_s": {"bench": ctx_s}, **ceiling})
     sft_s = opd("sft", str(cont))
     bench_s = opd("eval", str(cont), "--round", "1", "--tasks", TASKS)
     emit({"recipe": "sft", "steps_s": {"sft": sft_s, "bench": bench_s}, **figures(run, 1)})

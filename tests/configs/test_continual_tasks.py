@@ -172,7 +172,7 @@ def test_both_tasks_load_offline_through_lm_eval(monkeypatch):
     from lm_eval.tasks import TaskManager
 
     manager = TaskManager(include_path=str(TASKS), include_defaults=False)  # skips indexing lm-eval's own tasks
-    tasks = manager.load(["handbook_qa", "handbook_qa_seen", "ifeval_lite"])["tasks"]
+    tasks = manager.load(["handbook_qa", "handbook_qa_seen", "handbook_qa_in_context", "ifeval_lite"])["tasks"]
     qa, seen, ifeval = tasks["handbook_qa"], tasks["handbook_qa_seen"], tasks["ifeval_lite"]
     qa_test = list(qa.test_docs())
     assert len(qa_test) == len(_rows(TASKS / "handbook_qa" / "test.jsonl"))
@@ -180,6 +180,11 @@ def test_both_tasks_load_offline_through_lm_eval(monkeypatch):
     doc = qa_test[0]
     assert qa.doc_to_text(doc) == doc["question"]
     seen_doc = list(seen.test_docs())[0]  # the same facts in the SFT data's words
+    in_context = tasks["handbook_qa_in_context"]  # the fact in view, as the sdft preset's teacher sees it
+    from opd.configs.stage_sections import TEACHER_CONTEXT_TEMPLATE
+
+    want = TEACHER_CONTEXT_TEMPLATE.replace("{prompt}", doc["question"]).replace("{context}", doc["fact"])
+    assert in_context.doc_to_text(list(in_context.test_docs())[0]) == want
     assert seen_doc["id"] == doc["id"] and seen.doc_to_text(seen_doc) == doc["train_question"] != doc["question"]
     assert qa.process_results(doc, [f"That would be {doc['answer']}."]) == {"answer_match": 1.0}
     if_doc = next(iter(ifeval.test_docs()))

@@ -124,7 +124,7 @@ def main() -> None:
     ctx_s = opd("eval", str(cont), "--round", "0", "--tasks", "handbook_qa_in_context")
     ceiling = {k: v for k, v in bench_metrics(run, 0).items() if k.startswith("handbook_qa_in_context/")}
     emit({"figure": "base_with_the_fact_in_the_prompt", "steps_s": {"bench": ctx_s}, **ceiling})
-    sft_s = opd("sft", str(cont))
+    sft_s = opd("sft", str(cont), "--round", "0")  # (a re-run without --round would be a second SFT round)
     bench_s = opd("eval", str(cont), "--round", "1", "--tasks", TASKS)
     emit({"recipe": "sft", "steps_s": {"sft": sft_s, "bench": bench_s}, **figures(run, 1)})
     for k in range(1, a.distil_rounds + 1):  # round k, then the student after it (round k + 1) benchmarked

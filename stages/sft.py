@@ -11,8 +11,10 @@ Writes  RUN/rounds/R/student/ and its `_DONE.json` (producer stage "sft": the ro
 
     opd sft RUN --data FILE [--round R] [--devices cpu,cpu] [--force] [--set sft.epochs=2]
 
-R defaults to the next round: the first without a finished student. A round that already has rollouts
-or scores is refused (it is a distillation round); resume after kill -9 is the learner's (checkpoints).
+R defaults to the next round: the first without a finished student (so a second `opd sft` without
+--round is a second SFT round; resume a killed one with its --round, or run it again before anything
+else). A round that already has rollouts or scores is refused (it is a distillation round); the final
+evaluation's round (held-out samples only) is not. Resume after kill -9 is the learner's (checkpoints).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Any
 
 from opd.cache import fingerprint, storage
 from opd.cache.errors import OpdError
-from opd.cache.rundir import SFT_STAGE, RunDir, read_manifest, split_folder
+from opd.cache.rundir import SFT_STAGE, RunDir, read_manifest
 from opd.configs.schema import OpdConfig, TrainConfig
 from opd.stages.distributed import Processes
 from opd.stages.sft_data import SftBatches, SftData
@@ -53,16 +55,21 @@ def next_round(run: RunDir) -> int:
 
 
 def check_round(run: RunDir, round_index: int) -> None:
-    """An SFT round holds no distillation: refuse a round that has rollouts or scores (one line)."""
+    """An SFT round holds no distillation: refuse a round that has rollouts or scores of its own (one
+    line). Held-out samples are allowed: the final evaluation's round (`opd run`'s last) holds them, and
+    they evaluate the student that starts the round, which the SFT does not change."""
     if round_index < 0:
         raise OpdError(f"--round {round_index} is invalid: must be >= 0")
-    for folder in ("rollouts", "scores", split_folder("heldout", "rollouts")):
+    for folder in ("rollouts", "scores"):
         path = run.stage_dir(round_index, folder)
         if storage.exists(run.fs, path) and storage.listdir(run.fs, path):
-            raise OpdError(
-                f"{path}: round {round_index} is a distillation round (it has {folder}); fine-tune into round "
-                f"{next_round(run)} (the next free round: leave out --round), or remove that round's folder"
+            free = next_round(run)
+            fix = (
+                f"fine-tune into round {free} (the next free round: leave out --round)"
+                if free != round_index
+                else f"finish its distillation first (`opd run {run.url}`), or remove rounds/{round_index:04d}/"
             )
+            raise OpdError(f"{path}: round {round_index} is a distillation round (it has {folder}); {fix}")
 
 
 @dataclasses.dataclass

@@ -168,11 +168,12 @@ def test_step_loss_is_the_cross_entropy_and_the_round_is_an_sft_round(tmp_path, 
         assert start.base == Path(run.stage_dir(0, "student"))
     again = sft.run(cfg, run, 0, str(data))  # finished: kept
     assert again["skipped"] and "already done" in again["line"]
-    # a round that holds distillation is refused
-    storage.makedirs(run.fs, run.stage_dir(1, "rollouts"))
-    storage.atomic_write_bytes(run.fs, run.shard_path(1, "rollouts", 0), b"x")
-    with pytest.raises(OpdError, match=r"round 1 is a distillation round \(it has rollouts\)") as e:
-        sft.run(cfg, run, 1, str(data))
+    # the final evaluation's round (held-out samples only) may become an SFT round; a distillation round not
+    storage.atomic_write_bytes(run.fs, run.shard_path(1, "heldout/rollouts", 0), b"x")
+    assert not sft.run(cfg, run, 1, str(data))["skipped"] and sft_rounds(run) == [0, 1]
+    storage.atomic_write_bytes(run.fs, run.shard_path(2, "rollouts", 0), b"x")
+    with pytest.raises(OpdError, match=r"round 2 is a distillation round \(it has rollouts\); finish its") as e:
+        sft.run(cfg, run, 2, str(data))
     assert "\n" not in str(e.value)
 
 

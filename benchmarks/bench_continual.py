@@ -94,6 +94,7 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=0, help="documents per task (0 = all)")
     ap.add_argument("--distil-rounds", type=int, default=2, help="self-distillation rounds after the SFT")
     ap.add_argument("--sdft-rounds", type=int, default=1)
+    ap.add_argument("--no-sdft", action="store_true", help="only the continual run (another SFT setting, say)")
     ap.add_argument("--set", dest="extra", action="append", default=[], help="more --set items for both runs")
     a = ap.parse_args()
     out = Path(a.out)
@@ -139,6 +140,10 @@ def main() -> None:
     }
     emit({"figure": "heldout_rkl_to_base", "by_round": {"0 (base)": 0.0, **rkl}})
 
+    if a.no_sdft:
+        (out / "continual.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+        print(table(lines), file=sys.stderr)
+        return
     # SDFT: the model its own teacher, the fact in the teacher's prompt
     sd = out / "sdft"
     if not (sd / "opd.toml").exists():

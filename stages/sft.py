@@ -117,4 +117,10 @@ class _SftRound(_Round):
 
     def _summary_extras(self) -> dict[str, Any]:
         data = self.data
-        return {"data": self.data_path, "documents": data.documents, "chats": data.chats, "cut_samples": data.cut}
+        return {
+            "loss": "cross_entropy",
+            "data": self.data_path,
+            "documents": data.documents,
+            "chats": data.chats,
+            "cut_samples": data.cut,
+        }

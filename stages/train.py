@@ -105,7 +105,8 @@ def producer(
 @dataclass
 class _Round:
     """One round's training; the state its parts share. The SFT stage (stages/sft.py) is this life cycle
-    with other data, producer and loss: the hooks `_load_data`, `_producer`, `_check_inputs`, `_dataset`."""
+    with other data, settings, producer and loss: the hooks `_train_config`, `_load_data`, `_producer`,
+    `_check_inputs`, `_dataset` and `_summary_extras`."""
 
     stage_name: ClassVar[str] = "train"  # the metrics lines' and summary's "stage"
 
@@ -341,7 +342,7 @@ class _Round:
                 "parallel": "fsdp" if self.use_fsdp else "ddp" if procs.world > 1 else "single",
                 "lora_rank": self.tc.lora_rank,
                 "quantization": dataclasses.asdict(quant.train_spec(self.tc)) if self.tc.quantize else None,
-                "loss": self.tc.loss if self.stage_name == "train" else "cross_entropy",
+                "loss": self.tc.loss,
                 "wall_s": round(time.perf_counter() - self.t_start, 3),
                 **self._summary_extras(),
             }

@@ -106,7 +106,7 @@ def bare_batches(run: RunDir, cfg: OpdConfig, tok, vocab_size: int, shard: int) 
     """The padded input_ids the stage feeds the teacher for one shard, batch by batch (its batching code)."""
     path = run.shard_path(0, "rollouts", shard)
     table, _ = read_rollout_shard(run.fs, path)
-    seqs = score_inputs.sequences(table, path, cfg.score.render, tok, vocab_size)
+    seqs = score_inputs.sequences(table, path, score_inputs.TeacherPrompt.of(cfg), tok, vocab_size)
     lengths = [q.input_ids.size if q.completion.size else 0 for q in seqs]
     return [batch_arrays(seqs, rows)[0] for rows in plan_batches(lengths, cfg.score.max_tokens_per_batch)]
 

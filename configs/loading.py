@@ -77,8 +77,10 @@ def loads_config(text: str, base_dir: str | os.PathLike = ".", *, root: type[Con
     return config_from_dict(data, root=root)
 
 
-def _is_plain_path(value: str) -> bool:
-    return bool(value) and ":" not in value.split("/", 1)[0]
+def _is_plain_path(value: str, root: type) -> bool:
+    """A value of a path key that names a file (not `opd:`/`tiny:`/`s3://`..., nor one of the root's
+    RESERVED_NAMES), so it resolves against a folder."""
+    return bool(value) and ":" not in value.split("/", 1)[0] and value not in getattr(root, "RESERVED_NAMES", ())
 
 
 def _resolve_paths(data: dict, base: Path, root: type) -> None:
@@ -88,7 +90,7 @@ def _resolve_paths(data: dict, base: Path, root: type) -> None:
         for name in tables:
             node = node.get(name) if isinstance(node, dict) else None
         value = node.get(key) if isinstance(node, dict) else None
-        if isinstance(value, str) and _is_plain_path(value) and value not in getattr(root, "RESERVED_NAMES", ()):
+        if isinstance(value, str) and _is_plain_path(value, root):
             node[key] = str((base / os.path.expanduser(value)).resolve())
 
 
@@ -129,12 +131,7 @@ def apply_overrides(data: dict, overrides, *, root: type) -> None:
         path, value = _parse_set(item)
         if len(path) == 1 and (path[0] not in _hints(root) or dataclasses.is_dataclass(_hints(root)[path[0]])):
             raise ConfigError(f"--set {item!r} is invalid: expected section.key=value, e.g. train.lr=1e-5")
-        if (
-            path in getattr(root, "PATH_KEYS", ())
-            and isinstance(value, str)
-            and _is_plain_path(value)
-            and value not in getattr(root, "RESERVED_NAMES", ())
-        ):
+        if path in getattr(root, "PATH_KEYS", ()) and isinstance(value, str) and _is_plain_path(value, root):
             value = str(Path(os.path.expanduser(value)).resolve())
         _assign(data, root, path, value)
 

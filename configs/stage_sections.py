@@ -346,6 +346,9 @@ class SftConfig:
     epochs: int = 3  # passes over the data (train.epochs is the distillation rounds')
     lr: float = 0.0  # peak learning rate; 0 = train.lr
 
+    # where the data file is changes nothing: the SFT producer names its content (`data_sha256`)
+    HOW: ClassVar[tuple[str, ...]] = ("data",)
+
     def __post_init__(self):
         _require(self.max_tokens >= 2, "sft.max_tokens", self.max_tokens, "must be >= 2")
         _require(self.epochs >= 1, "sft.epochs", self.epochs, "must be >= 1")

@@ -146,18 +146,7 @@ def _parse_row(row: Any, where: str, index: int, rc: RolloutConfig, need_referen
         raise OpdError(f"{where}: a prompt row must be a JSON object, got {type(row).__name__}")
     messages, text = row.get(rc.messages_field), None
     if messages is not None:
-        if (
-            not isinstance(messages, list)
-            or not messages
-            or not all(
-                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                for m in messages
-            )
-        ):
-            raise OpdError(
-                f'{where}: \'{rc.messages_field}\' must be a non-empty list of {{"role": str, "content": str}} objects'
-            )
-        messages = [{"role": m["role"], "content": m["content"]} for m in messages]
+        messages = check_messages(messages, where, rc.messages_field)
     else:
         text = row.get(rc.prompt_field)
         if text is None:
@@ -188,6 +177,26 @@ def _parse_row(row: Any, where: str, index: int, rc: RolloutConfig, need_referen
     return Prompt(id=pid, messages=messages, text=text, reference=reference, where=where)
 
 
+def check_messages(value: Any, where: str, field: str) -> list[dict]:
+    """Chat messages read from a row's `field`: a non-empty list of {role, content} strings (one-line
+    error naming the row otherwise), with only those two keys kept."""
+    if (
+        not isinstance(value, list)
+        or not value
+        or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value
+        )
+    ):
+        raise OpdError(f'{where}: \'{field}\' must be a non-empty list of {{"role": str, "content": str}} objects')
+    return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def plain_text(messages: list[dict]) -> str:
+    """A prompt's text without a chat template: the message contents joined by blank lines (what the
+    student sees with rollout.chat_template off, and so what the teacher and `opd sft` render then)."""
+    return "\n\n".join(m["content"] for m in messages)
+
+
 def render(prompts: list[Prompt], tokenizer, rc: RolloutConfig, tokenizer_dir) -> tuple[list[Prompt], int]:
     """Prompt token ids as the student sees them; returns (kept prompts, number skipped as too long)."""
     if rc.chat_template:
@@ -204,7 +213,7 @@ def render(prompts: list[Prompt], tokenizer, rc: RolloutConfig, tokenizer_dir) -
                 raise OpdError(f"{p.where}: the chat template refused these messages ({first_line(e)})") from None
         ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
     else:
-        texts = [p.text if p.text is not None else "\n\n".join(m["content"] for m in p.messages) for p in prompts]
+        texts = [p.text if p.text is not None else plain_text(p.messages) for p in prompts]
         ids = tokenizer(texts)["input_ids"]
     kept, skipped = [], 0
     for p, p_ids in zip(prompts, ids):

@@ -14,6 +14,7 @@ from opd.cache import storage
 from opd.cache.errors import FormatError, OpdError
 from opd.cache.rundir import MANIFEST, Manifest, shard_index
 from opd.configs.schema import OpdConfig
+from opd.stages.prompts import plain_text
 from opd.stages.scorer import Seq
 
 
@@ -153,7 +154,7 @@ def _render(
             text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
             ids = tok(text, add_special_tokens=False)["input_ids"]
         else:  # as the rollout tokenizes a prompt without a chat template
-            ids = tok("\n\n".join(m["content"] for m in messages))["input_ids"]
+            ids = tok(plain_text(messages))["input_ids"]
     except (ValueError, TypeError, KeyError, TemplateError) as e:
         raise OpdError(
             f"{path}: cannot render sample {sample_id!r}'s prompt_messages with the teacher's "

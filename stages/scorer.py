@@ -30,12 +30,11 @@ import numpy as np
 import torch
 
 from opd.cache.errors import OpdError
-from opd.configs.schema import SELF_TEACHERS, OpdConfig
+from opd.configs.schema import OpdConfig
 from opd.stages import console
 from opd.stages.devices import Placement, placement
 from opd.stages.engine import vllm_available
-from opd.stages.models import resolve_model
-from opd.stages.students import TeacherWeights, load_tokenizer
+from opd.stages.students import TeacherWeights, load_tokenizer, named_teacher
 
 SCORE_ENGINES = ("transformers", "vllm")
 
@@ -146,11 +145,7 @@ class Teacher:
 
     def __init__(self, cfg: OpdConfig, device: str | None, weights: TeacherWeights | None = None):
         self.cfg = cfg
-        if weights is None:
-            if cfg.run.teacher in SELF_TEACHERS:
-                raise OpdError(f'run.teacher = "{cfg.run.teacher}" is a round\'s own student: score it per round')
-            weights = TeacherWeights(Path(resolve_model(cfg.run.teacher, cfg.run.models_dir or None)), cfg.run.teacher)
-        self.weights = weights
+        self.weights = weights = weights or named_teacher(cfg)
         self.dir = weights.folder
         self.tokenizer = load_tokenizer(self.dir, f"teacher {weights.label}")
         self.engine = resolve_score_engine(cfg.score, self.dir)

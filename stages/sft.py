@@ -90,14 +90,8 @@ class _SftRound(_Round):
     def _producer(self, micro_batches_per_step: int) -> dict[str, Any]:
         """The starting student, [train] as SFT runs it, [sft], rollout.chat_template, the data, the seed,
         the dtype and the step's micro-batch count."""
-        settings = {
-            "train": dataclasses.asdict(self.tc),
-            "sft": dataclasses.asdict(self.cfg.sft),
-            "chat_template": self.cfg.rollout.chat_template,
-        }
-        for key in TrainConfig.HOW:
-            settings["train"].pop(key, None)
-        settings["sft"].pop("data")  # the data is named by its content below
+        as_run = dataclasses.replace(self.cfg, train=self.tc)  # [train] with sft.epochs and sft.lr
+        settings = [as_run.section_hash("train"), as_run.section_hash("sft"), self.cfg.rollout.chat_template]
         return fingerprint.producer(
             SFT_STAGE,
             self.start.source,

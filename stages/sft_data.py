@@ -13,16 +13,15 @@ Shape legend: S samples, B rows of a micro-batch, L its padded length, N its res
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any
 
 import numpy as np
 import torch
 
-from opd.cache import storage
 from opd.cache.errors import OpdError, first_line
 from opd.configs.schema import OpdConfig
-from opd.stages.prompts import iter_rows
+from opd.stages.prompts import check_messages, iter_rows, plain_text, prompts_hash
+from opd.stages.rollout_rows import reference_ids
 from opd.stages.train_data import Item
 
 
@@ -59,7 +58,7 @@ class SftData:
         self.documents, self.chats = kinds["text"], kinds["chat"]
         self.tokens_S = np.asarray([len(r) for r in self.responses], dtype=np.int64)
         self.length_S = np.asarray([len(p) + len(r) - 1 for p, r in zip(self.prompts, self.responses)], np.int64)
-        self.digest = _file_digest(path)
+        self.digest = prompts_hash(path)  # sha256 of the file (of every file of a dataset folder)
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -70,14 +69,14 @@ class SftData:
         if not isinstance(row, dict):
             raise OpdError(f"{where}: an SFT row must be a JSON object, got {type(row).__name__}")
         if row.get(sft.messages_field) is not None:
-            return "chat", *self._chat(where, _messages(where, row[sft.messages_field], sft.messages_field))
+            return "chat", *self._chat(where, check_messages(row[sft.messages_field], where, sft.messages_field))
         if row.get(sft.prompt_field) is not None or row.get(sft.response_field) is not None:
             prompt, response = _text(where, row, sft.prompt_field), _text(where, row, sft.response_field)
             messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
             return "chat", *self._chat(where, messages)
         if row.get(sft.text_field) is not None:
             ids = [int(t) for t in self.tokenizer(_text(where, row, sft.text_field))["input_ids"]]
-            if self.tokenizer.eos_token_id is not None:
+            if self.tokenizer.eos_token_id is not None:  # as a rollout's completion ends
                 ids.append(int(self.tokenizer.eos_token_id))
             if len(ids) < 2:
                 raise OpdError(f"{where}: '{sft.text_field}' is a single token; there is nothing to learn from it")
@@ -96,8 +95,8 @@ class SftData:
             )
         answer = messages[-1]["content"]
         if not self.chat_template:
-            prompt = tok("\n\n".join(m["content"] for m in messages[:-1]))["input_ids"]
-            return [int(t) for t in prompt], _with_eos(tok, tok(answer, add_special_tokens=False)["input_ids"])
+            prompt = tok(plain_text(messages[:-1]))["input_ids"]
+            return [int(t) for t in prompt], reference_ids(tok, answer)
         if not getattr(tok, "chat_template", None):
             raise OpdError(
                 f"{self.tokenizer_dir}: the student tokenizer has no chat template; set rollout.chat_template = "
@@ -111,15 +110,7 @@ class SftData:
         prompt = [int(t) for t in tok(head, add_special_tokens=False)["input_ids"]]
         if whole.startswith(head) and answer in whole[len(head) :]:  # the template's own end of turn
             return prompt, [int(t) for t in tok(whole[len(head) :], add_special_tokens=False)["input_ids"]]
-        return prompt, _with_eos(tok, tok(answer, add_special_tokens=False)["input_ids"])
-
-
-def _messages(where: str, value: Any, field: str) -> list[dict]:
-    if not isinstance(value, list) or not all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value
-    ):
-        raise OpdError(f'{where}: \'{field}\' must be a list of {{"role": str, "content": str}} objects')
-    return [{"role": m["role"], "content": m["content"]} for m in value]
+        return prompt, reference_ids(tok, answer)
 
 
 def _text(where: str, row: dict, field: str) -> str:
@@ -127,23 +118,6 @@ def _text(where: str, row: dict, field: str) -> str:
     if not isinstance(value, str) or not value.strip():
         raise OpdError(f"{where}: '{field}' must be a non-empty string, got {value!r:.60}")
     return value
-
-
-def _with_eos(tok, ids) -> list[int]:
-    ids = [int(t) for t in ids]
-    if tok.eos_token_id is not None:
-        ids.append(int(tok.eos_token_id))
-    return ids
-
-
-def _file_digest(path: str) -> str:
-    """sha256 of the data file (every file of a dataset folder, with its name)."""
-    from opd.stages.prompts import prompts_hash
-
-    try:
-        return prompts_hash(path)
-    except OpdError:
-        return hashlib.sha256(storage.read_bytes(storage.LOCAL, path)).hexdigest()
 
 
 class SftBatches(torch.utils.data.Dataset):

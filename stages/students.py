@@ -25,8 +25,8 @@ from typing import Iterator
 from opd.cache import storage
 from opd.cache.errors import FormatError, OpdError
 from opd.cache.fingerprint import TOKENIZER_FILES, opd_home
-from opd.cache.rundir import MANIFEST, RunDir, previous_student, read_manifest
-from opd.configs.schema import OpdConfig
+from opd.cache.rundir import MANIFEST, RunDir, previous_student, read_manifest, sft_rounds
+from opd.configs.schema import SELF_TEACHERS, OpdConfig
 from opd.stages import quant
 from opd.stages.models import resolve_model
 
@@ -184,26 +184,29 @@ class TeacherWeights:
     self_round: int | None = None  # a self-teacher: the round whose starting student it is; None otherwise
 
 
+def named_teacher(cfg: OpdConfig) -> TeacherWeights:
+    """`run.teacher` as a model reference (a folder, `opd:` or `tiny:`); a self-teacher is a one-line
+    error here: which student it is depends on the round (teacher_weights)."""
+    ref = cfg.run.teacher
+    if ref in SELF_TEACHERS:
+        raise OpdError(f'run.teacher = "{ref}" is a round\'s own student: score it per round')
+    return TeacherWeights(Path(resolve_model(ref, cfg.run.models_dir or None)), ref)
+
+
 @contextlib.contextmanager
-def teacher_weights(cfg: OpdConfig, run: RunDir | None, round_index: int | None) -> Iterator[TeacherWeights]:
+def teacher_weights(cfg: OpdConfig, run: RunDir, round_index: int) -> Iterator[TeacherWeights]:
     """Round `round_index`'s teacher. A model reference resolves as usual. "self" is the student that
     starts the round (the weights that made its rollouts); "self:start" is the student that starts the
     first SFT round before this one (RUN/rounds/F/ with `opd sft`'s student), the base model `run.student`
     when there is none. Both are read in place (the run's own folders, which opd merges LoRA adapters
     into): only a PEFT adapter given as `run.student` itself is merged into a temporary folder, removed
     afterwards."""
-    from opd.configs.schema import SELF_TEACHERS
-
     ref = cfg.run.teacher
     if ref not in SELF_TEACHERS:
-        yield TeacherWeights(Path(resolve_model(ref, cfg.run.models_dir or None)), ref)
+        yield named_teacher(cfg)
         return
-    if run is None or round_index is None:
-        raise OpdError(f'run.teacher = "{ref}" is a round\'s own student: it needs a run directory and a round')
     at = round_index
     if ref == "self:start":
-        from opd.cache.rundir import sft_rounds
-
         at = next((r for r in sft_rounds(run) if r < round_index), 0)
     with start_student(cfg, run, at) as student:
         label = f"{ref} = the student starting round {at} ({student.label})"

@@ -123,7 +123,8 @@ def test_bad_data_files_are_one_line_errors(tmp_path, tiny_student):
         "json": (['{"text": "a"', '{"text": "b"}'], "line 1: not valid JSON"),
         "fields": ([{"question": "x"}], "has none of 'text', 'messages' or 'prompt' + 'response'"),
         "last": ([{"messages": [{"role": "user", "content": "hi"}]}], "the last message must be the assistant's"),
-        "shape": ([{"messages": "hi"}], "'messages' must be a list of"),
+        "shape": ([{"messages": "hi"}], "'messages' must be a non-empty list of"),
+        "no_turns": ([{"messages": []}], "'messages' must be a non-empty list of"),
         "blank": ([{"prompt": "q", "response": "  "}], "'response' must be a non-empty string"),
         "long": ([{"prompt": "word " * 60, "response": "ok"}], "leaves no room for the response"),
     }

@@ -231,6 +231,9 @@ class TrainConfig:
     device: str = (
         "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:N"; under torchrun "cuda" is cuda:LOCAL_RANK
     )
+    fused_head_loss: bool = True  # compute the head and the loss in one pass that returns their gradient (stages/fused_head.py): one [chunk, V] float32 buffer and one head GEMM per chunk instead of recomputing it in backward; where the head is not a plain bias-free linear layer (LoRA or quantised head, soft-capped logits) the unfused path runs instead
+    activation_checkpointing: str = "auto"  # recompute each decoder layer's activations in backward instead of keeping them: "on", "off", or "auto" (on for a GPU, where memory binds; off on CPU, where it costs step time and RAM is rarely short)
+    compile: bool = False  # torch.compile each decoder layer (stages/learner.py); off by default: see docs/benchmarks.md for where it pays
     logits_chunk_tokens: int = 0  # completion positions per lm_head + loss chunk (recomputed in backward); 0 = auto (chunks of ~512 MiB float32 logits)
 
     # retired keys and what replaced them: loading ignores them when off, refuses them when on
@@ -244,6 +247,9 @@ class TrainConfig:
         "log_every_steps",
         "checkpoint_every_steps",
         "logits_chunk_tokens",
+        "fused_head_loss",
+        "activation_checkpointing",
+        "compile",
         "fsdp",
         "grad_accum",
     )
@@ -281,6 +287,7 @@ class TrainConfig:
         )
         _require(self.grad_accum >= 1, "train.grad_accum", self.grad_accum, "must be >= 1")
         _choice("train.dtype", self.dtype, ("auto", "float32", "bfloat16"))
+        _choice("train.activation_checkpointing", self.activation_checkpointing, ("auto", "on", "off"))
         _require(self.lora_rank >= 0, "train.lora_rank", self.lora_rank, "must be >= 0 (0 = full fine-tune)")
         _require(self.lora_alpha >= 1, "train.lora_alpha", self.lora_alpha, "must be >= 1")
         _require(0 <= self.lora_dropout < 1, "train.lora_dropout", self.lora_dropout, "must be in [0, 1)")

@@ -29,6 +29,13 @@ def apply_head(model, hidden_NH: torch.Tensor) -> torch.Tensor:
     return logits
 
 
+def fusable_head(model) -> bool:
+    """Is the head a plain bias-free nn.Linear without soft-capping (what stages/fused_head.py computes)?
+    Not for a LoRA- or quantisation-wrapped head, whose forward is more than W·h."""
+    head = model.get_output_embeddings()
+    return type(head) is torch.nn.Linear and head.bias is None and not getattr(model.config, "final_logit_softcapping", None)
+
+
 def gather_positions(model, ids_BL: torch.Tensor, gather_N: torch.Tensor, head_only: bool) -> torch.Tensor:
     """[N, H] hidden states (head_only) or [N, V] logits (fallback) at the flat positions `gather_N`."""
     if head_only:

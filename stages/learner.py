@@ -41,8 +41,9 @@ import torch
 from opd.cache.errors import OpdError, first_line
 from opd.configs.schema import TrainConfig
 from opd.stages import quant
-from opd.stages.heads import apply_head, gather_positions, head_path_matches
-from opd.stages.losses import bucket_logprobs, generalized_jsd, jsd_loss, sampled_rkl_loss
+from opd.stages.fused_head import FusedSpec, fused_head_loss
+from opd.stages.heads import apply_head, fusable_head, gather_positions, head_path_matches
+from opd.stages.losses import buckets_from, generalized_jsd, sampled_rkl_from, student_logprobs_at
 
 _CHUNK_ELEMENTS = 1 << 27  # auto logits chunk: positions × V ≤ this many float32 values (512 MiB)
 MODEL_METRICS = ("rkl_bucket", "topk_overlap")
@@ -102,6 +103,11 @@ def load_student(
         quant.load_masters(model, start_dir, names, quant.train_spec(tc))
     head_only = loaded.head_only(key, model, device) if loaded is not None else head_path_matches(model, device)
     model.config.use_cache = False
+    if checkpointing_on(tc, device):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if tc.compile:
+        for layer in decoder_layers(model):
+            layer.compile()  # in place: the state dict keeps its keys
     if tc.lora_rank > 0:
         from peft import LoraConfig, get_peft_model
 
@@ -125,6 +131,26 @@ def load_student(
     return model, head_only
 
 
+def checkpointing_on(tc: TrainConfig, device: torch.device) -> bool:
+    """train.activation_checkpointing resolved: "auto" is on for a GPU (memory binds there) and off on CPU
+    (it costs ~1.3× step time and RAM is rarely what runs out; docs/benchmarks.md)."""
+    if tc.activation_checkpointing == "auto":
+        return device.type == "cuda"
+    return tc.activation_checkpointing == "on"
+
+
+def decoder_layers(model):
+    """The transformers model's decoder layers (`base_model.layers`), the unit of FSDP2 sharding,
+    activation checkpointing and compilation; a one-line error names the setting where there are none."""
+    layers = getattr(hf_model(model).base_model, "layers", None)
+    if layers is None:
+        raise OpdError(
+            f"cannot find the decoder layers of {type(hf_model(model)).__name__} (expected base_model.layers): "
+            f"set train.fsdp = false and train.compile = false"
+        )
+    return layers
+
+
 def hf_model(model):
     """The transformers model inside a PEFT wrapper (its modules carry the LoRA layers in place)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -142,69 +168,86 @@ class Learner(torch.nn.Module):
         self.top_k = top_k
         V = hf_model(model).get_output_embeddings().weight.shape[0]
         self.chunk = tc.logits_chunk_tokens or max(1, _CHUNK_ELEMENTS // V)
+        self.fused = tc.fused_head_loss and head_only and fusable_head(hf_model(model))
 
     def forward(self, batch: dict[str, Any], need_metrics: bool = False):
-        source_NX = gather_positions(hf_model(self.model), batch["input_ids_BL"], batch["gather_N"], self.head_only)
+        hf = hf_model(self.model)
+        source_NX = gather_positions(hf, batch["input_ids_BL"], batch["gather_N"], self.head_only)
+        ids_NJ = self._read_ids(batch)
+        tau = 1.0 if batch.get("cross_entropy") else self.tc.temperature
+        loss_of = functools.partial(self._loss_from, batch=batch)
+        if self.fused:
+            spec = FusedSpec(loss_of, self.chunk, tau, self.top_k if need_metrics else 0)
+            loss, metrics_2 = fused_head_loss(source_NX, hf.get_output_embeddings().weight, ids_NJ, spec)
+            return loss, dict(zip(MODEL_METRICS, metrics_2.unbind()))
         N = batch["gather_N"].numel()
-        if N <= self.chunk:
-            loss, metrics_2 = self._loss(source_NX, slice(0, N), batch, need_metrics)
-        else:
-            loss = source_NX.new_zeros((), dtype=torch.float32)
-            metrics_2 = torch.zeros(2, dtype=torch.float64, device=source_NX.device)
-            for s in range(0, N, self.chunk):
-                sl = slice(s, min(N, s + self.chunk))
-                fn = functools.partial(self._loss, sl=sl, batch=batch, need_metrics=need_metrics)
-                if torch.is_grad_enabled():
-                    part, m = torch.utils.checkpoint.checkpoint(fn, source_NX[sl], use_reentrant=False)
-                else:
-                    part, m = fn(source_NX[sl])
-                loss = loss + part
-                metrics_2 = metrics_2 + m
+        loss = source_NX.new_zeros((), dtype=torch.float32)
+        metrics_2 = torch.zeros(2, dtype=torch.float64, device=source_NX.device)
+        for s in range(0, N, self.chunk):
+            sl = slice(s, min(N, s + self.chunk))
+            fn = functools.partial(self._chunk_loss, sl=sl, ids_NJ=ids_NJ, tau=tau, loss_of=loss_of, metrics=need_metrics)
+            if torch.is_grad_enabled() and N > self.chunk:  # several chunks: recompute each one's logits in backward
+                part, m = torch.utils.checkpoint.checkpoint(fn, source_NX[sl], use_reentrant=False)
+            else:
+                part, m = fn(source_NX[sl])
+            loss = loss + part
+            metrics_2 = metrics_2 + m
         return loss, dict(zip(MODEL_METRICS, metrics_2.unbind()))
 
-    def _loss(self, x_NX: torch.Tensor, sl: slice, batch: dict[str, Any], need_metrics: bool):
-        """(Σ loss over positions `sl`, [Σ bucket KL(S‖T), Σ top-k overlap] — zeros unless need_metrics)."""
-        tc = self.tc
+    def _read_ids(self, batch: dict[str, Any]) -> torch.Tensor:
+        """[N, J] the ids at which the loss reads the student's log-probs: the data's token (`opd sft`), the
+        teacher's top-k (jsd), or the top-k then the taken token (sampled_rkl)."""
+        if batch.get("cross_entropy"):
+            return batch["target_N"][:, None]
+        if self.tc.loss == "jsd":
+            return batch["topk_ids_NK"]
+        return torch.cat([batch["topk_ids_NK"], batch["target_N"][:, None].to(batch["topk_ids_NK"].dtype)], 1)
+
+    def _chunk_loss(self, x_NX: torch.Tensor, sl: slice, ids_NJ, tau: float, loss_of, metrics: bool):
+        """The unfused path on positions `sl`: the head's logits, the student's log-probs at the ids, the loss."""
         logits_NV = apply_head(hf_model(self.model), x_NX) if self.head_only else x_NX
+        s_NJ, _ = student_logprobs_at(logits_NV, ids_NJ[sl], tau)
+        student_top = None
+        if metrics:
+            student_top = logits_NV.detach().topk(min(self.top_k, logits_NV.shape[-1]), dim=-1).indices
+        return loss_of(s_NJ, sl, student_top)
+
+    def _loss_from(self, s_NJ: torch.Tensor, sl: slice, student_top_NK, batch: dict[str, Any]):
+        """(Σ loss over positions `sl`, [Σ bucket KL(S‖T), Σ top-k overlap] — zeros unless `student_top_NK`)
+        from the student's log-probs s_NJ at `_read_ids`' ids."""
+        tc = self.tc
+        metrics_2 = torch.zeros(2, dtype=torch.float64, device=s_NJ.device)
         if batch.get("cross_entropy"):  # `opd sft`: -log p_θ(x_t) of the data's token, at τ = 1
-            loss = torch.nn.functional.cross_entropy(logits_NV.float(), batch["target_N"][sl], reduction="sum")
-            return loss, torch.zeros(2, dtype=torch.float64, device=logits_NV.device)
+            return -s_NJ[:, 0].sum(), metrics_2
         ids, lps, tail = batch["topk_ids_NK"][sl], batch["topk_logprobs_NK"][sl], batch["tail_N"][sl]
-        on = batch["on_policy_N"][sl]
+        s, t = buckets_from(s_NJ[:, : ids.shape[1]], lps, tail)
         mode = _row_mode(batch)
-        s = t = None
         if tc.loss == "jsd" or mode == "off":
-            s, t = bucket_logprobs(logits_NV, ids, lps, tail, tc.temperature)
             if mode == "on":
                 loss = generalized_jsd(s, t, tc.beta).sum()
             elif mode == "off":
                 loss = generalized_jsd(s, t, tc.offpolicy_beta).sum()
             else:
+                on = batch["on_policy_N"][sl]
                 loss = (
                     generalized_jsd(s[on], t[on], tc.beta).sum()
                     + generalized_jsd(s[~on], t[~on], tc.offpolicy_beta).sum()
                 )
         else:  # sampled_rkl on the student's own rows, jsd(β_offpolicy) on the others
-            taken_ids, taken_lp, samp = batch["target_N"][sl], batch["taken_N"][sl], batch["sampling_N"][sl]
+            logp, taken_lp, samp = s_NJ[:, -1], batch["taken_N"][sl], batch["sampling_N"][sl]
             if mode == "on":
-                loss = sampled_rkl_loss(logits_NV, taken_ids, taken_lp, samp, tc.temperature, tc.ratio_clip).sum()
+                loss = sampled_rkl_from(logp, taken_lp, samp, tc.ratio_clip).sum()
             else:
+                on = batch["on_policy_N"][sl]
                 loss = (
-                    sampled_rkl_loss(
-                        logits_NV[on], taken_ids[on], taken_lp[on], samp[on], tc.temperature, tc.ratio_clip
-                    ).sum()
-                    + jsd_loss(logits_NV[~on], ids[~on], lps[~on], tail[~on], tc.offpolicy_beta, tc.temperature).sum()
+                    sampled_rkl_from(logp[on], taken_lp[on], samp[on], tc.ratio_clip).sum()
+                    + generalized_jsd(s[~on], t[~on], tc.offpolicy_beta).sum()
                 )
-        metrics_2 = torch.zeros(2, dtype=torch.float64, device=logits_NV.device)
-        if need_metrics:
+        if student_top_NK is not None:
             with torch.no_grad():
-                z = logits_NV.detach()
-                if s is None:
-                    s, t = bucket_logprobs(z, ids, lps, tail, tc.temperature)
                 metrics_2[0] = generalized_jsd(s.detach(), t, 1.0).double().sum()
-                k = min(self.top_k, z.shape[-1])
-                student_top = z.topk(k, dim=-1).indices
-                metrics_2[1] = (ids[:, :, None] == student_top[:, None, :]).any(-1).double().mean(-1).sum()
+                overlap = (ids[:, :, None] == student_top_NK[:, None, :]).any(-1)
+                metrics_2[1] = overlap.double().mean(-1).sum()
         return loss, metrics_2
 
 
@@ -239,13 +282,7 @@ def wrap(learner: Learner, world: int, device: torch.device, use_fsdp: bool, amp
 
         low = amp_dtype if amp_dtype != torch.float32 else None
         mp = MixedPrecisionPolicy(param_dtype=low, reduce_dtype=torch.float32) if low else MixedPrecisionPolicy()
-        layers = getattr(hf_model(learner.model).base_model, "layers", None)
-        if layers is None:
-            raise OpdError(
-                f"train.fsdp: cannot find the decoder layers of {type(hf_model(learner.model)).__name__} "
-                f"(expected base_model.layers); use DDP (train.fsdp = false)"
-            )
-        for layer in layers:
+        for layer in decoder_layers(learner.model):
             fully_shard(layer, mp_policy=mp)
         fully_shard(learner, mp_policy=mp)
         return learner

@@ -41,10 +41,16 @@ def student_logprobs_at(
 def bucket_logprobs(student_logits_NV, topk_ids_NK, topk_logprobs_NK, tail_logprobs_N, temperature=1.0):
     """(student s [N, K+1], teacher t [N, K+1]) log-probs on the shared top-k + tail buckets."""
     s_topk, _ = student_logprobs_at(student_logits_NV, topk_ids_NK, temperature)
+    return buckets_from(s_topk, topk_logprobs_NK, tail_logprobs_N)
+
+
+def buckets_from(s_topk_NK, topk_logprobs_NK, tail_logprobs_N):
+    """`bucket_logprobs` from the student's log-probs at the teacher's ids: every loss here is a function
+    of those few gathered values, which is what lets stages/fused_head.py take the gradient in closed form."""
     no_tail_N = torch.isneginf(tail_logprobs_N)
-    lse_N = torch.logsumexp(s_topk, dim=-1).clamp(max=-1e-6)  # top-k mass < 1; rounding can push it past
+    lse_N = torch.logsumexp(s_topk_NK, dim=-1).clamp(max=-1e-6)  # top-k mass < 1; rounding can push it past
     s_tail = torch.where(no_tail_N, torch.full_like(lse_N, -math.inf), log1mexp(lse_N))
-    s_topk = torch.where(no_tail_N[:, None], s_topk - torch.logsumexp(s_topk, -1, keepdim=True), s_topk)
+    s_topk = torch.where(no_tail_N[:, None], s_topk_NK - torch.logsumexp(s_topk_NK, -1, keepdim=True), s_topk_NK)
     s = torch.cat([s_topk, s_tail[:, None]], dim=-1)
     t = torch.log_softmax(torch.cat([topk_logprobs_NK.float(), tail_logprobs_N.float()[:, None]], -1), -1)
     return s, t
@@ -80,7 +86,14 @@ def jsd_loss(student_logits_NV, topk_ids_NK, topk_logprobs_NK, tail_logprobs_N, 
 def sampled_rkl_loss(
     student_logits_NV, taken_ids_N, teacher_taken_logprobs_N, sampling_logprobs_N, temperature=1.0, ratio_clip=0.0
 ):
-    """Sampled-token reverse KL in its policy-gradient form, per position [N] (Tinker cookbook):
+    """Sampled-token reverse KL per position [N] from the student's logits (`sampled_rkl_from`)."""
+    logp_N, _ = student_logprobs_at(student_logits_NV, taken_ids_N[:, None], temperature)
+    return sampled_rkl_from(logp_N[:, 0], teacher_taken_logprobs_N, sampling_logprobs_N, ratio_clip)
+
+
+def sampled_rkl_from(logp_N, teacher_taken_logprobs_N, sampling_logprobs_N, ratio_clip=0.0):
+    """Sampled-token reverse KL in its policy-gradient form, per position [N] (Tinker cookbook), from the
+    student's log-prob of the taken token log p_θ(x_t):
 
         advantage_t = log p_T(x_t) - log p_sample(x_t)                  (detached)
         ratio_t     = exp(log p_θ(x_t) - log p_sample(x_t))
@@ -89,8 +102,6 @@ def sampled_rkl_loss(
     -min(ratio·A, clip(ratio, 1-c, 1+c)·A) stops the gradient once the ratio leaves the trust region.
     Uses only the exact taken-token teacher log-prob, never the top-k.
     """
-    logp_N, _ = student_logprobs_at(student_logits_NV, taken_ids_N[:, None], temperature)
-    logp_N = logp_N[:, 0]
     sampling = sampling_logprobs_N.float()
     advantage_N = (teacher_taken_logprobs_N.float() - sampling).detach()
     ratio_N = torch.exp(logp_N - sampling)

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from _train_setup import Setup
-from _train_steps import OpdStep, SftStep
+from _train_steps import OpdStep
 
 BENCH_TRAIN = Path(__file__).resolve().with_name("bench_train.py")  # the variant processes' entry point
 
@@ -22,23 +22,27 @@ def _status(key: str) -> int:
     raise KeyError(key)
 
 
+def step_peak(fn) -> int:
+    """Bytes the process's resident set rose to above where it stood, while `fn()` ran (the kernel's
+    peak-RSS mark, reset first through /proc/self/clear_refs)."""
+    base = _status("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    fn()
+    return _status("VmHWM") - base
+
+
 def memory_variant(run_dir: str, variant: str) -> None:
     """(subprocess) Bytes a step adds on top of the loaded model and AdamW state, on the largest
     micro-batch: `loss_step` = forward + backward (activations, logits, loss, gradients), `full_step` =
     the same plus clipping and the AdamW update. Prints a JSON object."""
     setup = Setup(run_dir)
     big = max(setup.plan, key=lambda mb: len(mb) * int(setup.data.length_S[mb].max()))
-    step = (OpdStep if variant == "opd" else SftStep)(setup, [big, big, big])
+    step = OpdStep(setup, [big, big, big], variant)
     step()  # warm-up: AdamW state, lazy allocations
     peaks = {}
     for name in ("loss_step", "full_step"):
-        base = _status("VmRSS")
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset the peak-RSS mark
-        step.loss_step()
-        if name == "full_step":
-            step.update()
-        peaks[name] = _status("VmHWM") - base
+        peaks[name] = step_peak(step.loss_step if name == "loss_step" else lambda: (step.loss_step(), step.update()))
         if name == "loss_step":
             step.opt.zero_grad(set_to_none=True)
     print(

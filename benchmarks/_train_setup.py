@@ -85,6 +85,9 @@ class Setup:
         self.rows = table.select(["prompt_ids", "completion_ids"]).to_pylist()
         with start_student(self.cfg, self.run, 0) as start:
             self.pad_id = start.pad_id  # the learner's padding id
+        from transformers import AutoConfig
+
+        self.student_config = AutoConfig.from_pretrained(str(self.student))
 
     def tokens(self, mb) -> int:
         return int(self.data.tokens_S[mb].sum())

@@ -1,8 +1,10 @@
-"""bench_train.py's steppers: one optimizer step of opd's learner (`OpdStep`), of plain cross-entropy
-fine-tuning (`SftStep`), their alternating timing, and TRL's GKDTrainer over the same micro-batches."""
+"""bench_train.py's steppers: one optimizer step of opd's learner in each of its variants (`OpdStep`,
+`VARIANTS`: the loss fused or not, activation checkpointing, compiled layers, or cross-entropy on the
+same completion positions), their rotating timing, and TRL's GKDTrainer over the same micro-batches."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from pathlib import Path
@@ -31,11 +33,25 @@ class _Step:
         return loss
 
 
-class OpdStep(_Step):
-    """The learner's step (stages/train.py's loop body for one micro-batch, grad_accum 1)."""
+# the learner's variants: train.* overrides, and whether the batch is `opd sft`'s cross-entropy on the
+# same completion positions through the same head path (the fair baseline: the loss is what differs)
+VARIANTS: dict[str, tuple[dict, bool]] = {
+    "opd": (dict(fused_head_loss=True, activation_checkpointing="off"), False),
+    "opd_unfused": (dict(fused_head_loss=False, activation_checkpointing="off"), False),
+    "opd_ckpt": (dict(fused_head_loss=True, activation_checkpointing="on"), False),
+    "opd_compile": (dict(fused_head_loss=True, activation_checkpointing="off", compile=True), False),
+    "ce": (dict(fused_head_loss=True, activation_checkpointing="off"), True),
+    "ce_unfused": (dict(fused_head_loss=False, activation_checkpointing="off"), True),
+}
 
-    def __init__(self, setup: Setup, order: list):
-        tc = setup.cfg.train
+
+class OpdStep(_Step):
+    """The learner's step (stages/train.py's loop body for one micro-batch, grad_accum 1) in one of
+    VARIANTS."""
+
+    def __init__(self, setup: Setup, order: list, variant: str = "opd"):
+        overrides, self.cross_entropy = VARIANTS[variant]
+        tc = dataclasses.replace(setup.cfg.train, **overrides)
         self.device = setup.placement.device
         self.autocast = setup.autocast
         model, head_only = L.load_student(setup.student, tc, self.device, 0)
@@ -53,44 +69,25 @@ class OpdStep(_Step):
     def loss_step(self) -> float:
         """Forward + backward of one micro-batch (the gradients stay in .grad)."""
         batch = L.to_device(next(self.batches), self.device)
+        batch["cross_entropy"] = self.cross_entropy
         with self.autocast():
-            loss_sum, _ = self.learner(batch, need_metrics=True)
+            loss_sum, _ = self.learner(batch, need_metrics=not self.cross_entropy)
         loss = loss_sum / batch["tokens"]
         loss.backward()
         return loss.item()
 
 
-class SftStep(_Step):
-    """Plain cross-entropy fine-tuning of the same student on the same sequences."""
-
-    def __init__(self, setup: Setup, order: list):
-        from transformers import AutoModelForCausalLM
-
-        self.model = AutoModelForCausalLM.from_pretrained(str(setup.student), dtype=torch.float32)
-        self.model.config.use_cache = False
-        self.model.train()
-        self.autocast = setup.autocast  # the same precision as the learner's
-        self.params = list(self.model.parameters())
-        self.opt = torch.optim.AdamW(self.params, lr=setup.cfg.train.lr)
-        self.batches = iter([setup.sft_batch(mb) for mb in order])
-
-    def loss_step(self) -> float:
-        with self.autocast():
-            loss = self.model(**next(self.batches), use_cache=False).loss
-        loss.backward()
-        return loss.item()
-
-
-def time_opd_and_sft(setup: Setup, order: list) -> dict:
-    """Alternate opd and sft step by step; the first step of each is a warm-up."""
-    opd, sft = OpdStep(setup, order), SftStep(setup, order)
-    times = {"opd": [], "sft": []}
-    losses = {"opd": [], "sft": []}
+def time_variants(setup: Setup, order: list, variants: list[str]) -> dict:
+    """Run the variants step by step over the same micro-batches, rotating which goes first each step
+    (the machine's load hits all alike); {"times": {variant: [s]}, "losses": {variant: [loss]}}."""
+    steps = {v: OpdStep(setup, order, v) for v in variants}
+    times = {v: [] for v in variants}
+    losses = {v: [] for v in variants}
     for i, _ in enumerate(order):
-        for name, step in (("opd", opd), ("sft", sft)) if i % 2 == 0 else (("sft", sft), ("opd", opd)):
+        for v in variants[i % len(variants) :] + variants[: i % len(variants)]:
             t0 = time.perf_counter()
-            losses[name].append(step())
-            times[name].append(time.perf_counter() - t0)
+            losses[v].append(steps[v]())
+            times[v].append(time.perf_counter() - t0)
     return {"times": times, "losses": losses}
 
 

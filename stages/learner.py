@@ -173,6 +173,12 @@ class Learner(torch.nn.Module):
     def forward(self, batch: dict[str, Any], need_metrics: bool = False):
         hf = hf_model(self.model)
         source_NX = gather_positions(hf, batch["input_ids_BL"], batch["gather_N"], self.head_only)
+        return self.head_loss(source_NX, batch, need_metrics)
+
+    def head_loss(self, source_NX: torch.Tensor, batch: dict[str, Any], need_metrics: bool):
+        """The loss from the decoder's hidden states at the completion positions ([N, V] logits where the
+        head path does not match): fused where the head allows, else in checkpointed chunks."""
+        hf = hf_model(self.model)
         ids_NJ = self._read_ids(batch)
         tau = 1.0 if batch.get("cross_entropy") else self.tc.temperature
         loss_of = functools.partial(self._loss_from, batch=batch)
@@ -180,7 +186,7 @@ class Learner(torch.nn.Module):
             spec = FusedSpec(loss_of, self.chunk, tau, self.top_k if need_metrics else 0)
             loss, metrics_2 = fused_head_loss(source_NX, hf.get_output_embeddings().weight, ids_NJ, spec)
             return loss, dict(zip(MODEL_METRICS, metrics_2.unbind()))
-        N = batch["gather_N"].numel()
+        N = source_NX.shape[0]
         loss = source_NX.new_zeros((), dtype=torch.float32)
         metrics_2 = torch.zeros(2, dtype=torch.float64, device=source_NX.device)
         for s in range(0, N, self.chunk):

@@ -100,6 +100,20 @@ def _stage_seconds(records: list[dict]) -> dict:
     return {k: round(v, 2) for k, v in out.items()}
 
 
+def _stage_startup(records: list[dict]) -> dict:
+    """Per stage, from a round's metrics.jsonl: {"startup": seconds from the stage process's start to its
+    first unit of work, "load": of which loading the model / starting the engine} (the train split's
+    invocation: the process's first work; stages/runner.first_work_started)."""
+    out: dict = {}
+    for r in records:
+        stage = r.get("stage")
+        if stage in ("rollout", "score") and r.get("startup_seconds") is not None:
+            out.setdefault(stage, {"startup": r["startup_seconds"], "load": r.get("load_seconds")})
+        elif stage == "train" and r.get("final") and r.get("startup_s") is not None:
+            out.setdefault(stage, {"startup": r["startup_s"], "load": r.get("load_s")})
+    return out
+
+
 def _loop_walls(records: list[dict]) -> dict:
     """Wall seconds per stage that `opd run` measured around the processes it launched ("stage": "loop")."""
     out: dict = {}

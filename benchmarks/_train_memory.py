@@ -50,6 +50,7 @@ def memory_variant(run_dir: str, variant: str) -> None:
             {
                 "variant": variant,
                 **peaks,
+                "grad_bytes": sum(p.numel() * p.element_size() for p in step.params),
                 "rows": len(big),
                 "padded_tokens": len(big) * int(setup.data.length_S[big].max()),
                 "completion_tokens": setup.tokens(big),

@@ -81,6 +81,7 @@ from _e2e_common import (
     _r,
     _sh,
     _stage_seconds,
+    _stage_startup,
     _train_summary,
 )
 from _e2e_opd import Opd
@@ -148,6 +149,7 @@ def case_round(args, opd: Opd, trl: Trl, state: dict) -> dict:
         "opd_stage_s": stage_s,
         "opd_init_s": _r(walls["init"]),
         "opd_stage_inprocess_s": _stage_seconds(records),
+        "opd_stage_startup_s": _stage_startup(records),
         "opd_cmd": "opd run --rounds 1" if opd.use_run else "opd init + opd rollout/score/train (fresh processes)",
         "opd_engine": next((r.get("engine") for r in records if r.get("stage") == "rollout"), None),
         "samples": int(summary.get("samples", 0)),

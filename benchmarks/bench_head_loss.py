@@ -6,8 +6,8 @@ recomputed in backward), on the same hidden states, head and cache batch:
     python benchmarks/bench_head_loss.py --smoke          # seconds, figures meaningless
 
 Both variants run `Learner.head_loss` (generalized JSD β = 0.5 on a mixed on/off-policy batch with the
-logged metrics) then backward to the hidden states and the head weight; the chunk is the learner's auto
-size (~512 MiB of float32 logits) for both. Time: the variants alternate, `--repeats` each after a
+logged metrics) then backward to the hidden states and the head weight; each with the learner's auto
+chunk (~512 MiB of float32 logits unfused, ~128 MiB fused). Time: the variants alternate, `--repeats` each after a
 warm-up, medians reported. Peak memory: a fresh process per variant (as bench_train.py), what one
 forward + backward adds to the resident set after a warm-up (the head's gradient buffer included).
 Gradients: the largest |Δ| of ∂L/∂h and ∂L/∂W between the variants, relative to the largest gradient.
@@ -85,7 +85,9 @@ def fwd_bwd(learner, hidden, batch):
 
 def memory_of(args, variant: str) -> int:
     """(subprocess) the peak one forward + backward adds, in bytes."""
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0", OMP_NUM_THREADS=str(args.threads))
+    env = dict(
+        os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0", OMP_NUM_THREADS=str(args.threads)
+    )
     cmd = [sys.executable, __file__, "--memory-variant", variant, *sys.argv[1:]]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if out.returncode != 0:
@@ -133,7 +135,7 @@ def main() -> None:
         "hidden": args.hidden,
         "positions": args.positions,
         "top_k": args.top_k,
-        "chunk_positions": fused.chunk,
+        "chunk_positions": {"fused": fused.chunk, "unfused": unfused.chunk},
         "loss": "jsd beta=0.5 (off-policy rows beta=0), with metrics",
         "fused_s": round(med["fused"], 4),
         "unfused_s": round(med["unfused"], 4),

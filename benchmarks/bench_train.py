@@ -38,8 +38,10 @@ MALLOC_MMAP_THRESHOLD_) loads the student and optimizer, runs one warm-up step o
 micro-batch (AdamW state now exists), resets the kernel's peak-RSS mark (/proc/self/clear_refs),
 runs that micro-batch again and reports VmHWM − VmRSS before it: what one step adds (activations,
 logits, loss, gradients). Per token: that ÷ the batch's padded tokens. `projected_8b_16k_gb`: a
-projection, not a measurement: the measured per-token, per-layer step memory scaled by hidden size to
-Llama-3-8B (hidden 4,096, 32 layers) at 16,384 tokens, with and without activation checkpointing.
+projection, not a measurement: the step memory less the weights' gradients (a fixed cost: 32 GB in
+float32 for 8B parameters, sharded by FSDP), per padded token and per layer, scaled by hidden size to
+Llama-3-8B (hidden 4,096, 32 layers) at 16,384 tokens, with and without activation checkpointing; the
+head + loss working set, fixed by its chunk, is counted per token too, so it overstates.
 
 Precision: `--dtype auto` (the default, as the presets): bf16 autocast over float32 weights only where
 this CPU runs bf16 natively (opd.stages.devices), else float32; the same for all variants (TRL's
@@ -75,14 +77,14 @@ PROJECTED_TOKENS = 16_384
 
 
 def projection(mem: dict, setup: Setup) -> dict:
-    """Step memory at 16k tokens for an 8B student, projected from the measured per-token figures (the
-    decoder's share scales with hidden size × layers; the head + loss share is fixed by its chunking)."""
+    """Step memory less the weights' gradients at 16k tokens for an 8B student, projected from the measured
+    per-token figures (scaled by hidden size × layers; see the module docstring)."""
     cfg = setup.student_config
     scale = LLAMA3_8B["hidden"] / cfg.hidden_size * LLAMA3_8B["layers"] / cfg.num_hidden_layers
     out = {}
     for name in ("opd", "opd_ckpt"):
         if name in mem:
-            per_token = mem[name]["loss_step"] / mem[name]["padded_tokens"]
+            per_token = (mem[name]["loss_step"] - mem[name]["grad_bytes"]) / mem[name]["padded_tokens"]
             out[name] = round(per_token * scale * PROJECTED_TOKENS / 2**30, 1)
     return out
 

@@ -234,7 +234,7 @@ class TrainConfig:
     fused_head_loss: bool = True  # compute the head and the loss in one pass that returns their gradient (stages/fused_head.py): one [chunk, V] float32 buffer and one head GEMM per chunk instead of recomputing it in backward; where the head is not a plain bias-free linear layer (LoRA or quantised head, soft-capped logits) the unfused path runs instead
     activation_checkpointing: str = "auto"  # recompute each decoder layer's activations in backward instead of keeping them: "on", "off", or "auto" (on for a GPU, where memory binds; off on CPU, where it costs step time and RAM is rarely short)
     compile: bool = False  # torch.compile each decoder layer (stages/learner.py); off by default: see docs/benchmarks.md for where it pays
-    logits_chunk_tokens: int = 0  # completion positions per lm_head + loss chunk (recomputed in backward); 0 = auto (chunks of ~512 MiB float32 logits)
+    logits_chunk_tokens: int = 0  # completion positions per lm_head + loss chunk (the unfused path recomputes each chunk in backward); 0 = auto (chunks of ~512 MiB of float32 logits, ~128 MiB where the loss is fused)
 
     # retired keys and what replaced them: loading ignores them when off, refuses them when on
     REPLACED: ClassVar[dict[str, str]] = {"tensorboard": 'run.report_to = ["tensorboard"]'}

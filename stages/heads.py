@@ -33,7 +33,11 @@ def fusable_head(model) -> bool:
     """Is the head a plain bias-free nn.Linear without soft-capping (what stages/fused_head.py computes)?
     Not for a LoRA- or quantisation-wrapped head, whose forward is more than W·h."""
     head = model.get_output_embeddings()
-    return type(head) is torch.nn.Linear and head.bias is None and not getattr(model.config, "final_logit_softcapping", None)
+    return (
+        type(head) is torch.nn.Linear
+        and head.bias is None
+        and not getattr(model.config, "final_logit_softcapping", None)
+    )
 
 
 def gather_positions(model, ids_BL: torch.Tensor, gather_N: torch.Tensor, head_only: bool) -> torch.Tensor:

@@ -15,11 +15,14 @@ top-k K_t, their log-probs, the log tail mass outside K_t, the exact log-prob of
 `Learner.forward` returns Σ_t loss_t over the micro-batch; the round (stages/train.py) scales it by
 the step's token count.
 
-Memory: the decoder runs for hidden states; `lm_head` runs only on the completion positions
-(stages/heads.py), in chunks of `train.logits_chunk_tokens` positions (auto: ~512 MiB of float32
-logits; a chunk's logits are recomputed in backward when there are several), and the losses gather at
-the K ids without a [N, V] log-softmax copy. Weights and AdamW state are float32; `train.dtype` picks
-the autocast dtype (stages/devices.py: "auto" is bf16 only where the hardware runs it natively).
+Memory: the decoder runs for hidden states (its layers' activations recomputed in backward under
+train.activation_checkpointing); `lm_head` runs only on the completion positions (stages/heads.py), in
+chunks of `train.logits_chunk_tokens` positions (auto: ~512 MiB of float32 logits, ~128 MiB fused).
+Where the head is a plain linear layer the head and the loss run fused (stages/fused_head.py: one
+[chunk, V] buffer, the gradient in closed form, no second head GEMM); otherwise each chunk's logits are
+recomputed in backward and the losses gather at the K ids without a [N, V] log-softmax copy. Weights and
+AdamW state are float32; `train.dtype` picks the autocast dtype (stages/devices.py: "auto" is bf16 only
+where the hardware runs it natively).
 
 Metrics computed with the loss (no gradient, on logged steps): `rkl_bucket` Σ_t KL(S‖T) on the K+1
 buckets, and `topk_overlap` Σ_t |K_t ∩ top-k(z_t)| / K, the fraction of the teacher's top-k ids among
@@ -45,7 +48,10 @@ from opd.stages.fused_head import FusedSpec, fused_head_loss
 from opd.stages.heads import apply_head, fusable_head, gather_positions, head_path_matches
 from opd.stages.losses import buckets_from, generalized_jsd, sampled_rkl_from, student_logprobs_at
 
-_CHUNK_ELEMENTS = 1 << 27  # auto logits chunk: positions × V ≤ this many float32 values (512 MiB)
+_CHUNK_ELEMENTS = 1 << 27  # auto logits chunk, unfused: positions × V ≤ this many float32 values (512 MiB)
+# fused: 128 MiB; no recompute there, so a smaller chunk costs only GEMM efficiency (measured ~4 % of the
+# head + loss time at V = 151,936 against 512 MiB chunks, benchmarks/bench_head_loss.py) and lowers the peak
+_FUSED_CHUNK_ELEMENTS = 1 << 25
 MODEL_METRICS = ("rkl_bucket", "topk_overlap")
 
 
@@ -167,8 +173,8 @@ class Learner(torch.nn.Module):
         self.head_only = head_only
         self.top_k = top_k
         V = hf_model(model).get_output_embeddings().weight.shape[0]
-        self.chunk = tc.logits_chunk_tokens or max(1, _CHUNK_ELEMENTS // V)
         self.fused = tc.fused_head_loss and head_only and fusable_head(hf_model(model))
+        self.chunk = tc.logits_chunk_tokens or max(1, (_FUSED_CHUNK_ELEMENTS if self.fused else _CHUNK_ELEMENTS) // V)
 
     def forward(self, batch: dict[str, Any], need_metrics: bool = False):
         hf = hf_model(self.model)
@@ -191,7 +197,9 @@ class Learner(torch.nn.Module):
         metrics_2 = torch.zeros(2, dtype=torch.float64, device=source_NX.device)
         for s in range(0, N, self.chunk):
             sl = slice(s, min(N, s + self.chunk))
-            fn = functools.partial(self._chunk_loss, sl=sl, ids_NJ=ids_NJ, tau=tau, loss_of=loss_of, metrics=need_metrics)
+            fn = functools.partial(
+                self._chunk_loss, sl=sl, ids_NJ=ids_NJ, tau=tau, loss_of=loss_of, metrics=need_metrics
+            )
             if torch.is_grad_enabled() and N > self.chunk:  # several chunks: recompute each one's logits in backward
                 part, m = torch.utils.checkpoint.checkpoint(fn, source_NX[sl], use_reentrant=False)
             else:

@@ -98,6 +98,10 @@ class StageResult:
     seconds: float  # the invocation's wall time
     work_seconds: float  # time writing shards (model loading excluded): the tokens/s denominator
     tokens_per_s: float
+    startup_seconds: float | None = (
+        None  # process start → its first unit of work (interpreter, imports, config, model load, engine start); None unless this invocation began the process's first work
+    )
+    load_seconds: float = 0.0  # time loading what the work needs (model, engine): `prepare`
     extras: Any = None  # the stage's own typed figures (None when skipped)
     line: str = ""  # one human line
     heldout: StageResult | None = None  # `--split all`: the held-out split's result
@@ -154,7 +158,7 @@ def run_stage(
         clear_stage(run, stage_dir, mine)
     seen: set[int] = set()
     written: list[ShardOutcome | Future] = []
-    kept, work_s = 0, 0.0
+    kept, work_s, load_s, startup = 0, 0.0, 0.0, None
     progress = Progress(f"{stage.name} r{round_index} {stage.split} [{shard}]")
     try:
         while True:
@@ -170,8 +174,11 @@ def run_stage(
             seen.update(new)
             if todo:
                 progress.grow(sum(stage.size(s) for s in todo))
+                t_load = time.perf_counter()
                 stage.prepare(todo)
                 t_work = time.perf_counter()
+                load_s += t_work - t_load
+                startup = startup if startup is not None else first_work_started()
                 written += [stage.work(s, progress) for s in todo]
                 written = [w.result() if isinstance(w, Future) else w for w in written]
                 work_s += time.perf_counter() - t_work
@@ -198,9 +205,26 @@ def run_stage(
         bytes=sum(w.bytes for w in written),
         work_seconds=round(work_s, 3),
         tokens_per_s=round(tokens / work_s, 1) if tokens and work_s else 0.0,
+        startup_seconds=startup,
+        load_seconds=round(load_s, 3),
         extras=stage.extras(),
     )
     return _finish(stage, run, result)
+
+
+_STARTUP: list[float] = []  # this process's start-up seconds, once its first unit of work began
+
+
+def first_work_started() -> float | None:
+    """Called as a stage begins a unit of work: the seconds from this process's creation to now the first
+    time (the fixed cost of a stage process: interpreter, imports, config, model load, engine start), None
+    after that."""
+    if _STARTUP:
+        return None
+    import psutil
+
+    _STARTUP.append(round(time.time() - psutil.Process().create_time(), 3))
+    return _STARTUP[0]
 
 
 def _result(stage: ShardedStage, round_index: int, shard: ShardSpec, t0: float, **figures) -> StageResult:

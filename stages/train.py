@@ -55,6 +55,7 @@ from opd.stages.checkpoints import CKPT_DIR, Checkpoints
 from opd.stages.devices import Placement, choose_dtype, native_bf16
 from opd.stages.distributed import Processes
 from opd.stages.export import export_student
+from opd.stages.runner import first_work_started
 from opd.stages.students import StartStudent, start_student
 from opd.stages.train_data import DecodedShards, MicroBatches, RoundData, plan_steps, rank_items, slots
 from opd.stages.train_metrics import StepSums, Totals, summary_line, trim_metrics
@@ -116,6 +117,8 @@ class _Round:
     procs: Processes
     start: StartStudent
     t_start: float = field(default_factory=time.perf_counter)
+    startup_s: float | None = None  # process start → first step (runner.first_work_started); None: not its first
+    load_s: float = 0.0  # model, optimizer, checkpoint and data loader set-up
     decoded: DecodedShards | None = None  # the caller's decoded shards (run's `decoded`)
     loaded: L.LoadedStudents | None = None  # the caller's kept checkpoints (run's `loaded`)
 
@@ -229,7 +232,10 @@ class _Round:
     def _fit(self) -> None:
         """The optimizer steps, from the checkpoint (if any) to the end of the round's plan."""
         tc, procs, steps = self.tc, self.procs, self.steps
+        t_load = time.perf_counter()
         first, batches = self._setup()
+        self.load_s = time.perf_counter() - t_load
+        self.startup_s = first_work_started()
         self.ckpt.restore_rng(self.resumed)
         autocast = L.autocast(procs.device, self.placement.dtype)
         bar = console.bar(
@@ -344,6 +350,8 @@ class _Round:
                 "quantization": dataclasses.asdict(quant.train_spec(self.tc)) if self.tc.quantize else None,
                 "loss": self.tc.loss,
                 "wall_s": round(time.perf_counter() - self.t_start, 3),
+                "startup_s": self.startup_s,
+                "load_s": round(self.load_s, 3),
                 **self._summary_extras(),
             }
             write_manifest(

@@ -358,6 +358,12 @@ def test_pools_overlap_and_workers(reference_run):
     loop = {x["step"]: x for x in records if x["stage"] == "loop"}
     assert loop["rollout"]["workers"] == 2 and loop["score"]["workers"] == 2 and loop["train"]["workers"] == 1
     assert read_eval(run, 0)["samples"] == 4 and read_eval(run, 1)["samples"] == 4  # before and after training
+    # every worker is a process of its own: its train-split record holds its start-up (process start → first
+    # unit of work), which includes loading the model, and exceeds the interpreter's own start
+    for x in rollout + score:
+        assert x["load_seconds"] > 0 and x["startup_seconds"] > x["load_seconds"], x
+    train = next(x for x in records if x["stage"] == "train" and x.get("final"))
+    assert train["startup_s"] > train["load_s"] > 0
 
 
 @pytest.mark.usefixtures("loopback_only")

@@ -9,7 +9,8 @@ Both variants run `Learner.head_loss` (generalized JSD β = 0.5 on a mixed on/of
 logged metrics) then backward to the hidden states and the head weight; each with the learner's auto
 chunk (~512 MiB of float32 logits unfused, ~128 MiB fused). Time: the variants alternate, `--repeats` each after a
 warm-up, medians reported. Peak memory: a fresh process per variant (as bench_train.py), what one
-forward + backward adds to the resident set after a warm-up (the head's gradient buffer included).
+forward + backward adds to the resident set after a warm-up, gradients included (the step allocates
+them, as the learner's does after `zero_grad(set_to_none=True)`).
 Gradients: the largest |Δ| of ∂L/∂h and ∂L/∂W between the variants, relative to the largest gradient.
 Prints one JSON object.
 """
@@ -113,7 +114,10 @@ def main() -> None:
     fused, unfused, hidden, batch = build(args)
     if args.memory_variant:
         learner = fused if args.memory_variant == "fused" else unfused
-        fwd_bwd(learner, hidden, batch)  # warm-up: the weight's .grad and allocator pools exist
+        fwd_bwd(learner, hidden, batch)  # warm-up: allocator pools, lazy initialisation
+        hidden.grad = learner.model.lm_head.weight.grad = (
+            None  # the step allocates its gradients, as the learner's does
+        )
         print(step_peak(lambda: fwd_bwd(learner, hidden, batch)))
         return
 

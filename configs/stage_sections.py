@@ -40,7 +40,8 @@ class RolloutConfig:
     lmbda_schedule: list[float] = field(default_factory=list)  # λ per round (last value repeats); [] = always `lmbda`
     offpolicy_source: str = "dataset"  # where off-policy rows come from: "dataset" (reference field) or "teacher"
     offpolicy_rows: str = "lambda"  # "lambda": each prompt gets the student's samples or off-policy rows, chosen by λ here; "both": every prompt gets both (off-policy rows at sample_index n..), all scored in one pass, and the learner chooses by train.lmbda (λ sweeps from one cache)
-    engine: str = "auto"  # "vllm", "transformers", or "auto" (vLLM where importable)
+    engine: str = "auto"  # "vllm", "transformers", or "auto": vLLM where importable, except a small job on CPU (see vllm_min_tokens)
+    vllm_min_tokens: int = 4096  # engine "auto" on CPU: a rollout whose split generates fewer tokens than this (prompts × n × max_new_tokens) runs on transformers, since vLLM's start-up (~13 s, ~23 s the first time on 2 cores) costs more than its faster sampling saves at that size (docs/benchmarks.md); 0 = vLLM whatever the size
     prompts_per_shard: int = 256  # prompts per rollout shard (the unit of resume and of --shard i/N)
     gpu_memory_utilization: float = 0.5  # vLLM's share of device memory (on CPU: of the KV-cache budget)
     enforce_eager: bool = True  # vLLM without graph capture: much faster start for short jobs
@@ -48,7 +49,7 @@ class RolloutConfig:
     dtype: str = "auto"  # engine weights and compute: "auto" (bf16 where the GPU/CPU runs it natively, else float32; stages/devices.py), "float32", "bfloat16", "float16"
 
     # keys that choose only how to sample, not what: outside the stage's config hash (OpdConfig.section_hash)
-    HOW: ClassVar[tuple[str, ...]] = ("engine", "gpu_memory_utilization", "enforce_eager")
+    HOW: ClassVar[tuple[str, ...]] = ("engine", "vllm_min_tokens", "gpu_memory_utilization", "enforce_eager")
 
     def __post_init__(self):
         _require(bool(self.prompts), "rollout.prompts", self.prompts, "a prompt file or dataset folder is required")
@@ -65,6 +66,7 @@ class RolloutConfig:
         _choice("rollout.offpolicy_source", self.offpolicy_source, ("dataset", "teacher"))
         _choice("rollout.offpolicy_rows", self.offpolicy_rows, ("lambda", "both"))
         _choice("rollout.engine", self.engine, ("auto", "vllm", "transformers"))
+        _require(self.vllm_min_tokens >= 0, "rollout.vllm_min_tokens", self.vllm_min_tokens, "must be >= 0")
         _require(self.prompts_per_shard >= 1, "rollout.prompts_per_shard", self.prompts_per_shard, "must be >= 1")
         _require(
             0 < self.gpu_memory_utilization <= 1,

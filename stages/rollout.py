@@ -56,7 +56,9 @@ choose *how* to sample (engine, gpu_memory_utilization, enforce_eager), the roun
 prompt set's content hash, and the teacher's hash when it samples. The engine is not part of it: the
 workers of one stage may run different engines; each shard names its engine in its metadata.
 
-Engines (stages/engine.py: interface; engine_vllm.py; engine_hf.py): "auto" = vLLM where importable.
+Engines (stages/engine.py: interface; engine_vllm.py; engine_hf.py): "auto" = vLLM where importable,
+except on CPU for a split that generates fewer than rollout.vllm_min_tokens tokens (transformers: vLLM's
+start-up would cost more than it saves; resolved once, at the first split that loads an engine).
 """
 
 from __future__ import annotations
@@ -250,6 +252,7 @@ class _RolloutSplit:
 
     def prepare(self, todo: list[int]) -> None:
         items = [p for s in todo for p in self._items(s)]
+        self.engines.size_job(len(items) * self.sampling.n * self.sampling.max_new_tokens)
         self.engines.prepare(
             student=any(p.on_policy for p in items),
             teacher=self.teacher_dir is not None and not all(p.on_policy for p in items),

@@ -56,12 +56,29 @@ class RolloutEngines:
                 raise OpdError(
                     f"the engine passed in serves {served}, but round {round_index}'s student is {student.source}"
                 )
-            self.name = self._given.name
+            self._name = self._given.name
         else:
-            self.name = resolve_engine_name(engine or cfg.rollout.engine)
+            self._requested = engine or cfg.rollout.engine
+            self._name = None if self._requested == "auto" else resolve_engine_name(self._requested)
         self._student: Engine | None = self._given
         self._teacher: Engine | None = None
         self._tmp: list[Path] = []
+
+    @property
+    def name(self) -> str:
+        """The engine that samples: as asked, or what "auto" resolved to (for the split's size, once known)."""
+        return self._name or resolve_engine_name("auto")
+
+    def size_job(self, tokens: int) -> None:
+        """Resolve "auto" once for the first split that loads an engine: transformers on CPU when it
+        generates fewer than `rollout.vllm_min_tokens` tokens (vLLM's start-up would cost more than its
+        sampling saves), else vLLM where importable. The held-out split shares the engine."""
+        if self._name is not None:
+            return
+        name = resolve_engine_name("auto")
+        if name == "vllm" and self.placement.device.type == "cpu" and tokens < self.cfg.rollout.vllm_min_tokens:
+            name = "transformers"
+        self._name = name
 
     def _load(self, model_dir: Path, role: str, tokenizer_dir: Path, adapter: Path | None) -> Engine:
         rc = self.cfg.rollout

@@ -386,6 +386,9 @@ def test_bench_e2e_smoke(tmp_path):
     # each stage's own record of its time (metrics.jsonl): every stage ran, so each took some time
     inproc = rec["opd_stage_inprocess_s"]
     assert set(inproc) == {"rollout", "score", "train"} and all(_num(s) and s > 0 for s in inproc.values()), inproc
+    startup = rec["opd_stage_startup_s"]  # each stage process: start → first work, of which loading
+    assert set(startup) == {"rollout", "score", "train"}, startup
+    assert all(0 < s["load"] < s["startup"] for s in startup.values()), startup
     _between(rec, "opd_first_loss", 0, math.inf, low_open=False)  # a divergence
     if HAS_TRL:
         assert rec["trl_steps"] >= 1 and rec["trl_samples"] == rec["samples"]  # TRL samples n per prompt too
@@ -483,3 +486,16 @@ def test_bench_code_smoke(tmp_path):
         assert cpu["model"] and all(isinstance(cpu[f], bool) for f in ("avx512_bf16", "amx_bf16", "avx2"))
     suite = rec["suite"]
     assert (suite["passed"], suite["failed"], suite["skipped"], suite["tests"], suite["wall_s"]) == (5, 1, 1, 7, 12.5)
+
+
+def test_bench_head_loss_smoke(tmp_path):
+    """The fused head + loss against the unfused one: both timed and measured, the same loss and gradients."""
+    records, _ = _run(["benchmarks/bench_head_loss.py", "--smoke"], tmp_path)
+    (r,) = [r for r in records if r.get("bench") == "head_loss"]
+    _has(r, MACHINE | {"fused_s", "unfused_s", "time_ratio", "fused_peak_mb", "unfused_peak_mb", "peak_ratio"})
+    assert (r["vocab"], r["positions"]) == (4096, 256) and len(r["fused_s_all"]) == len(r["unfused_s_all"]) == 2
+    _positive(r, "fused_s", "unfused_s", "time_ratio", "fused_peak_mb", "unfused_peak_mb", "peak_ratio")
+    assert r["time_ratio"] == pytest.approx(r["fused_s"] / r["unfused_s"], abs=0.002)
+    # the fused pass keeps one [chunk, V] buffer, the unfused one logits and their recomputation: less memory
+    assert r["peak_ratio"] < 1
+    assert r["loss_abs_diff"] <= 1e-3 and r["grad_hidden_max_rel_diff"] <= 1e-5 and r["grad_head_max_rel_diff"] <= 1e-5

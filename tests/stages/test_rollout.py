@@ -581,3 +581,33 @@ def test_lora_student_of_previous_round(tmp_path, tiny_student, tiny_teacher):
         assert_logprobs_match(None, rows, c.rollout, tol=1e-3, model=peft_model)
         producer = json.loads(Path(run.stage_dir(1, "rollouts"), "_DONE.json").read_text())["producer"]
         assert producer["round"] == 1 and "base_model_hash" in producer
+
+
+def test_auto_engine_is_transformers_for_a_small_cpu_job(tmp_path, tiny_student, tiny_teacher):
+    """rollout.engine = "auto" on CPU: a split that generates fewer than rollout.vllm_min_tokens tokens
+    samples with transformers (vLLM's start-up would cost more than it saves), a larger one with vLLM
+    where it imports; the first split's choice holds for the rest; an explicit engine is never changed."""
+    from opd.stages.engine import vllm_available
+    from opd.stages.rollout_engines import RolloutEngines
+    from opd.stages.students import StartStudent
+
+    prompts = write_prompts(tmp_path / "p.jsonl", 6)
+    run, cfg = make_run(tmp_path, "auto", tiny_student, tiny_teacher, prompts, engine="auto")
+    summary = rollout.run(cfg, run, 0)  # 6 prompts × 2 × 8 tokens, far below the default 4,096
+    assert summary.extras.engine == "transformers" and summary.done
+    meta = json.loads(pq.read_schema(run.shard_path(0, "rollouts", 0)).metadata[b"opd"])
+    assert meta["engine"] == "transformers"
+
+    student = StartStudent(tiny_student, tiny_student, None, tiny_student, "tiny")
+    big = "vllm" if vllm_available() else "transformers"
+    for engine, min_tokens, tokens, want in [
+        ("auto", 4096, 4095, "transformers"),
+        ("auto", 4096, 4096, big),
+        ("auto", 0, 1, big),
+        ("vllm" if vllm_available() else "transformers", 4096, 10, big),
+        ("transformers", 0, 10**6, "transformers"),
+    ]:
+        engines = RolloutEngines(cfg.replace("rollout", vllm_min_tokens=min_tokens), 0, student, None, engine)
+        engines.size_job(tokens)
+        engines.size_job(10**9 if tokens < min_tokens else 1)  # a later split does not change it
+        assert engines.name == want, (engine, min_tokens, tokens)

@@ -5,6 +5,8 @@ recomputed in backward), on the same hidden states, head and cache batch:
     python benchmarks/bench_head_loss.py                  # V = 151,936 (Qwen), H = 256, N = 2,048, K = 64
     python benchmarks/bench_head_loss.py --smoke          # seconds, figures meaningless
 
+`--dtype` (default float32) runs both variants under that autocast dtype.
+
 Both variants run `Learner.head_loss` (generalized JSD β = 0.5 on a mixed on/off-policy batch with the
 logged metrics) then backward to the hidden states and the head weight; each with the learner's auto
 chunk (~512 MiB of float32 logits unfused, ~128 MiB fused). Time: the variants alternate, `--repeats` each after a
@@ -76,7 +78,7 @@ def build(args):
     return fused, unfused, hidden, batch
 
 
-def fwd_bwd(learner, hidden, batch):
+def step(learner, hidden, batch):
     hidden.grad = None
     learner.model.lm_head.weight.grad = None
     loss, metrics = learner.head_loss(hidden, batch, need_metrics=True)
@@ -104,6 +106,12 @@ def main() -> None:
     parser.add_argument("--top-k", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["auto", "float32", "bfloat16"],
+        help="autocast dtype of both variants (auto = bf16 only where this CPU runs it natively)",
+    )
     parser.add_argument("--smoke", action="store_true", help="V = 4,096, N = 256, 2 repeats: seconds")
     parser.add_argument("--memory-variant", choices=["fused", "unfused"], help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -111,14 +119,21 @@ def main() -> None:
     _common.offline()
     if args.smoke:
         args.vocab, args.positions, args.repeats = 4096, 256, 2
+    placement = _common.resolve("cpu", args.dtype)
+    autocast = L.autocast(placement.device, placement.dtype)
     fused, unfused, hidden, batch = build(args)
+
+    def fwd_bwd(learner):
+        with autocast():
+            return step(learner, hidden, batch)
+
     if args.memory_variant:
         learner = fused if args.memory_variant == "fused" else unfused
-        fwd_bwd(learner, hidden, batch)  # warm-up: allocator pools, lazy initialisation
+        fwd_bwd(learner)  # warm-up: allocator pools, lazy initialisation
         hidden.grad = learner.model.lm_head.weight.grad = (
             None  # the step allocates its gradients, as the learner's does
         )
-        print(step_peak(lambda: fwd_bwd(learner, hidden, batch)))
+        print(step_peak(lambda: fwd_bwd(learner)))
         return
 
     times = {"fused": [], "unfused": []}
@@ -127,7 +142,7 @@ def main() -> None:
         pair = (("fused", fused), ("unfused", unfused)) if i % 2 == 0 else (("unfused", unfused), ("fused", fused))
         for name, learner in pair:
             t0 = time.perf_counter()
-            results[name] = fwd_bwd(learner, hidden, batch)
+            results[name] = fwd_bwd(learner)
             if i > 0:  # the first pair is the warm-up
                 times[name].append(time.perf_counter() - t0)
     (loss_f, gh_f, gw_f), (loss_u, gh_u, gw_u) = results["fused"], results["unfused"]
@@ -153,6 +168,7 @@ def main() -> None:
         "fused_s_all": [round(t, 4) for t in times["fused"]],
         "unfused_s_all": [round(t, 4) for t in times["unfused"]],
         **_common.machine(),
+        **_common.dtype_record(args.dtype, placement),
         "smoke": args.smoke,
     }
     print(json.dumps(record), flush=True)

@@ -58,8 +58,8 @@ class RolloutEngines:
                 )
             self._name = self._given.name
         else:
-            self._requested = engine or cfg.rollout.engine
-            self._name = None if self._requested == "auto" else resolve_engine_name(self._requested)
+            requested = engine or cfg.rollout.engine
+            self._name = None if requested == "auto" else resolve_engine_name(requested)
         self._student: Engine | None = self._given
         self._teacher: Engine | None = None
         self._tmp: list[Path] = []

@@ -98,9 +98,7 @@ class StageResult:
     seconds: float  # the invocation's wall time
     work_seconds: float  # time writing shards (model loading excluded): the tokens/s denominator
     tokens_per_s: float
-    startup_seconds: float | None = (
-        None  # process start → its first unit of work (interpreter, imports, config, model load, engine start); None unless this invocation began the process's first work
-    )
+    startup_seconds: float | None = None  # process start → first unit of work (first_work_started); None: not its first
     load_seconds: float = 0.0  # time loading what the work needs (model, engine): `prepare`
     extras: Any = None  # the stage's own typed figures (None when skipped)
     line: str = ""  # one human line

@@ -66,6 +66,7 @@ def heldout_rkl(name: str, model: Path, base: list[str], work: Path, log: Path) 
     _opd("init", str(run), *base, *sets, log=log)
     t = _opd("rollout", str(run), "--round", "0", "--split", "heldout", log=log)
     t += _opd("score", str(run), "--round", "0", "--split", "heldout", log=log)
+    t += _opd("eval", str(run), "--round", "0", log=log)  # the score stage writes no eval.json; `opd eval` does
     ev = read_eval(RunDir(str(run)), 0)
     return {"heldout_rkl": ev["heldout_rkl"], "samples": ev["samples"], "tokens": ev["tokens"], "eval_s": round(t, 1)}
 
